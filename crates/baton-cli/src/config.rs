@@ -1,0 +1,315 @@
+//! From the raw command line to a [`RunConfig`] with every fallible setup
+//! done: the command is resolved and executable, the control socket and
+//! every listener are bound. Any failure here is a [`StartupError`] (exit 2)
+//! and nothing has been spawned; what was already bound is released.
+
+use std::ffi::OsString;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use baton::vars;
+
+use crate::cli::{NotifyAccess, RunArgs};
+use crate::control;
+use crate::error::StartupError;
+use crate::guardian::policy::PolicyConfig;
+use crate::spec::{ListenAddr, ListenSpec, ReadyMode};
+use crate::sys::socket;
+
+/// Everything `baton run` needs, validated and set up.
+#[derive(Debug)]
+pub struct RunConfig {
+    /// The listeners, in fd order (the first becomes fd 3).
+    pub listeners: Vec<BoundListener>,
+    /// The resolved executable.
+    pub program: PathBuf,
+    /// The argument vector, `argv[0]` as the user typed it.
+    pub args: Vec<OsString>,
+    /// baton's environment minus the protocol variables it sets itself.
+    pub base_env: Vec<(OsString, OsString)>,
+    /// How readiness is detected.
+    pub ready: ReadyMode,
+    /// Who may report readiness.
+    pub notify_access: NotifyAccess,
+    /// Timeouts, signals and backoff.
+    pub policy: PolicyConfig,
+    /// The service's name.
+    pub name: String,
+    /// The bound control socket.
+    pub control: ControlSocket,
+}
+
+/// A listening socket baton owns.
+#[derive(Debug)]
+pub struct BoundListener {
+    /// The name in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// What the user asked for.
+    pub spec: ListenSpec,
+    /// The socket.
+    pub fd: OwnedFd,
+    /// The bound address, e.g. `127.0.0.1:43125` (the real port after `:0`)
+    /// or `unix:/run/app.sock`.
+    pub local: String,
+    /// The key of this socket in `SERVER_STARTER_PORT`.
+    pub server_starter_key: String,
+    /// A socket file baton created, removed when baton exits.
+    unix_path: Option<PathBuf>,
+}
+
+impl Drop for BoundListener {
+    fn drop(&mut self) {
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The control socket: a Unix stream listener, mode 0600, in a 0700
+/// directory; the file is removed when baton exits.
+#[derive(Debug)]
+pub struct ControlSocket {
+    /// The listener.
+    pub listener: std::os::unix::net::UnixListener,
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl RunConfig {
+    /// Validates `args` and sets everything up, or says what is wrong.
+    pub fn from_args(args: RunArgs) -> Result<RunConfig, StartupError> {
+        let (first, _) = args
+            .command
+            .split_first()
+            .ok_or_else(|| StartupError::Invalid("no command given after --".into()))?;
+        let program = resolve_command(first)?;
+        let name = match args.name {
+            Some(name) => name,
+            None => Path::new(first)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "baton".to_owned()),
+        };
+        control::validate_name(&name).map_err(StartupError::Invalid)?;
+        let control_path = match args.control {
+            Some(path) => path,
+            None => control::default_path(&name),
+        };
+        let control = bind_control(&control_path)?;
+        let listeners = args
+            .listen
+            .iter()
+            .map(bind_listener)
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let not_ready_hint = match &args.ready {
+            ReadyMode::Notify => {
+                "; with --ready notify the app must send READY=1 to $NOTIFY_SOCKET (sd_notify); \
+                 use --ready delay:DURATION for apps that cannot"
+                    .to_owned()
+            }
+            _ => String::new(),
+        };
+        let policy = PolicyConfig {
+            ready_timeout: args.ready_timeout,
+            stop_timeout: args.stop_timeout,
+            stop_signal: args.stop_signal,
+            not_ready_hint,
+            ..PolicyConfig::default()
+        };
+        Ok(RunConfig {
+            listeners,
+            program,
+            args: args.command,
+            base_env: base_env(),
+            ready: args.ready,
+            notify_access: args.notify_access,
+            policy,
+            name,
+            control,
+        })
+    }
+}
+
+/// baton's environment without the variables baton sets per generation.
+fn base_env() -> Vec<(OsString, OsString)> {
+    const OURS: [&str; 6] = [
+        vars::LISTEN_FDS,
+        vars::LISTEN_PID,
+        vars::LISTEN_FDNAMES,
+        vars::NOTIFY_SOCKET,
+        vars::SERVER_STARTER_PORT,
+        vars::BATON_GENERATION,
+    ];
+    std::env::vars_os()
+        .filter(|(k, _)| !OURS.iter().any(|o| k == o))
+        .collect()
+}
+
+/// Finds the executable the way `execvp` would, so that a typo is reported
+/// now rather than by every generation.
+pub fn resolve_command(command: &OsString) -> Result<PathBuf, StartupError> {
+    let text = command.to_string_lossy().into_owned();
+    if text.is_empty() {
+        return Err(StartupError::Invalid("the command is empty".into()));
+    }
+    let candidates: Vec<PathBuf> = if text.contains('/') {
+        vec![PathBuf::from(command)]
+    } else {
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(command))
+            .collect()
+    };
+    let mut not_executable = None;
+    for candidate in candidates {
+        let Ok(meta) = std::fs::metadata(&candidate) else {
+            continue;
+        };
+        if meta.is_dir() {
+            not_executable.get_or_insert((candidate, "it is a directory".to_owned()));
+            continue;
+        }
+        match rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK) {
+            Ok(()) => return Ok(candidate),
+            Err(e) => {
+                not_executable.get_or_insert((candidate, io::Error::from(e).to_string()));
+            }
+        }
+    }
+    match not_executable {
+        Some((path, why)) => Err(StartupError::NotExecutable { path, why }),
+        None => Err(StartupError::CommandNotFound {
+            command: text.clone(),
+            where_: if text.contains('/') { "" } else { " in $PATH" },
+        }),
+    }
+}
+
+fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
+    let err = |source| StartupError::Control {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    match socket::clear_stale_socket(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(StartupError::ControlInUse {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(err(e)),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    let control = ControlSocket {
+        listener,
+        path: path.to_owned(),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(control)
+}
+
+fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
+    let shown = spec.addr.to_string();
+    let bind_err = |source: io::Error| {
+        let hint = bind_hint(&spec.addr, &source);
+        StartupError::Bind {
+            addr: shown.clone(),
+            source,
+            hint,
+        }
+    };
+    let name = spec
+        .name
+        .clone()
+        .unwrap_or_else(|| vars::DEFAULT_FD_NAME.to_owned());
+    let (fd, local, key, unix_path) = match &spec.addr {
+        ListenAddr::Unix(path) => {
+            let fd = socket::bind_unix(path).map_err(bind_err)?;
+            let shown_path = path.display().to_string();
+            (
+                fd,
+                format!("unix:{shown_path}"),
+                shown_path,
+                Some(path.clone()),
+            )
+        }
+        ListenAddr::AnyHost(port) => {
+            let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, *port).into();
+            let fd = match socket::bind_tcp(v6, true) {
+                Ok(fd) => fd,
+                // No IPv6 on this machine: all IPv4 interfaces instead.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, *port).into();
+                    socket::bind_tcp(v4, false).map_err(bind_err)?
+                }
+                Err(e) => return Err(bind_err(e)),
+            };
+            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
+            (fd, local.to_string(), local.port().to_string(), None)
+        }
+        ListenAddr::Ip(addr) => {
+            let fd = socket::bind_tcp(*addr, false).map_err(bind_err)?;
+            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
+            (fd, local.to_string(), local.to_string(), None)
+        }
+        ListenAddr::Host(host, port) => {
+            let addr = (host.as_str(), *port)
+                .to_socket_addrs()
+                .and_then(|mut a| {
+                    a.next()
+                        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
+                })
+                .map_err(|source| StartupError::Resolve {
+                    addr: shown.clone(),
+                    source,
+                })?;
+            let fd = socket::bind_tcp(addr, false).map_err(bind_err)?;
+            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
+            (fd, local.to_string(), local.to_string(), None)
+        }
+    };
+    Ok(BoundListener {
+        name,
+        spec: spec.clone(),
+        fd,
+        local,
+        server_starter_key: key,
+        unix_path,
+    })
+}
+
+/// How to fix a failed bind, as "; …".
+fn bind_hint(addr: &ListenAddr, err: &io::Error) -> String {
+    let unix = matches!(addr, ListenAddr::Unix(_));
+    match err.kind() {
+        io::ErrorKind::AddrInUse if unix => "; is another server running on it?".into(),
+        io::ErrorKind::AddrInUse => {
+            "; is another server running? (try --listen 127.0.0.1:0 for any free port)".into()
+        }
+        io::ErrorKind::PermissionDenied if !unix => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE".into()
+        }
+        io::ErrorKind::PermissionDenied => "; check the directory's permissions".into(),
+        io::ErrorKind::AddrNotAvailable => "; that address is not on this machine".into(),
+        io::ErrorKind::AlreadyExists => "; remove it or choose another path".into(),
+        io::ErrorKind::NotFound if unix => "; does the directory exist?".into(),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,112 @@
+//! The control protocol's messages, shared by server and client so they
+//! cannot drift: one JSON object per line.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::RollbackReason;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Start a new generation and answer with the outcome.
+    Reload,
+    /// Describe the service.
+    Status,
+    /// Stop gracefully (answers at once).
+    Stop,
+}
+
+/// What baton answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The new generation is serving.
+    Reloaded {
+        /// Its number.
+        generation: u64,
+        /// Its pid.
+        pid: i32,
+        /// How long it took to become ready.
+        ready_ms: u64,
+    },
+    /// The new generation was not put in service.
+    RolledBack {
+        /// The failed generation, if one was spawned.
+        generation: Option<u64>,
+        /// Its pid, if it had one.
+        pid: Option<i32>,
+        /// Why, as data.
+        reason: RollbackReason,
+        /// Why, in words.
+        message: String,
+        /// The generation still serving, if any.
+        serving: Option<u64>,
+    },
+    /// The service's state.
+    Status(Box<Status>),
+    /// baton is stopping.
+    Stopping,
+    /// The request could not be understood.
+    Error {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// `baton status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The service's name.
+    pub name: String,
+    /// baton's own pid.
+    pub pid: u32,
+    /// How long baton has run.
+    pub uptime_ms: u64,
+    /// The command line of each generation.
+    pub command: Vec<String>,
+    /// The listeners, in fd order.
+    pub listeners: Vec<ListenerInfo>,
+    /// The live generations, oldest first.
+    pub generations: Vec<GenerationInfo>,
+    /// The generation serving now.
+    pub serving: Option<u64>,
+    /// The generation starting now (a reload in progress).
+    pub starting: Option<u64>,
+    /// Whether baton is stopping.
+    pub stopping: bool,
+    /// Reloads that succeeded.
+    pub reloads_ok: u64,
+    /// Reloads that rolled back.
+    pub reloads_failed: u64,
+    /// Replacements of generations that died while serving.
+    pub restarts: u64,
+    /// The last reload's outcome, in words.
+    pub last_reload: Option<String>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    /// Its name in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// The bound address.
+    pub addr: String,
+    /// Its fd number in every generation.
+    pub fd: i32,
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationInfo {
+    /// Its number.
+    pub generation: u64,
+    /// Its pid.
+    pub pid: Option<i32>,
+    /// starting, ready, draining or killed.
+    pub phase: String,
+    /// How long since it was started.
+    pub age_ms: u64,
+    /// How long it took to become ready.
+    pub ready_ms: Option<u64>,
+}

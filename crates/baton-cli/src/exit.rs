@@ -1,0 +1,57 @@
+//! How a process ended, and the shell's exit code for it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The end of a child process, as `waitpid(2)` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It called `exit` with this code.
+    Exited(i32),
+    /// It was killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The code a shell would report: the exit code, or 128+N for signal N.
+    pub fn shell_code(self) -> u8 {
+        match self {
+            ExitStatus::Exited(code) => (code & 0xff) as u8,
+            ExitStatus::Signaled(sig) => (128 + sig).clamp(0, 255) as u8,
+        }
+    }
+
+    /// Whether it exited with code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Exited(code) => write!(f, "status {code}"),
+            ExitStatus::Signaled(sig) => match crate::spec::Signal::from_number(sig) {
+                Some(s) => write!(f, "signal {sig} ({s})"),
+                None => write!(f, "signal {sig}"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Exited(0).shell_code(), 0);
+        assert_eq!(ExitStatus::Exited(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signaled(15).shell_code(), 143);
+        assert_eq!(ExitStatus::Signaled(9).to_string(), "signal 9 (SIGKILL)");
+        assert_eq!(ExitStatus::Exited(1).to_string(), "status 1");
+    }
+}

@@ -1,0 +1,546 @@
+//! `baton run`: the guardian. One event loop owns all state and carries out
+//! what [`policy::Policy`] decides.
+//!
+//! Theory of operation: baton binds the listeners once and never closes them
+//! while it runs. Each generation of the app inherits them as fds 3, 4, …
+//! (`sd_listen_fds(3)`), and gets a notification socket of its own
+//! (`sd_notify(3)`). A reload starts generation N+1 next to N; only when N+1
+//! says it is ready is N asked to drain and exit. Connections that arrive in
+//! between wait in the kernel's accept queue and are accepted by whichever
+//! generation is accepting, so none is refused. If N+1 fails, it is killed
+//! and N serves on, untouched.
+//!
+//! The loop (`Guardian::run`) waits on: signals (HUP/USR2 reload, TERM/INT/
+//! QUIT stop), SIGCHLD (the one reaper), control requests, notification
+//! datagrams and readiness checks (from helper tasks, which only send
+//! messages), and the policy's next deadline. It runs on a single-threaded
+//! runtime, which keeps `fork` simple and ordering obvious.
+
+pub mod policy;
+mod ready;
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baton::vars;
+use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::cli::NotifyAccess;
+use crate::config::RunConfig;
+use crate::control::proto::{GenerationInfo, ListenerInfo, Request, Response, Status};
+use crate::control::server::ControlRequest;
+use crate::exit::ExitStatus;
+use crate::spec::{ReadyMode, Signal};
+use crate::sys;
+use crate::sys::notify_socket::{Datagram, Fields, NotifySocket};
+
+use policy::{Action, Outcome, Phase, Policy, SignalCause, Trigger};
+
+/// Whoever waits for a reload's outcome.
+type Waiter = oneshot::Sender<Response>;
+
+/// Messages from helper tasks to the loop.
+#[derive(Debug)]
+enum Event {
+    /// A datagram arrived on a generation's notification socket.
+    Notify { generation: u64, datagram: Datagram },
+    /// `--ready delay:` elapsed for a generation.
+    DelayElapsed(u64),
+    /// Time to run (again) the `--ready exec:` check of a generation.
+    RunCheck(u64),
+}
+
+/// Who a child pid is.
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Generation(u64),
+    Check(u64),
+}
+
+/// Resources of a live generation that the loop must release.
+#[derive(Debug, Default)]
+struct Live {
+    pid: i32,
+    tasks: Vec<AbortHandle>,
+    check: Option<i32>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Some(check) = self.check {
+            let _ = sys::signal::send_group(check, Signal::KILL);
+        }
+    }
+}
+
+/// Runs the guardian until every generation is gone after a stop (or the
+/// first generation never became ready), and returns baton's exit code.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
+    let mut signals = Signals::new().context("installing signal handlers")?;
+    if let Err(e) = sys::reaper::become_subreaper() {
+        warn!(error = %e, "cannot become a child subreaper; orphans of the app will go to init");
+    }
+    let control = cfg
+        .control
+        .listener
+        .try_clone()
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .context("registering the control socket")?;
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let control_task = tokio::spawn(crate::control::server::serve(control, control_tx));
+
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        info!(addr = %l.local, name = %l.name, fd = vars::LISTEN_FDS_START + i as i32, "listening");
+    }
+    info!(path = %cfg.control.path.display(), name = %cfg.name, pid = std::process::id(), "control");
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut g = Guardian {
+        policy: Policy::new(cfg.policy.clone()),
+        cfg,
+        pids: HashMap::new(),
+        live: HashMap::new(),
+        events: events_tx,
+        started: now,
+        event_at: now,
+        exit: None,
+    };
+    // Children that exited before the handler was installed are reaped on
+    // the first SIGCHLD or here.
+    g.reap();
+    let start = g.policy.start(now);
+    g.apply(start);
+
+    while g.exit.is_none() {
+        let deadline = g.policy.next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = signals.chld.recv() => g.reap(),
+            _ = signals.hup.recv() => g.trigger(Trigger::Signal(Signal::HUP), None),
+            _ = signals.usr2.recv() => g.trigger(Trigger::Signal(Signal::USR2), None),
+            _ = signals.term.recv() => g.stop("SIGTERM"),
+            _ = signals.int.recv() => g.stop("SIGINT"),
+            _ = signals.quit.recv() => g.stop("SIGQUIT"),
+            Some(req) = control_rx.recv() => g.control(req),
+            Some(event) = events.recv() => g.event(event),
+            () = sleep => {
+                g.event_at = Instant::now();
+                let actions = g.policy.tick(g.event_at);
+                g.apply(actions);
+            }
+        }
+    }
+    control_task.abort();
+    let code = g.exit.unwrap_or(1);
+    info!(code, "stopped");
+    Ok(ExitCode::from(code))
+}
+
+/// The signal streams the loop waits on. Installed before the first spawn so
+/// that no SIGCHLD (or stop request) is missed.
+struct Signals {
+    chld: SignalStream,
+    hup: SignalStream,
+    usr2: SignalStream,
+    term: SignalStream,
+    int: SignalStream,
+    quit: SignalStream,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            chld: signal(SignalKind::child())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+}
+
+struct Guardian {
+    cfg: RunConfig,
+    policy: Policy<Waiter>,
+    pids: HashMap<i32, Owner>,
+    live: HashMap<u64, Live>,
+    events: mpsc::UnboundedSender<Event>,
+    started: Instant,
+    /// When the event being handled arrived: baton's own latency (trigger to
+    /// exec, ready to stop signal) is measured from here.
+    event_at: Instant,
+    exit: Option<u8>,
+}
+
+impl Guardian {
+    fn trigger(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
+        self.event_at = Instant::now();
+        let actions = self.policy.trigger(self.event_at, trigger, waiter);
+        self.apply(actions);
+    }
+
+    fn stop(&mut self, why: &str) {
+        self.event_at = Instant::now();
+        let actions = self.policy.stop(self.event_at, why);
+        self.apply(actions);
+    }
+
+    fn control(&mut self, req: ControlRequest) {
+        match req.request {
+            Request::Reload => self.trigger(Trigger::Control, Some(req.reply)),
+            Request::Status => {
+                let _ = req.reply.send(Response::Status(Box::new(self.status())));
+            }
+            Request::Stop => {
+                let _ = req.reply.send(Response::Stopping);
+                self.stop("control");
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        self.event_at = Instant::now();
+        match event {
+            Event::Notify {
+                generation,
+                datagram,
+            } => self.notified(generation, datagram),
+            Event::DelayElapsed(generation) => {
+                let actions = self.policy.ready(self.event_at, generation);
+                self.apply(actions);
+            }
+            Event::RunCheck(generation) => self.run_check(generation),
+        }
+    }
+
+    /// Reaps every exited child and routes each exit to its owner.
+    fn reap(&mut self) {
+        for (pid, status) in sys::reaper::reap() {
+            self.event_at = Instant::now();
+            match self.pids.remove(&pid) {
+                Some(Owner::Generation(generation)) => {
+                    self.live.remove(&generation);
+                    let actions = self.policy.exited(self.event_at, generation, status);
+                    self.apply(actions);
+                }
+                Some(Owner::Check(generation)) => self.check_done(generation, pid, status),
+                None => debug!(pid, %status, "reaped an orphan"),
+            }
+        }
+    }
+
+    fn notified(&mut self, generation: u64, datagram: Datagram) {
+        let Some(live) = self.live.get(&generation) else {
+            return;
+        };
+        let fields = Fields::parse(&datagram.text);
+        let from_main = datagram.pid == Some(live.pid);
+        if self.cfg.notify_access == NotifyAccess::Main && !from_main {
+            warn!(
+                generation,
+                sender = datagram.pid,
+                pid = live.pid,
+                "ignoring a notification from a process other than the generation's main one (--notify-access main)"
+            );
+            return;
+        }
+        if let Some(status) = &fields.status {
+            info!(generation, pid = live.pid, status = %status, "status");
+        }
+        if fields.stopping {
+            debug!(generation, pid = live.pid, "generation reports STOPPING=1");
+        }
+        if fields.ready {
+            debug!(generation, sender = datagram.pid, "READY=1");
+            let actions = self.policy.ready(self.event_at, generation);
+            self.apply(actions);
+        }
+    }
+
+    /// Carries out the policy's actions, and those that follow from them.
+    fn apply(&mut self, actions: Vec<Action<Waiter>>) {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Spawn { generation } => match self.spawn(generation) {
+                    Ok(pid) => self.policy.spawned(generation, pid),
+                    Err(e) => {
+                        let now = Instant::now();
+                        queue.extend(self.policy.spawn_failed(now, generation, &e));
+                    }
+                },
+                Action::Signal {
+                    generation,
+                    pid,
+                    signal,
+                    cause,
+                } => {
+                    if let Err(e) = sys::signal::send(pid, signal) {
+                        warn!(generation, pid, %signal, error = %e, "cannot signal generation");
+                    }
+                    if cause == SignalCause::Retire {
+                        info!(generation, pid, %signal,
+                            handover_us = self.event_at.elapsed().as_micros() as u64, "retire");
+                    } else {
+                        debug!(generation, pid, %signal, "stop signal sent");
+                    }
+                }
+                Action::KillGroup { generation, pid } => {
+                    if let Err(e) = sys::signal::send_group(pid, Signal::KILL) {
+                        warn!(generation, pid, error = %e, "cannot kill process group");
+                    }
+                }
+                Action::Report { waiters, outcome } => {
+                    let response = response(&outcome);
+                    for waiter in waiters {
+                        let _ = waiter.send(response.clone());
+                    }
+                }
+                Action::Exit { code } => self.exit = Some(code),
+            }
+        }
+    }
+
+    /// Starts generation `generation`: its notification socket, environment
+    /// and fds, then fork/exec.
+    fn spawn(&mut self, generation: u64) -> std::io::Result<i32> {
+        let notify = NotifySocket::bind(generation)?;
+        let mut env = self.cfg.base_env.clone();
+        let names: Vec<&str> = self.cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+        let starter: Vec<String> = self
+            .cfg
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                format!(
+                    "{}={}",
+                    l.server_starter_key,
+                    vars::LISTEN_FDS_START + i as i32
+                )
+            })
+            .collect();
+        let mut set = |k: &str, v: String| env.push((OsString::from(k), OsString::from(v)));
+        set(vars::LISTEN_FDS, self.cfg.listeners.len().to_string());
+        set(vars::LISTEN_FDNAMES, names.join(":"));
+        set(vars::NOTIFY_SOCKET, notify.address.clone());
+        set(vars::SERVER_STARTER_PORT, starter.join(";"));
+        set(vars::BATON_GENERATION, generation.to_string());
+        let fds: Vec<_> = self.cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let pid = sys::spawn::spawn(&sys::spawn::Command {
+            program: &self.cfg.program,
+            args: &self.cfg.args,
+            env: &env,
+            fds: &fds,
+            listen_pid: true,
+        })?;
+        info!(
+            generation,
+            pid,
+            spawn_us = self.event_at.elapsed().as_micros() as u64,
+            "spawn"
+        );
+        self.pids.insert(pid, Owner::Generation(generation));
+
+        let events = self.events.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match notify.recv().await {
+                    Ok(datagram) => {
+                        if events
+                            .send(Event::Notify {
+                                generation,
+                                datagram,
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(generation, error = %e, "notification socket failed");
+                        break;
+                    }
+                }
+            }
+        });
+        let mut live = Live {
+            pid,
+            tasks: vec![reader.abort_handle()],
+            check: None,
+        };
+        match &self.cfg.ready {
+            ReadyMode::Notify => {}
+            ReadyMode::Delay(delay) => {
+                live.tasks.push(ready::after(
+                    *delay,
+                    self.events.clone(),
+                    Event::DelayElapsed(generation),
+                ));
+            }
+            ReadyMode::Exec(_) => {
+                live.tasks.push(ready::after(
+                    Duration::ZERO,
+                    self.events.clone(),
+                    Event::RunCheck(generation),
+                ));
+            }
+        }
+        self.live.insert(generation, live);
+        Ok(pid)
+    }
+
+    /// Runs the `--ready exec:` command for a starting generation.
+    fn run_check(&mut self, generation: u64) {
+        let ReadyMode::Exec(command) = &self.cfg.ready else {
+            return;
+        };
+        if self.policy.phase(generation) != Some(Phase::Starting) {
+            return;
+        }
+        let Some(live) = self.live.get_mut(&generation) else {
+            return;
+        };
+        let mut env = self.cfg.base_env.clone();
+        env.push((vars::BATON_GENERATION.into(), generation.to_string().into()));
+        env.push(("BATON_PID".into(), live.pid.to_string().into()));
+        let args = ready::shell_args(command);
+        let spawned = sys::spawn::spawn(&sys::spawn::Command {
+            program: ready::SHELL.as_ref(),
+            args: &args,
+            env: &env,
+            fds: &[],
+            listen_pid: false,
+        });
+        match spawned {
+            Ok(pid) => {
+                live.check = Some(pid);
+                self.pids.insert(pid, Owner::Check(generation));
+            }
+            Err(e) => {
+                warn!(generation, error = %e, "cannot run the readiness check; retrying");
+                live.tasks.push(ready::after(
+                    ready::CHECK_INTERVAL,
+                    self.events.clone(),
+                    Event::RunCheck(generation),
+                ));
+            }
+        }
+    }
+
+    fn check_done(&mut self, generation: u64, pid: i32, status: ExitStatus) {
+        if let Some(live) = self.live.get_mut(&generation) {
+            if live.check == Some(pid) {
+                live.check = None;
+            }
+            if status.success() {
+                let actions = self.policy.ready(self.event_at, generation);
+                self.apply(actions);
+            } else if self.policy.phase(generation) == Some(Phase::Starting) {
+                debug!(generation, %status, "readiness check failed; trying again");
+                live.tasks.push(ready::after(
+                    ready::CHECK_INTERVAL,
+                    self.events.clone(),
+                    Event::RunCheck(generation),
+                ));
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let stats = self.policy.stats();
+        Status {
+            name: self.cfg.name.clone(),
+            pid: std::process::id(),
+            uptime_ms: now.duration_since(self.started).as_millis() as u64,
+            command: self
+                .cfg
+                .args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            listeners: self
+                .cfg
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| ListenerInfo {
+                    name: l.name.clone(),
+                    addr: l.local.clone(),
+                    fd: vars::LISTEN_FDS_START + i as i32,
+                })
+                .collect(),
+            generations: self
+                .policy
+                .generations()
+                .map(|g| GenerationInfo {
+                    generation: g.id,
+                    pid: g.pid,
+                    phase: match g.phase {
+                        Phase::Starting => "starting",
+                        Phase::Ready => "ready",
+                        Phase::Draining => "draining",
+                        Phase::Killed => "killed",
+                    }
+                    .to_owned(),
+                    age_ms: now.saturating_duration_since(g.spawned_at).as_millis() as u64,
+                    ready_ms: g.ready_after.map(|d| d.as_millis() as u64),
+                })
+                .collect(),
+            serving: self.policy.serving(),
+            starting: self.policy.starting(),
+            stopping: self.policy.is_stopping(),
+            reloads_ok: stats.reloads_ok,
+            reloads_failed: stats.reloads_failed,
+            restarts: stats.restarts,
+            last_reload: stats.last_reload.clone(),
+        }
+    }
+}
+
+fn response(outcome: &Outcome) -> Response {
+    match outcome {
+        Outcome::Reloaded {
+            generation,
+            pid,
+            ready_after,
+        } => Response::Reloaded {
+            generation: *generation,
+            pid: *pid,
+            ready_ms: ready_after.as_millis() as u64,
+        },
+        Outcome::RolledBack {
+            generation,
+            pid,
+            reason,
+            serving,
+        } => Response::RolledBack {
+            generation: *generation,
+            pid: *pid,
+            reason: reason.clone(),
+            message: outcome.message(),
+            serving: *serving,
+        },
+    }
+}

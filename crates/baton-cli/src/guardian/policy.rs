@@ -1,0 +1,1145 @@
+//! The guardian's decisions, free of effects: events go in (a trigger, a
+//! generation's readiness or exit, the passing of time), actions come out
+//! (spawn, signal, kill, report, exit). The event loop in `guardian/mod.rs`
+//! carries the actions out; everything here is tested with a fake clock.
+//!
+//! Invariants:
+//!
+//! - at most one generation is starting, and at most one is serving; older
+//!   ones are draining, each for at most the stop timeout;
+//! - a generation is asked to stop only after its successor is ready, or
+//!   when baton itself stops;
+//! - reloads are serialized: triggers during a reload coalesce into at most
+//!   one more, and everyone who asked is told the outcome of a reload that
+//!   began after they asked;
+//! - a generation that fails before it is ready is killed and the serving
+//!   one is not touched (rollback);
+//! - a serving generation that dies is replaced after a delay that doubles
+//!   with each consecutive failure (up to a ceiling), so an app that crashes
+//!   at once is never restarted in a busy loop.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use crate::error::RollbackReason;
+use crate::exit::ExitStatus;
+use crate::spec::Signal;
+
+/// The policy's knobs.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// How long a new generation may take to become ready.
+    pub ready_timeout: Duration,
+    /// How long a generation may take to exit after the stop signal.
+    pub stop_timeout: Duration,
+    /// The signal that asks a generation to drain and exit.
+    pub stop_signal: Signal,
+    /// Delay before the first restart of a crashed generation.
+    pub restart_delay: Duration,
+    /// Ceiling of the doubling restart delay.
+    pub restart_delay_max: Duration,
+    /// A generation that served this long before dying resets the backoff.
+    pub stable_after: Duration,
+    /// How long after SIGKILL a process is waited for before it is given up.
+    pub kill_grace: Duration,
+    /// A hint appended to "was not ready within …" messages.
+    pub not_ready_hint: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            ready_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(30),
+            stop_signal: Signal::TERM,
+            restart_delay: Duration::from_millis(200),
+            restart_delay_max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(5),
+            not_ready_hint: String::new(),
+        }
+    }
+}
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Ready and serving.
+    Ready,
+    /// Asked to stop; finishing what it has.
+    Draining,
+    /// Sent SIGKILL; waiting to be reaped.
+    Killed,
+}
+
+/// One start of the app.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// 1, 2, … in order of spawning.
+    pub id: u64,
+    /// Its pid, once spawned.
+    pub pid: Option<i32>,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// When it was spawned.
+    pub spawned_at: Instant,
+    /// When it entered `phase`.
+    pub phase_since: Instant,
+    /// How long it took to become ready.
+    pub ready_after: Option<Duration>,
+    /// The next deadline of its phase: ready timeout, stop timeout, or kill
+    /// grace.
+    deadline: Option<Instant>,
+}
+
+/// What asked for a new generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// baton started.
+    Start,
+    /// A signal (SIGHUP, SIGUSR2).
+    Signal(Signal),
+    /// A `reload` request on the control socket.
+    Control,
+    /// The serving generation died and is being replaced.
+    Restart,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Start => write!(f, "start"),
+            Trigger::Signal(s) => write!(f, "{s}"),
+            Trigger::Control => write!(f, "control"),
+            Trigger::Restart => write!(f, "restart"),
+        }
+    }
+}
+
+/// How a reload ended, as reported to whoever asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new generation is ready and serving.
+    Reloaded {
+        /// The new generation.
+        generation: u64,
+        /// Its pid.
+        pid: i32,
+        /// How long it took to become ready.
+        ready_after: Duration,
+    },
+    /// The new generation was not put in service.
+    RolledBack {
+        /// The failed generation, if one was spawned.
+        generation: Option<u64>,
+        /// Its pid, if it had one.
+        pid: Option<i32>,
+        /// Why.
+        reason: RollbackReason,
+        /// The generation still serving, if any.
+        serving: Option<u64>,
+    },
+}
+
+impl Outcome {
+    /// The outcome in one line, naming the generation and pid.
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::Reloaded {
+                generation,
+                pid,
+                ready_after,
+            } => format!(
+                "generation {generation} (pid {pid}) is serving, ready after {} ms",
+                ready_after.as_millis()
+            ),
+            Outcome::RolledBack {
+                generation,
+                pid,
+                reason,
+                serving,
+            } => {
+                let culprit = match (generation, pid) {
+                    (Some(g), Some(p)) => format!("generation {g} (pid {p})"),
+                    (Some(g), None) => format!("generation {g}"),
+                    _ => "the reload".to_owned(),
+                };
+                let after = match serving {
+                    Some(s) => format!("; generation {s} keeps serving"),
+                    None if *reason == RollbackReason::Stopping => String::new(),
+                    None => "; no generation is serving".to_owned(),
+                };
+                format!("{culprit} {reason}{after}")
+            }
+        }
+    }
+}
+
+/// Why a signal is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalCause {
+    /// Its successor is ready: drain and exit.
+    Retire,
+    /// baton is stopping.
+    Stop,
+}
+
+/// What the event loop must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action<W> {
+    /// Start generation `generation` (then call `spawned` or `spawn_failed`).
+    Spawn {
+        /// The generation to start.
+        generation: u64,
+    },
+    /// Send `signal` to the generation's main process.
+    Signal {
+        /// The generation.
+        generation: u64,
+        /// Its pid.
+        pid: i32,
+        /// The signal.
+        signal: Signal,
+        /// Why.
+        cause: SignalCause,
+    },
+    /// SIGKILL the generation's whole process group.
+    KillGroup {
+        /// The generation.
+        generation: u64,
+        /// Its pid, which is also its process group id.
+        pid: i32,
+    },
+    /// Tell the waiters how their reload ended.
+    Report {
+        /// Whoever asked.
+        waiters: Vec<W>,
+        /// The outcome.
+        outcome: Outcome,
+    },
+    /// Every generation is gone; exit with this code.
+    Exit {
+        /// The process exit code.
+        code: u8,
+    },
+}
+
+/// Counters for `baton status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Reloads that put a new generation in service.
+    pub reloads_ok: u64,
+    /// Reloads that rolled back.
+    pub reloads_failed: u64,
+    /// Replacements of a generation that died while serving.
+    pub restarts: u64,
+    /// The last reload's outcome, in words.
+    pub last_reload: Option<String>,
+}
+
+#[derive(Debug)]
+struct InFlight<W> {
+    generation: u64,
+    waiters: Vec<W>,
+    trigger: Trigger,
+}
+
+#[derive(Debug)]
+struct Stopping {
+    /// The generation serving when the stop began: its exit status becomes
+    /// baton's.
+    serving: Option<u64>,
+    /// An exit code decided up front (a failed first start).
+    code: Option<u8>,
+    status: Option<ExitStatus>,
+    forced: bool,
+}
+
+/// The guardian's state and decisions. `W` is whatever identifies a waiter
+/// for a reload's outcome (a reply channel in the real loop).
+#[derive(Debug)]
+pub struct Policy<W> {
+    cfg: PolicyConfig,
+    gens: BTreeMap<u64, Generation>,
+    next_id: u64,
+    serving: Option<u64>,
+    in_flight: Option<InFlight<W>>,
+    queued: Option<(Vec<W>, Trigger)>,
+    restart_at: Option<Instant>,
+    failures: u32,
+    ever_ready: bool,
+    stopping: Option<Stopping>,
+    last_serving_exit: Option<ExitStatus>,
+    stats: Stats,
+}
+
+type Actions<W> = Vec<Action<W>>;
+
+impl<W> Policy<W> {
+    /// A policy with nothing started yet.
+    pub fn new(cfg: PolicyConfig) -> Policy<W> {
+        Policy {
+            cfg,
+            gens: BTreeMap::new(),
+            next_id: 1,
+            serving: None,
+            in_flight: None,
+            queued: None,
+            restart_at: None,
+            failures: 0,
+            ever_ready: false,
+            stopping: None,
+            last_serving_exit: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Starts generation 1.
+    pub fn start(&mut self, now: Instant) -> Actions<W> {
+        self.begin(now, Vec::new(), Trigger::Start)
+    }
+
+    /// A reload was asked for; `waiter` (if any) will get its outcome.
+    pub fn trigger(&mut self, now: Instant, trigger: Trigger, waiter: Option<W>) -> Actions<W> {
+        if self.stopping.is_some() {
+            return match waiter {
+                Some(w) => vec![Action::Report {
+                    waiters: vec![w],
+                    outcome: Outcome::RolledBack {
+                        generation: None,
+                        pid: None,
+                        reason: RollbackReason::Stopping,
+                        serving: None,
+                    },
+                }],
+                None => Vec::new(),
+            };
+        }
+        if let Some(in_flight) = &self.in_flight {
+            let queued = self.queued.get_or_insert_with(|| (Vec::new(), trigger));
+            queued.0.extend(waiter);
+            debug!(
+                %trigger,
+                starting = in_flight.generation,
+                "reload coalesced: it will follow the one in progress"
+            );
+            return Vec::new();
+        }
+        self.begin(now, waiter.into_iter().collect(), trigger)
+    }
+
+    /// Generation `id` was spawned as `pid`.
+    pub fn spawned(&mut self, id: u64, pid: i32) {
+        if let Some(g) = self.gens.get_mut(&id) {
+            g.pid = Some(pid);
+        }
+    }
+
+    /// Generation `id` could not be spawned.
+    pub fn spawn_failed(&mut self, now: Instant, id: u64, error: &std::io::Error) -> Actions<W> {
+        self.gens.remove(&id);
+        let reason = RollbackReason::Spawn {
+            message: error.to_string(),
+            errno: error.raw_os_error(),
+        };
+        self.fail_in_flight(now, id, None, reason)
+    }
+
+    /// Generation `id` said it is ready.
+    pub fn ready(&mut self, now: Instant, id: u64) -> Actions<W> {
+        let in_flight = self.in_flight.as_ref().is_some_and(|f| f.generation == id);
+        let Some(g) = self.gens.get_mut(&id) else {
+            return Vec::new();
+        };
+        if g.phase != Phase::Starting || !in_flight {
+            debug!(generation = id, phase = ?g.phase, "ignoring readiness of a generation that is not starting");
+            return Vec::new();
+        }
+        let ready_after = now.saturating_duration_since(g.spawned_at);
+        g.phase = Phase::Ready;
+        g.phase_since = now;
+        g.deadline = None;
+        g.ready_after = Some(ready_after);
+        let pid = g.pid.unwrap_or_default();
+        self.ever_ready = true;
+        info!(
+            generation = id,
+            pid,
+            ready_ms = ready_after.as_millis() as u64,
+            "ready"
+        );
+
+        let mut actions = Vec::new();
+        if let Some(old_id) = self.serving.replace(id)
+            && let Some(old) = self.gens.get_mut(&old_id)
+            && old.phase == Phase::Ready
+        {
+            old.phase = Phase::Draining;
+            old.phase_since = now;
+            old.deadline = Some(now + self.cfg.stop_timeout);
+            if let Some(old_pid) = old.pid {
+                actions.push(Action::Signal {
+                    generation: old_id,
+                    pid: old_pid,
+                    signal: self.cfg.stop_signal,
+                    cause: SignalCause::Retire,
+                });
+            }
+        }
+        let Some(done) = self.in_flight.take() else {
+            return actions;
+        };
+        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+            self.stats.reloads_ok += 1;
+            self.stats.last_reload = Some(format!(
+                "generation {id} (pid {pid}) ready after {} ms",
+                ready_after.as_millis()
+            ));
+        }
+        actions.push(Action::Report {
+            waiters: done.waiters,
+            outcome: Outcome::Reloaded {
+                generation: id,
+                pid,
+                ready_after,
+            },
+        });
+        if let Some((waiters, trigger)) = self.queued.take() {
+            actions.extend(self.begin(now, waiters, trigger));
+        }
+        actions
+    }
+
+    /// Generation `id`'s main process exited.
+    pub fn exited(&mut self, now: Instant, id: u64, status: ExitStatus) -> Actions<W> {
+        let Some(g) = self.gens.remove(&id) else {
+            return Vec::new();
+        };
+        let pid = g.pid.unwrap_or_default();
+        let lived = now.saturating_duration_since(g.phase_since);
+        // Its process group may still hold stragglers (and copies of the
+        // listening sockets): sweep it.
+        let mut actions = vec![Action::KillGroup {
+            generation: id,
+            pid,
+        }];
+
+        if let Some(stopping) = &mut self.stopping {
+            if stopping.serving == Some(id) {
+                stopping.status = Some(status);
+            }
+            info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
+            if self.gens.is_empty() {
+                actions.push(Action::Exit {
+                    code: self.exit_code(),
+                });
+            }
+            return actions;
+        }
+
+        match g.phase {
+            Phase::Starting => {
+                let reason = RollbackReason::Exited { status };
+                actions.extend(self.fail_in_flight(now, id, Some(pid), reason));
+            }
+            Phase::Ready => {
+                self.serving = None;
+                self.last_serving_exit = Some(status);
+                if lived >= self.cfg.stable_after {
+                    self.failures = 0;
+                }
+                if let Some(next) = &self.in_flight {
+                    warn!(generation = id, pid, %status, starting = next.generation,
+                        "exit: the serving generation died; its successor is already starting");
+                } else {
+                    let delay = self.schedule_restart(now);
+                    warn!(generation = id, pid, %status, restart_in_ms = delay.as_millis() as u64,
+                        "exit: the serving generation died; the listeners stay open and a new generation starts soon");
+                }
+            }
+            Phase::Draining => {
+                info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
+            }
+            Phase::Killed => {
+                info!(generation = id, pid, %status, "exit");
+            }
+        }
+        actions
+    }
+
+    /// Deadlines that have passed by `now`: ready timeouts, stop timeouts,
+    /// scheduled restarts.
+    pub fn tick(&mut self, now: Instant) -> Actions<W> {
+        let mut actions = Vec::new();
+        let due: Vec<u64> = self
+            .gens
+            .values()
+            .filter(|g| g.deadline.is_some_and(|d| d <= now))
+            .map(|g| g.id)
+            .collect();
+        for id in due {
+            let Some(g) = self.gens.get_mut(&id) else {
+                continue;
+            };
+            let pid = g.pid.unwrap_or_default();
+            match g.phase {
+                Phase::Starting => {
+                    g.phase = Phase::Killed;
+                    g.phase_since = now;
+                    g.deadline = Some(now + self.cfg.kill_grace);
+                    actions.push(Action::KillGroup {
+                        generation: id,
+                        pid,
+                    });
+                    let reason = RollbackReason::NotReady {
+                        timeout: humantime::format_duration(self.cfg.ready_timeout).to_string(),
+                        hint: self.cfg.not_ready_hint.clone(),
+                    };
+                    actions.extend(self.fail_in_flight(now, id, Some(pid), reason));
+                }
+                Phase::Draining => {
+                    warn!(
+                        generation = id,
+                        pid,
+                        stop_timeout_ms = self.cfg.stop_timeout.as_millis() as u64,
+                        "kill: still running after the stop timeout; sending SIGKILL to its process group"
+                    );
+                    g.phase = Phase::Killed;
+                    g.phase_since = now;
+                    g.deadline = Some(now + self.cfg.kill_grace);
+                    actions.push(Action::KillGroup {
+                        generation: id,
+                        pid,
+                    });
+                }
+                Phase::Killed => {
+                    error!(
+                        generation = id,
+                        pid,
+                        "process survived SIGKILL (stuck in the kernel?); no longer waiting for it"
+                    );
+                    self.gens.remove(&id);
+                    if self.stopping.is_some() && self.gens.is_empty() {
+                        actions.push(Action::Exit {
+                            code: self.exit_code(),
+                        });
+                    }
+                }
+                Phase::Ready => {}
+            }
+        }
+        if self.restart_at.is_some_and(|t| t <= now)
+            && self.stopping.is_none()
+            && self.in_flight.is_none()
+        {
+            self.stats.restarts += 1;
+            actions.extend(self.begin(now, Vec::new(), Trigger::Restart));
+        }
+        actions
+    }
+
+    /// Stop everything: the stop signal to every generation, then exit with
+    /// the serving generation's status. A second call kills at once.
+    pub fn stop(&mut self, now: Instant, why: &str) -> Actions<W> {
+        if let Some(stopping) = &mut self.stopping {
+            if stopping.forced {
+                return Vec::new();
+            }
+            stopping.forced = true;
+            warn!(
+                reason = why,
+                "stop requested again: killing every generation now"
+            );
+            let mut actions = Vec::new();
+            for g in self.gens.values_mut() {
+                if g.phase != Phase::Killed
+                    && let Some(pid) = g.pid
+                {
+                    g.phase = Phase::Killed;
+                    g.phase_since = now;
+                    g.deadline = Some(now + self.cfg.kill_grace);
+                    actions.push(Action::KillGroup {
+                        generation: g.id,
+                        pid,
+                    });
+                }
+            }
+            return actions;
+        }
+        info!(reason = why, signal = %self.cfg.stop_signal, "stop");
+        self.shut_down(now, None)
+    }
+
+    /// The earliest moment `tick` has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let gens = self.gens.values().filter_map(|g| g.deadline);
+        let restart = self.restart_at.filter(|_| self.stopping.is_none());
+        gens.chain(restart).min()
+    }
+
+    /// Every live generation, oldest first.
+    pub fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.gens.values()
+    }
+
+    /// The generation now serving.
+    pub fn serving(&self) -> Option<u64> {
+        self.serving
+    }
+
+    /// The reload in progress, if any.
+    pub fn starting(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|f| f.generation)
+    }
+
+    /// Whether baton is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The phase of generation `id`, if it is alive.
+    pub fn phase(&self, id: u64) -> Option<Phase> {
+        self.gens.get(&id).map(|g| g.phase)
+    }
+
+    fn begin(&mut self, now: Instant, waiters: Vec<W>, trigger: Trigger) -> Actions<W> {
+        self.restart_at = None;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.gens.insert(
+            id,
+            Generation {
+                id,
+                pid: None,
+                phase: Phase::Starting,
+                spawned_at: now,
+                phase_since: now,
+                ready_after: None,
+                deadline: Some(now + self.cfg.ready_timeout),
+            },
+        );
+        self.in_flight = Some(InFlight {
+            generation: id,
+            waiters,
+            trigger,
+        });
+        if trigger != Trigger::Start {
+            info!(generation = id, %trigger, serving = self.serving, "reload");
+        }
+        vec![Action::Spawn { generation: id }]
+    }
+
+    /// The in-flight generation `id` failed before it was ready.
+    fn fail_in_flight(
+        &mut self,
+        now: Instant,
+        id: u64,
+        pid: Option<i32>,
+        reason: RollbackReason,
+    ) -> Actions<W> {
+        let Some(done) = self.in_flight.take_if(|f| f.generation == id) else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+            self.stats.reloads_failed += 1;
+        }
+        let outcome = Outcome::RolledBack {
+            generation: Some(id),
+            pid,
+            reason: reason.clone(),
+            serving: self.serving,
+        };
+        let message = outcome.message();
+        error!(
+            generation = id,
+            pid,
+            serving = self.serving,
+            "rollback: {message}"
+        );
+        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+            self.stats.last_reload = Some(format!("rolled back: {message}"));
+        }
+        actions.push(Action::Report {
+            waiters: done.waiters,
+            outcome,
+        });
+        if !self.ever_ready {
+            let code = match &reason {
+                RollbackReason::Spawn {
+                    errno: Some(libc::ENOENT),
+                    ..
+                } => 127,
+                RollbackReason::Spawn {
+                    errno: Some(libc::EACCES),
+                    ..
+                } => 126,
+                _ => 1,
+            };
+            error!(code, "the first generation never became ready; giving up");
+            actions.extend(self.shut_down(now, Some(code)));
+            return actions;
+        }
+        if self.serving.is_none() {
+            let delay = self.schedule_restart(now);
+            info!(
+                restart_in_ms = delay.as_millis() as u64,
+                "restart scheduled"
+            );
+        }
+        if let Some((waiters, trigger)) = self.queued.take() {
+            actions.extend(self.begin(now, waiters, trigger));
+        }
+        actions
+    }
+
+    fn schedule_restart(&mut self, now: Instant) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures.min(20));
+        let delay = self
+            .cfg
+            .restart_delay
+            .saturating_mul(factor)
+            .min(self.cfg.restart_delay_max);
+        self.failures = self.failures.saturating_add(1);
+        self.restart_at = Some(now + delay);
+        delay
+    }
+
+    fn shut_down(&mut self, now: Instant, code: Option<u8>) -> Actions<W> {
+        self.stopping = Some(Stopping {
+            serving: self.serving,
+            code,
+            status: None,
+            forced: false,
+        });
+        self.restart_at = None;
+        let mut actions = Vec::new();
+        let stopping = |generation| Outcome::RolledBack {
+            generation,
+            pid: None,
+            reason: RollbackReason::Stopping,
+            serving: None,
+        };
+        if let Some(f) = self.in_flight.take() {
+            actions.push(Action::Report {
+                waiters: f.waiters,
+                outcome: stopping(Some(f.generation)),
+            });
+        }
+        if let Some((waiters, _)) = self.queued.take() {
+            actions.push(Action::Report {
+                waiters,
+                outcome: stopping(None),
+            });
+        }
+        for g in self.gens.values_mut() {
+            if matches!(g.phase, Phase::Starting | Phase::Ready)
+                && let Some(pid) = g.pid
+            {
+                g.phase = Phase::Draining;
+                g.phase_since = now;
+                g.deadline = Some(now + self.cfg.stop_timeout);
+                actions.push(Action::Signal {
+                    generation: g.id,
+                    pid,
+                    signal: self.cfg.stop_signal,
+                    cause: SignalCause::Stop,
+                });
+            }
+        }
+        if self.gens.is_empty() {
+            actions.push(Action::Exit {
+                code: self.exit_code(),
+            });
+        }
+        actions
+    }
+
+    fn exit_code(&self) -> u8 {
+        let Some(stopping) = &self.stopping else {
+            return 0;
+        };
+        stopping
+            .code
+            .or(stopping.status.map(ExitStatus::shell_code))
+            .or(self.last_serving_exit.map(ExitStatus::shell_code))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type P = Policy<u32>;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg() -> PolicyConfig {
+        PolicyConfig {
+            ready_timeout: 1000 * MS,
+            stop_timeout: 2000 * MS,
+            restart_delay: 100 * MS,
+            restart_delay_max: 800 * MS,
+            stable_after: 5000 * MS,
+            kill_grace: 500 * MS,
+            ..PolicyConfig::default()
+        }
+    }
+
+    fn spawns(actions: &[Action<u32>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { generation } => Some(*generation),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reports(actions: Vec<Action<u32>>) -> Vec<(Vec<u32>, Outcome)> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Report { waiters, outcome } => Some((waiters, outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A policy with generation 1 serving as pid 100.
+    fn serving(t0: Instant) -> P {
+        let mut p = P::new(cfg());
+        assert_eq!(spawns(&p.start(t0)), vec![1]);
+        p.spawned(1, 100);
+        let actions = p.ready(t0 + 10 * MS, 1);
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Report { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(p.serving(), Some(1));
+        p
+    }
+
+    #[test]
+    fn reload_retires_the_old_generation_only_once_the_new_one_is_ready() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        let a = p.trigger(t0 + 100 * MS, Trigger::Control, Some(7));
+        assert_eq!(a, vec![Action::Spawn { generation: 2 }]);
+        p.spawned(2, 200);
+        // Time passes within the ready timeout: nothing happens to gen 1.
+        assert!(p.tick(t0 + 900 * MS).is_empty());
+        assert_eq!(p.phase(1), Some(Phase::Ready));
+
+        let a = p.ready(t0 + 400 * MS, 2);
+        assert_eq!(
+            a[0],
+            Action::Signal {
+                generation: 1,
+                pid: 100,
+                signal: Signal::TERM,
+                cause: SignalCause::Retire
+            }
+        );
+        assert_eq!(
+            reports(a),
+            vec![(
+                vec![7],
+                Outcome::Reloaded {
+                    generation: 2,
+                    pid: 200,
+                    ready_after: 300 * MS
+                }
+            )]
+        );
+        assert_eq!(p.serving(), Some(2));
+        assert_eq!(p.phase(1), Some(Phase::Draining));
+
+        // The old one drains and exits; its group is swept, nothing else.
+        let a = p.exited(t0 + 500 * MS, 1, ExitStatus::Exited(0));
+        assert_eq!(
+            a,
+            vec![Action::KillGroup {
+                generation: 1,
+                pid: 100
+            }]
+        );
+        assert_eq!(p.stats().reloads_ok, 1);
+    }
+
+    #[test]
+    fn a_storm_of_triggers_gives_at_most_two_reloads() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        let mut spawned = Vec::new();
+        for i in 0..100 {
+            spawned.extend(spawns(&p.trigger(
+                t0 + MS * i,
+                Trigger::Signal(Signal::HUP),
+                Some(i),
+            )));
+        }
+        assert_eq!(spawned, vec![2]);
+        p.spawned(2, 200);
+        let a = p.ready(t0 + 200 * MS, 2);
+        // Generation 2's waiter is the first trigger; the 99 others wait for
+        // the one queued reload, which starts now.
+        assert_eq!(spawns(&a), vec![3]);
+        let r = reports(a);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, vec![0]);
+        p.spawned(3, 300);
+        let a = p.ready(t0 + 400 * MS, 3);
+        assert!(spawns(&a).is_empty());
+        let r = reports(a);
+        assert_eq!(r[0].0, (1..100).collect::<Vec<u32>>());
+        assert!(matches!(r[0].1, Outcome::Reloaded { generation: 3, .. }));
+    }
+
+    #[test]
+    fn a_generation_that_exits_before_ready_rolls_back() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.trigger(t0, Trigger::Control, Some(1));
+        p.spawned(2, 200);
+        let a = p.exited(t0 + 50 * MS, 2, ExitStatus::Exited(3));
+        assert!(
+            !a.iter().any(|a| matches!(
+                a,
+                Action::Signal { generation: 1, .. } | Action::KillGroup { generation: 1, .. }
+            )),
+            "generation 1 must not be touched: {a:?}"
+        );
+        let r = reports(a);
+        assert_eq!(
+            r[0].1,
+            Outcome::RolledBack {
+                generation: Some(2),
+                pid: Some(200),
+                reason: RollbackReason::Exited {
+                    status: ExitStatus::Exited(3)
+                },
+                serving: Some(1),
+            }
+        );
+        assert_eq!(p.serving(), Some(1));
+        assert_eq!(p.stats().reloads_failed, 1);
+        // No restart: something is serving.
+        assert_eq!(p.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_generation_that_is_never_ready_is_killed_and_rolled_back() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.trigger(t0, Trigger::Control, Some(1));
+        p.spawned(2, 200);
+        assert_eq!(p.next_deadline(), Some(t0 + 1000 * MS));
+        let a = p.tick(t0 + 1000 * MS);
+        assert_eq!(
+            a[0],
+            Action::KillGroup {
+                generation: 2,
+                pid: 200
+            }
+        );
+        let r = reports(a);
+        assert!(matches!(
+            &r[0].1,
+            Outcome::RolledBack {
+                reason: RollbackReason::NotReady { .. },
+                serving: Some(1),
+                ..
+            }
+        ));
+        // A late READY=1 from the killed generation changes nothing.
+        assert!(p.ready(t0 + 1001 * MS, 2).is_empty());
+        assert_eq!(p.serving(), Some(1));
+        p.exited(t0 + 1002 * MS, 2, ExitStatus::Signaled(9));
+        assert_eq!(p.phase(2), None);
+    }
+
+    #[test]
+    fn a_draining_generation_is_killed_after_the_stop_timeout() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.trigger(t0, Trigger::Control, None);
+        p.spawned(2, 200);
+        p.ready(t0 + 100 * MS, 2);
+        assert_eq!(p.next_deadline(), Some(t0 + 2100 * MS));
+        assert!(p.tick(t0 + 2099 * MS).is_empty());
+        let a = p.tick(t0 + 2100 * MS);
+        assert_eq!(
+            a,
+            vec![Action::KillGroup {
+                generation: 1,
+                pid: 100
+            }]
+        );
+        assert_eq!(p.phase(1), Some(Phase::Killed));
+    }
+
+    #[test]
+    fn a_crashed_generation_is_replaced_with_growing_delays() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        let mut now = t0 + 20 * MS;
+        let a = p.exited(now, 1, ExitStatus::Signaled(11));
+        assert!(spawns(&a).is_empty(), "no immediate respawn");
+        let mut delays = Vec::new();
+        for id in 2..7 {
+            let at = p.next_deadline().expect("a restart is scheduled");
+            delays.push(at - now);
+            assert!(p.tick(at - MS).is_empty());
+            assert_eq!(spawns(&p.tick(at)), vec![id]);
+            p.spawned(id, id as i32 * 100);
+            now = at + MS;
+            // It crashes at once, again.
+            p.exited(now, id, ExitStatus::Exited(1));
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 800].map(|n| n * MS));
+        assert_eq!(p.serving(), None);
+    }
+
+    #[test]
+    fn a_reload_while_a_restart_is_pending_starts_at_once() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.exited(t0, 1, ExitStatus::Exited(1));
+        assert_eq!(
+            spawns(&p.trigger(t0 + MS, Trigger::Control, Some(1))),
+            vec![2]
+        );
+        assert_eq!(
+            p.next_deadline(),
+            Some(t0 + MS + 1000 * MS),
+            "only the ready timeout"
+        );
+    }
+
+    #[test]
+    fn the_first_generation_failing_ends_baton() {
+        let t0 = Instant::now();
+        let mut p = P::new(cfg());
+        p.start(t0);
+        p.spawned(1, 100);
+        let a = p.exited(t0, 1, ExitStatus::Exited(2));
+        assert!(a.contains(&Action::Exit { code: 1 }), "{a:?}");
+
+        let mut p = P::new(cfg());
+        p.start(t0);
+        let err = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(
+            p.spawn_failed(t0, 1, &err)
+                .contains(&Action::Exit { code: 127 })
+        );
+
+        let mut p = P::new(cfg());
+        p.start(t0);
+        let err = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert!(
+            p.spawn_failed(t0, 1, &err)
+                .contains(&Action::Exit { code: 126 })
+        );
+
+        // Never ready: killed, then baton exits once it is reaped.
+        let mut p = P::new(cfg());
+        p.start(t0);
+        p.spawned(1, 100);
+        let a = p.tick(t0 + 1000 * MS);
+        assert!(a.contains(&Action::KillGroup {
+            generation: 1,
+            pid: 100
+        }));
+        assert!(!a.iter().any(|a| matches!(a, Action::Exit { .. })));
+        let a = p.exited(t0 + 1001 * MS, 1, ExitStatus::Signaled(9));
+        assert!(a.contains(&Action::Exit { code: 1 }), "{a:?}");
+    }
+
+    #[test]
+    fn stop_signals_everyone_and_exits_with_the_serving_status() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.trigger(t0, Trigger::Control, Some(9));
+        p.spawned(2, 200);
+        let a = p.stop(t0 + MS, "SIGTERM");
+        assert!(a.contains(&Action::Signal {
+            generation: 1,
+            pid: 100,
+            signal: Signal::TERM,
+            cause: SignalCause::Stop
+        }));
+        assert!(a.contains(&Action::Signal {
+            generation: 2,
+            pid: 200,
+            signal: Signal::TERM,
+            cause: SignalCause::Stop
+        }));
+        let r = reports(a);
+        assert_eq!(r[0].0, vec![9]);
+        assert!(matches!(
+            r[0].1,
+            Outcome::RolledBack {
+                reason: RollbackReason::Stopping,
+                ..
+            }
+        ));
+        // Triggers while stopping are refused at once.
+        let r = reports(p.trigger(t0 + 2 * MS, Trigger::Control, Some(10)));
+        assert_eq!(r[0].0, vec![10]);
+
+        assert!(
+            !p.exited(t0 + 3 * MS, 2, ExitStatus::Exited(0))
+                .iter()
+                .any(|a| matches!(a, Action::Exit { .. }))
+        );
+        let a = p.exited(t0 + 4 * MS, 1, ExitStatus::Signaled(15));
+        assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_second_stop_kills_at_once() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.stop(t0, "SIGTERM");
+        let a = p.stop(t0 + MS, "SIGINT");
+        assert_eq!(
+            a,
+            vec![Action::KillGroup {
+                generation: 1,
+                pid: 100
+            }]
+        );
+        assert!(p.stop(t0 + 2 * MS, "SIGINT").is_empty());
+        let a = p.exited(t0 + 3 * MS, 1, ExitStatus::Signaled(9));
+        assert!(a.contains(&Action::Exit { code: 137 }));
+    }
+
+    #[test]
+    fn a_generation_stable_long_enough_resets_the_backoff() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.exited(t0 + 20 * MS, 1, ExitStatus::Exited(1));
+        let at = p.next_deadline().expect("restart");
+        p.tick(at);
+        p.spawned(2, 200);
+        p.ready(at + MS, 2);
+        // Generation 2 serves for longer than stable_after, then dies.
+        let later = at + 6000 * MS;
+        p.exited(later, 2, ExitStatus::Exited(1));
+        assert_eq!(p.next_deadline(), Some(later + 100 * MS));
+    }
+}

@@ -1,0 +1,388 @@
+//! The values people type: listen addresses, readiness modes, signals and
+//! durations. Each is a type with `FromStr` whose error says what was
+//! expected, so clap reports bad input before anything starts.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One `--listen` value: `[name=]ADDR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// The fd's name in `LISTEN_FDNAMES`, if given.
+    pub name: Option<String>,
+    /// Where to listen.
+    pub addr: ListenAddr,
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `:PORT`: every interface, IPv6 and IPv4.
+    AnyHost(u16),
+    /// `IP:PORT` or `[IPv6]:PORT`.
+    Ip(SocketAddr),
+    /// `HOST:PORT`: resolved when baton starts.
+    Host(String, u16),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+const LISTEN_EXPECTED: &str = "expected HOST:PORT, :PORT or unix:PATH, optionally prefixed NAME=";
+
+impl FromStr for ListenSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || format!("invalid listen address {s:?}: {LISTEN_EXPECTED}");
+        let (name, rest) = match s.split_once('=') {
+            Some((name, rest)) if !name.contains([':', '/', '[']) => {
+                validate_fd_name(name)
+                    .map_err(|why| format!("invalid listen name {name:?}: {why}"))?;
+                (Some(name.to_owned()), rest)
+            }
+            _ => (None, s),
+        };
+        let addr = if let Some(path) = rest.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid());
+            }
+            ListenAddr::Unix(PathBuf::from(path))
+        } else if let Some(port) = rest.strip_prefix(':') {
+            ListenAddr::AnyHost(port.parse().map_err(|_| invalid())?)
+        } else if let Ok(addr) = rest.parse::<SocketAddr>() {
+            ListenAddr::Ip(addr)
+        } else {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(invalid)?;
+            let port: u16 = port.parse().map_err(|_| invalid())?;
+            let hostname_like = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                && host.chars().any(|c| c.is_ascii_alphabetic());
+            if !hostname_like {
+                return Err(invalid());
+            }
+            ListenAddr::Host(host.to_owned(), port)
+        };
+        Ok(ListenSpec { name, addr })
+    }
+}
+
+/// A name is valid in `LISTEN_FDNAMES` when it is 1 to 255 printable ASCII
+/// characters without `:` (systemd's rule for `FileDescriptorName=`).
+pub fn validate_fd_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("expected 1 to 255 characters");
+    }
+    if !name.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+        return Err("expected printable ASCII characters other than ':'");
+    }
+    Ok(())
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::AnyHost(port) => write!(f, ":{port}"),
+            ListenAddr::Ip(addr) => write!(f, "{addr}"),
+            ListenAddr::Host(host, port) => write!(f, "{host}:{port}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name}={}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// How baton learns that a new generation is ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The app sends `READY=1` to `$NOTIFY_SOCKET` (`sd_notify(3)`).
+    Notify,
+    /// Ready this long after it started.
+    Delay(Duration),
+    /// Ready once this shell command exits 0 (run again every 100 ms until
+    /// it does).
+    Exec(String),
+}
+
+impl FromStr for ReadyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "notify" {
+            Ok(ReadyMode::Notify)
+        } else if let Some(d) = s.strip_prefix("delay:") {
+            Ok(ReadyMode::Delay(parse_duration(d)?))
+        } else if let Some(cmd) = s.strip_prefix("exec:").filter(|c| !c.trim().is_empty()) {
+            Ok(ReadyMode::Exec(cmd.to_owned()))
+        } else {
+            Err(format!(
+                "invalid readiness mode {s:?}: expected notify, delay:DURATION or exec:COMMAND"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for ReadyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadyMode::Notify => write!(f, "notify"),
+            ReadyMode::Delay(d) => write!(f, "delay:{}", humantime::format_duration(*d)),
+            ReadyMode::Exec(cmd) => write!(f, "exec:{cmd}"),
+        }
+    }
+}
+
+/// A Unix signal, by number; parsed from `TERM`, `SIGTERM` or `15`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signal(i32);
+
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+impl Signal {
+    /// SIGTERM.
+    pub const TERM: Signal = Signal(libc::SIGTERM);
+    /// SIGKILL.
+    pub const KILL: Signal = Signal(libc::SIGKILL);
+    /// SIGHUP.
+    pub const HUP: Signal = Signal(libc::SIGHUP);
+    /// SIGUSR2.
+    pub const USR2: Signal = Signal(libc::SIGUSR2);
+    /// SIGINT.
+    pub const INT: Signal = Signal(libc::SIGINT);
+    /// SIGQUIT.
+    pub const QUIT: Signal = Signal(libc::SIGQUIT);
+
+    /// The signal with this number, if it is one this system has.
+    pub fn from_number(n: i32) -> Option<Signal> {
+        SIGNALS
+            .iter()
+            .any(|(_, num)| *num == n)
+            .then_some(Signal(n))
+    }
+
+    /// The signal number.
+    pub fn number(self) -> i32 {
+        self.0
+    }
+}
+
+impl FromStr for Signal {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || {
+            format!(
+                "invalid signal {s:?}: expected a name like TERM or SIGTERM, or a number like 15"
+            )
+        };
+        if let Ok(n) = s.parse::<i32>() {
+            return Signal::from_number(n).ok_or_else(invalid);
+        }
+        let upper = s.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        SIGNALS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, num)| Signal(*num))
+            .ok_or_else(invalid)
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match SIGNALS.iter().find(|(_, n)| *n == self.0) {
+            Some((name, _)) => write!(f, "SIG{name}"),
+            None => write!(f, "signal {}", self.0),
+        }
+    }
+}
+
+/// Parses `300ms`, `5s`, `2m`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("invalid duration {s:?}: expected a number and a unit, like 300ms, 5s or 2m")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        let ok: &[(&str, Option<&str>, ListenAddr)] = &[
+            (
+                "127.0.0.1:8080",
+                None,
+                ListenAddr::Ip("127.0.0.1:8080".parse().unwrap()),
+            ),
+            (
+                "[::1]:8080",
+                None,
+                ListenAddr::Ip("[::1]:8080".parse().unwrap()),
+            ),
+            (":8080", None, ListenAddr::AnyHost(8080)),
+            (
+                "127.0.0.1:0",
+                None,
+                ListenAddr::Ip("127.0.0.1:0".parse().unwrap()),
+            ),
+            (
+                "localhost:80",
+                None,
+                ListenAddr::Host("localhost".into(), 80),
+            ),
+            (
+                "unix:/run/app.sock",
+                None,
+                ListenAddr::Unix("/run/app.sock".into()),
+            ),
+            ("unix:rel.sock", None, ListenAddr::Unix("rel.sock".into())),
+            ("http=:80", Some("http"), ListenAddr::AnyHost(80)),
+            (
+                "admin=[::1]:9000",
+                Some("admin"),
+                ListenAddr::Ip("[::1]:9000".parse().unwrap()),
+            ),
+            (
+                "api=unix:/tmp/a=b.sock",
+                Some("api"),
+                ListenAddr::Unix("/tmp/a=b.sock".into()),
+            ),
+            (
+                "unix:/tmp/a=b.sock",
+                None,
+                ListenAddr::Unix("/tmp/a=b.sock".into()),
+            ),
+        ];
+        for (text, name, addr) in ok {
+            let spec: ListenSpec = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(spec.name.as_deref(), *name, "{text}");
+            assert_eq!(&spec.addr, addr, "{text}");
+            assert_eq!(spec.to_string(), *text, "round trip");
+        }
+    }
+
+    #[test]
+    fn bad_listen_specs_say_what_was_expected() {
+        for text in [
+            "8o80", "8080", ":http", ":99999", "unix:", "", "1.2.3:80", "host:", "=:80", "[::1]",
+        ] {
+            let err = text.parse::<ListenSpec>().expect_err(text);
+            assert!(err.contains("expected"), "{text}: {err}");
+        }
+        let err = "8o80".parse::<ListenSpec>().unwrap_err();
+        assert_eq!(
+            err,
+            "invalid listen address \"8o80\": expected HOST:PORT, :PORT or unix:PATH, optionally prefixed NAME="
+        );
+    }
+
+    #[test]
+    fn ready_modes() {
+        assert_eq!("notify".parse(), Ok(ReadyMode::Notify));
+        assert_eq!(
+            "delay:300ms".parse(),
+            Ok(ReadyMode::Delay(Duration::from_millis(300)))
+        );
+        assert_eq!(
+            "exec:curl -sf localhost".parse(),
+            Ok(ReadyMode::Exec("curl -sf localhost".into()))
+        );
+        for bad in [
+            "",
+            "notify:1",
+            "delay:",
+            "delay:soon",
+            "exec:",
+            "exec:  ",
+            "http",
+        ] {
+            let err = bad.parse::<ReadyMode>().expect_err(bad);
+            assert!(err.contains("expected"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        for (text, n) in [
+            ("TERM", libc::SIGTERM),
+            ("SIGTERM", libc::SIGTERM),
+            ("sigterm", libc::SIGTERM),
+            ("term", libc::SIGTERM),
+            ("15", libc::SIGTERM),
+            ("HUP", libc::SIGHUP),
+            ("SIGUSR2", libc::SIGUSR2),
+            ("9", libc::SIGKILL),
+        ] {
+            assert_eq!(text.parse::<Signal>().map(Signal::number), Ok(n), "{text}");
+        }
+        for bad in ["", "SIG", "TERMINATE", "0", "99", "-1"] {
+            let err = bad.parse::<Signal>().expect_err(bad);
+            assert!(err.contains("expected"), "{bad}: {err}");
+        }
+        assert_eq!(Signal::TERM.to_string(), "SIGTERM");
+    }
+
+    #[test]
+    fn durations() {
+        for (text, ms) in [
+            ("300ms", 300),
+            ("5s", 5000),
+            ("2m", 120_000),
+            (" 1s ", 1000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for bad in ["", "5", "5x", "soon", "-1s"] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains("expected"), "{bad}: {err}");
+        }
+    }
+}

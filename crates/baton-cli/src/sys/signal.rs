@@ -1,0 +1,36 @@
+//! Sending signals to a process or to its whole process group.
+
+use std::io;
+
+use rustix::process::{Pid, Signal as RawSignal, kill_process, kill_process_group};
+
+use crate::spec::Signal;
+
+fn convert(pid: i32, signal: Signal) -> io::Result<(Pid, RawSignal)> {
+    let pid = Pid::from_raw(pid)
+        .filter(|p| p.as_raw_nonzero().get() > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("bad pid {pid}")))?;
+    let raw = RawSignal::from_named_raw(signal.number()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("bad signal {signal}"))
+    })?;
+    Ok((pid, raw))
+}
+
+/// `kill(pid, signal)`. A process that is already gone is not an error.
+pub fn send(pid: i32, signal: Signal) -> io::Result<()> {
+    let (pid, raw) = convert(pid, signal)?;
+    match kill_process(pid, raw) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `kill(-pgid, signal)`: every process in the group. An empty group is not
+/// an error.
+pub fn send_group(pgid: i32, signal: Signal) -> io::Result<()> {
+    let (pgid, raw) = convert(pgid, signal)?;
+    match kill_process_group(pgid, raw) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

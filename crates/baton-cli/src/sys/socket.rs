@@ -1,0 +1,78 @@
+//! Binding the listening sockets baton owns and hands to every generation.
+//!
+//! All sockets are created close-on-exec: only the spawn path decides which
+//! fds a child inherits. Listeners get `SO_REUSEADDR` (a restarted baton can
+//! bind while old connections sit in TIME_WAIT) and a deep backlog, because
+//! during a handover connections queue in the kernel until a generation
+//! accepts them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+
+/// Accept-queue length asked for; the kernel caps it at `net.core.somaxconn`
+/// (4096 by default on current kernels).
+pub const BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener. `dual_stack` makes an IPv6 socket accept IPv4 too
+/// (for `:PORT`).
+pub fn bind_tcp(addr: SocketAddr, dual_stack: bool) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv6() {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    if addr.is_ipv6() && dual_stack {
+        sockopt::set_ipv6_v6only(&fd, false)?;
+    }
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, BACKLOG)?;
+    Ok(fd)
+}
+
+/// Binds a Unix stream listener at `path`, replacing a stale socket file
+/// left by a process that died, but never one somebody still listens on.
+pub fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
+    clear_stale_socket(path)?;
+    let fd = OwnedFd::from(UnixListener::bind(path)?);
+    rustix::net::listen(&fd, BACKLOG)?;
+    Ok(fd)
+}
+
+/// Removes `path` if it is a socket nobody listens on. Fails with
+/// `AddrInUse` if something answers there, and `AlreadyExists` if `path` is
+/// not a socket.
+pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process is listening on it",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// The address a TCP listener is bound to (the real port after `:0`).
+pub fn tcp_local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let any = rustix::net::getsockname(fd)?;
+    SocketAddr::try_from(any).map_err(|_| io::Error::other("not an IP socket"))
+}

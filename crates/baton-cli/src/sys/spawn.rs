@@ -1,0 +1,299 @@
+//! Starting a child with an exact fd layout and `LISTEN_PID` equal to its
+//! own pid (`sd_listen_fds(3)`).
+//!
+//! `LISTEN_PID` cannot be known before `fork`, and the environment cannot be
+//! built after it (allocating between `fork` and `exec` is unsound). So the
+//! whole `envp` is built before `fork` with a fixed-size `LISTEN_PID=` slot,
+//! and the child writes its own pid's digits into that slot in place, then
+//! calls `execve` itself. No exec shim, no extra process.
+//!
+//! In the child, between `fork` and `execve`, only async-signal-safe system
+//! calls run, on memory prepared by the parent:
+//!
+//! 1. `setpgid(0, 0)`: its own process group, so a whole generation can be
+//!    signalled at once and a terminal's Ctrl-C reaches only baton;
+//! 2. `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the app is asked to stop
+//!    rather than left holding the ports;
+//! 3. every signal disposition back to default and an empty signal mask, so
+//!    nothing baton (or the Rust runtime, which ignores SIGPIPE) set leaks;
+//! 4. the listeners are dup'ed to fds 3, 4, … (which clears close-on-exec on
+//!    exactly those), via scratch copies above that range so that no source
+//!    is overwritten before it is copied;
+//! 5. every other fd from `3+N` up is marked close-on-exec
+//!    (`close_range(CLOSE_RANGE_CLOEXEC)`), so nothing baton inherited leaks;
+//! 6. `LISTEN_PID` digits, then `execve`.
+//!
+//! A failure at any step is reported to the parent as an errno over a
+//! close-on-exec pipe (whose write end is kept above the fd range of step 4):
+//! the parent reads end-of-file when `execve` succeeds.
+
+use std::ffi::{CString, OsString, c_char, c_uint};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::ptr;
+
+use rustix::pipe::PipeFlags;
+
+/// `CLOSE_RANGE_CLOEXEC` from `<linux/close_range.h>` (Linux 5.11+).
+const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
+
+/// `"LISTEN_PID="` plus room for a 10-digit pid and the NUL.
+const PID_SLOT: usize = 32;
+const PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// One past the highest signal number on Linux (`_NSIG`).
+const NSIG: i32 = 65;
+
+/// What to start.
+#[derive(Debug)]
+pub struct Command<'a> {
+    /// Path of the executable (already resolved against `$PATH`).
+    pub program: &'a Path,
+    /// The argument vector, `argv[0]` included.
+    pub args: &'a [OsString],
+    /// The complete environment of the child (without `LISTEN_PID`).
+    pub env: &'a [(OsString, OsString)],
+    /// Sockets that become fds 3, 4, … in the child.
+    pub fds: &'a [BorrowedFd<'a>],
+    /// Whether to add `LISTEN_PID=<the child's pid>` to the environment.
+    pub listen_pid: bool,
+}
+
+/// Forks and execs `cmd`; returns the child's pid once `execve` succeeded.
+///
+/// A failed `execve` (no such file, permission denied, …) is returned as
+/// that errno, and the short-lived child is reaped here.
+pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
+    let nul_err = |what| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    };
+    let path = CString::new(cmd.program.as_os_str().as_bytes())
+        .map_err(|_| nul_err("the command path"))?;
+    let args: Vec<CString> = cmd
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| nul_err("an argument")))
+        .collect::<io::Result<_>>()?;
+    let env: Vec<CString> = cmd
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).map_err(|_| nul_err("an environment variable"))
+        })
+        .collect::<io::Result<_>>()?;
+
+    let mut pid_slot = [0u8; PID_SLOT];
+    pid_slot[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+
+    let mut argv: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(ptr::null());
+    let mut envp: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    if cmd.listen_pid {
+        envp.push(pid_slot.as_ptr().cast());
+    }
+    envp.push(ptr::null());
+
+    let sources: Vec<RawFd> = cmd.fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+    let floor = 3 + RawFd::try_from(sources.len()).map_err(io::Error::other)?;
+
+    let (report_rx, report_tx) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+    // Keep the write end out of the range the listeners are dup'ed onto.
+    let report_tx_high = rustix::io::fcntl_dupfd_cloexec(&report_tx, floor)?;
+    drop(report_tx);
+
+    let parent = rustix::process::getpid().as_raw_nonzero().get();
+    let child = Child {
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        pid_digits: if cmd.listen_pid {
+            // SAFETY: PID_PREFIX.len() < PID_SLOT, so the offset is in bounds.
+            unsafe { pid_slot.as_mut_ptr().add(PID_PREFIX.len()) }
+        } else {
+            ptr::null_mut()
+        },
+        sources: &sources,
+        scratch: scratch.as_mut_ptr(),
+        floor,
+        report: report_tx_high.as_raw_fd(),
+        parent,
+    };
+
+    // SAFETY: `fork` is sound here because the child only runs
+    // `Child::exec`, which calls async-signal-safe functions on memory
+    // prepared above and never returns (it execs or `_exit`s). The guardian
+    // runs on a single-threaded runtime, so no lock can be held by another
+    // thread at the time of the fork either.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child (see above).
+        unsafe { child.exec() }
+    }
+
+    drop(report_tx_high);
+    // Keep everything the child pointed into alive until it has exec'd.
+    let _keep = (&path, &args, &env, &argv, &envp, &pid_slot, &scratch);
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    while got < errno.len() {
+        match rustix::io::read(&report_rx, &mut errno[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    super::reaper::reap_pid(pid);
+    Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+}
+
+/// Everything the child needs, as raw pointers into the parent's memory
+/// (which the child has its own copy of after `fork`).
+struct Child<'a> {
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    /// Where the pid's digits go, or null for no `LISTEN_PID`.
+    pid_digits: *mut u8,
+    sources: &'a [RawFd],
+    scratch: *mut RawFd,
+    floor: RawFd,
+    report: RawFd,
+    parent: i32,
+}
+
+impl Child<'_> {
+    /// Runs in the child after `fork`: set up, then `execve`.
+    ///
+    /// # Safety
+    ///
+    /// Must be called only in a child just forked by [`spawn`], with every
+    /// pointer in `self` valid (they point into `spawn`'s locals).
+    unsafe fn exec(&self) -> ! {
+        // SAFETY: every call below is an async-signal-safe system call on
+        // plain integers or on memory `spawn` prepared; nothing allocates or
+        // takes a lock.
+        unsafe {
+            if libc::setpgid(0, 0) != 0 {
+                self.fail();
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            if libc::getppid() != self.parent {
+                // baton died before the prctl took effect.
+                libc::_exit(1);
+            }
+
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            for sig in 1..NSIG {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    // Fails (harmlessly) for the signals libc reserves.
+                    libc::sigaction(sig, &default, ptr::null_mut());
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()) != 0 {
+                self.fail();
+            }
+
+            for (i, &src) in self.sources.iter().enumerate() {
+                let copy = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, self.floor);
+                if copy < 0 {
+                    self.fail();
+                }
+                *self.scratch.add(i) = copy;
+            }
+            for i in 0..self.sources.len() {
+                // dup2 clears FD_CLOEXEC on the new fd: exactly these are inherited.
+                if libc::dup2(*self.scratch.add(i), 3 + i as RawFd) < 0 {
+                    self.fail();
+                }
+            }
+            // Older kernels lack close_range; there baton's own fds are
+            // close-on-exec anyway, only fds baton inherited could leak.
+            libc::syscall(
+                libc::SYS_close_range,
+                self.floor as c_uint,
+                c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
+
+            if !self.pid_digits.is_null() {
+                write_decimal(libc::getpid() as u32, self.pid_digits);
+            }
+            libc::execve(self.path, self.argv, self.envp);
+            self.fail()
+        }
+    }
+
+    /// Reports errno to the parent and exits.
+    unsafe fn fail(&self) -> ! {
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        let bytes = errno.to_ne_bytes();
+        // SAFETY: `write` and `_exit` are async-signal-safe; `bytes` is a
+        // local array and `self.report` the pipe `spawn` opened.
+        unsafe {
+            libc::write(self.report, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        }
+    }
+}
+
+/// Writes `n` in decimal followed by a NUL to `out`, which must have room for
+/// 11 bytes. Allocation-free, for use between `fork` and `exec`.
+///
+/// # Safety
+///
+/// `out` must be valid for writes of 11 bytes.
+unsafe fn write_decimal(mut n: u32, out: *mut u8) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= 10 < 11, within the caller's guarantee.
+        unsafe { *out.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= 10 < 11.
+    unsafe { *out.add(len) = 0 };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        for n in [0u32, 7, 10, 4242, u32::MAX] {
+            let mut buf = [0xffu8; 11];
+            // SAFETY: buf has 11 bytes.
+            unsafe { write_decimal(n, buf.as_mut_ptr()) };
+            let end = buf.iter().position(|&b| b == 0).expect("NUL");
+            assert_eq!(std::str::from_utf8(&buf[..end]), Ok(n.to_string().as_str()));
+        }
+    }
+}
