@@ -15,7 +15,8 @@
 //! 2. `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the app is asked to stop
 //!    rather than left holding the ports;
 //! 3. every signal disposition back to default and an empty signal mask, so
-//!    nothing baton (or the Rust runtime, which ignores SIGPIPE) set leaks;
+//!    nothing baton set (the Rust runtime ignores SIGPIPE) or inherited
+//!    (an ignored SIGHUP from `nohup`) leaks into the app;
 //! 4. the listeners are dup'ed to fds 3, 4, … (which clears close-on-exec on
 //!    exactly those), via scratch copies above that range so that no source
 //!    is overwritten before it is copied;
@@ -45,6 +46,9 @@ const PID_PREFIX: &[u8] = b"LISTEN_PID=";
 
 /// One past the highest signal number on Linux (`_NSIG`).
 const NSIG: i32 = 65;
+
+/// The kernel's `sizeof(sigset_t)`: 64 signals.
+const KERNEL_SIGSET_BYTES: usize = 8;
 
 /// What to start.
 #[derive(Debug)]
@@ -198,12 +202,21 @@ impl Child<'_> {
                 libc::_exit(1);
             }
 
-            let mut default: libc::sigaction = std::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
+            // The raw system call, not libc's `sigaction`: glibc refuses to
+            // touch the two real-time signals it reserves (32 and 33), but an
+            // ignored disposition of those is inherited too. An all-zero
+            // kernel `struct sigaction` (at most 32 bytes on Linux) is
+            // SIG_DFL with no flags and an empty mask.
+            let default = [0u64; 4];
             for sig in 1..NSIG {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    // Fails (harmlessly) for the signals libc reserves.
-                    libc::sigaction(sig, &default, ptr::null_mut());
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        default.as_ptr(),
+                        ptr::null_mut::<u64>(),
+                        KERNEL_SIGSET_BYTES,
+                    );
                 }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();

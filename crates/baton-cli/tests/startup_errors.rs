@@ -1,0 +1,142 @@
+//! Bad input gets one clear line and exit code 2, before anything starts.
+
+mod support;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+
+use support::{Baton, baton};
+
+fn assert_startup_error(out: &support::Output, needle: &str) {
+    assert_eq!(out.code, Some(2), "exit code; stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains(needle),
+        "stderr should mention {needle:?}: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    let out = baton(&["run", "--listen", "8o80", "--", "true"]);
+    assert_startup_error(
+        &out,
+        "invalid listen address \"8o80\": expected HOST:PORT, :PORT or unix:PATH",
+    );
+}
+
+#[test]
+fn bad_duration_and_signal_and_ready_mode() {
+    let out = baton(&[
+        "run",
+        "--listen",
+        ":0",
+        "--ready-timeout",
+        "5x",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "invalid duration \"5x\"");
+    let out = baton(&[
+        "run",
+        "--listen",
+        ":0",
+        "--stop-signal",
+        "TERMINATE",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "invalid signal \"TERMINATE\"");
+    let out = baton(&["run", "--listen", ":0", "--ready", "http", "--", "true"]);
+    assert_startup_error(&out, "invalid readiness mode \"http\"");
+}
+
+#[test]
+fn port_in_use_names_the_address_and_starts_nothing() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("started");
+    let control = dir.path().join("control.sock");
+    let script = format!("touch {}", marker.display());
+    let out = baton(&[
+        "run",
+        "--listen",
+        &addr,
+        "--control",
+        control.to_str().expect("utf-8"),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_startup_error(&out, &format!("binding {addr}: "));
+    assert!(out.stderr.contains("in use"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--listen 127.0.0.1:0"),
+        "hint: {}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
+    assert!(!marker.exists(), "the command must not have run");
+    assert!(!control.exists(), "the control socket must be cleaned up");
+}
+
+#[test]
+fn missing_or_non_executable_command() {
+    let out = baton(&["run", "--listen", "127.0.0.1:0", "--", "/nonexistent/app"]);
+    assert_startup_error(&out, "command \"/nonexistent/app\" not found");
+
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--",
+        "no-such-command-baton-test",
+    ]);
+    assert_startup_error(
+        &out,
+        "command \"no-such-command-baton-test\" not found in $PATH",
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("app");
+    std::fs::write(&file, "#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--",
+        file.to_str().expect("utf-8"),
+    ]);
+    // As root, access(X_OK) on a 0644 file still fails: no execute bit at all.
+    assert_startup_error(&out, "is not executable");
+}
+
+#[test]
+fn a_second_baton_on_the_same_control_socket_is_refused() {
+    let first = Baton::serving(&[], &[]);
+    let control = first.control.to_str().expect("utf-8").to_owned();
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        &control,
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "is in use by another running baton");
+    // The first one still answers.
+    let reply = support::get(first.port(), "/", support::LONG).expect("first baton serves");
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn control_commands_without_a_running_baton() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("nobody.sock");
+    let out = baton(&["reload", "--control", control.to_str().expect("utf-8")]);
+    assert_startup_error(&out, "no baton is running at");
+}

@@ -1,0 +1,630 @@
+//! Test harness: runs the real `baton` binary (with its embedded demo app as
+//! the service), reads its log lines as events, and cleans up after itself.
+//!
+//! Every wait here has a deadline and waits for an event (a log line, a pid's
+//! exit, a condition); no test sleeps and hopes.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A generous upper bound for anything that should take well under a second.
+pub const LONG: Duration = Duration::from_secs(30);
+
+/// The `baton` binary under test.
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+/// Lines of output, shared with the reader threads.
+#[derive(Default)]
+struct Lines {
+    all: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `baton run`.
+pub struct Baton {
+    child: Child,
+    lines: Arc<Lines>,
+    /// Per-test directory (control socket, reports, faults file).
+    pub dir: tempfile::TempDir,
+    /// The control socket.
+    pub control: PathBuf,
+    command: String,
+    exited: Option<ExitStatus>,
+}
+
+/// Builder for [`Baton`].
+pub struct BatonBuilder {
+    run_args: Vec<OsString>,
+    app: Vec<OsString>,
+    wrapper: Option<String>,
+    dir: tempfile::TempDir,
+}
+
+impl BatonBuilder {
+    /// Adds `baton run` options.
+    pub fn run_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.run_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds `baton demo-app` options (the default service).
+    pub fn app_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.app.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Replaces the whole service command.
+    pub fn command<I, S>(mut self, cmd: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.app = cmd.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Starts baton through `sh -c '<script>; exec "$@"'`, to change what it
+    /// inherits (e.g. `trap '' USR1`).
+    pub fn via_shell(mut self, script: &str) -> Self {
+        self.wrapper = Some(script.to_owned());
+        self
+    }
+
+    /// The per-test directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts baton.
+    pub fn start(self) -> Baton {
+        let control = self.dir.path().join("control.sock");
+        let mut argv: Vec<OsString> = vec![
+            exe().into(),
+            "run".into(),
+            "--control".into(),
+            control.clone().into(),
+        ];
+        argv.extend(self.run_args);
+        argv.push("--".into());
+        argv.extend(self.app);
+        let mut cmd = match &self.wrapper {
+            Some(script) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg(format!("{script}; exec \"$@\""))
+                    .arg("sh")
+                    .args(&argv);
+                c
+            }
+            None => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+        };
+        cmd.env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let command = format!("{cmd:?}");
+        let mut child = cmd.spawn().expect("spawning baton");
+        let lines = Arc::new(Lines::default());
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.all.lock().expect("lines").push(line);
+                sink.changed.notify_all();
+            }
+        });
+        Baton {
+            child,
+            lines,
+            dir: self.dir,
+            control,
+            command,
+            exited: None,
+        }
+    }
+}
+
+impl Baton {
+    /// A builder for `baton run --listen 127.0.0.1:0 … -- baton demo-app …`
+    /// with a fresh directory.
+    pub fn builder() -> BatonBuilder {
+        BatonBuilder {
+            run_args: Vec::new(),
+            app: vec![exe().into(), "demo-app".into()],
+            wrapper: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// baton on `127.0.0.1:0` with the demo app and these app options; waits
+    /// until generation 1 is ready.
+    pub fn serving(run_args: &[&str], app_args: &[&str]) -> Baton {
+        let b = Baton::builder()
+            .run_args(["--listen", "127.0.0.1:0"])
+            .run_args(run_args.iter().copied())
+            .app_args(app_args.iter().copied())
+            .start();
+        b.wait_for_event("ready", 1);
+        b
+    }
+
+    /// baton's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line baton (and the app) wrote to stderr so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.all.lock().expect("lines").clone()
+    }
+
+    /// The command, status and output, for failure messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "command: {}\nexit: {:?}\n--- stderr ---\n{}\n---",
+            self.command,
+            self.exited,
+            self.lines().join("\n")
+        )
+    }
+
+    /// Waits for a line matching `pred` (searching all lines so far), or
+    /// panics with a dump after `timeout`.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut all = self.lines.all.lock().expect("lines");
+        loop {
+            if let Some(line) = all.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(all);
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.dump()
+                );
+            }
+            all = self.lines.changed.wait_timeout(all, left).expect("lines").0;
+        }
+    }
+
+    /// Waits for the log event `event` (e.g. "ready") of generation `generation`.
+    pub fn wait_for_event(&self, event: &str, generation: u64) -> String {
+        let gen_field = format!("generation={generation}");
+        self.wait_for(
+            &format!("{event} {gen_field}"),
+            |l| is_event(l, event) && l.split_whitespace().any(|w| w == gen_field),
+            LONG,
+        )
+    }
+
+    /// Whether a line for `event` of `generation` was logged.
+    pub fn has_event(&self, event: &str, generation: u64) -> bool {
+        let gen_field = format!("generation={generation}");
+        self.lines()
+            .iter()
+            .any(|l| is_event(l, event) && l.split_whitespace().any(|w| w == gen_field))
+    }
+
+    /// How many `event` lines were logged.
+    pub fn count_events(&self, event: &str) -> usize {
+        self.lines().iter().filter(|l| is_event(l, event)).count()
+    }
+
+    /// The pid of generation `generation` (from its `spawn` line).
+    pub fn gen_pid(&self, generation: u64) -> u32 {
+        let line = self.wait_for_event("spawn", generation);
+        field(&line, "pid")
+            .and_then(|p| p.parse().ok())
+            .expect("spawn line has a pid")
+    }
+
+    /// The address of the `index`-th listener (from its `listening` line).
+    pub fn addr(&self, index: usize) -> String {
+        self.wait_for(
+            "listening",
+            |l| is_event(l, "listening") && l.contains(&format!("fd={}", 3 + index)),
+            LONG,
+        );
+        let line = self
+            .lines()
+            .into_iter()
+            .find(|l| is_event(l, "listening") && l.contains(&format!("fd={}", 3 + index)))
+            .expect("listening line");
+        field(&line, "addr").expect("addr").to_owned()
+    }
+
+    /// The TCP port of the first listener.
+    pub fn port(&self) -> u16 {
+        let addr: SocketAddr = self.addr(0).parse().expect("a TCP address");
+        addr.port()
+    }
+
+    /// Runs `baton <args> --control <this baton's socket>` to completion.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut all: Vec<OsString> = args.iter().map(OsString::from).collect();
+        all.push("--control".into());
+        all.push(self.control.clone().into());
+        run(&all, LONG)
+    }
+
+    /// Sends `signal` to baton.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        send(self.pid(), signal);
+    }
+
+    /// Waits for baton to exit, or panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("baton did not exit within {timeout:?}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The pids of every generation spawned so far.
+    pub fn spawned_pids(&self) -> Vec<u32> {
+        self.lines()
+            .iter()
+            .filter(|l| is_event(l, "spawn"))
+            .filter_map(|l| field(l, "pid")?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            send(self.pid(), rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Generations left behind (baton killed, or a test that failed
+        // midway): kill those that are still our demo apps.
+        for pid in self.spawned_pids() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("demo-app")
+                && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+            {
+                let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// Whether `line` is the log event `event` (the message right after the level).
+pub fn is_event(line: &str, event: &str) -> bool {
+    let mut words = line.split_whitespace();
+    // "<timestamp> <LEVEL> <event> ..." (warnings read "<event>: why").
+    words.nth(2).map(|w| w.trim_end_matches(':')) == Some(event)
+}
+
+/// The value of `name=` in a log line.
+pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key.as_str()))
+        .map(|v| v.trim_matches('"'))
+}
+
+/// Sends a signal; a process that is gone is fine.
+pub fn send(pid: u32, signal: rustix::process::Signal) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, signal);
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+pub fn pid_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Polls `cond` until it holds, or panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The output of a command run to completion.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `baton <args>` to completion (killing it after `timeout`).
+pub fn run(args: &[OsString], timeout: Duration) -> Output {
+    let mut child = Command::new(exe())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning baton");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let status = child.wait().expect("wait");
+            panic!("`baton {args:?}` did not finish within {timeout:?} ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        code: status.code(),
+        stdout: out_thread.join().expect("stdout thread"),
+        stderr: err_thread.join().expect("stderr thread"),
+    }
+}
+
+/// Runs `baton <args>` given as strings.
+pub fn baton(args: &[&str]) -> Output {
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    run(&args, LONG)
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub pid: Option<u32>,
+    pub generation: Option<u64>,
+    pub body: String,
+}
+
+/// `GET path` on a new connection to `127.0.0.1:port`, `Connection: close`.
+/// The error says what failed (connect refused, reset, empty reply, …).
+pub fn get(port: u16, path: &str, timeout: Duration) -> Result<Reply, String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Result<Reply, String> {
+    if raw.is_empty() {
+        return Err("empty reply".into());
+    }
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("truncated reply: {text:?}"))?;
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head:?}"))?;
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    Ok(Reply {
+        status,
+        pid: header("x-pid").and_then(|v| v.parse().ok()),
+        generation: header("x-baton-generation").and_then(|v| v.parse().ok()),
+        body: body.to_owned(),
+    })
+}
+
+/// Load from `clients` threads, each opening a new connection per request,
+/// until `stop` is set (bounded by `max_requests` per client and `max_time`).
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Pids that answered.
+    pub seen: Arc<Mutex<HashSet<u32>>>,
+    /// Every failure, described.
+    pub failures: Arc<Mutex<Vec<String>>>,
+    /// Requests that succeeded.
+    pub ok: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Load {
+    /// Starts the load.
+    pub fn start(port: u16, clients: usize, max_requests: u64, max_time: Duration) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let ok = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, seen, failures, ok) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&seen),
+                    Arc::clone(&failures),
+                    Arc::clone(&ok),
+                );
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed)
+                        && n < max_requests
+                        && started.elapsed() < max_time
+                    {
+                        n += 1;
+                        match get(port, "/", Duration::from_secs(10)) {
+                            Ok(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if let Some(pid) = r.pid {
+                                    seen.lock().expect("seen").insert(pid);
+                                }
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .expect("failures")
+                                .push(format!("status {}", r.status)),
+                            Err(e) => failures.lock().expect("failures").push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let _: &AtomicU64 = &ok;
+        Load {
+            stop,
+            threads,
+            seen,
+            failures,
+            ok,
+        }
+    }
+
+    /// Whether `pid` has answered yet.
+    pub fn has_seen(&self, pid: u32) -> bool {
+        self.seen.lock().expect("seen").contains(&pid)
+    }
+
+    /// Stops the load and waits for the clients.
+    pub fn finish(mut self) -> (u64, Vec<String>, HashSet<u32>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().expect("client thread");
+        }
+        let ok = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        let failures = self.failures.lock().expect("failures").clone();
+        let seen = self.seen.lock().expect("seen").clone();
+        (ok, failures, seen)
+    }
+}
+
+/// Open fds of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Zombie children of `parent`.
+pub fn zombies_of(parent: u32) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next();
+            let ppid: Option<u32> = f.next().and_then(|p| p.parse().ok());
+            state == Some("Z") && ppid == Some(parent)
+        })
+        .collect()
+}
+
+/// How many established TCP connections to local `port` process `pid` holds
+/// (its socket fds matched against `/proc/net/tcp`).
+pub fn established(pid: u32, port: u16) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: HashSet<String> = fds
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st ... uid timeout inode
+            cols.len() > 9
+                && cols[1].ends_with(&local)
+                && cols[3] == "01"
+                && inodes.contains(cols[9])
+        })
+        .count()
+}
