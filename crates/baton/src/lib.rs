@@ -28,9 +28,17 @@
 //! }
 //! ```
 //!
-//! The core depends on `std` and `rustix` only; `tokio` and `hyper` sit behind
-//! the features of the same names. Without a supervisor every call degrades
-//! gracefully: no sockets inherited, notifications are no-ops.
+//! The core depends on `std`, `rustix` (fds and sockets) and `libc` (only for
+//! the SIGTERM handler of the blocking [`shutdown::Shutdown`]); `tokio`,
+//! `hyper` and `axum` sit behind features of the same names. Without a
+//! supervisor every call degrades gracefully: no sockets inherited,
+//! notifications are no-ops.
+//!
+//! Feature `hyper` adds [`serve::serve`], feature `axum` adds
+//! `serve::serve_router`: HTTP/1.1 servers with a lame-duck drain that never
+//! closes a keep-alive connection under a busy client. [`shutdown::Hooks`]
+//! runs cleanup steps after the drain, last registered first, each bounded by
+//! the time left.
 
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

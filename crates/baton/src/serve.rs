@@ -156,6 +156,29 @@ where
     Ok(report)
 }
 
+/// Serves an axum `Router` with [`serve`]'s drain (feature `axum`).
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// use baton::serve::{AsyncListener, Drain, serve_router};
+///
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let shutdown = baton::shutdown::signal()?;
+/// serve_router([AsyncListener::from(listener)], app, async { shutdown.await; }, Drain::default()).await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "axum")]
+pub async fn serve_router(
+    listeners: impl IntoIterator<Item = AsyncListener>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+    drain: Drain,
+) -> io::Result<DrainReport> {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    serve(listeners, service, shutdown, drain).await
+}
+
 /// Accepts on one listener until draining starts, then waits for its
 /// connections to finish, up to the drain deadline.
 async fn accept_loop<S, B>(

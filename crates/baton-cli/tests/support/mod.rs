@@ -18,9 +18,31 @@ use std::time::{Duration, Instant};
 /// A generous upper bound for anything that should take well under a second.
 pub const LONG: Duration = Duration::from_secs(30);
 
-/// The `baton` binary under test.
+/// The `baton` binary under test. Tests of other workspace packages (the
+/// examples) find it next to their own binaries, building it if needed.
 pub fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_baton")
+    if let Some(exe) = option_env!("CARGO_BIN_EXE_baton") {
+        return exe;
+    }
+    static EXE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let me = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test> -> target/<profile>/baton
+        let exe = me
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps")
+            .join("baton");
+        if !exe.exists() {
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let status = Command::new(cargo)
+                .args(["build", "-p", "baton-cli", "--bin", "baton"])
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "cargo build -p baton-cli failed");
+        }
+        exe.to_string_lossy().into_owned()
+    })
 }
 
 /// Lines of output, shared with the reader threads.
@@ -627,4 +649,145 @@ pub fn established(pid: u32, port: u16) -> usize {
                 && inodes.contains(cols[9])
         })
         .count()
+}
+
+/// Keep-alive load: `clients` threads, each reusing one connection for as
+/// long as the server keeps it open (reconnecting after `Connection: close`),
+/// until `stop` is set or `max_time` passes.
+pub struct KeepAlive {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<ClientTally>>,
+    seen: Arc<Mutex<HashSet<u32>>>,
+}
+
+/// What one keep-alive client saw.
+#[derive(Debug, Default, Clone)]
+pub struct ClientTally {
+    pub ok: u64,
+    pub connections: u64,
+    pub failures: Vec<String>,
+}
+
+impl KeepAlive {
+    pub fn start(port: u16, clients: usize, max_time: Duration) -> KeepAlive {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let started = Instant::now();
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, seen) = (Arc::clone(&stop), Arc::clone(&seen));
+                std::thread::spawn(move || {
+                    let mut tally = ClientTally::default();
+                    let mut conn: Option<BufReader<TcpStream>> = None;
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < max_time {
+                        let reused = conn.is_some();
+                        if conn.is_none() {
+                            match TcpStream::connect(("127.0.0.1", port)) {
+                                Ok(s) => {
+                                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                                    let _ = s.set_nodelay(true);
+                                    tally.connections += 1;
+                                    conn = Some(BufReader::new(s));
+                                }
+                                Err(e) => {
+                                    tally.failures.push(format!("connect: {e}"));
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some(reader) = conn.as_mut() else {
+                            continue;
+                        };
+                        match keep_alive_request(reader) {
+                            Ok((pid, close)) => {
+                                tally.ok += 1;
+                                if let Some(pid) = pid {
+                                    seen.lock().expect("seen").insert(pid);
+                                }
+                                if close {
+                                    conn = None;
+                                }
+                            }
+                            Err(e) => {
+                                let on = if reused { "reused" } else { "new" };
+                                tally.failures.push(format!("{e} (on a {on} connection)"));
+                                conn = None;
+                            }
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        KeepAlive {
+            stop,
+            threads,
+            seen,
+        }
+    }
+
+    /// Whether `pid` has answered yet.
+    pub fn has_seen(&self, pid: u32) -> bool {
+        self.seen.lock().expect("seen").contains(&pid)
+    }
+
+    /// Stops the clients and sums up what they saw.
+    pub fn finish(mut self) -> ClientTally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = ClientTally::default();
+        for t in self.threads.drain(..) {
+            let tally = t.join().expect("client thread");
+            total.ok += tally.ok;
+            total.connections += tally.connections;
+            total.failures.extend(tally.failures);
+        }
+        total
+    }
+}
+
+/// One `GET /` on an open connection: the responder's pid, and whether the
+/// server said `Connection: close`.
+fn keep_alive_request(reader: &mut BufReader<TcpStream>) -> Result<(Option<u32>, bool), String> {
+    reader
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut status = String::new();
+    match reader.read_line(&mut status) {
+        Ok(0) => return Err("empty reply".into()),
+        Ok(_) => {}
+        Err(e) => return Err(format!("read: {e}")),
+    }
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {status:?}"));
+    }
+    let (mut length, mut pid, mut close) = (0usize, None, false);
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                length = value.parse().map_err(|_| "bad content-length".to_owned())?
+            }
+            "x-pid" => pid = value.parse().ok(),
+            "connection" => close = value.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    Ok((pid, close))
 }

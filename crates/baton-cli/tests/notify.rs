@@ -1,0 +1,52 @@
+//! Readiness through the real `systemd-notify`, and whose notifications
+//! count (`--notify-access`).
+
+mod support;
+
+use support::{Baton, LONG};
+
+#[test]
+fn systemd_notify_run_by_the_app_marks_its_generation_ready() {
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command([
+            "/bin/sh",
+            "-c",
+            "systemd-notify --ready --status='warmed up' && exec sleep 600",
+        ])
+        .start();
+    let ready = b.wait_for_event("ready", 1);
+    assert!(ready.contains(&format!("pid={}", b.gen_pid(1))), "{ready}");
+    let status = b.wait_for_event("status", 1);
+    assert!(status.contains("warmed up"), "{status}");
+}
+
+#[test]
+fn with_notify_access_main_only_the_main_process_counts() {
+    // The main process (sh) never notifies; its child, the demo app, does,
+    // from its own pid. Under `--notify-access main` that is not enough.
+    let script = format!(
+        "{} demo-app --listen 127.0.0.1:0 & exec sleep 600",
+        support::exe()
+    );
+    let mut b = Baton::builder()
+        .run_args([
+            "--listen",
+            "127.0.0.1:0",
+            "--notify-access",
+            "main",
+            "--ready-timeout",
+            "2s",
+        ])
+        .command(["/bin/sh", "-c", &script])
+        .start();
+    b.wait_for(
+        "the notification ignored",
+        |l| l.contains("ignoring a notification"),
+        LONG,
+    );
+    b.wait_for_event("rollback", 1);
+    // The first generation never became ready: baton gives up with code 1.
+    assert_eq!(b.wait_exit(LONG).code(), Some(1), "{}", b.dump());
+    assert!(!b.has_event("ready", 1));
+}

@@ -1,0 +1,151 @@
+//! The axum example against real peers: standalone, under
+//! `systemd-socket-activate`, and under baton with busy keep-alive clients
+//! across reloads.
+
+#[path = "../../../crates/baton-cli/tests/support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{Baton, KeepAlive, LONG, get, wait_until};
+
+const APP: &str = env!("CARGO_BIN_EXE_axum-hello");
+
+/// Kills the child on drop, so a failed test leaves nothing behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the child's stderr until a line contains `needle`; returns it.
+fn wait_line(child: &mut Child, needle: &str) -> String {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn standalone_it_binds_its_own_port() {
+    let mut app = Guard(
+        Command::new(APP)
+            .args(["--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let line = wait_line(&mut app.0, "listening on");
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let reply = get(port, "/", LONG).expect("answers");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.pid, Some(app.0.id()));
+    assert_eq!(reply.generation, Some(0), "no supervisor, no generation");
+}
+
+#[test]
+fn under_systemd_socket_activate_it_serves_on_the_activated_socket() {
+    // A port for systemd-socket-activate to bind (it takes no port 0).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut activator = Guard(
+        Command::new("systemd-socket-activate")
+            .args(["-l", &addr, "--fdname=http", APP, "--listen", "127.0.0.1:1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("systemd-socket-activate (Debian package systemd) is needed"),
+    );
+    wait_line(&mut activator.0, "Listening on");
+    // The first connection makes it exec the app, which must take fd 3: its
+    // own fallback address (port 1) would not even bind.
+    let reply = get(port, "/", LONG).expect("served on the activated socket");
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.pid,
+        Some(activator.0.id()),
+        "LISTEN_PID is the exec'd app"
+    );
+}
+
+#[test]
+fn busy_keep_alive_clients_lose_nothing_across_reloads() {
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command([APP, "--startup", "50ms"])
+        .start();
+    b.wait_for_event("ready", 1);
+    let port = b.port();
+    let load = KeepAlive::start(port, 8, Duration::from_secs(120));
+    wait_until("generation 1 answered", LONG, || {
+        load.has_seen(b.gen_pid(1))
+    });
+    for generation in 2..=11 {
+        let out = b.ctl(&["reload"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+        let pid = b.gen_pid(generation);
+        wait_until(&format!("generation {generation} answered"), LONG, || {
+            load.has_seen(pid)
+        });
+    }
+    let tally = load.finish();
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        tally.failures.len(),
+        tally.ok + tally.failures.len() as u64,
+        &tally.failures[..tally.failures.len().min(10)]
+    );
+    assert!(
+        tally.connections > 8,
+        "clients reconnected after Connection: close"
+    );
+    eprintln!(
+        "{} keep-alive requests on {} connections across 10 reloads, none failed",
+        tally.ok, tally.connections
+    );
+}
+
+#[test]
+fn a_slow_request_finishes_during_the_drain() {
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command([APP])
+        .start();
+    b.wait_for_event("ready", 1);
+    let port = b.port();
+    let old = b.gen_pid(1);
+    let slow = std::thread::spawn(move || get(port, "/slow?ms=1500", LONG));
+    wait_until("the request reached generation 1", LONG, || {
+        support::established(old, port) > 0
+    });
+    assert_eq!(b.ctl(&["reload"]).code, Some(0));
+    let reply = slow.join().expect("thread").expect("completes");
+    assert_eq!((reply.status, reply.pid), (200, Some(old)));
+    b.wait_for_event("exit", 1);
+}
