@@ -50,3 +50,43 @@ fn with_notify_access_main_only_the_main_process_counts() {
     assert_eq!(b.wait_exit(LONG).code(), Some(1), "{}", b.dump());
     assert!(!b.has_event("ready", 1));
 }
+
+#[test]
+fn another_user_cannot_mark_a_generation_ready() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to send as another user");
+        return;
+    }
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .app_args(["--never-ready"])
+        .start();
+    let pid = b.gen_pid(1);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let socket = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("NOTIFY_SOCKET="))
+        .expect("NOTIFY_SOCKET in the app's environment")
+        .to_owned();
+    // nobody finds the abstract socket and claims readiness.
+    let status = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "systemd-notify",
+            "--ready",
+        ])
+        .env("NOTIFY_SOCKET", &socket)
+        .status()
+        .expect("setpriv (util-linux)");
+    assert!(status.success());
+    let line = b.wait_for(
+        "the notification refused",
+        |l| l.contains("from another user"),
+        LONG,
+    );
+    assert!(line.contains("sender_uid=65534"), "{line}");
+    assert!(!b.has_event("ready", 1));
+}

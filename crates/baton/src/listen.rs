@@ -123,7 +123,17 @@ impl Listeners {
         let mut names = Vec::with_capacity(wanted.len());
         for (raw, name) in wanted {
             names.push(name.clone());
-            slots.push(Some(adopt(raw, name)?));
+            match adopt(raw, name) {
+                Ok(inherited) => slots.push(Some(inherited)),
+                Err(e) => {
+                    // Leave every inherited fd open, as found: the caller
+                    // reports the error and decides.
+                    for inherited in slots.into_iter().flatten() {
+                        std::mem::forget(inherited.fd);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(Listeners { slots, names })
     }

@@ -14,9 +14,12 @@
 //!    stayed idle for [`Drain::idle_grace`].
 //! 4. At [`Drain::deadline`] whatever is left is cut.
 //!
-//! Invariant: a connection is closed by the server only (a) after a response
-//! that said `Connection: close`, (b) after `idle_grace` without a request, or
-//! (c) at the deadline.
+//! Invariant: once draining, a connection is closed by the server only (a)
+//! after a response that said `Connection: close`, (b) after `idle_grace`
+//! without a request (counted from the start of the drain at the earliest),
+//! or (c) at the deadline. A client that stalls halfway through a request is
+//! bounded by the deadline. Upgraded connections (WebSocket) leave hyper at
+//! the upgrade: they are the app's to close, and end when the process exits.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -44,7 +47,10 @@ pub struct Drain {
     /// How long a connection with no request in flight is kept open after
     /// shutdown began, in case its client is about to send one.
     pub idle_grace: Duration,
-    /// How long the whole drain may take; connections still open then are cut.
+    /// How long the whole drain may take; connections still open then are
+    /// cut. Keep it below the supervisor's stop timeout (baton's and
+    /// systemd's default: 30 s), so that the app exits on its own, shutdown
+    /// hooks included, before it is killed.
     pub deadline: Duration,
 }
 
@@ -52,7 +58,7 @@ impl Default for Drain {
     fn default() -> Self {
         Drain {
             idle_grace: Duration::from_millis(500),
-            deadline: Duration::from_secs(30),
+            deadline: Duration::from_secs(20),
         }
     }
 }
@@ -286,6 +292,9 @@ async fn connection<I, S, B>(
         _ = conn.as_mut() => return,
         () = drained(&mut draining) => {}
     }
+    // Every connection gets the full grace from the start of the drain, even
+    // one that was idle long before.
+    activity.touch();
     loop {
         let wait = match activity.idle_for() {
             Some(idle) if idle >= idle_grace => {

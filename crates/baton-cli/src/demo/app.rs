@@ -194,14 +194,11 @@ pub fn run(args: AppArgs) -> anyhow::Result<ExitCode> {
     let mut report = Report::collect();
     let faults = args.faults.clone().with_file(args.faults_file.as_deref())?;
     // Before any thread starts (see `baton::Listeners::from_env`).
-    let mut inherited = baton::listeners().context("taking inherited sockets")?;
-    let listeners = if inherited.is_empty() {
-        let l =
-            TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
-        vec![Listener::Tcp(l)]
-    } else {
-        inherited.take_all().context("taking inherited sockets")?
-    };
+    // With nothing inherited, `serve` binds `--listen` itself, after the
+    // startup delay, as a plain app binds once it has initialized.
+    let listeners = baton::listeners()
+        .and_then(|mut l| l.take_all())
+        .context("taking inherited sockets")?;
     report.listeners = listeners.iter().map(Listener::describe).collect();
     report.listen_vars_left = std::env::var_os(vars::LISTEN_PID).is_some();
     if let Some(path) = &args.report {
@@ -240,6 +237,14 @@ async fn serve(
     if let Some(code) = faults.exit_before_ready {
         return Ok(ExitCode::from(code));
     }
+    let listeners = if listeners.is_empty() {
+        let l =
+            TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+        eprintln!("demo-app: listening on {}", l.local_addr()?);
+        vec![Listener::Tcp(l)]
+    } else {
+        listeners
+    };
     let listeners = listeners
         .into_iter()
         .map(AsyncListener::from_listener)

@@ -254,6 +254,19 @@ impl Guardian {
             return;
         };
         let fields = Fields::parse(&datagram.text);
+        // Anyone on the machine can find an abstract socket: only the app's
+        // own user (or root) may speak for a generation.
+        let app_uid = rustix::process::geteuid().as_raw();
+        if !matches!(datagram.uid, Some(uid) if uid == app_uid || uid == 0) {
+            warn!(
+                generation,
+                sender = datagram.pid,
+                sender_uid = datagram.uid,
+                app_uid,
+                "ignoring a notification from another user"
+            );
+            return;
+        }
         let from_main = datagram.pid == Some(live.pid);
         if self.cfg.notify_access == NotifyAccess::Main && !from_main {
             warn!(

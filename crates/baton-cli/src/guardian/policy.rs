@@ -432,7 +432,9 @@ impl<W> Policy<W> {
         }];
 
         if let Some(stopping) = &mut self.stopping {
-            if stopping.serving == Some(id) {
+            // The serving generation's status becomes baton's; with none
+            // serving, the status of the last one to exit.
+            if stopping.serving == Some(id) || stopping.serving.is_none() {
                 stopping.status = Some(status);
             }
             info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
@@ -1107,6 +1109,17 @@ mod tests {
                 .any(|a| matches!(a, Action::Exit { .. }))
         );
         let a = p.exited(t0 + 4 * MS, 1, ExitStatus::Signaled(15));
+        assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_stop_during_the_first_start_exits_with_that_generations_status() {
+        let t0 = Instant::now();
+        let mut p = P::new(cfg());
+        p.start(t0);
+        p.spawned(1, 100);
+        p.stop(t0 + MS, "SIGINT");
+        let a = p.exited(t0 + 2 * MS, 1, ExitStatus::Signaled(15));
         assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
     }
 

@@ -5,7 +5,9 @@
 //! directory permissions to get wrong when the app runs as another user, and
 //! the generation a message is about is known from the socket it arrives on.
 //! `SO_PASSCRED` makes the kernel attach the sender's credentials to every
-//! datagram, so baton also knows which process sent it.
+//! datagram, so baton also knows which process (and user) sent it. Abstract
+//! sockets have no permissions and their names are visible in
+//! `/proc/net/unix`, so the guardian must check those credentials.
 
 use std::io::{self, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -31,6 +33,8 @@ pub struct NotifySocket {
 pub struct Datagram {
     /// The sender's pid, from `SCM_CREDENTIALS`.
     pub pid: Option<i32>,
+    /// The sender's uid, from `SCM_CREDENTIALS`.
+    pub uid: Option<u32>,
     /// The payload, as text.
     pub text: String,
 }
@@ -81,11 +85,12 @@ fn recv_one(socket: &tokio::net::UnixDatagram, buf: &mut [u8]) -> io::Result<Opt
         &mut control,
         RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
     )?;
-    let mut pid = None;
+    let (mut pid, mut uid) = (None, None);
     for message in control.drain() {
         match message {
             RecvAncillaryMessage::ScmCredentials(cred) => {
-                pid = Some(cred.pid.as_raw_nonzero().get())
+                pid = Some(cred.pid.as_raw_nonzero().get());
+                uid = Some(cred.uid.as_raw());
             }
             // Dropping the fds closes them.
             RecvAncillaryMessage::ScmRights(fds) => fds.for_each(drop),
@@ -96,7 +101,7 @@ fn recv_one(socket: &tokio::net::UnixDatagram, buf: &mut [u8]) -> io::Result<Opt
         return Ok(None);
     }
     let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
-    Ok(Some(Datagram { pid, text }))
+    Ok(Some(Datagram { pid, uid, text }))
 }
 
 /// The fields of a notification that baton acts on.
@@ -161,6 +166,7 @@ mod tests {
             .expect("send");
         let got = socket.recv().await.expect("recv");
         assert_eq!(got.pid, Some(std::process::id() as i32));
+        assert_eq!(got.uid, Some(rustix::process::geteuid().as_raw()));
         assert_eq!(got.text, "READY=1\nSTATUS=hi");
     }
 }

@@ -14,7 +14,9 @@
 //!    signalled at once and a terminal's Ctrl-C reaches only baton;
 //! 2. `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the app is asked to stop
 //!    rather than left holding the ports;
-//! 3. every signal disposition back to default and an empty signal mask, so
+//! 3. every signal disposition back to default, then an empty signal mask
+//!    (the parent blocks all signals across `fork`, so none can run baton's
+//!    handlers in the child before the reset), so
 //!    nothing baton set (the Rust runtime ignores SIGPIPE) or inherited
 //!    (an ignored SIGHUP from `nohup`) leaks into the app;
 //! 4. the listeners are dup'ed to fds 3, 4, … (which clears close-on-exec on
@@ -96,12 +98,14 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
 
     let mut pid_slot = [0u8; PID_SLOT];
     pid_slot[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+    // One pointer for both the environment entry and the child's write.
+    let pid_slot_ptr = pid_slot.as_mut_ptr();
 
     let mut argv: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(ptr::null());
     let mut envp: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
     if cmd.listen_pid {
-        envp.push(pid_slot.as_ptr().cast());
+        envp.push(pid_slot_ptr.cast_const().cast());
     }
     envp.push(ptr::null());
 
@@ -121,7 +125,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         envp: envp.as_ptr(),
         pid_digits: if cmd.listen_pid {
             // SAFETY: PID_PREFIX.len() < PID_SLOT, so the offset is in bounds.
-            unsafe { pid_slot.as_mut_ptr().add(PID_PREFIX.len()) }
+            unsafe { pid_slot_ptr.add(PID_PREFIX.len()) }
         } else {
             ptr::null_mut()
         },
@@ -132,18 +136,37 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         parent,
     };
 
+    // Block every signal across the fork (as posix_spawn does): until the
+    // child has reset its dispositions, a signal would otherwise run baton's
+    // handlers in the child and be lost. The child unblocks after the reset,
+    // so anything pending then gets the default action.
+    let mut old_mask = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigfillset` initializes `all`; `pthread_sigmask` reads `all`
+    // and writes the previous mask into `old_mask`, both valid for writes.
+    let blocked = unsafe {
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old_mask.as_mut_ptr())
+    };
+    if blocked != 0 {
+        return Err(io::Error::from_raw_os_error(blocked));
+    }
+
     // SAFETY: `fork` is sound here because the child only runs
     // `Child::exec`, which calls async-signal-safe functions on memory
     // prepared above and never returns (it execs or `_exit`s). The guardian
     // runs on a single-threaded runtime, so no lock can be held by another
     // thread at the time of the fork either.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if pid == 0 {
         // SAFETY: we are the freshly forked child (see above).
         unsafe { child.exec() }
+    }
+    let fork_error = io::Error::last_os_error();
+    // SAFETY: `old_mask` was initialized by the successful call above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old_mask.as_ptr(), ptr::null_mut()) };
+    if pid < 0 {
+        return Err(fork_error);
     }
 
     drop(report_tx_high);
@@ -208,15 +231,22 @@ impl Child<'_> {
             // kernel `struct sigaction` (at most 32 bytes on Linux) is
             // SIG_DFL with no flags and an empty mask.
             let default = [0u64; 4];
+            let mut libc_default: libc::sigaction = std::mem::zeroed();
+            libc_default.sa_sigaction = libc::SIG_DFL;
             for sig in 1..NSIG {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::syscall(
+                    let rc = libc::syscall(
                         libc::SYS_rt_sigaction,
                         sig,
                         default.as_ptr(),
                         ptr::null_mut::<u64>(),
                         KERNEL_SIGSET_BYTES,
                     );
+                    if rc != 0 {
+                        // An architecture with a larger kernel sigset: libc's
+                        // wrapper still resets everything but 32 and 33.
+                        libc::sigaction(sig, &libc_default, ptr::null_mut());
+                    }
                 }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();
