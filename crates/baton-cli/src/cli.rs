@@ -42,6 +42,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Stop a running service gracefully.
     Stop(ControlArgs),
+    /// Load a service while reloading it; count every failed request.
+    Bench(crate::bench::BenchArgs),
+    /// Hot reload against cold restart, side by side, on the embedded app.
+    Demo(crate::demo::DemoArgs),
     /// The embedded demo and test app (an HTTP server built on the baton
     /// library).
     #[command(name = "demo-app", hide = true)]

@@ -2,6 +2,7 @@
 //! and restarts it without dropping a request. See the README for the
 //! architecture; `guardian` holds the theory of operation.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -42,6 +43,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 other => unexpected(other),
             }
         }
+        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::app::run(args),
     }
 }
