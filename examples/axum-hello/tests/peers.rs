@@ -132,7 +132,7 @@ fn busy_keep_alive_clients_lose_nothing_across_reloads() {
 }
 
 #[test]
-fn a_slow_request_finishes_during_the_drain() {
+fn a_slow_request_finishes_during_the_drain_and_the_old_generation_exits_after_it() {
     let b = Baton::builder()
         .run_args(["--listen", "127.0.0.1:0"])
         .command([APP])
@@ -140,12 +140,20 @@ fn a_slow_request_finishes_during_the_drain() {
     b.wait_for_event("ready", 1);
     let port = b.port();
     let old = b.gen_pid(1);
-    let slow = std::thread::spawn(move || get(port, "/slow?ms=1500", LONG));
+    let slow = std::thread::spawn(move || get(port, "/slow?ms=2000", LONG));
     wait_until("the request reached generation 1", LONG, || {
         support::established(old, port) > 0
     });
     assert_eq!(b.ctl(&["reload"]).code, Some(0));
     let reply = slow.join().expect("thread").expect("completes");
     assert_eq!((reply.status, reply.pid), (200, Some(old)));
-    b.wait_for_event("exit", 1);
+    // The old generation drained that request, then exited on its own: well
+    // before its 20 s drain deadline and baton's 30 s stop timeout.
+    let exit = b.wait_for_event("exit", 1);
+    assert!(exit.contains("status 0"), "{exit}");
+    let drain_ms: u64 = support::field(&exit, "drain_ms")
+        .and_then(|v| v.parse().ok())
+        .expect("drain_ms");
+    assert!(drain_ms < 20_000, "{exit}");
+    assert!(!b.has_event("kill", 1));
 }

@@ -343,7 +343,9 @@ pub fn table(rows: &[Row], args: &DemoArgs) -> String {
     }
     let _ = writeln!(
         out,
-        "\nfailed: requests refused, reset, closed unanswered, timed out (2 s) or not 2xx.\n\
+        "\nfailed: requests refused, reset, closed unanswered, timed out (2 s) or not 2xx;\n\
+         clients retry at once, so an outage counts many quick refusals (the failed %\n\
+         depends on that, the unavailable span does not).\n\
          unavailable: first to last failed request after a restart (0 when none failed).\n\
          p99 restart windows: latency of successful requests in the 2 s after each restart.\n\
          handover: restart to the first answer from the new process; under baton the old\n\
