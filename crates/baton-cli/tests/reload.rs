@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Baton, LONG, Load, established, get, wait_until};
+use support::{Baton, LONG, Load, get, wait_until};
 
 /// The pid in `baton reload`'s answer.
 fn reloaded_pid(out: &support::Output) -> u32 {
@@ -71,10 +71,13 @@ fn a_request_in_flight_during_a_reload_completes() {
     let port = b.port();
     let old = b.gen_pid(1);
     let slow = std::thread::spawn(move || get(port, "/slow?ms=1500", LONG));
-    // Wait until the old generation has accepted the request's connection.
-    wait_until("the old generation accepted the slow request", LONG, || {
-        established(old, port) > 0
-    });
+    // Wait until the old generation has the request.
+    let started = format!("pid {old} started a 1500 ms request");
+    b.wait_for(
+        "the slow request to reach generation 1",
+        |l| l.contains(&started),
+        LONG,
+    );
     let out = b.ctl(&["reload"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     let reply = slow

@@ -113,6 +113,10 @@ async fn slow(uri: Uri) -> impl IntoResponse {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(1000)
         .min(600_000);
+    eprintln!(
+        "axum-hello: pid {} started a {ms} ms request",
+        std::process::id()
+    );
     tokio::time::sleep(Duration::from_millis(ms)).await;
     stamped(format!("slept {ms} ms\n"))
 }

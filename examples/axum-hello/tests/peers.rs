@@ -141,9 +141,12 @@ fn a_slow_request_finishes_during_the_drain_and_the_old_generation_exits_after_i
     let port = b.port();
     let old = b.gen_pid(1);
     let slow = std::thread::spawn(move || get(port, "/slow?ms=2000", LONG));
-    wait_until("the request reached generation 1", LONG, || {
-        support::established(old, port) > 0
-    });
+    let started = format!("pid {old} started a 2000 ms request");
+    b.wait_for(
+        "the slow request to reach generation 1",
+        |l| l.contains(&started),
+        LONG,
+    );
     assert_eq!(b.ctl(&["reload"]).code, Some(0));
     let reply = slow.join().expect("thread").expect("completes");
     assert_eq!((reply.status, reply.pid), (200, Some(old)));

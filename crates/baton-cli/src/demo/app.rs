@@ -305,6 +305,8 @@ impl App {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(1000)
                     .min(600_000);
+                // Tests wait for this line to know the request arrived.
+                eprintln!("demo-app: pid {} started a {ms} ms request", self.pid);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 format!(
                     "slept {ms} ms in generation {} (pid {})\n",

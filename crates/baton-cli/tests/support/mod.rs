@@ -621,36 +621,6 @@ pub fn zombies_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-/// How many established TCP connections to local `port` process `pid` holds
-/// (its socket fds matched against `/proc/net/tcp`).
-pub fn established(pid: u32, port: u16) -> usize {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
-    let inodes: HashSet<String> = fds
-        .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|t| {
-            let t = t.to_string_lossy().into_owned();
-            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-        })
-        .collect();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let local = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st ... uid timeout inode
-            cols.len() > 9
-                && cols[1].ends_with(&local)
-                && cols[3] == "01"
-                && inodes.contains(cols[9])
-        })
-        .count()
-}
-
 /// Keep-alive load: `clients` threads, each reusing one connection for as
 /// long as the server keeps it open (reconnecting after `Connection: close`),
 /// until `stop` is set or `max_time` passes.
