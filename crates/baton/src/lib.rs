@@ -28,9 +28,9 @@
 //! }
 //! ```
 //!
-//! The core depends on `std`, `rustix` (fds and sockets) and `libc` (only for
-//! the SIGTERM handler of the blocking [`shutdown::Shutdown`]); `tokio`,
-//! `hyper` and `axum` sit behind features of the same names. Without a
+//! The core depends on `std` and `libc` only (all `unsafe` code is in one
+//! private module); `tokio`, `hyper` and `axum` sit behind features of the
+//! same names. Without a
 //! supervisor every call degrades gracefully: no sockets inherited,
 //! notifications are no-ops.
 //!
@@ -49,6 +49,7 @@ pub mod notify;
 #[cfg(feature = "hyper")]
 pub mod serve;
 pub mod shutdown;
+mod sys;
 pub mod vars;
 
 pub use error::Error;

@@ -18,12 +18,8 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::FileType;
-use rustix::io::FdFlags;
-use rustix::net::{AddressFamily, SocketType};
-
 use crate::error::Error;
-use crate::vars;
+use crate::{sys, vars};
 
 /// Set once this process has taken ownership of its inherited fds.
 static TAKEN: AtomicBool = AtomicBool::new(false);
@@ -293,11 +289,7 @@ pub(crate) fn parse_env(
 /// Takes ownership of inherited fd `raw` after checking that it is an open
 /// socket, and marks it close-on-exec.
 fn adopt(raw: RawFd, name: String) -> Result<Inherited, Error> {
-    // SAFETY: `fcntl(F_GETFD)` on a number that may not be an open fd is
-    // harmless (the kernel answers EBADF), and the borrow does not outlive
-    // this expression.
-    let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(raw) }).is_ok();
-    if !open {
+    if !sys::fd_is_open(raw) {
         return Err(Error::NotOpen { fd: raw, name });
     }
     // SAFETY: `raw` is open (checked above), and the socket-activation
@@ -305,13 +297,14 @@ fn adopt(raw: RawFd, name: String) -> Result<Inherited, Error> {
     // `parse_env`); the `TAKEN` flag makes sure this happens once per process,
     // so no other `OwnedFd` owns the same number.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let stat = rustix::fs::fstat(&fd).map_err(|e| Error::io(format!("fstat of fd {raw}"), e))?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+    let socket =
+        sys::is_socket(fd.as_fd()).map_err(|e| Error::io(format!("fstat of fd {raw}"), e))?;
+    if !socket {
         // Keep the fd open: it is not ours to close if it is something else.
         std::mem::forget(fd);
         return Err(Error::NotASocket { fd: raw, name });
     }
-    rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC)
+    sys::set_cloexec(fd.as_fd())
         .map_err(|e| Error::io(format!("setting FD_CLOEXEC on fd {raw}"), e))?;
     Ok(Inherited { fd, raw, name })
 }
@@ -319,10 +312,12 @@ fn adopt(raw: RawFd, name: String) -> Result<Inherited, Error> {
 /// Turns an inherited socket into a std listener of the matching kind.
 fn convert(inherited: Inherited) -> Result<Listener, Error> {
     let Inherited { fd, raw, name } = inherited;
-    let stream = rustix::net::sockopt::socket_type(&fd)
-        .map_err(|e| Error::io(format!("reading SO_TYPE of fd {raw}"), e))?
-        == SocketType::STREAM;
-    let listening = rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false);
+    let option = |option, what: &str| {
+        sys::socket_option(fd.as_fd(), option)
+            .map_err(|e| Error::io(format!("reading {what} of fd {raw}"), e))
+    };
+    let stream = option(libc::SO_TYPE, "SO_TYPE")? == libc::SOCK_STREAM;
+    let listening = option(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN").unwrap_or(0) != 0;
     if !stream || !listening {
         return Err(Error::WrongKind {
             fd: raw,
@@ -330,11 +325,9 @@ fn convert(inherited: Inherited) -> Result<Listener, Error> {
             wanted: "listening stream socket",
         });
     }
-    let family = rustix::net::sockopt::socket_domain(&fd)
-        .map_err(|e| Error::io(format!("reading SO_DOMAIN of fd {raw}"), e))?;
-    match family {
-        AddressFamily::INET | AddressFamily::INET6 => Ok(Listener::Tcp(TcpListener::from(fd))),
-        AddressFamily::UNIX => Ok(Listener::Unix(UnixListener::from(fd))),
+    match option(libc::SO_DOMAIN, "SO_DOMAIN")? {
+        libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(TcpListener::from(fd))),
+        libc::AF_UNIX => Ok(Listener::Unix(UnixListener::from(fd))),
         _ => Err(Error::WrongKind {
             fd: raw,
             name,

@@ -16,15 +16,13 @@
 //! the deadline, so that one stuck step cannot hold the exit hostage.
 
 use std::fmt;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rustix::pipe::PipeFlags;
-
 use crate::error::Error;
+use crate::sys;
 
 /// Which shutdown signal arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,19 +51,11 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 /// The signal handler: records the signal and wakes the waiter. Only
 /// async-signal-safe operations: atomics and `write(2)`.
 extern "C" fn on_signal(sig: libc::c_int) {
-    // SAFETY: reading and restoring errno through libc's thread-local
-    // accessor is async-signal-safe; `write` may clobber errno otherwise.
-    let errno = unsafe { *libc::__errno_location() };
     let _ = RECEIVED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
-        let byte = [1u8];
-        // SAFETY: `write` is async-signal-safe; `fd` is the pipe's write end,
-        // which stays open for the life of the process once installed.
-        unsafe { libc::write(fd, byte.as_ptr().cast(), 1) };
+        sys::signal_safe_write(fd, &[1]);
     }
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
 }
 
 /// Blocking shutdown notification for apps without an async runtime.
@@ -77,8 +67,7 @@ pub struct Shutdown {
 impl Shutdown {
     /// Installs SIGTERM and SIGINT handlers. Call once, early in `main`.
     pub fn install() -> Result<Shutdown, Error> {
-        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
-            .map_err(|e| Error::io("creating the shutdown pipe", e))?;
+        let (read, write) = sys::pipe().map_err(|e| Error::io("creating the shutdown pipe", e))?;
         // The write end lives as long as the process: the handler may fire
         // at any time.
         let previous = WAKE_FD.swap(write.as_raw_fd(), Ordering::SeqCst);
@@ -87,25 +76,11 @@ impl Shutdown {
             // SAFETY: `previous` is a write end forgotten by an earlier
             // `install`; nothing else owns it, and the handler now uses the
             // new one.
-            unsafe { libc::close(previous) };
+            unsafe { sys::close_raw(previous) };
         }
         for sig in [libc::SIGTERM, libc::SIGINT] {
-            // SAFETY: `sigaction` with a zeroed struct plus a handler that is
-            // an `extern "C" fn(c_int)` (only async-signal-safe calls inside),
-            // an empty mask and SA_RESTART is a valid disposition.
-            let rc = unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(sig, &action, std::ptr::null_mut())
-            };
-            if rc != 0 {
-                return Err(Error::io(
-                    "installing a signal handler",
-                    io::Error::last_os_error(),
-                ));
-            }
+            sys::set_handler(sig, on_signal)
+                .map_err(|e| Error::io("installing a signal handler", e))?;
         }
         Ok(Shutdown { wake: read })
     }
@@ -126,14 +101,9 @@ impl Shutdown {
             if let Some(signal) = self.requested() {
                 return signal;
             }
-            let mut fds = [rustix::event::PollFd::new(
-                &self.wake,
-                rustix::event::PollFlags::IN,
-            )];
             // Errors (EINTR) just loop; the flag is checked first anyway.
-            let _ = rustix::event::poll(&mut fds, None);
-            let mut buf = [0u8; 16];
-            let _ = rustix::io::read(&self.wake, &mut buf);
+            let _ = sys::wait_readable(self.wake.as_fd());
+            sys::drain(self.wake.as_fd());
         }
     }
 }
