@@ -55,6 +55,11 @@ enum Event {
     DelayElapsed(u64),
     /// Time to run (again) the `--ready exec:` check of a generation.
     RunCheck(u64),
+    /// A ready generation listens on these TCP addresses by itself.
+    SelfBound {
+        generation: u64,
+        addrs: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// Who a child pid is.
@@ -70,6 +75,8 @@ struct Live {
     pid: i32,
     tasks: Vec<AbortHandle>,
     check: Option<i32>,
+    /// Ports it listens on by itself (not baton's sockets), once known.
+    self_bound: Vec<std::net::SocketAddr>,
 }
 
 impl Drop for Live {
@@ -109,7 +116,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let now = Instant::now();
+    let listener_inodes = std::sync::Arc::new(
+        cfg.listeners
+            .iter()
+            .filter_map(|l| sys::inspect::inode(&l.fd))
+            .collect(),
+    );
     let mut g = Guardian {
+        listener_inodes,
         policy: Policy::new(cfg.policy.clone()),
         cfg,
         pids: HashMap::new(),
@@ -180,6 +194,8 @@ impl Signals {
 }
 
 struct Guardian {
+    /// Inodes of baton's listening sockets.
+    listener_inodes: std::sync::Arc<std::collections::HashSet<u64>>,
     cfg: RunConfig,
     policy: Policy<Waiter>,
     pids: HashMap<i32, Owner>,
@@ -230,6 +246,15 @@ impl Guardian {
                 self.apply(actions);
             }
             Event::RunCheck(generation) => self.run_check(generation),
+            Event::SelfBound { generation, addrs } => {
+                if let Some(live) = self.live.get_mut(&generation) {
+                    let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    warn!(generation, pid = live.pid, addrs = %shown.join(","),
+                        "the app listens on its own port, not on the sockets baton passed: a new \
+                         generation will fail to bind it; use the inherited sockets (LISTEN_FDS) or proxy mode");
+                    live.self_bound = addrs;
+                }
+            }
         }
     }
 
@@ -324,7 +349,25 @@ impl Guardian {
                     }
                 }
                 Action::Report { waiters, outcome } => {
-                    let response = response(&outcome);
+                    let mut response = response(&outcome);
+                    match (&outcome, &mut response) {
+                        (
+                            Outcome::Reloaded {
+                                generation, pid, ..
+                            },
+                            _,
+                        ) => {
+                            self.inspect(*generation, *pid);
+                        }
+                        (_, Response::RolledBack { message, .. }) => {
+                            if let Some(hint) = self.self_bound_hint() {
+                                warn!("hint: {hint}");
+                                message.push_str("; ");
+                                message.push_str(&hint);
+                            }
+                        }
+                        _ => {}
+                    }
                     for waiter in waiters {
                         let _ = waiter.send(response.clone());
                     }
@@ -401,6 +444,7 @@ impl Guardian {
             pid,
             tasks: vec![reader.abort_handle()],
             check: None,
+            self_bound: Vec::new(),
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -421,6 +465,36 @@ impl Guardian {
         }
         self.live.insert(generation, live);
         Ok(pid)
+    }
+
+    /// Looks, off the loop, for ports a ready generation binds by itself.
+    fn inspect(&self, generation: u64, pid: i32) {
+        let inherited = std::sync::Arc::clone(&self.listener_inodes);
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let addrs = sys::inspect::own_listeners(pid, &inherited);
+            if !addrs.is_empty() {
+                let _ = events.send(Event::SelfBound { generation, addrs });
+            }
+        });
+    }
+
+    /// Why a reload may have failed, when the serving generation binds its
+    /// own port.
+    fn self_bound_hint(&self) -> Option<String> {
+        let serving = self.policy.serving()?;
+        let live = self.live.get(&serving)?;
+        if live.self_bound.is_empty() {
+            return None;
+        }
+        let addrs: Vec<String> = live.self_bound.iter().map(ToString::to_string).collect();
+        Some(format!(
+            "generation {serving} (pid {}) listens on {} by itself, not on the sockets baton passed, \
+             so a new generation cannot bind the same port (address already in use): make the app use \
+             the inherited sockets (LISTEN_FDS; see examples/gin-hello) or run it in proxy mode (--proxy)",
+            live.pid,
+            addrs.join(", ")
+        ))
     }
 
     /// Runs the `--ready exec:` command for a starting generation.

@@ -69,6 +69,7 @@ pub struct BatonBuilder {
     run_args: Vec<OsString>,
     app: Vec<OsString>,
     wrapper: Option<String>,
+    env: Vec<(OsString, OsString)>,
     dir: tempfile::TempDir,
 }
 
@@ -110,6 +111,12 @@ impl BatonBuilder {
         self
     }
 
+    /// Sets an environment variable for baton (and so for the app).
+    pub fn env(mut self, key: &str, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// The per-test directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -142,6 +149,7 @@ impl BatonBuilder {
                 c
             }
         };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -178,6 +186,7 @@ impl Baton {
             run_args: Vec::new(),
             app: vec![exe().into(), "demo-app".into()],
             wrapper: None,
+            env: Vec::new(),
             dir: tempfile::tempdir().expect("tempdir"),
         }
     }

@@ -1,0 +1,141 @@
+//! The Go/Gin example under baton: built offline with Debian's Go and
+//! packaged Gin and go-systemd sources (`examples/gin-hello/build.sh`).
+//! Without `go` these tests say so and pass, unless `BATON_REQUIRE_GO=1`
+//! (set by `.ci/run`, which installs the packages).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::{Baton, LONG, Load, get, wait_until};
+
+/// The built `gin-hello` and `gin-plain`, or `None` without Go.
+fn binaries() -> Option<&'static (PathBuf, PathBuf)> {
+    static BUILT: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let have_go = std::process::Command::new("go").arg("version").output().is_ok_and(|o| o.status.success());
+            if !have_go {
+                assert!(
+                    std::env::var_os("BATON_REQUIRE_GO").is_none(),
+                    "BATON_REQUIRE_GO is set but `go` is missing: apt-get install golang-go \
+                     golang-github-gin-gonic-gin-dev golang-github-coreos-go-systemd-dev"
+                );
+                eprintln!("skipped: no `go` (apt-get install golang-go golang-github-gin-gonic-gin-dev golang-github-coreos-go-systemd-dev)");
+                return None;
+            }
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gin");
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gin-hello/build.sh");
+            let built = std::process::Command::new("/bin/sh")
+                .arg(&script)
+                .arg(&out)
+                .output()
+                .expect("running build.sh");
+            assert!(
+                built.status.success(),
+                "building the Gin example failed:\n{}{}",
+                String::from_utf8_lossy(&built.stdout),
+                String::from_utf8_lossy(&built.stderr)
+            );
+            Some((out.join("gin-hello"), out.join("gin-plain")))
+        })
+        .as_ref()
+}
+
+#[test]
+fn gin_reloads_under_load_lose_no_request() {
+    let Some((gin, _)) = binaries() else { return };
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command([gin.as_os_str(), "-startup".as_ref(), "20ms".as_ref()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let mut pids = vec![b.gen_pid(1)];
+    let load = Load::start(b.port(), 4, 50_000, Duration::from_secs(120));
+    wait_until("generation 1 answered", LONG, || load.has_seen(pids[0]));
+    for generation in 2..=21 {
+        let out = b.ctl(&["reload"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+        let pid = b.gen_pid(generation);
+        wait_until(&format!("generation {generation} answered"), LONG, || {
+            load.has_seen(pid)
+        });
+        pids.push(pid);
+    }
+    let (ok, failures, seen) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert!(pids.iter().all(|p| seen.contains(p)));
+    eprintln!("{ok} requests over 21 Gin generations, none failed");
+}
+
+#[test]
+fn a_slow_gin_request_finishes_across_a_reload() {
+    let Some((gin, _)) = binaries() else { return };
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command([gin.as_os_str()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let (port, old) = (b.port(), b.gen_pid(1));
+    let slow = std::thread::spawn(move || get(port, "/slow?ms=2000", LONG));
+    let started = format!("pid {old} started a 2000 ms request");
+    b.wait_for(
+        "the slow request to reach generation 1",
+        |l| l.contains(&started),
+        LONG,
+    );
+    assert_eq!(b.ctl(&["reload"]).code, Some(0));
+    let reply = slow.join().expect("thread").expect("completes");
+    assert_eq!((reply.status, reply.pid), (200, Some(old)));
+    let exit = b.wait_for_event("exit", 1);
+    assert!(exit.contains("status 0"), "{exit}");
+}
+
+#[test]
+fn an_unmodified_gin_app_is_detected_and_the_reload_says_why_it_failed() {
+    let Some((_, plain)) = binaries() else { return };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    // `r.Run()` binds $PORT itself (on every interface); it never reads
+    // LISTEN_FDS or notifies, hence --ready delay.
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--ready", "delay:500ms"])
+        .env("PORT", port.to_string())
+        .command([plain.as_os_str()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let old = b.gen_pid(1);
+    assert_eq!(
+        get(port, "/", LONG).expect("serves on its own port").pid,
+        Some(old)
+    );
+    // baton notices the app listening by itself.
+    let warning = b.wait_for(
+        "the self-bound warning",
+        |l| l.contains("listens on its own port"),
+        LONG,
+    );
+    assert!(warning.contains(&format!(":{port}")), "{warning}");
+
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", b.dump());
+    for needle in [
+        "exited with status 1 before it was ready",
+        "address already in use",
+        "LISTEN_FDS",
+        "proxy",
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} in {}", out.stderr);
+    }
+    assert_eq!(get(port, "/", LONG).expect("still serving").pid, Some(old));
+}
