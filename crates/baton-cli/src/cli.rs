@@ -3,12 +3,15 @@
 //! in `config.rs`.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::spec::{ListenSpec, ReadyMode, Signal, parse_duration};
+use crate::spec::{
+    ListenSpec, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration,
+};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -42,6 +45,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Stop a running service gracefully.
     Stop(ControlArgs),
+    /// Send a signal to the serving generation (no reload), e.g. for apps
+    /// that reread their configuration on SIGUSR1.
+    Signal(SignalArgs),
     /// Load a service while reloading it; count every failed request.
     Bench(crate::bench::BenchArgs),
     /// Hot reload against cold restart, side by side, on the embedded app.
@@ -52,39 +58,47 @@ pub enum Command {
     DemoApp(crate::demo::app::AppArgs),
 }
 
-/// `baton run`.
-#[derive(Debug, Args)]
+/// `baton run`. Options left out here come from `--config`, then from the
+/// defaults; the command line wins over the file.
+#[derive(Debug, Default, Args)]
 #[command(after_help = EXIT_CODES)]
 pub struct RunArgs {
+    /// Read options from this TOML file (keys are the long option names,
+    /// e.g. ready-timeout = "10s"; listen and command are arrays).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Listen address, bound by baton and passed to every generation:
     /// HOST:PORT, [IPv6]:PORT, :PORT (all interfaces) or unix:PATH,
     /// optionally prefixed NAME= (the fd's name in LISTEN_FDNAMES).
-    /// Repeatable; fds 3, 4, … follow the order given.
-    #[arg(long, short = 'l', value_name = "ADDR", required = true)]
+    /// Repeatable; fds 3, 4, … follow the order given. Sockets passed to
+    /// baton itself (systemd socket activation) are used instead of binding.
+    #[arg(long, short = 'l', value_name = "ADDR")]
     pub listen: Vec<ListenSpec>,
 
     /// How a new generation says it is ready: notify (sd_notify READY=1),
-    /// delay:DURATION, or exec:COMMAND (ready once COMMAND exits 0).
-    #[arg(long, value_name = "MODE", default_value = "notify")]
-    pub ready: ReadyMode,
+    /// delay:DURATION, or exec:COMMAND (ready once COMMAND exits 0)
+    /// [default: notify].
+    #[arg(long, value_name = "MODE")]
+    pub ready: Option<ReadyMode>,
 
     /// How long a new generation may take to become ready before it is
-    /// killed and the reload rolled back.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
+    /// killed and the reload rolled back [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
 
-    /// The signal that asks a generation to drain and exit.
-    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
-    pub stop_signal: Signal,
+    /// The signal that asks a generation to drain and exit [default: TERM].
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<Signal>,
 
     /// How long a generation may drain after the stop signal before its
-    /// process group is killed.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub stop_timeout: Duration,
+    /// process group is killed [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stop_timeout: Option<Duration>,
 
     /// Name of this service, for the default control socket path
-    /// ($XDG_RUNTIME_DIR/baton/NAME.sock, or /run/baton/NAME.sock as root).
-    /// Defaults to the command's file name.
+    /// ($XDG_RUNTIME_DIR/baton/NAME.sock, or /run/baton/NAME.sock as root)
+    /// [default: the command's file name].
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
@@ -93,14 +107,52 @@ pub struct RunArgs {
     pub control: Option<PathBuf>,
 
     /// Which process may report readiness on a generation's notify socket:
-    /// all (any process of the generation, e.g. `systemd-notify` run by the
-    /// app) or main (only the process baton started).
-    #[arg(long, value_enum, value_name = "WHO", default_value_t = NotifyAccess::All)]
-    pub notify_access: NotifyAccess,
+    /// all (any process of the app's user, e.g. `systemd-notify` run by the
+    /// app) or main (only the process baton started) [default: all].
+    #[arg(long, value_enum, value_name = "WHO")]
+    pub notify_access: Option<NotifyAccess>,
+
+    /// When the serving generation exits on its own: never (baton exits with
+    /// its status), on-failure (restart unless it exited 0) or always
+    /// [default: on-failure].
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<RestartMode>,
+
+    /// Delay before the first restart after a crash; it doubles with each
+    /// consecutive failure [default: 200ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub restart_delay: Option<Duration>,
+
+    /// Ceiling of the doubling restart delay [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub restart_delay_max: Option<Duration>,
+
+    /// Give up after BURST crash restarts within INTERVAL (like systemd's
+    /// StartLimitBurst/StartLimitIntervalSec), or off [default: 5/10s].
+    #[arg(long, value_name = "BURST/INTERVAL")]
+    pub start_limit: Option<StartLimit>,
+
+    /// Run the app as this user (and group; default: the user's primary
+    /// group, plus its supplementary groups). baton binds first, so
+    /// privileged ports work; needs root.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<UserSpec>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Reload when this file (typically the app's binary) is replaced or
+    /// rewritten; waits until it has stopped changing.
+    #[arg(long, value_name = "PATH")]
+    pub watch: Option<PathBuf>,
+
+    /// Tag each line the app writes to stdout/stderr with its generation.
+    #[arg(long)]
+    pub log_prefix: bool,
 
     /// The command to run, and its arguments.
     #[arg(
-        required = true,
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "CMD"
@@ -109,7 +161,8 @@ pub struct RunArgs {
 }
 
 /// Who may send `READY=1` for a generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum NotifyAccess {
     /// Any process (the socket is private to one generation).
     All,
@@ -138,4 +191,15 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `baton signal`.
+#[derive(Debug, Args)]
+pub struct SignalArgs {
+    /// The signal: a name like USR1 or SIGUSR1, or a number.
+    #[arg(value_name = "SIGNAL")]
+    pub signal: Signal,
+
+    #[command(flatten)]
+    pub target: ControlArgs,
 }

@@ -40,6 +40,14 @@ pub struct RunConfig {
     pub name: String,
     /// The bound control socket.
     pub control: ControlSocket,
+    /// Who the app runs as (`--user`).
+    pub user: Option<crate::sys::user::Credentials>,
+    /// The bound metrics listener (`--metrics`).
+    pub metrics: Option<std::net::TcpListener>,
+    /// The file whose replacement triggers a reload (`--watch`).
+    pub watch: Option<PathBuf>,
+    /// Whether the app's output is tagged with its generation.
+    pub log_prefix: bool,
 }
 
 /// A listening socket baton owns.
@@ -47,8 +55,6 @@ pub struct RunConfig {
 pub struct BoundListener {
     /// The name in `LISTEN_FDNAMES`.
     pub name: String,
-    /// What the user asked for.
-    pub spec: ListenSpec,
     /// The socket.
     pub fd: OwnedFd,
     /// The bound address, e.g. `127.0.0.1:43125` (the real port after `:0`)
@@ -85,12 +91,17 @@ impl Drop for ControlSocket {
 }
 
 impl RunConfig {
-    /// Validates `args` and sets everything up, or says what is wrong.
-    pub fn from_args(args: RunArgs) -> Result<RunConfig, StartupError> {
-        let (first, _) = args
-            .command
-            .split_first()
-            .ok_or_else(|| StartupError::Invalid("no command given after --".into()))?;
+    /// Validates `args` (the command line merged with `--config`) and sets
+    /// everything up, or says what is wrong. `inherited` are sockets passed
+    /// to baton itself (systemd socket activation); they are used instead of
+    /// binding where a `--listen` matches them, and passed on otherwise.
+    pub fn from_args(
+        args: RunArgs,
+        inherited: baton::Listeners,
+    ) -> Result<RunConfig, StartupError> {
+        let (first, _) = args.command.split_first().ok_or_else(|| {
+            StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
+        })?;
         let program = resolve_command(first)?;
         let name = match args.name {
             Some(name) => name,
@@ -100,18 +111,45 @@ impl RunConfig {
                 .unwrap_or_else(|| "baton".to_owned()),
         };
         control::validate_name(&name).map_err(StartupError::Invalid)?;
+        let user = args
+            .user
+            .as_ref()
+            .map(|spec| {
+                let creds = crate::sys::user::resolve(spec).map_err(StartupError::Invalid)?;
+                let me = rustix::process::geteuid();
+                if !me.is_root() && creds.uid != me.as_raw() {
+                    return Err(StartupError::Invalid(format!(
+                        "--user {} needs baton to run as root (it runs as uid {})",
+                        spec.user,
+                        me.as_raw()
+                    )));
+                }
+                Ok(creds)
+            })
+            .transpose()?;
+        if let Some(path) = &args.watch {
+            std::fs::metadata(path)
+                .map_err(|e| StartupError::Invalid(format!("--watch {}: {e}", path.display())))?;
+        }
         let control_path = match args.control {
             Some(path) => path,
             None => control::default_path(&name),
         };
         let control = bind_control(&control_path)?;
-        let listeners = args
-            .listen
-            .iter()
-            .map(bind_listener)
-            .collect::<Result<Vec<_>, _>>()?;
+        let listeners = listeners(&args.listen, inherited)?;
+        let metrics = args
+            .metrics
+            .map(|addr| {
+                std::net::TcpListener::bind(addr).map_err(|source| StartupError::Bind {
+                    addr: format!("{addr} (--metrics)"),
+                    hint: bind_hint(&ListenAddr::Ip(addr), &source),
+                    source,
+                })
+            })
+            .transpose()?;
 
-        let not_ready_hint = match &args.ready {
+        let ready = args.ready.unwrap_or(ReadyMode::Notify);
+        let not_ready_hint = match &ready {
             ReadyMode::Notify => {
                 "; with --ready notify the app must send READY=1 to $NOTIFY_SOCKET (sd_notify); \
                  use --ready delay:DURATION for apps that cannot"
@@ -119,29 +157,117 @@ impl RunConfig {
             }
             _ => String::new(),
         };
+        let defaults = PolicyConfig::default();
         let policy = PolicyConfig {
-            ready_timeout: args.ready_timeout,
-            stop_timeout: args.stop_timeout,
-            stop_signal: args.stop_signal,
+            ready_timeout: args.ready_timeout.unwrap_or(defaults.ready_timeout),
+            stop_timeout: args.stop_timeout.unwrap_or(defaults.stop_timeout),
+            stop_signal: args.stop_signal.unwrap_or(defaults.stop_signal),
+            restart: args.restart.unwrap_or(defaults.restart),
+            restart_delay: args.restart_delay.unwrap_or(defaults.restart_delay),
+            restart_delay_max: args.restart_delay_max.unwrap_or(defaults.restart_delay_max),
+            start_limit: args.start_limit.unwrap_or(defaults.start_limit),
             not_ready_hint,
-            ..PolicyConfig::default()
+            ..defaults
         };
         Ok(RunConfig {
             listeners,
             program,
             args: args.command,
-            base_env: base_env(),
-            ready: args.ready,
-            notify_access: args.notify_access,
+            base_env: base_env(user.as_ref()),
+            ready,
+            notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
             policy,
             name,
             control,
+            user,
+            metrics,
+            watch: args.watch,
+            log_prefix: args.log_prefix,
         })
     }
 }
 
-/// baton's environment without the variables baton sets per generation.
-fn base_env() -> Vec<(OsString, OsString)> {
+/// The listeners: for each `--listen`, an inherited socket with its name or
+/// address, else a new one; then inherited sockets no `--listen` asked for.
+fn listeners(
+    specs: &[ListenSpec],
+    mut inherited: baton::Listeners,
+) -> Result<Vec<BoundListener>, StartupError> {
+    let names = inherited.names().to_vec();
+    let mut adopted: Vec<Option<BoundListener>> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let taken = inherited
+            .take(i)
+            .map_err(|e| StartupError::Invalid(format!("sockets passed to baton: {e}")))?;
+        adopted.push(taken.map(|l| adopt(name, l)).transpose()?);
+    }
+    let mut out = Vec::new();
+    for spec in specs {
+        let found = adopted.iter_mut().find(|slot| {
+            slot.as_ref().is_some_and(|l| {
+                spec.name.as_deref() == Some(l.name.as_str()) || same_address(&spec.addr, &l.local)
+            })
+        });
+        match found.and_then(Option::take) {
+            Some(mut l) => {
+                if let Some(name) = &spec.name {
+                    l.name.clone_from(name);
+                }
+                tracing::info!(addr = %l.local, name = %l.name, "using a socket passed to baton");
+                out.push(l);
+            }
+            None => out.push(bind_listener(spec)?),
+        }
+    }
+    out.extend(adopted.into_iter().flatten());
+    if out.is_empty() {
+        return Err(StartupError::Invalid(
+            "nothing to listen on: give --listen ADDR (or listen = [...] in --config, or sockets from systemd)".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// A socket passed to baton itself, as one of its listeners.
+fn adopt(name: &str, listener: baton::Listener) -> Result<BoundListener, StartupError> {
+    let local = listener.describe();
+    let (fd, key) = match listener {
+        baton::Listener::Tcp(l) => (OwnedFd::from(l), local.clone()),
+        baton::Listener::Unix(l) => (
+            OwnedFd::from(l),
+            local.strip_prefix("unix:").unwrap_or(&local).to_owned(),
+        ),
+        _ => {
+            return Err(StartupError::Invalid(format!(
+                "the socket {name} passed to baton is neither TCP nor Unix"
+            )));
+        }
+    };
+    Ok(BoundListener {
+        name: name.to_owned(),
+        fd,
+        local,
+        server_starter_key: key,
+        unix_path: None,
+    })
+}
+
+/// Whether a `--listen` address is the address `local` an inherited socket
+/// is bound to.
+fn same_address(addr: &ListenAddr, local: &str) -> bool {
+    match addr {
+        ListenAddr::Ip(a) => local.parse::<SocketAddr>().is_ok_and(|l| l == *a),
+        ListenAddr::AnyHost(port) => local
+            .parse::<SocketAddr>()
+            .is_ok_and(|l| l.port() == *port && l.ip().is_unspecified()),
+        ListenAddr::Unix(path) => local.strip_prefix("unix:") == path.to_str(),
+        ListenAddr::Host(..) => false,
+    }
+}
+
+/// baton's environment without the variables baton sets per generation;
+/// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
+fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
     const OURS: [&str; 6] = [
         vars::LISTEN_FDS,
         vars::LISTEN_PID,
@@ -150,9 +276,17 @@ fn base_env() -> Vec<(OsString, OsString)> {
         vars::SERVER_STARTER_PORT,
         vars::BATON_GENERATION,
     ];
-    std::env::vars_os()
+    const IDENTITY: [&str; 3] = ["USER", "LOGNAME", "HOME"];
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !OURS.iter().any(|o| k == o))
-        .collect()
+        .filter(|(k, _)| user.is_none() || !IDENTITY.iter().any(|o| k == o))
+        .collect();
+    if let Some(user) = user {
+        env.push(("USER".into(), user.name.clone().into()));
+        env.push(("LOGNAME".into(), user.name.clone().into()));
+        env.push(("HOME".into(), user.home.clone().into()));
+    }
+    env
 }
 
 /// Finds the executable the way `execvp` would, so that a typo is reported
@@ -287,7 +421,6 @@ fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
     };
     Ok(BoundListener {
         name,
-        spec: spec.clone(),
         fd,
         local,
         server_starter_key: key,

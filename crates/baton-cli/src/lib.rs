@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod demo;
 pub mod error;
@@ -25,9 +26,21 @@ use error::ControlError;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            init_logging(cli.log_level.as_deref())?;
+            // Sockets passed to baton itself (systemd socket activation):
+            // taken first, while the process has one thread.
+            let inherited = baton::listeners().map_err(|e| {
+                error::StartupError::Invalid(format!("sockets passed to baton: {e}"))
+            })?;
+            let (args, file_level) = match &args.config {
+                Some(path) => {
+                    let file = config_file::load(path)?;
+                    (config_file::merge(args, file.args), file.log_level)
+                }
+                None => (args, None),
+            };
+            init_logging(cli.log_level.as_deref().or(file_level.as_deref()))?;
             // Validate and set up everything before starting anything.
-            let cfg = config::RunConfig::from_args(args)?;
+            let cfg = config::RunConfig::from_args(args, inherited)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -40,6 +53,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = control::client::locate(&target)?;
             match control::client::call(&path, &Request::Stop)? {
                 Response::Stopping => Ok(ExitCode::SUCCESS),
+                other => unexpected(other),
+            }
+        }
+        Command::Signal(args) => {
+            let path = control::client::locate(&args.target)?;
+            let request = Request::Signal {
+                signal: args.signal.number(),
+            };
+            match control::client::call(&path, &request)? {
+                Response::Signaled { generation, pid } => {
+                    println!(
+                        "{}: sent to generation {generation} (pid {pid})",
+                        args.signal
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
                 other => unexpected(other),
             }
         }

@@ -193,6 +193,10 @@ impl Signal {
     pub const INT: Signal = Signal(libc::SIGINT);
     /// SIGQUIT.
     pub const QUIT: Signal = Signal(libc::SIGQUIT);
+    /// SIGUSR1.
+    pub const USR1: Signal = Signal(libc::SIGUSR1);
+    /// SIGWINCH.
+    pub const WINCH: Signal = Signal(libc::SIGWINCH);
 
     /// The signal with this number, if it is one this system has.
     pub fn from_number(n: i32) -> Option<Signal> {
@@ -236,6 +240,102 @@ impl fmt::Display for Signal {
             Some((name, _)) => write!(f, "SIG{name}"),
             None => write!(f, "signal {}", self.0),
         }
+    }
+}
+
+/// What to do when the serving generation exits on its own (systemd's
+/// `Restart=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartMode {
+    /// Never start it again: baton exits with its status.
+    Never,
+    /// Start it again unless it exited with status 0.
+    OnFailure,
+    /// Always start it again.
+    Always,
+}
+
+impl FromStr for RestartMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" | "no" => Ok(RestartMode::Never),
+            "on-failure" => Ok(RestartMode::OnFailure),
+            "always" => Ok(RestartMode::Always),
+            _ => Err(format!(
+                "invalid restart policy {s:?}: expected never, on-failure or always"
+            )),
+        }
+    }
+}
+
+/// At most `burst` crash restarts within `interval` (systemd's
+/// `StartLimitBurst=`/`StartLimitIntervalSec=`); `off` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartLimit {
+    /// No limit.
+    Off,
+    /// The limit.
+    Limit {
+        /// Restarts allowed within `interval`.
+        burst: u32,
+        /// The sliding window.
+        interval: Duration,
+    },
+}
+
+impl FromStr for StartLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(StartLimit::Off);
+        }
+        let invalid =
+            || format!("invalid start limit {s:?}: expected BURST/INTERVAL like 5/10s, or off");
+        let (burst, interval) = s.split_once('/').ok_or_else(invalid)?;
+        let burst: u32 = burst
+            .trim()
+            .parse()
+            .ok()
+            .filter(|b| *b > 0)
+            .ok_or_else(invalid)?;
+        let interval = parse_duration(interval).map_err(|_| invalid())?;
+        if interval.is_zero() {
+            return Err(invalid());
+        }
+        Ok(StartLimit::Limit { burst, interval })
+    }
+}
+
+/// `--user NAME[:GROUP]` (names or numeric ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    /// The user.
+    pub user: String,
+    /// The group, if not the user's primary group.
+    pub group: Option<String>,
+}
+
+impl FromStr for UserSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid =
+            || format!("invalid user {s:?}: expected USER or USER:GROUP (names or numbers)");
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let ok = |part: &str| !part.is_empty() && !part.contains([' ', '/', ':']);
+        if !ok(user) || group.is_some_and(|g| !ok(g)) {
+            return Err(invalid());
+        }
+        Ok(UserSpec {
+            user: user.to_owned(),
+            group: group.map(str::to_owned),
+        })
     }
 }
 
@@ -364,6 +464,53 @@ mod tests {
             assert!(err.contains("expected"), "{bad}: {err}");
         }
         assert_eq!(Signal::TERM.to_string(), "SIGTERM");
+    }
+
+    #[test]
+    fn restart_modes_limits_and_users() {
+        assert_eq!("on-failure".parse(), Ok(RestartMode::OnFailure));
+        assert_eq!("always".parse(), Ok(RestartMode::Always));
+        assert_eq!("no".parse(), Ok(RestartMode::Never));
+        assert!(
+            "sometimes"
+                .parse::<RestartMode>()
+                .unwrap_err()
+                .contains("expected")
+        );
+        assert_eq!(
+            "5/10s".parse(),
+            Ok(StartLimit::Limit {
+                burst: 5,
+                interval: Duration::from_secs(10)
+            })
+        );
+        assert_eq!("off".parse(), Ok(StartLimit::Off));
+        for bad in ["5", "0/10s", "5/0s", "x/10s", "5/soon", "/"] {
+            assert!(
+                bad.parse::<StartLimit>().unwrap_err().contains("expected"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "www:web".parse(),
+            Ok(UserSpec {
+                user: "www".into(),
+                group: Some("web".into())
+            })
+        );
+        assert_eq!(
+            "1000".parse(),
+            Ok(UserSpec {
+                user: "1000".into(),
+                group: None
+            })
+        );
+        for bad in ["", ":g", "u:", "a b", "u:g:h"] {
+            assert!(
+                bad.parse::<UserSpec>().unwrap_err().contains("expected"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub enum Request {
     Status,
     /// Stop gracefully (answers at once).
     Stop,
+    /// Send a signal to the serving generation.
+    Signal {
+        /// The signal number.
+        signal: i32,
+    },
 }
 
 /// What baton answers.
@@ -47,6 +52,13 @@ pub enum Response {
     Status(Box<Status>),
     /// baton is stopping.
     Stopping,
+    /// The signal went to this generation.
+    Signaled {
+        /// The serving generation.
+        generation: u64,
+        /// Its pid.
+        pid: i32,
+    },
     /// The request could not be understood.
     Error {
         /// What was wrong.

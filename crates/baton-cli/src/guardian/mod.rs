@@ -10,14 +10,19 @@
 //! generation is accepting, so none is refused. If N+1 fails, it is killed
 //! and N serves on, untouched.
 //!
-//! The loop (`Guardian::run`) waits on: signals (HUP/USR2 reload, TERM/INT/
-//! QUIT stop), SIGCHLD (the one reaper), control requests, notification
-//! datagrams and readiness checks (from helper tasks, which only send
-//! messages), and the policy's next deadline. It runs on a single-threaded
-//! runtime, which keeps `fork` simple and ordering obvious.
+//! The loop (`Guardian::run`) waits on: signals (HUP/USR2 reload, TERM/INT
+//! stop, QUIT/USR1/WINCH forwarded to the serving generation), SIGCHLD (the
+//! one reaper), control requests, notification datagrams, readiness checks
+//! and file watches (from helper tasks, which only send messages), and the
+//! policy's next deadline. It runs on a single-threaded runtime, which keeps
+//! `fork` simple and ordering obvious.
 
+pub mod metrics;
+mod output;
 pub mod policy;
 mod ready;
+mod upstream;
+mod watch;
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -60,6 +65,8 @@ enum Event {
         generation: u64,
         addrs: Vec<std::net::SocketAddr>,
     },
+    /// The `--watch` file was replaced.
+    Watched,
 }
 
 /// Who a child pid is.
@@ -77,6 +84,8 @@ struct Live {
     check: Option<i32>,
     /// Ports it listens on by itself (not baton's sockets), once known.
     self_bound: Vec<std::net::SocketAddr>,
+    /// When it was asked to stop after its successor became ready.
+    retired_at: Option<Instant>,
 }
 
 impl Drop for Live {
@@ -115,6 +124,34 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
     info!(path = %cfg.control.path.display(), name = %cfg.name, pid = std::process::id(), "control");
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let metrics = metrics::Shared::default();
+    let metrics_task = cfg
+        .metrics
+        .as_ref()
+        .map(|listener| {
+            let listener = listener.try_clone().context("the metrics listener")?;
+            if let Ok(addr) = listener.local_addr() {
+                info!(addr = %addr, "metrics");
+            }
+            anyhow::Ok(tokio::spawn(metrics::serve(
+                listener,
+                std::sync::Arc::clone(&metrics),
+            )))
+        })
+        .transpose()?;
+    let watch_task = cfg
+        .watch
+        .clone()
+        .map(|path| watch::spawn(path, events_tx.clone(), || Event::Watched));
+    let ids = cfg.user.as_ref().map(|u| sys::spawn::Ids {
+        uid: u.uid,
+        gid: u.gid,
+        groups: u.groups.clone(),
+    });
+    let app_uid = cfg
+        .user
+        .as_ref()
+        .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid);
     let now = Instant::now();
     let listener_inodes = std::sync::Arc::new(
         cfg.listeners
@@ -124,6 +161,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
     );
     let mut g = Guardian {
         listener_inodes,
+        metrics,
+        upstream: upstream::Upstream::default(),
+        ids,
+        app_uid,
         policy: Policy::new(cfg.policy.clone()),
         cfg,
         pids: HashMap::new(),
@@ -153,7 +194,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
             _ = signals.usr2.recv() => g.trigger(Trigger::Signal(Signal::USR2), None),
             _ = signals.term.recv() => g.stop("SIGTERM"),
             _ = signals.int.recv() => g.stop("SIGINT"),
-            _ = signals.quit.recv() => g.stop("SIGQUIT"),
+            _ = signals.quit.recv() => { g.forward(Signal::QUIT); }
+            _ = signals.usr1.recv() => { g.forward(Signal::USR1); }
+            _ = signals.winch.recv() => { g.forward(Signal::WINCH); }
             Some(req) = control_rx.recv() => g.control(req),
             Some(event) = events.recv() => g.event(event),
             () = sleep => {
@@ -162,8 +205,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
                 g.apply(actions);
             }
         }
+        g.publish();
     }
     control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(task) = watch_task {
+        task.abort();
+    }
     let code = g.exit.unwrap_or(1);
     info!(code, "stopped");
     Ok(ExitCode::from(code))
@@ -178,6 +228,8 @@ struct Signals {
     term: SignalStream,
     int: SignalStream,
     quit: SignalStream,
+    usr1: SignalStream,
+    winch: SignalStream,
 }
 
 impl Signals {
@@ -189,11 +241,21 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            winch: signal(SignalKind::window_change())?,
         })
     }
 }
 
 struct Guardian {
+    /// The `/metrics` snapshot.
+    metrics: metrics::Shared,
+    /// What systemd (if it runs baton) has been told.
+    upstream: upstream::Upstream,
+    /// `--user`, as ids for the child.
+    ids: Option<sys::spawn::Ids>,
+    /// The uid the app runs as: only it (or root) may notify.
+    app_uid: u32,
     /// Inodes of baton's listening sockets.
     listener_inodes: std::sync::Arc<std::collections::HashSet<u64>>,
     cfg: RunConfig,
@@ -221,6 +283,41 @@ impl Guardian {
         self.apply(actions);
     }
 
+    /// Passes `signal` on to the serving generation (PID 1 duty, and
+    /// `baton signal`). Returns the generation and pid it went to.
+    fn forward(&mut self, signal: Signal) -> Option<(u64, i32)> {
+        let Some(generation) = self.policy.serving() else {
+            warn!(%signal, "no generation is serving; signal not forwarded");
+            return None;
+        };
+        let pid = self.live.get(&generation)?.pid;
+        match sys::signal::send(pid, signal) {
+            Ok(()) => {
+                info!(generation, pid, %signal, "forwarded");
+                Some((generation, pid))
+            }
+            Err(e) => {
+                warn!(generation, pid, %signal, error = %e, "cannot forward signal");
+                None
+            }
+        }
+    }
+
+    /// Refreshes what `/metrics` and systemd see.
+    fn publish(&mut self) {
+        if self.policy.is_stopping() {
+            self.upstream.stopping();
+        }
+        if let Ok(mut m) = self.metrics.lock() {
+            let stats = self.policy.stats();
+            m.reloads_ok = stats.reloads_ok;
+            m.reloads_rolled_back = stats.reloads_failed;
+            m.restarts = stats.restarts;
+            m.generation = self.policy.serving().unwrap_or(0);
+            m.generations_alive = self.policy.generations().count() as u64;
+        }
+    }
+
     fn control(&mut self, req: ControlRequest) {
         match req.request {
             Request::Reload => self.trigger(Trigger::Control, Some(req.reply)),
@@ -230,6 +327,20 @@ impl Guardian {
             Request::Stop => {
                 let _ = req.reply.send(Response::Stopping);
                 self.stop("control");
+            }
+            Request::Signal { signal } => {
+                let answer = match Signal::from_number(signal) {
+                    None => Response::Error {
+                        message: format!("unknown signal number {signal}"),
+                    },
+                    Some(signal) => match self.forward(signal) {
+                        Some((generation, pid)) => Response::Signaled { generation, pid },
+                        None => Response::Error {
+                            message: "no generation is serving".to_owned(),
+                        },
+                    },
+                };
+                let _ = req.reply.send(answer);
             }
         }
     }
@@ -246,6 +357,10 @@ impl Guardian {
                 self.apply(actions);
             }
             Event::RunCheck(generation) => self.run_check(generation),
+            Event::Watched => {
+                let actions = self.policy.trigger(self.event_at, Trigger::Watch, None);
+                self.apply(actions);
+            }
             Event::SelfBound { generation, addrs } => {
                 if let Some(live) = self.live.get_mut(&generation) {
                     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
@@ -264,7 +379,14 @@ impl Guardian {
             self.event_at = Instant::now();
             match self.pids.remove(&pid) {
                 Some(Owner::Generation(generation)) => {
-                    self.live.remove(&generation);
+                    if let Some(live) = self.live.remove(&generation)
+                        && let Ok(mut m) = self.metrics.lock()
+                    {
+                        m.exited(status);
+                        if let Some(at) = live.retired_at {
+                            m.drained(self.event_at.saturating_duration_since(at));
+                        }
+                    }
                     let actions = self.policy.exited(self.event_at, generation, status);
                     self.apply(actions);
                 }
@@ -281,7 +403,7 @@ impl Guardian {
         let fields = Fields::parse(&datagram.text);
         // Anyone on the machine can find an abstract socket: only the app's
         // own user (or root) may speak for a generation.
-        let app_uid = rustix::process::geteuid().as_raw();
+        let app_uid = self.app_uid;
         if !matches!(datagram.uid, Some(uid) if uid == app_uid || uid == 0) {
             warn!(
                 generation,
@@ -321,7 +443,12 @@ impl Guardian {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Spawn { generation } => match self.spawn(generation) {
-                    Ok(pid) => self.policy.spawned(generation, pid),
+                    Ok(pid) => {
+                        self.policy.spawned(generation, pid);
+                        if self.policy.serving().is_some() {
+                            self.upstream.reloading(generation);
+                        }
+                    }
                     Err(e) => {
                         let now = Instant::now();
                         queue.extend(self.policy.spawn_failed(now, generation, &e));
@@ -339,6 +466,9 @@ impl Guardian {
                     if cause == SignalCause::Retire {
                         info!(generation, pid, %signal,
                             handover_us = self.event_at.elapsed().as_micros() as u64, "retire");
+                        if let Some(live) = self.live.get_mut(&generation) {
+                            live.retired_at = Some(Instant::now());
+                        }
                     } else {
                         debug!(generation, pid, %signal, "stop signal sent");
                     }
@@ -353,18 +483,30 @@ impl Guardian {
                     match (&outcome, &mut response) {
                         (
                             Outcome::Reloaded {
-                                generation, pid, ..
+                                generation,
+                                pid,
+                                ready_after,
                             },
                             _,
                         ) => {
                             self.inspect(*generation, *pid);
+                            self.upstream.serving(*generation);
+                            if let Ok(mut m) = self.metrics.lock() {
+                                m.ready(*ready_after);
+                            }
                         }
-                        (_, Response::RolledBack { message, .. }) => {
+                        (
+                            Outcome::RolledBack {
+                                serving, reason, ..
+                            },
+                            Response::RolledBack { message, .. },
+                        ) => {
                             if let Some(hint) = self.self_bound_hint() {
                                 warn!("hint: {hint}");
                                 message.push_str("; ");
                                 message.push_str(&hint);
                             }
+                            self.upstream.rolled_back(*serving, &reason.to_string());
                         }
                         _ => {}
                     }
@@ -403,13 +545,23 @@ impl Guardian {
         set(vars::SERVER_STARTER_PORT, starter.join(";"));
         set(vars::BATON_GENERATION, generation.to_string());
         let fds: Vec<_> = self.cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let pipes = if self.cfg.log_prefix {
+            Some(output::pipes(&self.cfg.name, generation)?)
+        } else {
+            None
+        };
         let pid = sys::spawn::spawn(&sys::spawn::Command {
             program: &self.cfg.program,
             args: &self.cfg.args,
             env: &env,
             fds: &fds,
             listen_pid: true,
+            stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
+            stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
+            user: self.ids.as_ref(),
         })?;
+        // The child has its copies; ours must go, or the copying never ends.
+        drop(pipes);
         info!(
             generation,
             pid,
@@ -445,6 +597,7 @@ impl Guardian {
             tasks: vec![reader.abort_handle()],
             check: None,
             self_bound: Vec::new(),
+            retired_at: None,
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -518,6 +671,9 @@ impl Guardian {
             env: &env,
             fds: &[],
             listen_pid: false,
+            stdout: None,
+            stderr: None,
+            user: self.ids.as_ref(),
         });
         match spawned {
             Ok(pid) => {

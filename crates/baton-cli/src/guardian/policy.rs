@@ -18,7 +18,7 @@
 //!   with each consecutive failure (up to a ceiling), so an app that crashes
 //!   at once is never restarted in a busy loop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
-use crate::spec::Signal;
+use crate::spec::{RestartMode, Signal, StartLimit};
 
 /// The policy's knobs.
 #[derive(Debug, Clone)]
@@ -48,6 +48,10 @@ pub struct PolicyConfig {
     pub kill_grace: Duration,
     /// A hint appended to "was not ready within …" messages.
     pub not_ready_hint: String,
+    /// Whether a serving generation that exits on its own is replaced.
+    pub restart: RestartMode,
+    /// At most this many crash restarts within an interval.
+    pub start_limit: StartLimit,
 }
 
 impl Default for PolicyConfig {
@@ -61,6 +65,11 @@ impl Default for PolicyConfig {
             stable_after: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),
             not_ready_hint: String::new(),
+            restart: RestartMode::OnFailure,
+            start_limit: StartLimit::Limit {
+                burst: 5,
+                interval: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -108,6 +117,8 @@ pub enum Trigger {
     Signal(Signal),
     /// A `reload` request on the control socket.
     Control,
+    /// The `--watch` file was replaced.
+    Watch,
     /// The serving generation died and is being replaced.
     Restart,
 }
@@ -118,6 +129,7 @@ impl fmt::Display for Trigger {
             Trigger::Start => write!(f, "start"),
             Trigger::Signal(s) => write!(f, "{s}"),
             Trigger::Control => write!(f, "control"),
+            Trigger::Watch => write!(f, "watch"),
             Trigger::Restart => write!(f, "restart"),
         }
     }
@@ -277,6 +289,8 @@ pub struct Policy<W> {
     ever_ready: bool,
     stopping: Option<Stopping>,
     last_serving_exit: Option<ExitStatus>,
+    /// When recent crash restarts began, for the start limit.
+    recent_restarts: VecDeque<Instant>,
     stats: Stats,
 }
 
@@ -297,6 +311,7 @@ impl<W> Policy<W> {
             ever_ready: false,
             stopping: None,
             last_serving_exit: None,
+            recent_restarts: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -396,7 +411,10 @@ impl<W> Policy<W> {
         let Some(done) = self.in_flight.take() else {
             return actions;
         };
-        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+        if matches!(
+            done.trigger,
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+        ) {
             self.stats.reloads_ok += 1;
             self.stats.last_reload = Some(format!(
                 "generation {id} (pid {pid}) ready after {} ms",
@@ -457,13 +475,29 @@ impl<W> Policy<W> {
                 if lived >= self.cfg.stable_after {
                     self.failures = 0;
                 }
+                let restart = match self.cfg.restart {
+                    RestartMode::Never => false,
+                    RestartMode::OnFailure => !status.success(),
+                    RestartMode::Always => true,
+                };
                 if let Some(next) = &self.in_flight {
                     warn!(generation = id, pid, %status, starting = next.generation,
                         "exit: the serving generation died; its successor is already starting");
+                } else if !restart {
+                    warn!(generation = id, pid, %status, restart = ?self.cfg.restart,
+                        "exit: the serving generation exited and is not restarted (--restart); stopping");
+                    actions.extend(self.shut_down(now, Some(status.shell_code())));
                 } else {
-                    let delay = self.schedule_restart(now);
-                    warn!(generation = id, pid, %status, restart_in_ms = delay.as_millis() as u64,
-                        "exit: the serving generation died; the listeners stay open and a new generation starts soon");
+                    match self.schedule_restart(now) {
+                        Some(delay) => {
+                            warn!(generation = id, pid, %status, restart_in_ms = delay.as_millis() as u64,
+                            "exit: the serving generation died; the listeners stay open and a new generation starts soon")
+                        }
+                        None => {
+                            warn!(generation = id, pid, %status, "exit: the serving generation died");
+                            actions.extend(self.shut_down(now, Some(1)));
+                        }
+                    }
                 }
             }
             Phase::Draining => {
@@ -542,6 +576,7 @@ impl<W> Policy<W> {
             && self.in_flight.is_none()
         {
             self.stats.restarts += 1;
+            self.recent_restarts.push_back(now);
             actions.extend(self.begin(now, Vec::new(), Trigger::Restart));
         }
         actions
@@ -655,7 +690,10 @@ impl<W> Policy<W> {
             return Vec::new();
         };
         let mut actions = Vec::new();
-        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+        if matches!(
+            done.trigger,
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+        ) {
             self.stats.reloads_failed += 1;
         }
         let outcome = Outcome::RolledBack {
@@ -671,7 +709,10 @@ impl<W> Policy<W> {
             serving = self.serving,
             "rollback: {message}"
         );
-        if matches!(done.trigger, Trigger::Signal(_) | Trigger::Control) {
+        if matches!(
+            done.trigger,
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+        ) {
             self.stats.last_reload = Some(format!("rolled back: {message}"));
         }
         actions.push(Action::Report {
@@ -695,11 +736,16 @@ impl<W> Policy<W> {
             return actions;
         }
         if self.serving.is_none() {
-            let delay = self.schedule_restart(now);
-            info!(
-                restart_in_ms = delay.as_millis() as u64,
-                "restart scheduled"
-            );
+            match self.schedule_restart(now) {
+                Some(delay) => info!(
+                    restart_in_ms = delay.as_millis() as u64,
+                    "restart scheduled"
+                ),
+                None => {
+                    actions.extend(self.shut_down(now, Some(1)));
+                    return actions;
+                }
+            }
         }
         if let Some((waiters, trigger)) = self.queued.take() {
             actions.extend(self.begin(now, waiters, trigger));
@@ -707,7 +753,22 @@ impl<W> Policy<W> {
         actions
     }
 
-    fn schedule_restart(&mut self, now: Instant) -> Duration {
+    /// Schedules the next crash restart, or returns `None` when the start
+    /// limit forbids it (the caller then stops).
+    fn schedule_restart(&mut self, now: Instant) -> Option<Duration> {
+        if let StartLimit::Limit { burst, interval } = self.cfg.start_limit {
+            self.recent_restarts
+                .retain(|t| now.saturating_duration_since(*t) < interval);
+            if self.recent_restarts.len() >= burst as usize {
+                let window = humantime::format_duration(interval);
+                error!(
+                    restarts = self.recent_restarts.len(),
+                    "start limit hit: {} restarts within {window} (--start-limit {burst}/{window}); giving up",
+                    self.recent_restarts.len()
+                );
+                return None;
+            }
+        }
         let factor = 2u32.saturating_pow(self.failures.min(20));
         let delay = self
             .cfg
@@ -716,7 +777,7 @@ impl<W> Policy<W> {
             .min(self.cfg.restart_delay_max);
         self.failures = self.failures.saturating_add(1);
         self.restart_at = Some(now + delay);
-        delay
+        Some(delay)
     }
 
     fn shut_down(&mut self, now: Instant, code: Option<u8>) -> Actions<W> {
@@ -797,6 +858,7 @@ mod tests {
             restart_delay_max: 800 * MS,
             stable_after: 5000 * MS,
             kill_grace: 500 * MS,
+            start_limit: StartLimit::Off,
             ..PolicyConfig::default()
         }
     }
@@ -1121,6 +1183,60 @@ mod tests {
         p.stop(t0 + MS, "SIGINT");
         let a = p.exited(t0 + 2 * MS, 1, ExitStatus::Signaled(15));
         assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
+    }
+
+    #[test]
+    fn restart_policies() {
+        let t0 = Instant::now();
+        let first_ready = |restart| {
+            let mut p = P::new(PolicyConfig { restart, ..cfg() });
+            p.start(t0);
+            p.spawned(1, 100);
+            p.ready(t0, 1);
+            p
+        };
+        // never: the app exiting ends baton with its status.
+        let a = first_ready(RestartMode::Never).exited(t0 + MS, 1, ExitStatus::Exited(4));
+        assert!(a.contains(&Action::Exit { code: 4 }), "{a:?}");
+        // on-failure: a clean exit ends baton; a crash restarts.
+        let a = first_ready(RestartMode::OnFailure).exited(t0 + MS, 1, ExitStatus::Exited(0));
+        assert!(a.contains(&Action::Exit { code: 0 }), "{a:?}");
+        let mut p = first_ready(RestartMode::OnFailure);
+        let a = p.exited(t0 + MS, 1, ExitStatus::Signaled(11));
+        assert!(!a.iter().any(|a| matches!(a, Action::Exit { .. })));
+        assert!(p.next_deadline().is_some());
+        // always: even a clean exit restarts.
+        let mut p = first_ready(RestartMode::Always);
+        let a = p.exited(t0 + MS, 1, ExitStatus::Exited(0));
+        assert!(!a.iter().any(|a| matches!(a, Action::Exit { .. })));
+        assert!(p.next_deadline().is_some());
+    }
+
+    #[test]
+    fn the_start_limit_stops_a_crash_loop() {
+        let t0 = Instant::now();
+        let limit = StartLimit::Limit {
+            burst: 3,
+            interval: 60_000 * MS,
+        };
+        let mut p = P::new(PolicyConfig {
+            start_limit: limit,
+            ..cfg()
+        });
+        p.start(t0);
+        p.spawned(1, 100);
+        p.ready(t0, 1);
+        let mut last = p.exited(t0 + MS, 1, ExitStatus::Exited(1));
+        for id in 2..=4 {
+            let at = p.next_deadline().expect("restart scheduled");
+            assert_eq!(spawns(&p.tick(at)), vec![id]);
+            p.spawned(id, id as i32 * 100);
+            p.ready(at + MS, id);
+            last = p.exited(at + 2 * MS, id, ExitStatus::Exited(1));
+        }
+        // The fourth crash within the minute: three restarts were allowed.
+        assert!(last.contains(&Action::Exit { code: 1 }), "{last:?}");
+        assert!(p.is_stopping());
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub mod reaper;
 pub mod signal;
 pub mod socket;
 pub mod spawn;
+pub mod user;

@@ -14,17 +14,20 @@
 //!    signalled at once and a terminal's Ctrl-C reaches only baton;
 //! 2. `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the app is asked to stop
 //!    rather than left holding the ports;
-//! 3. every signal disposition back to default, then an empty signal mask
-//!    (the parent blocks all signals across `fork`, so none can run baton's
-//!    handlers in the child before the reset), so
+//! 3. every signal disposition back to default (the signal mask, emptied
+//!    last, stays full until then: the parent blocks all signals across
+//!    `fork`, so none can run baton's handlers in the child), so
 //!    nothing baton set (the Rust runtime ignores SIGPIPE) or inherited
 //!    (an ignored SIGHUP from `nohup`) leaks into the app;
-//! 4. the listeners are dup'ed to fds 3, 4, … (which clears close-on-exec on
-//!    exactly those), via scratch copies above that range so that no source
-//!    is overwritten before it is copied;
+//! 4. the listeners are dup'ed to fds 3, 4, … (and pipes to 1 and 2 with
+//!    `--log-prefix`), which clears close-on-exec on exactly those, via
+//!    scratch copies above that range so that no source is overwritten
+//!    before it is copied;
 //! 5. every other fd from `3+N` up is marked close-on-exec
 //!    (`close_range(CLOSE_RANGE_CLOEXEC)`), so nothing baton inherited leaks;
-//! 6. `LISTEN_PID` digits, then `execve`.
+//! 6. with `--user`: supplementary groups, group, user (raw system calls),
+//!    and the parent-death signal again (a credential change clears it);
+//! 7. `LISTEN_PID` digits, the signal mask emptied, then `execve`.
 //!
 //! A failure at any step is reported to the parent as an errno over a
 //! close-on-exec pipe (whose write end is kept above the fd range of step 4):
@@ -65,6 +68,23 @@ pub struct Command<'a> {
     pub fds: &'a [BorrowedFd<'a>],
     /// Whether to add `LISTEN_PID=<the child's pid>` to the environment.
     pub listen_pid: bool,
+    /// Replacements for the child's stdout and stderr (else inherited).
+    pub stdout: Option<BorrowedFd<'a>>,
+    /// See `stdout`.
+    pub stderr: Option<BorrowedFd<'a>>,
+    /// Who the child runs as (else as baton).
+    pub user: Option<&'a Ids>,
+}
+
+/// The ids a child switches to before `exec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ids {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<libc::gid_t>,
 }
 
 /// Forks and execs `cmd`; returns the child's pid once `execve` succeeded.
@@ -109,9 +129,18 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
     }
     envp.push(ptr::null());
 
-    let sources: Vec<RawFd> = cmd.fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
-    let floor = 3 + RawFd::try_from(sources.len()).map_err(io::Error::other)?;
+    // (source, target) pairs: stdio replacements, then the listeners at 3…
+    let mut mapping: Vec<(RawFd, RawFd)> = Vec::with_capacity(cmd.fds.len() + 2);
+    mapping.extend(cmd.stdout.map(|fd| (fd.as_raw_fd(), 1)));
+    mapping.extend(cmd.stderr.map(|fd| (fd.as_raw_fd(), 2)));
+    mapping.extend(
+        cmd.fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)),
+    );
+    let mut scratch: Vec<RawFd> = vec![-1; mapping.len()];
+    let floor = 3 + RawFd::try_from(cmd.fds.len()).map_err(io::Error::other)?;
 
     let (report_rx, report_tx) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
     // Keep the write end out of the range the listeners are dup'ed onto.
@@ -129,8 +158,9 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         } else {
             ptr::null_mut()
         },
-        sources: &sources,
+        mapping: &mapping,
         scratch: scratch.as_mut_ptr(),
+        user: cmd.user,
         floor,
         report: report_tx_high.as_raw_fd(),
         parent,
@@ -171,7 +201,9 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
 
     drop(report_tx_high);
     // Keep everything the child pointed into alive until it has exec'd.
-    let _keep = (&path, &args, &env, &argv, &envp, &pid_slot, &scratch);
+    let _keep = (
+        &path, &args, &env, &argv, &envp, &pid_slot, &scratch, &mapping,
+    );
     let mut errno = [0u8; 4];
     let mut got = 0;
     while got < errno.len() {
@@ -197,8 +229,9 @@ struct Child<'a> {
     envp: *const *const c_char,
     /// Where the pid's digits go, or null for no `LISTEN_PID`.
     pid_digits: *mut u8,
-    sources: &'a [RawFd],
+    mapping: &'a [(RawFd, RawFd)],
     scratch: *mut RawFd,
+    user: Option<&'a Ids>,
     floor: RawFd,
     report: RawFd,
     parent: i32,
@@ -249,22 +282,16 @@ impl Child<'_> {
                     }
                 }
             }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            if libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()) != 0 {
-                self.fail();
-            }
-
-            for (i, &src) in self.sources.iter().enumerate() {
+            for (i, &(src, _)) in self.mapping.iter().enumerate() {
                 let copy = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, self.floor);
                 if copy < 0 {
                     self.fail();
                 }
                 *self.scratch.add(i) = copy;
             }
-            for i in 0..self.sources.len() {
+            for (i, &(_, target)) in self.mapping.iter().enumerate() {
                 // dup2 clears FD_CLOEXEC on the new fd: exactly these are inherited.
-                if libc::dup2(*self.scratch.add(i), 3 + i as RawFd) < 0 {
+                if libc::dup2(*self.scratch.add(i), target) < 0 {
                     self.fail();
                 }
             }
@@ -277,8 +304,31 @@ impl Child<'_> {
                 CLOSE_RANGE_CLOEXEC,
             );
 
+            if let Some(ids) = self.user {
+                // Raw system calls: they change this thread only, which is
+                // the whole child, without glibc's all-threads broadcast
+                // (which relies on signal 33, just reset above).
+                if libc::syscall(libc::SYS_setgroups, ids.groups.len(), ids.groups.as_ptr()) != 0
+                    || libc::syscall(libc::SYS_setgid, ids.gid) != 0
+                    || libc::syscall(libc::SYS_setuid, ids.uid) != 0
+                {
+                    self.fail();
+                }
+                // Changing credentials clears the parent-death signal.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                if libc::getppid() != self.parent {
+                    libc::_exit(1);
+                }
+            }
+
             if !self.pid_digits.is_null() {
                 write_decimal(libc::getpid() as u32, self.pid_digits);
+            }
+            // Last: anything pending now gets its default action.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()) != 0 {
+                self.fail();
             }
             libc::execve(self.path, self.argv, self.envp);
             self.fail()

@@ -1,0 +1,268 @@
+//! `baton run --config FILE`: every option of the command line in a TOML
+//! file, keys named like the long options (`ready-timeout = "10s"`), with
+//! `listen` and `command` as arrays. Unknown keys and bad values are errors
+//! that name the file and line; the command line wins over the file.
+//!
+//! ```toml
+//! listen = ["http=:8080", "unix:/run/app/admin.sock"]
+//! command = ["/usr/local/bin/app", "--config", "/etc/app.toml"]
+//! ready-timeout = "20s"
+//! stop-timeout = "30s"
+//! restart = "on-failure"
+//! user = "app"
+//! ```
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::cli::{NotifyAccess, RunArgs};
+use crate::error::StartupError;
+use crate::spec::{self, ListenSpec};
+
+/// The file as written: values that need parsing keep their position.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Raw {
+    listen: Option<Vec<Spanned<String>>>,
+    ready: Option<Spanned<String>>,
+    ready_timeout: Option<Spanned<String>>,
+    stop_signal: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+    name: Option<String>,
+    control: Option<PathBuf>,
+    notify_access: Option<NotifyAccess>,
+    restart: Option<Spanned<String>>,
+    restart_delay: Option<Spanned<String>>,
+    restart_delay_max: Option<Spanned<String>>,
+    start_limit: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    watch: Option<PathBuf>,
+    log_prefix: Option<bool>,
+    log_level: Option<String>,
+    command: Option<Vec<String>>,
+}
+
+/// The file's settings, parsed.
+#[derive(Debug, Default)]
+pub struct FileSettings {
+    /// The options, as if given on the command line.
+    pub args: RunArgs,
+    /// `log-level`.
+    pub log_level: Option<String>,
+}
+
+/// Reads and parses `path`.
+pub fn load(path: &Path) -> Result<FileSettings, StartupError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StartupError::Invalid(format!("reading config file {}: {e}", path.display()))
+    })?;
+    parse(path, &text)
+}
+
+/// Parses `text`, the contents of `path`.
+pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(s.start));
+        StartupError::Invalid(format!("{}:{line}: {}", path.display(), e.message().trim()))
+    })?;
+    let value = |key: &str, v: &Spanned<String>, parsed: Result<(), String>| {
+        parsed.map_err(|message| {
+            StartupError::Invalid(format!(
+                "{}:{}: {key}: {message}",
+                path.display(),
+                line_of(v.span().start)
+            ))
+        })
+    };
+    // Parses one optional value with `parse`, naming key and line on error.
+    macro_rules! field {
+        ($key:literal, $raw:expr, $parse:expr) => {
+            match &$raw {
+                Some(v) => {
+                    let mut out = None;
+                    value($key, v, $parse(v.get_ref().as_str()).map(|p| out = Some(p)))?;
+                    out
+                }
+                None => None,
+            }
+        };
+    }
+    let mut listen = Vec::new();
+    for v in raw.listen.iter().flatten() {
+        let mut parsed = None;
+        value(
+            "listen",
+            v,
+            ListenSpec::from_str(v.get_ref()).map(|p| parsed = Some(p)),
+        )?;
+        listen.extend(parsed);
+    }
+    let args = RunArgs {
+        config: None,
+        listen,
+        ready: field!("ready", raw.ready, spec::ReadyMode::from_str),
+        ready_timeout: field!("ready-timeout", raw.ready_timeout, spec::parse_duration),
+        stop_signal: field!("stop-signal", raw.stop_signal, spec::Signal::from_str),
+        stop_timeout: field!("stop-timeout", raw.stop_timeout, spec::parse_duration),
+        name: raw.name,
+        control: raw.control,
+        notify_access: raw.notify_access,
+        restart: field!("restart", raw.restart, spec::RestartMode::from_str),
+        restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
+        restart_delay_max: field!(
+            "restart-delay-max",
+            raw.restart_delay_max,
+            spec::parse_duration
+        ),
+        start_limit: field!("start-limit", raw.start_limit, spec::StartLimit::from_str),
+        user: field!("user", raw.user, spec::UserSpec::from_str),
+        metrics: field!("metrics", raw.metrics, |s: &str| {
+            SocketAddr::from_str(s).map_err(|_| format!("invalid address {s:?}: expected IP:PORT"))
+        }),
+        watch: raw.watch,
+        log_prefix: raw.log_prefix.unwrap_or(false),
+        command: raw
+            .command
+            .unwrap_or_default()
+            .into_iter()
+            .map(OsString::from)
+            .collect(),
+    };
+    Ok(FileSettings {
+        args,
+        log_level: raw.log_level,
+    })
+}
+
+/// The command line over the file: each option given on the command line
+/// replaces the file's.
+pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
+    RunArgs {
+        config: cli.config,
+        listen: if cli.listen.is_empty() {
+            file.listen
+        } else {
+            cli.listen
+        },
+        ready: cli.ready.or(file.ready),
+        ready_timeout: cli.ready_timeout.or(file.ready_timeout),
+        stop_signal: cli.stop_signal.or(file.stop_signal),
+        stop_timeout: cli.stop_timeout.or(file.stop_timeout),
+        name: cli.name.or(file.name),
+        control: cli.control.or(file.control),
+        notify_access: cli.notify_access.or(file.notify_access),
+        restart: cli.restart.or(file.restart),
+        restart_delay: cli.restart_delay.or(file.restart_delay),
+        restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),
+        start_limit: cli.start_limit.or(file.start_limit),
+        user: cli.user.or(file.user),
+        metrics: cli.metrics.or(file.metrics),
+        watch: cli.watch.or(file.watch),
+        log_prefix: cli.log_prefix || file.log_prefix,
+        command: if cli.command.is_empty() {
+            file.command
+        } else {
+            cli.command
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn parse_str(text: &str) -> Result<FileSettings, String> {
+        parse(Path::new("baton.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_option() {
+        let f = parse_str(
+            r#"
+listen = ["http=:8080", "unix:/tmp/a.sock"]
+ready = "delay:1s"
+ready-timeout = "20s"
+stop-signal = "INT"
+stop-timeout = "5s"
+name = "api"
+control = "/run/api.sock"
+notify-access = "main"
+restart = "always"
+restart-delay = "1s"
+restart-delay-max = "1m"
+start-limit = "3/30s"
+user = "nobody:nogroup"
+metrics = "127.0.0.1:9100"
+watch = "/usr/local/bin/app"
+log-prefix = true
+log-level = "debug"
+command = ["app", "--port", "0"]
+"#,
+        )
+        .expect("valid");
+        let a = f.args;
+        assert_eq!(a.listen.len(), 2);
+        assert_eq!(a.ready_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(a.stop_signal, Some(spec::Signal::INT));
+        assert_eq!(a.notify_access, Some(NotifyAccess::Main));
+        assert_eq!(a.restart, Some(spec::RestartMode::Always));
+        assert_eq!(
+            a.start_limit,
+            Some(spec::StartLimit::Limit {
+                burst: 3,
+                interval: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(a.user.as_ref().map(|u| u.user.as_str()), Some("nobody"));
+        assert!(a.log_prefix);
+        assert_eq!(a.command, ["app", "--port", "0"]);
+        assert_eq!(f.log_level.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err = parse_str("name = \"x\"\n\nready-timeout = \"5x\"\n").unwrap_err();
+        assert!(
+            err.starts_with("baton.toml:3: ready-timeout: invalid duration \"5x\""),
+            "{err}"
+        );
+        let err = parse_str("name = \"x\"\nreadytimeout = \"5s\"\n").unwrap_err();
+        assert!(
+            err.starts_with("baton.toml:2: unknown field `readytimeout`"),
+            "{err}"
+        );
+        let err = parse_str("listen = [\n  \":8080\",\n  \"8o80\",\n]\n").unwrap_err();
+        assert!(
+            err.starts_with("baton.toml:3: listen: invalid listen address \"8o80\""),
+            "{err}"
+        );
+        let err = parse_str("listen = \":8080\"\n").unwrap_err();
+        assert!(err.starts_with("baton.toml:1: "), "{err}");
+        let err = parse_str("log-prefix = \"yes\"\n").unwrap_err();
+        assert!(err.starts_with("baton.toml:1: "), "{err}");
+    }
+
+    #[test]
+    fn the_command_line_wins() {
+        let file = parse_str("stop-timeout = \"5s\"\nready-timeout = \"9s\"\ncommand = [\"a\"]\n")
+            .expect("valid")
+            .args;
+        let cli = RunArgs {
+            stop_timeout: Some(Duration::from_secs(1)),
+            command: vec!["b".into()],
+            ..RunArgs::default()
+        };
+        let m = merge(cli, file);
+        assert_eq!(m.stop_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(m.ready_timeout, Some(Duration::from_secs(9)));
+        assert_eq!(m.command, ["b"]);
+    }
+}

@@ -1,0 +1,184 @@
+//! `--metrics ADDR`: Prometheus text at `/metrics`. The event loop updates a
+//! shared snapshot after each event; a small HTTP task serves it.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tracing::warn;
+
+use crate::exit::ExitStatus;
+
+/// What `/metrics` shows.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    /// Reloads that put a new generation in service.
+    pub reloads_ok: u64,
+    /// Reloads that rolled back.
+    pub reloads_rolled_back: u64,
+    /// Replacements of generations that died while serving.
+    pub restarts: u64,
+    /// The generation serving now (0: none).
+    pub generation: u64,
+    /// Live generations (serving, starting, draining).
+    pub generations_alive: u64,
+    ready_sum: f64,
+    ready_count: u64,
+    drain_sum: f64,
+    drain_count: u64,
+    exits: BTreeMap<String, u64>,
+}
+
+/// The snapshot shared with the HTTP task.
+pub type Shared = Arc<Mutex<Metrics>>;
+
+impl Metrics {
+    /// A generation took `d` to become ready.
+    pub fn ready(&mut self, d: Duration) {
+        self.ready_sum += d.as_secs_f64();
+        self.ready_count += 1;
+    }
+
+    /// A retired generation took `d` to drain and exit.
+    pub fn drained(&mut self, d: Duration) {
+        self.drain_sum += d.as_secs_f64();
+        self.drain_count += 1;
+    }
+
+    /// A generation's main process exited.
+    pub fn exited(&mut self, status: ExitStatus) {
+        let label = match status {
+            ExitStatus::Exited(code) => format!("exit_{code}"),
+            ExitStatus::Signaled(sig) => format!("signal_{sig}"),
+        };
+        *self.exits.entry(label).or_default() += 1;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Each line is (suffix, value): a label set such as `{outcome="ok"}`,
+        // or `_sum`/`_count` for summaries.
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        metric(
+            "baton_reloads_total",
+            "counter",
+            "Reloads by outcome.",
+            &[
+                ("{outcome=\"ok\"}".into(), self.reloads_ok.to_string()),
+                (
+                    "{outcome=\"rolled_back\"}".into(),
+                    self.reloads_rolled_back.to_string(),
+                ),
+            ],
+        );
+        metric(
+            "baton_restarts_total",
+            "counter",
+            "Generations started because the serving one died.",
+            &[(String::new(), self.restarts.to_string())],
+        );
+        metric(
+            "baton_generation",
+            "gauge",
+            "The generation serving now (0: none).",
+            &[(String::new(), self.generation.to_string())],
+        );
+        metric(
+            "baton_generations_alive",
+            "gauge",
+            "Generations running (starting, serving, draining).",
+            &[(String::new(), self.generations_alive.to_string())],
+        );
+        metric(
+            "baton_ready_seconds",
+            "summary",
+            "Time from spawn to ready.",
+            &[
+                ("_sum".into(), format!("{:.6}", self.ready_sum)),
+                ("_count".into(), self.ready_count.to_string()),
+            ],
+        );
+        metric(
+            "baton_drain_seconds",
+            "summary",
+            "Time from the stop signal to the exit of a retired generation.",
+            &[
+                ("_sum".into(), format!("{:.6}", self.drain_sum)),
+                ("_count".into(), self.drain_count.to_string()),
+            ],
+        );
+        let exits: Vec<(String, String)> = self
+            .exits
+            .iter()
+            .map(|(status, n)| (format!("{{status=\"{status}\"}}"), n.to_string()))
+            .collect();
+        metric(
+            "baton_child_exits_total",
+            "counter",
+            "Exits of generations' main processes, by status.",
+            &exits,
+        );
+        out
+    }
+}
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "metrics listener failed");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/metrics" {
+                    metrics.lock().map(|m| m.render()).ok()
+                } else {
+                    None
+                };
+                async move {
+                    let mut res = match body {
+                        Some(text) => Response::new(Full::new(Bytes::from(text))),
+                        None => {
+                            let mut r = Response::new(Full::new(Bytes::from_static(
+                                b"not found; try /metrics\n",
+                            )));
+                            *r.status_mut() = StatusCode::NOT_FOUND;
+                            r
+                        }
+                    };
+                    res.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,76 @@
+//! Telling the supervisor that runs baton (systemd, `Type=notify`) what
+//! baton is doing, with the same `sd_notify(3)` protocol apps use: READY=1
+//! once the first generation serves, RELOADING=1 … READY=1 around each
+//! reload, STOPPING=1 when stopping. MAINPID stays baton's own pid, so
+//! systemd keeps watching baton, not a generation. Without `NOTIFY_SOCKET`
+//! in baton's environment every call is a no-op.
+
+use tracing::debug;
+
+/// What has been said upstream so far.
+#[derive(Debug, Default)]
+pub struct Upstream {
+    ready: bool,
+    reloading: bool,
+    stopping: bool,
+}
+
+impl Upstream {
+    fn send(&self, state: &str) {
+        match baton::notify(state) {
+            Ok(true) => debug!(state = %state.replace('\n', " "), "notified the service manager"),
+            Ok(false) => {}
+            Err(e) => debug!(error = %e, "cannot notify the service manager"),
+        }
+    }
+
+    /// A generation became ready.
+    pub fn serving(&mut self, generation: u64) {
+        if self.stopping {
+            return;
+        }
+        if !self.ready || self.reloading {
+            self.ready = true;
+            self.reloading = false;
+            self.send(&format!(
+                "READY=1\nMAINPID={}\nSTATUS=serving generation {generation}",
+                std::process::id()
+            ));
+        }
+    }
+
+    /// A reload began while something serves.
+    pub fn reloading(&mut self, generation: u64) {
+        if self.stopping || !self.ready || self.reloading {
+            return;
+        }
+        self.reloading = true;
+        // systemd 253+ wants the time of the request with RELOADING=1.
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000;
+        self.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading: starting generation {generation}"
+        ));
+    }
+
+    /// A reload ended without a new generation; the old one serves on.
+    pub fn rolled_back(&mut self, serving: Option<u64>, why: &str) {
+        if self.stopping || !self.reloading {
+            return;
+        }
+        self.reloading = false;
+        let status = match serving {
+            Some(g) => format!("serving generation {g}; last reload rolled back: {why}"),
+            None => format!("last reload rolled back: {why}"),
+        };
+        self.send(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
+    }
+
+    /// baton is stopping.
+    pub fn stopping(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            self.send("STOPPING=1\nSTATUS=stopping");
+        }
+    }
+}
