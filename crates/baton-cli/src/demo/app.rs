@@ -231,6 +231,15 @@ async fn serve(
     // Install the handlers first: a SIGTERM during startup must not kill the
     // process with the default action.
     let shutdown = baton::shutdown::signal().context("installing signal handlers")?;
+    // Say so when SIGUSR1 arrives (tests of signal forwarding read this).
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("installing signal handlers")?;
+    let pid = report.pid;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            eprintln!("demo-app: pid {pid} got SIGUSR1");
+        }
+    });
     if let Some(startup) = faults.startup {
         tokio::time::sleep(startup).await;
     }

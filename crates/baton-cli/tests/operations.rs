@@ -1,0 +1,387 @@
+//! Operations: a config file, systemd's notify protocol and socket
+//! activation of baton itself, Prometheus metrics, `--user`, and baton as
+//! PID 1 of a fresh pid namespace.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{Baton, LONG, baton, get};
+
+#[test]
+fn a_config_file_sets_options_and_the_command_line_wins() {
+    let builder = Baton::builder();
+    let config = builder.dir().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"web=127.0.0.1:0\"]\nready-timeout = \"7s\"\nname = \"from-file\"\ncommand = [\"{}\", \"demo-app\"]\n",
+            support::exe()
+        ),
+    )
+    .expect("config");
+    let b = Baton::builder()
+        .run_args([
+            "--config".into(),
+            config.into_os_string(),
+            "--name".into(),
+            "from-cli".into(),
+        ])
+        .command(Vec::<String>::new())
+        .start();
+    b.wait_for_event("ready", 1);
+    let listening = b.wait_for("the listener", |l| l.contains(" listening "), LONG);
+    assert!(listening.contains("name=web"), "{listening}");
+    let status = b.ctl(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON");
+    assert_eq!(json["name"], "from-cli");
+}
+
+#[test]
+fn a_bad_config_file_names_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        "listen = [\"127.0.0.1:0\"]\nstop-timeout = \"soon\"\n",
+    )
+    .expect("write");
+    let out = baton(&[
+        "run",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("baton.toml:2: stop-timeout: invalid duration \"soon\""),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(
+        &config,
+        "listen = [\"127.0.0.1:0\"]\nstop_timeout = \"1s\"\n",
+    )
+    .expect("write");
+    let out = baton(&[
+        "run",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("baton.toml:2: unknown field `stop_timeout`"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Datagrams baton sends to a fake service manager.
+fn next_message(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification from baton");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn under_systemd_baton_reports_ready_reloading_and_stopping() {
+    let builder = Baton::builder();
+    let path = builder.dir().join("notify.sock");
+    let manager = UnixDatagram::bind(&path).expect("bind");
+    manager.set_read_timeout(Some(LONG)).expect("timeout");
+    let mut b = builder
+        .run_args(["--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", path.clone().into_os_string())
+        .start();
+    let first = next_message(&manager);
+    assert!(first.contains("READY=1"), "{first}");
+    assert!(
+        first.contains(&format!("MAINPID={}", b.pid())),
+        "MAINPID stays baton: {first}"
+    );
+    assert_eq!(b.ctl(&["reload"]).code, Some(0));
+    let reloading = next_message(&manager);
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = next_message(&manager);
+    assert!(
+        ready.starts_with("READY=1") && ready.contains("generation 2"),
+        "{ready}"
+    );
+    // The app got its own NOTIFY_SOCKET, not systemd's.
+    b.signal(rustix::process::Signal::TERM);
+    let stopping = next_message(&manager);
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    assert_eq!(b.wait_exit(LONG).code(), Some(0));
+}
+
+#[test]
+fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("control.sock");
+    let mut activator = Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            "--fdname=web",
+            support::exe(),
+            "run",
+            "--control",
+        ])
+        .arg(&control)
+        .args(["--", support::exe(), "demo-app"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate");
+    let mut stderr = activator.stderr.take().expect("stderr");
+    // Wait for "Listening on"; then the first connection starts baton.
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("Listening on") {
+        assert!(
+            stderr.read(&mut byte).expect("read") == 1,
+            "activator ended early"
+        );
+        seen.push(byte[0]);
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let reply = get(port, "/", LONG).expect("served through the activated socket");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation, Some(1));
+    // baton itself is the activated process; a reload keeps the socket.
+    let out = support::run(
+        &[
+            "reload".into(),
+            "--control".into(),
+            control.clone().into_os_string(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        get(port, "/", LONG).expect("still served").generation,
+        Some(2)
+    );
+    support::send(activator.id(), rustix::process::Signal::TERM);
+    let status = activator.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn metrics_count_reloads_exits_and_durations() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let b = Baton::serving(&["--metrics", &format!("127.0.0.1:{port}")], &[]);
+    assert_eq!(b.ctl(&["reload"]).code, Some(0));
+    b.wait_for_event("exit", 1);
+    let mut body = String::new();
+    support::wait_until("metrics show the reload", LONG, || {
+        body = get(port, "/metrics", LONG)
+            .map(|r| r.body)
+            .unwrap_or_default();
+        body.contains("baton_generation 2")
+    });
+    for line in [
+        "baton_reloads_total{outcome=\"ok\"} 1",
+        "baton_reloads_total{outcome=\"rolled_back\"} 0",
+        "baton_child_exits_total{status=\"exit_0\"} 1",
+        "baton_ready_seconds_count 2",
+        "baton_drain_seconds_count 1",
+        "baton_restarts_total 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line:?} in\n{body}");
+    }
+}
+
+#[test]
+fn the_app_runs_as_another_user_on_a_port_bound_as_root() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    // A free privileged port, bound by baton as root.
+    let port = (900..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1000");
+    let builder = Baton::builder();
+    let report = builder.dir().join("report.json");
+    std::fs::set_permissions(
+        builder.dir(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let b = builder
+        .run_args(["--listen", &format!("127.0.0.1:{port}"), "--user", "nobody"])
+        .app_args(["--report".into(), report.clone().into_os_string()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", b.gen_pid(1))).expect("status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid.split_whitespace().skip(1).all(|id| id == "65534"),
+        "{uid}"
+    );
+    assert_eq!(get(port, "/", LONG).expect("serves").status, 200);
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--user",
+        "no-such-user-baton",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr.contains("unknown user \"no-such-user-baton\""),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_passes_the_exit_status() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: a new pid namespace needs root here");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("control.sock");
+    // The app leaves orphans behind (a subshell's background sleeps), and
+    // ignores SIGTERM so that the stop ends with SIGKILL: exit 128+9.
+    let script = format!(
+        "(sleep 0.1 &); (sleep 0.2 &); exec {} demo-app --ignore-term",
+        support::exe()
+    );
+    let mut child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            support::exe(),
+            "run",
+            "--log-level",
+            "debug",
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--stop-timeout",
+            "500ms",
+            "--control",
+        ])
+        .arg(&control)
+        .args(["--", "/bin/sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut wait_line = |needle: &str| -> String {
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Some(l) = lines.iter().find(|l: &&String| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => panic!("no {needle:?} in {lines:#?}"),
+            }
+        }
+    };
+    let control_line = wait_line(" control ");
+    assert!(
+        control_line.contains("pid=1"),
+        "baton is PID 1: {control_line}"
+    );
+    wait_line(" ready ");
+    let reaped = wait_line("reaped an orphan");
+    assert!(reaped.contains("status 0"), "{reaped}");
+    // From outside the namespace: the control socket still works.
+    let out = support::run(
+        &["stop".into(), "--control".into(), control.into_os_string()],
+        LONG,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let deadline = std::time::Instant::now() + LONG;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "baton did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "SIGKILL after the stop timeout: {lines:#?}"
+    );
+    let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn the_control_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Baton::serving(&[], &[]);
+    let mode = std::fs::metadata(&b.control)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // A directory baton creates for it is 0700.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nested = dir.path().join("baton").join("svc.sock");
+    let mut c = Command::new(support::exe())
+        .args(["run", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&nested)
+        .args(["--", support::exe(), "demo-app"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("baton");
+    support::wait_until("the control socket exists", LONG, || nested.exists());
+    let dir_mode = std::fs::metadata(nested.parent().expect("dir"))
+        .expect("dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let out = support::run(
+        &["stop".into(), "--control".into(), nested.into_os_string()],
+        LONG,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(c.wait().expect("wait").success());
+}

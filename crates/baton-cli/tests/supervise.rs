@@ -1,0 +1,140 @@
+//! Supervision: restart policies and the start limit, signals forwarded to
+//! the serving generation, `baton signal`, `--log-prefix`, `--watch`.
+
+mod support;
+
+use support::{Baton, LONG, get, pid_gone, wait_until};
+
+/// An app that reports ready, serves nothing, and exits with `code` after
+/// `after` seconds.
+fn exits_after(after: &str, code: u8) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("systemd-notify --ready; sleep {after}; exit {code}"),
+    ]
+}
+
+#[test]
+fn restart_never_exits_with_the_apps_status() {
+    let mut b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--restart", "never"])
+        .command(exits_after("0.2", 3))
+        .start();
+    b.wait_for_event("ready", 1);
+    assert_eq!(b.wait_exit(LONG).code(), Some(3), "{}", b.dump());
+    assert_eq!(b.count_events("spawn"), 1);
+}
+
+#[test]
+fn restart_on_failure_stops_after_a_clean_exit() {
+    let mut b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .command(exits_after("0.2", 0))
+        .start();
+    b.wait_for_event("ready", 1);
+    assert_eq!(b.wait_exit(LONG).code(), Some(0), "{}", b.dump());
+    assert_eq!(b.count_events("spawn"), 1);
+}
+
+#[test]
+fn restart_always_restarts_a_clean_exit_and_the_start_limit_ends_a_crash_loop() {
+    let mut b = Baton::builder()
+        .run_args([
+            "--listen",
+            "127.0.0.1:0",
+            "--restart",
+            "always",
+            "--restart-delay",
+            "50ms",
+            "--start-limit",
+            "3/1m",
+        ])
+        .command(exits_after("0.1", 0))
+        .start();
+    b.wait_for_event("ready", 4);
+    let status = b.wait_exit(LONG);
+    assert_eq!(status.code(), Some(1), "{}", b.dump());
+    let line = b.wait_for("the start limit", |l| l.contains("start limit hit"), LONG);
+    assert!(line.contains("3 restarts within 1m"), "{line}");
+    assert_eq!(
+        b.count_events("spawn"),
+        4,
+        "the first start and three restarts"
+    );
+}
+
+#[test]
+fn signals_are_forwarded_to_the_serving_generation_and_baton_signal_works() {
+    let b = Baton::serving(&[], &[]);
+    let pid = b.gen_pid(1);
+    b.signal(rustix::process::Signal::USR1);
+    let got = format!("pid {pid} got SIGUSR1");
+    b.wait_for("SIGUSR1 forwarded", |l| l.contains(&got), LONG);
+    let out = b.ctl(&["signal", "USR1"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("generation 1 (pid {pid})")),
+        "{out:?}"
+    );
+    wait_until("two SIGUSR1 seen", LONG, || {
+        b.lines().iter().filter(|l| l.contains(&got)).count() == 2
+    });
+    // Neither was a reload.
+    assert_eq!(b.count_events("spawn"), 1);
+}
+
+#[test]
+fn log_prefix_tags_the_apps_lines_with_its_generation() {
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--log-prefix", "--name", "probe"])
+        .start();
+    b.wait_for_event("ready", 1);
+    let pid = b.gen_pid(1);
+    let port = b.port();
+    std::thread::spawn(move || get(port, "/slow?ms=1", LONG));
+    let line = b.wait_for(
+        "a prefixed line",
+        |l| l.contains("started a 1 ms request"),
+        LONG,
+    );
+    assert!(line.starts_with("[probe gen 1] demo-app: pid "), "{line}");
+    assert!(line.contains(&pid.to_string()));
+}
+
+#[test]
+fn a_replaced_binary_is_deployed_and_a_broken_one_rolled_back() {
+    let builder = Baton::builder();
+    let app = builder.dir().join("app");
+    let write_app = |body: &str| {
+        // Deploy by copy: write aside, then rename over the watched file.
+        let tmp = app.with_extension("new");
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        std::fs::rename(&tmp, &app).expect("rename");
+    };
+    let good = format!("#!/bin/sh\nexec {} demo-app\n", support::exe());
+    write_app(&good);
+    let b = builder
+        .run_args(["--listen", "127.0.0.1:0", "--watch"])
+        .run_args([app.clone()])
+        .command([app.clone()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let old = b.gen_pid(1);
+
+    write_app(&format!("{good}# version 2\n"));
+    let reload = b.wait_for_event("reload", 2);
+    assert!(reload.contains("trigger=watch"), "{reload}");
+    b.wait_for_event("ready", 2);
+    wait_until("the old generation retired", LONG, || pid_gone(old));
+
+    write_app("#!/bin/sh\necho broken >&2\nexit 9\n");
+    let rollback = b.wait_for_event("rollback", 3);
+    assert!(rollback.contains("exited with status 9"), "{rollback}");
+    assert_eq!(
+        get(b.port(), "/", LONG).expect("still serving").generation,
+        Some(2)
+    );
+}
