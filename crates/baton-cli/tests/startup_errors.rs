@@ -140,3 +140,31 @@ fn control_commands_without_a_running_baton() {
     let out = baton(&["reload", "--control", control.to_str().expect("utf-8")]);
     assert_startup_error(&out, "no baton is running at");
 }
+
+#[test]
+fn nothing_to_listen_on_and_no_command() {
+    let out = baton(&["run", "--", "true"]);
+    assert_startup_error(&out, "nothing to listen on: give --listen ADDR");
+    let out = baton(&["run", "--listen", "127.0.0.1:0"]);
+    assert_startup_error(&out, "no command given");
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--restart",
+        "sometimes",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "invalid restart policy \"sometimes\"");
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--watch",
+        "/nonexistent/app",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "--watch /nonexistent/app");
+}
