@@ -38,7 +38,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a service: own its sockets, start it, reload it without dropping
     /// connections.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Reload a running service and wait for the outcome (exit 1 on rollback).
     Reload(ControlArgs),
     /// Show a running service's generations and reloads.
@@ -150,6 +150,30 @@ pub struct RunArgs {
     /// Tag each line the app writes to stdout/stderr with its generation.
     #[arg(long)]
     pub log_prefix: bool,
+
+    /// Proxy mode, for apps that bind their own port: baton serves the
+    /// public listeners and forwards to each generation's private loopback
+    /// port (http: requests over baton's own client connections; tcp: a
+    /// byte relay).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub proxy: Option<crate::proxy::Mode>,
+
+    /// Proxy mode: the environment variable that gives each generation its
+    /// private port; `{port}` in the command's arguments is replaced too
+    /// [default: PORT].
+    #[arg(long, value_name = "NAME")]
+    pub upstream_port_env: Option<String>,
+
+    /// Proxy mode: ready once this check passes on the private port: tcp (a
+    /// connect) or http:/PATH (a 2xx answer); READY=1 counts too
+    /// [default: tcp].
+    #[arg(long, value_name = "CHECK")]
+    pub health: Option<crate::proxy::Health>,
+
+    /// Proxy mode: how long a generation may take to pass its check
+    /// [default: --ready-timeout].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub health_timeout: Option<Duration>,
 
     /// The command to run, and its arguments.
     #[arg(

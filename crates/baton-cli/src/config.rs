@@ -48,6 +48,19 @@ pub struct RunConfig {
     pub watch: Option<PathBuf>,
     /// Whether the app's output is tagged with its generation.
     pub log_prefix: bool,
+    /// Proxy mode, if on.
+    pub proxy: Option<ProxyConfig>,
+}
+
+/// `--proxy` and its options.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// http or tcp.
+    pub mode: crate::proxy::Mode,
+    /// The variable that carries the private port (`PORT`).
+    pub port_env: String,
+    /// The readiness check.
+    pub health: crate::proxy::Health,
 }
 
 /// A listening socket baton owns.
@@ -148,18 +161,47 @@ impl RunConfig {
             })
             .transpose()?;
 
+        if args.proxy.is_none()
+            && (args.health.is_some()
+                || args.health_timeout.is_some()
+                || args.upstream_port_env.is_some())
+        {
+            return Err(StartupError::Invalid(
+                "--health, --health-timeout and --upstream-port-env need --proxy http|tcp".into(),
+            ));
+        }
+        let proxy = args.proxy.map(|mode| ProxyConfig {
+            mode,
+            port_env: args
+                .upstream_port_env
+                .clone()
+                .unwrap_or_else(|| "PORT".to_owned()),
+            health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
+        });
         let ready = args.ready.unwrap_or(ReadyMode::Notify);
-        let not_ready_hint = match &ready {
-            ReadyMode::Notify => {
+        let not_ready_hint = match (&proxy, &ready) {
+            (Some(p), _) => format!(
+                "; in proxy mode the app must listen on 127.0.0.1:${} (its private port) and pass the {} check",
+                p.port_env,
+                match &p.health {
+                    crate::proxy::Health::Tcp => "tcp".to_owned(),
+                    crate::proxy::Health::Http(path) => format!("http:{path}"),
+                }
+            ),
+            (None, ReadyMode::Notify) => {
                 "; with --ready notify the app must send READY=1 to $NOTIFY_SOCKET (sd_notify); \
                  use --ready delay:DURATION for apps that cannot"
                     .to_owned()
             }
-            _ => String::new(),
+            (None, _) => String::new(),
         };
         let defaults = PolicyConfig::default();
         let policy = PolicyConfig {
-            ready_timeout: args.ready_timeout.unwrap_or(defaults.ready_timeout),
+            ready_timeout: args
+                .health_timeout
+                .filter(|_| proxy.is_some())
+                .or(args.ready_timeout)
+                .unwrap_or(defaults.ready_timeout),
             stop_timeout: args.stop_timeout.unwrap_or(defaults.stop_timeout),
             stop_signal: args.stop_signal.unwrap_or(defaults.stop_signal),
             restart: args.restart.unwrap_or(defaults.restart),
@@ -183,6 +225,7 @@ impl RunConfig {
             metrics,
             watch: args.watch,
             log_prefix: args.log_prefix,
+            proxy,
         })
     }
 }

@@ -46,6 +46,10 @@ struct Raw {
     log_prefix: Option<bool>,
     log_level: Option<String>,
     command: Option<Vec<String>>,
+    proxy: Option<crate::proxy::Mode>,
+    upstream_port_env: Option<String>,
+    health: Option<Spanned<String>>,
+    health_timeout: Option<Spanned<String>>,
 }
 
 /// The file's settings, parsed.
@@ -134,6 +138,10 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
             .into_iter()
             .map(OsString::from)
             .collect(),
+        proxy: raw.proxy,
+        upstream_port_env: raw.upstream_port_env,
+        health: field!("health", raw.health, crate::proxy::Health::from_str),
+        health_timeout: field!("health-timeout", raw.health_timeout, spec::parse_duration),
     };
     Ok(FileSettings {
         args,
@@ -171,6 +179,10 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         } else {
             cli.command
         },
+        proxy: cli.proxy.or(file.proxy),
+        upstream_port_env: cli.upstream_port_env.or(file.upstream_port_env),
+        health: cli.health.or(file.health),
+        health_timeout: cli.health_timeout.or(file.health_timeout),
     }
 }
 

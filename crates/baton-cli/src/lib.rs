@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod guardian;
+pub mod proxy;
 pub mod spec;
 pub mod sys;
 
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let inherited = baton::listeners().map_err(|e| {
                 error::StartupError::Invalid(format!("sockets passed to baton: {e}"))
             })?;
+            let args = *args;
             let (args, file_level) = match &args.config {
                 Some(path) => {
                     let file = config_file::load(path)?;

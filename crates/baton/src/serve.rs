@@ -24,6 +24,7 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -214,11 +215,12 @@ where
                     report.connections += 1;
                     // Latency matters more than packet count for request/response.
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(stream, service.clone(), draining.clone(), drain.idle_grace));
+                    let peer = stream.peer_addr().ok();
+                    conns.spawn(connection(stream, peer, service.clone(), draining.clone(), drain.idle_grace));
                 }
                 Ok(Accepted::Unix(stream)) => {
                     report.connections += 1;
-                    conns.spawn(connection(stream, service.clone(), draining.clone(), drain.idle_grace));
+                    conns.spawn(connection(stream, None, service.clone(), draining.clone(), drain.idle_grace));
                 }
                 // Out of fds or a connection reset before accept: back off
                 // briefly instead of spinning, and keep serving.
@@ -266,6 +268,7 @@ async fn accept(listener: &AsyncListener) -> io::Result<Accepted> {
 /// idle for `idle_grace` (or after a `Connection: close` response).
 async fn connection<I, S, B>(
     io: I,
+    peer: Option<SocketAddr>,
     service: S,
     mut draining: watch::Receiver<bool>,
     idle_grace: Duration,
@@ -283,6 +286,7 @@ async fn connection<I, S, B>(
         inner: service,
         activity: Arc::clone(&activity),
         draining: draining.clone(),
+        peer: peer.map(PeerAddr),
     };
     let conn = http1::Builder::new()
         .serve_connection(TokioIo::new(io), tracked)
@@ -363,13 +367,20 @@ impl Drop for InFlight {
     }
 }
 
-/// Wraps the app's service: tracks activity, and adds `Connection: close` to
-/// responses once draining has begun.
+/// The client's address, in every request's extensions (TCP listeners
+/// only): `req.extensions().get::<PeerAddr>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Wraps the app's service: tracks activity, adds the peer address to each
+/// request, and adds `Connection: close` to responses once draining has
+/// begun.
 #[derive(Debug)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
     draining: watch::Receiver<bool>,
+    peer: Option<PeerAddr>,
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
@@ -381,7 +392,10 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(peer);
+        }
         let guard = InFlight::start(Arc::clone(&self.activity));
         let response = self.inner.call(req);
         let draining = self.draining.clone();

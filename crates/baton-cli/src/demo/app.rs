@@ -299,21 +299,23 @@ struct App {
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let path = req.uri().path();
-        let body = match path {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = |key: &str| {
+            req.uri()
+                .query()
+                .and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                })
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let body = match req.uri().path() {
             "/" => format!(
                 "hello from generation {} (pid {})\n",
                 self.generation, self.pid
             ),
             "/slow" => {
-                let ms = req
-                    .uri()
-                    .query()
-                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1000)
-                    .min(600_000);
+                let ms = query("ms").unwrap_or(1000).min(600_000);
                 // Tests wait for this line to know the request arrived.
                 eprintln!("demo-app: pid {} started a {ms} ms request", self.pid);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -323,6 +325,51 @@ impl App {
                 )
             }
             "/report" => self.report.clone(),
+            // The request's headers, one per line (proxy tests).
+            "/headers" => req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+                .collect(),
+            // N bytes of a repeating pattern (large downloads).
+            "/bytes" => {
+                let n = query("n").unwrap_or(1024).min(256 << 20) as usize;
+                let data: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut res = self.respond(StatusCode::OK, String::new());
+                *res.body_mut() = Full::new(Bytes::from(data));
+                return res;
+            }
+            // The request body's length and byte sum (large uploads).
+            "/echo" => {
+                use http_body_util::BodyExt;
+                match req.into_body().collect().await {
+                    Ok(body) => {
+                        let bytes = body.to_bytes();
+                        let sum: u64 = bytes.iter().map(|b| u64::from(*b)).sum();
+                        format!("{} bytes, sum {sum}\n", bytes.len())
+                    }
+                    Err(e) => format!("body error: {e}\n"),
+                }
+            }
+            // Upgrade to a byte-echo protocol (how WebSocket handshakes go).
+            "/upgrade" => {
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = upgrade.await {
+                        let (mut r, mut w) =
+                            tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                });
+                let mut res = self.respond(StatusCode::SWITCHING_PROTOCOLS, String::new());
+                res.headers_mut()
+                    .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+                res.headers_mut().insert(
+                    "connection",
+                    hyper::header::HeaderValue::from_static("upgrade"),
+                );
+                return res;
+            }
             _ => {
                 return self.respond(StatusCode::NOT_FOUND, "not found\n".to_owned());
             }

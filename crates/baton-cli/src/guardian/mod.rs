@@ -67,6 +67,10 @@ enum Event {
     },
     /// The `--watch` file was replaced.
     Watched,
+    /// Proxy mode: a generation passed its health check.
+    Healthy(u64),
+    /// Proxy mode: nothing is in flight any more to a retired generation.
+    Drained(u64),
 }
 
 /// Who a child pid is.
@@ -86,6 +90,10 @@ struct Live {
     self_bound: Vec<std::net::SocketAddr>,
     /// When it was asked to stop after its successor became ready.
     retired_at: Option<Instant>,
+    /// Proxy mode: how the proxy reaches it.
+    upstream: Option<std::sync::Arc<crate::proxy::Upstream>>,
+    /// Proxy mode: the stop signal held back until its traffic drained.
+    pending_stop: Option<Signal>,
 }
 
 impl Drop for Live {
@@ -152,6 +160,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
         .user
         .as_ref()
         .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid);
+    let proxy = match &cfg.proxy {
+        None => None,
+        Some(p) => {
+            let shared = crate::proxy::Proxy::new(cfg.policy.ready_timeout);
+            let fds = cfg
+                .listeners
+                .iter()
+                .map(|l| Ok((l.fd.try_clone()?, l.local.starts_with("unix:"))))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("duplicating the listeners for the proxy")?;
+            let drain = baton::serve::Drain {
+                idle_grace: Duration::from_millis(500),
+                deadline: cfg.policy.stop_timeout,
+            };
+            let handle = crate::proxy::start(p.mode, fds, std::sync::Arc::clone(&shared), drain)
+                .context("starting the proxy")?;
+            info!(mode = ?p.mode, port_env = %p.port_env, "proxy");
+            Some((shared, handle))
+        }
+    };
     let now = Instant::now();
     let listener_inodes = std::sync::Arc::new(
         cfg.listeners
@@ -160,6 +188,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
             .collect(),
     );
     let mut g = Guardian {
+        proxy,
+        failed_hint: None,
         listener_inodes,
         metrics,
         upstream: upstream::Upstream::default(),
@@ -201,6 +231,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
             Some(event) = events.recv() => g.event(event),
             () = sleep => {
                 g.event_at = Instant::now();
+                g.stash_proxy_hints();
                 let actions = g.policy.tick(g.event_at);
                 g.apply(actions);
             }
@@ -248,6 +279,10 @@ impl Signals {
 }
 
 struct Guardian {
+    /// Proxy mode: the shared current generation, and the proxy's thread.
+    proxy: Option<(std::sync::Arc<crate::proxy::Proxy>, crate::proxy::Handle)>,
+    /// Proxy mode: why the last generation that failed its check failed.
+    failed_hint: Option<String>,
     /// The `/metrics` snapshot.
     metrics: metrics::Shared,
     /// What systemd (if it runs baton) has been told.
@@ -303,10 +338,57 @@ impl Guardian {
         }
     }
 
-    /// Refreshes what `/metrics` and systemd see.
+    /// Proxy mode: new traffic goes to the serving generation (or, while
+    /// none serves, waits for one).
+    fn sync_proxy(&self) {
+        let Some((proxy, _)) = &self.proxy else {
+            return;
+        };
+        let desired = self
+            .policy
+            .serving()
+            .and_then(|g| self.live.get(&g))
+            .and_then(|l| l.upstream.clone());
+        let current = proxy.current();
+        let same = match (&desired, &current) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            if let Some(up) = &desired {
+                info!(generation = up.generation, addr = %up.addr, "switch");
+            }
+            proxy.switch(desired);
+        }
+    }
+
+    /// Proxy mode: a retired generation's traffic is done; stop it now.
+    fn drained(&mut self, generation: u64) {
+        let Some(live) = self.live.get_mut(&generation) else {
+            return;
+        };
+        let Some(signal) = live.pending_stop.take() else {
+            return;
+        };
+        let pid = live.pid;
+        let waited = live
+            .retired_at
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        if let Err(e) = sys::signal::send(pid, signal) {
+            warn!(generation, pid, %signal, error = %e, "cannot signal generation");
+        }
+        info!(generation, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
+    }
+
+    /// Refreshes what `/metrics`, the proxy and systemd see.
     fn publish(&mut self) {
+        self.sync_proxy();
         if self.policy.is_stopping() {
             self.upstream.stopping();
+            if let Some((_, handle)) = &self.proxy {
+                handle.stop();
+            }
         }
         if let Ok(mut m) = self.metrics.lock() {
             let stats = self.policy.stats();
@@ -357,6 +439,11 @@ impl Guardian {
                 self.apply(actions);
             }
             Event::RunCheck(generation) => self.run_check(generation),
+            Event::Healthy(generation) => {
+                let actions = self.policy.ready(self.event_at, generation);
+                self.apply(actions);
+            }
+            Event::Drained(generation) => self.drained(generation),
             Event::Watched => {
                 let actions = self.policy.trigger(self.event_at, Trigger::Watch, None);
                 self.apply(actions);
@@ -379,6 +466,11 @@ impl Guardian {
             self.event_at = Instant::now();
             match self.pids.remove(&pid) {
                 Some(Owner::Generation(generation)) => {
+                    if self.policy.phase(generation) == Some(Phase::Starting)
+                        && let Some(live) = self.live.get(&generation)
+                    {
+                        self.failed_hint = self.proxy_hint(generation, live);
+                    }
                     if let Some(live) = self.live.remove(&generation)
                         && let Ok(mut m) = self.metrics.lock()
                     {
@@ -459,6 +551,35 @@ impl Guardian {
                     pid,
                     signal,
                     cause,
+                } if cause == SignalCause::Retire
+                    && self
+                        .live
+                        .get(&generation)
+                        .is_some_and(|l| l.upstream.is_some()) =>
+                {
+                    // Proxy mode: switch first, then hold the stop signal
+                    // until nothing is in flight to the old generation.
+                    self.sync_proxy();
+                    if let Some(live) = self.live.get_mut(&generation) {
+                        live.pending_stop = Some(signal);
+                        live.retired_at = Some(Instant::now());
+                        if let Some(upstream) = &live.upstream {
+                            info!(
+                                generation,
+                                pid,
+                                in_flight = upstream.active(),
+                                handover_us = self.event_at.elapsed().as_micros() as u64,
+                                "retire: no new traffic; stop signal once in-flight requests finish"
+                            );
+                            upstream.retire();
+                        }
+                    }
+                }
+                Action::Signal {
+                    generation,
+                    pid,
+                    signal,
+                    cause,
                 } => {
                     if let Err(e) = sys::signal::send(pid, signal) {
                         warn!(generation, pid, %signal, error = %e, "cannot signal generation");
@@ -489,7 +610,10 @@ impl Guardian {
                             },
                             _,
                         ) => {
-                            self.inspect(*generation, *pid);
+                            self.sync_proxy();
+                            if self.proxy.is_none() {
+                                self.inspect(*generation, *pid);
+                            }
                             self.upstream.serving(*generation);
                             if let Ok(mut m) = self.metrics.lock() {
                                 m.ready(*ready_after);
@@ -501,7 +625,11 @@ impl Guardian {
                             },
                             Response::RolledBack { message, .. },
                         ) => {
-                            if let Some(hint) = self.self_bound_hint() {
+                            let hint = match &self.proxy {
+                                Some(_) => self.failed_hint.take(),
+                                None => self.self_bound_hint(),
+                            };
+                            if let Some(hint) = hint {
                                 warn!("hint: {hint}");
                                 message.push_str("; ");
                                 message.push_str(&hint);
@@ -522,6 +650,9 @@ impl Guardian {
     /// Starts generation `generation`: its notification socket, environment
     /// and fds, then fork/exec.
     fn spawn(&mut self, generation: u64) -> std::io::Result<i32> {
+        if self.cfg.proxy.is_some() {
+            return self.spawn_behind_proxy(generation);
+        }
         let notify = NotifySocket::bind(generation)?;
         let mut env = self.cfg.base_env.clone();
         let names: Vec<&str> = self.cfg.listeners.iter().map(|l| l.name.as_str()).collect();
@@ -598,6 +729,8 @@ impl Guardian {
             check: None,
             self_bound: Vec::new(),
             retired_at: None,
+            upstream: None,
+            pending_stop: None,
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -618,6 +751,153 @@ impl Guardian {
         }
         self.live.insert(generation, live);
         Ok(pid)
+    }
+
+    /// Proxy mode: starts generation `generation` on a private port of its
+    /// own, and checks it until it answers there.
+    fn spawn_behind_proxy(&mut self, generation: u64) -> std::io::Result<i32> {
+        let Some(proxy_cfg) = self.cfg.proxy.clone() else {
+            return Err(std::io::Error::other("not in proxy mode"));
+        };
+        let port = crate::proxy::private_port()?;
+        let addr = crate::proxy::private_addr(port);
+        let notify = NotifySocket::bind(generation)?;
+        let mut env = self.cfg.base_env.clone();
+        env.retain(|(k, _)| k != proxy_cfg.port_env.as_str());
+        env.push((proxy_cfg.port_env.clone().into(), port.to_string().into()));
+        env.push((vars::NOTIFY_SOCKET.into(), notify.address.clone().into()));
+        env.push((vars::BATON_GENERATION.into(), generation.to_string().into()));
+        let args: Vec<OsString> = self
+            .cfg
+            .args
+            .iter()
+            .map(|a| match a.to_str() {
+                Some(text) if text.contains("{port}") => {
+                    text.replace("{port}", &port.to_string()).into()
+                }
+                _ => a.clone(),
+            })
+            .collect();
+        let pipes = if self.cfg.log_prefix {
+            Some(output::pipes(&self.cfg.name, generation)?)
+        } else {
+            None
+        };
+        let pid = sys::spawn::spawn(&sys::spawn::Command {
+            program: &self.cfg.program,
+            args: &args,
+            env: &env,
+            fds: &[],
+            listen_pid: false,
+            stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
+            stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
+            user: self.ids.as_ref(),
+        })?;
+        drop(pipes);
+        info!(
+            generation,
+            pid,
+            port,
+            spawn_us = self.event_at.elapsed().as_micros() as u64,
+            "spawn"
+        );
+        self.pids.insert(pid, Owner::Generation(generation));
+
+        let events = self.events.clone();
+        let upstream = crate::proxy::Upstream::new(
+            generation,
+            addr,
+            Box::new(move |g| {
+                let _ = events.send(Event::Drained(g));
+            }),
+        );
+        let events = self.events.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(datagram) = notify.recv().await {
+                if events
+                    .send(Event::Notify {
+                        generation,
+                        datagram,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Check the private port until it answers; meanwhile, look for the
+        // app listening somewhere else (ignoring $PORT).
+        let events = self.events.clone();
+        let health = proxy_cfg.health.clone();
+        let checker = tokio::spawn(async move {
+            let mut looked = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if health.passes(addr).await {
+                    let _ = events.send(Event::Healthy(generation));
+                    return;
+                }
+                if looked.elapsed() >= Duration::from_millis(500) {
+                    looked = Instant::now();
+                    let found = tokio::task::spawn_blocking(move || {
+                        sys::inspect::own_listeners(pid, &std::collections::HashSet::new())
+                    })
+                    .await
+                    .unwrap_or_default();
+                    let elsewhere: Vec<_> =
+                        found.into_iter().filter(|a| a.port() != port).collect();
+                    if !elsewhere.is_empty() {
+                        let _ = events.send(Event::SelfBound {
+                            generation,
+                            addrs: elsewhere,
+                        });
+                    }
+                }
+            }
+        });
+        self.live.insert(
+            generation,
+            Live {
+                pid,
+                tasks: vec![reader.abort_handle(), checker.abort_handle()],
+                check: None,
+                self_bound: Vec::new(),
+                retired_at: None,
+                upstream: Some(upstream),
+                pending_stop: None,
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Proxy mode: before a tick may time out a starting generation, keep
+    /// the hint about it.
+    fn stash_proxy_hints(&mut self) {
+        if self.proxy.is_none() {
+            return;
+        }
+        if let Some(generation) = self.policy.starting()
+            && let Some(live) = self.live.get(&generation)
+        {
+            self.failed_hint = self.proxy_hint(generation, live);
+        }
+    }
+
+    /// Proxy mode: why a generation that never passed its check failed.
+    fn proxy_hint(&self, generation: u64, live: &Live) -> Option<String> {
+        let proxy = self.cfg.proxy.as_ref()?;
+        let port = live.upstream.as_ref()?.addr.port();
+        let elsewhere = if live.self_bound.is_empty() {
+            String::new()
+        } else {
+            let addrs: Vec<String> = live.self_bound.iter().map(ToString::to_string).collect();
+            format!(" but bound {} itself", addrs.join(", "))
+        };
+        Some(format!(
+            "generation {generation} was given {}={port}{elsewhere}; in proxy mode it must listen on \
+             127.0.0.1:${} (an app that binds the public address itself fails with 'address already in use')",
+            proxy.port_env, proxy.port_env
+        ))
     }
 
     /// Looks, off the loop, for ports a ready generation binds by itself.

@@ -1,0 +1,358 @@
+//! `--proxy http`: an HTTP/1.1 reverse proxy in front of the current
+//! generation. Client connections are served by the library's lame-duck
+//! server (`baton::serve`), so baton's own stop drains them gently; each
+//! request goes to whichever generation is current when it arrives, over a
+//! pooled keep-alive connection to that generation's private port.
+//!
+//! Bodies stream both ways (nothing is buffered); `Upgrade` requests
+//! (WebSocket) are spliced once both sides agreed (101). `Host` is kept;
+//! `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` are added.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self as client, SendRequest};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::upstream::Active;
+use super::{Proxy, Upstream};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the proxy answers with.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// The proxy as a hyper service.
+#[derive(Debug, Clone)]
+pub struct HttpProxy {
+    proxy: Arc<Proxy>,
+}
+
+impl HttpProxy {
+    /// A service forwarding to `proxy`'s current generation.
+    pub fn new(proxy: Arc<Proxy>) -> HttpProxy {
+        HttpProxy { proxy }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpProxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let proxy = Arc::clone(&self.proxy);
+        Box::pin(async move { Ok(forward(&proxy, req).await) })
+    }
+}
+
+/// Forwards one request; retries once if none of it reached a generation.
+async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let peer = req
+        .extensions()
+        .get::<baton::serve::PeerAddr>()
+        .map(|p| p.0);
+    let upgrade = is_upgrade(req.headers());
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    prepare_request(&mut req, peer, upgrade);
+
+    let mut upstream = match proxy.current() {
+        Some(u) => u,
+        None => match proxy.next(None).await {
+            Some(u) => u,
+            None => return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving"),
+        },
+    };
+    let mut retried = false;
+    loop {
+        let active = upstream.enter();
+        let mut sender = match upstream.checkout() {
+            Some(sender) => sender,
+            None => match connect(upstream.addr).await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    drop(active);
+                    // Nothing was sent: try the current generation once more
+                    // (waiting for one if this one is gone).
+                    if !retried {
+                        retried = true;
+                        proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        if let Some(next) = proxy.next(Some(&upstream)).await {
+                            upstream = next;
+                            continue;
+                        }
+                    }
+                    let why = format!(
+                        "generation {} at {}: {e}",
+                        upstream.generation, upstream.addr
+                    );
+                    proxy
+                        .counters
+                        .upstream_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return error(StatusCode::BAD_GATEWAY, &why);
+                }
+            },
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                let proxy = Arc::clone(proxy);
+                return respond(response, sender, active, upstream, client_side, proxy).await;
+            }
+            Err(mut e) => match e.take_message() {
+                // The request never left: a pooled connection was closed.
+                Some(unsent) if !retried => {
+                    debug!(generation = upstream.generation, error = %e.error(), "retrying an unsent request");
+                    retried = true;
+                    proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    req = unsent;
+                    upstream = proxy.current().unwrap_or(upstream);
+                }
+                _ => {
+                    let why = format!("generation {}: {}", upstream.generation, e.error());
+                    proxy
+                        .counters
+                        .upstream_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return error(StatusCode::BAD_GATEWAY, &why);
+                }
+            },
+        }
+    }
+}
+
+/// Passes the generation's answer on; the connection goes back to the pool
+/// once the body has been relayed in full.
+async fn respond(
+    mut response: Response<Incoming>,
+    sender: SendRequest<Incoming>,
+    active: Active,
+    upstream: Arc<Upstream>,
+    client_side: Option<hyper::upgrade::OnUpgrade>,
+    proxy: Arc<Proxy>,
+) -> Response<ProxyBody> {
+    let generation = upstream.generation;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_side
+    {
+        let upstream_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let _active = active;
+            if let (Ok(client), Ok(server)) = (client_side.await, upstream_side.await) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(server),
+                )
+                .await;
+            }
+            drop(sender);
+        });
+        let (parts, _) = response.into_parts();
+        let mut out = Response::from_parts(parts, empty());
+        stamp(out.headers_mut(), generation);
+        return out;
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    stamp(&mut parts.headers, generation);
+    let body = Relayed {
+        inner: body,
+        sender: Some(sender),
+        upstream,
+        active: Some(active),
+        proxy,
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// `x-baton-generation` on answers whose app did not set it.
+fn stamp(headers: &mut HeaderMap, generation: u64) {
+    let name = HeaderName::from_static("x-baton-generation");
+    if !headers.contains_key(&name) {
+        headers.insert(name, HeaderValue::from(generation));
+    }
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<Incoming>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = client::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// Headers meaningful for one hop only (RFC 9110 §7.6.1), plus those named
+/// in `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Hop-by-hop headers out (but the upgrade handshake), forwarding headers in.
+fn prepare_request(req: &mut Request<Incoming>, peer: Option<SocketAddr>, upgrade: bool) {
+    let headers = req.headers_mut();
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    if upgrade && let Some(protocol) = upgrade_to {
+        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let Some(peer) = peer {
+        let ip = peer.ip().to_canonical();
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(xff, v);
+        }
+        let node = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| format!(";host=\"{h}\""))
+            .unwrap_or_default();
+        let element = format!("for={node};proto=http{host}");
+        let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {element}"),
+            None => element,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+    headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static("http"));
+}
+
+fn empty() -> ProxyBody {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+fn error(status: StatusCode, why: &str) -> Response<ProxyBody> {
+    let body = http_body_util::Full::new(Bytes::from(format!("baton proxy: {why}\n")))
+        .map_err(|e| match e {})
+        .boxed();
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    res
+}
+
+/// A generation's answer body on its way to the client: counts as in flight
+/// until done, then returns the connection to the pool.
+struct Relayed {
+    inner: Incoming,
+    sender: Option<SendRequest<Incoming>>,
+    upstream: Arc<Upstream>,
+    active: Option<Active>,
+    proxy: Arc<Proxy>,
+}
+
+impl Relayed {
+    fn finish(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.upstream.checkin(sender);
+        }
+        self.active.take();
+    }
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.finish(),
+            // A broken upstream body: the connection is not reusable.
+            Some(Err(_)) => {
+                self.sender.take();
+                self.active.take();
+                self.proxy
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        // An empty body may never be polled; it is complete all the same.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Proxy mode (`--proxy http|tcp`): for apps that bind their own port and
+//! will never read `LISTEN_FDS`. baton keeps the public listeners and
+//! accepts every client connection itself; each generation listens on a
+//! private loopback port of its own (handed in `$PORT`); new traffic goes to
+//! the generation that is current, switched atomically when a new one is
+//! ready.
+//!
+//! Invariants:
+//! - a client connection belongs to baton, never to a generation: after a
+//!   switch its next request goes to the new generation, so a reload never
+//!   closes a connection under a client (HTTP mode);
+//! - a retired generation gets its stop signal only once nothing baton sent
+//!   it is still in flight (or at the stop timeout);
+//! - a request is retried (once) only when no byte of it reached the
+//!   generation: a refused connect, or a pooled connection found closed.
+//!
+//! The proxy runs on its own multi-threaded runtime, in its own thread, so
+//! the data path uses every core while the guardian's event loop stays
+//! single-threaded. They talk through [`Proxy`] (shared, lock-light) and the
+//! guardian's event channel (drained upstreams).
+
+pub mod http;
+pub mod tcp;
+pub mod upstream;
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use upstream::Upstream;
+
+/// Which protocol the proxy speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// HTTP/1.1: client connections are baton's; requests go to the
+    /// current generation.
+    Http,
+    /// A byte relay for any protocol; a connection stays with the generation
+    /// it was paired with.
+    Tcp,
+}
+
+/// The generation new traffic goes to, shared by the guardian (which
+/// switches it) and the proxy (which reads it on every request).
+#[derive(Debug)]
+pub struct Proxy {
+    current: watch::Sender<Option<Arc<Upstream>>>,
+    /// How long a request waits for a generation when none can take it.
+    pub wait: Duration,
+    /// For metrics.
+    pub counters: Counters,
+}
+
+impl Proxy {
+    /// A proxy with no generation yet.
+    pub fn new(wait: Duration) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            current: watch::Sender::new(None),
+            wait,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The current generation, if one is serving.
+    pub fn current(&self) -> Option<Arc<Upstream>> {
+        self.current.borrow().clone()
+    }
+
+    /// Sends new traffic to `upstream` from now on (or to nobody).
+    pub fn switch(&self, upstream: Option<Arc<Upstream>>) {
+        self.current.send_replace(upstream);
+    }
+
+    /// The current generation other than `failed`: waits (up to
+    /// [`Proxy::wait`]) for a switch when there is none, as clients of a
+    /// socket-passing reload wait in the accept queue.
+    pub async fn next(&self, failed: Option<&Arc<Upstream>>) -> Option<Arc<Upstream>> {
+        let usable = |u: &Option<Arc<Upstream>>| match (u, failed) {
+            (Some(u), Some(f)) => !Arc::ptr_eq(u, f),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let mut rx = self.current.subscribe();
+        let found = tokio::time::timeout(self.wait, rx.wait_for(usable)).await;
+        match found {
+            Ok(Ok(current)) => current.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// A free loopback port for a generation to listen on. The port is
+/// released before the app binds it; another process taking it in between
+/// makes that generation fail its check and roll back.
+pub fn private_port() -> std::io::Result<u16> {
+    Ok(StdTcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// The address of a generation's private port.
+pub fn private_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// How a generation is checked for readiness in proxy mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// A TCP connect to its private port succeeds.
+    Tcp,
+    /// `GET PATH` on its private port answers 2xx.
+    Http(String),
+}
+
+impl std::str::FromStr for Health {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Health::Tcp),
+            _ => match s.strip_prefix("http:") {
+                Some(path) if path.starts_with('/') => Ok(Health::Http(path.to_owned())),
+                _ => Err(format!(
+                    "invalid health check {s:?}: expected tcp or http:/PATH"
+                )),
+            },
+        }
+    }
+}
+
+impl Health {
+    /// Checks the generation at `addr` once.
+    pub async fn passes(&self, addr: SocketAddr) -> bool {
+        let check = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let Health::Http(path) = self else {
+                return Some(());
+            };
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut head = [0u8; 16];
+            let n = stream.read(&mut head).await.ok()?;
+            // "HTTP/1.1 2xx"
+            let status = head.get(..n)?.get(9..10)?;
+            (status == b"2").then_some(())
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), check).await,
+            Ok(Some(()))
+        )
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests (HTTP) or connections (TCP) retried on another attempt.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Requests answered 502/503 by the proxy, or cut by a broken upstream.
+    pub upstream_errors: std::sync::atomic::AtomicU64,
+}
+
+/// The proxy's thread: stop it to drain client connections.
+#[derive(Debug)]
+pub struct Handle {
+    stop: watch::Sender<bool>,
+}
+
+impl Handle {
+    /// Stops accepting and drains client connections (HTTP: lame duck).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Starts the proxy on its own runtime and thread, serving `listeners`
+/// (duplicates of baton's; `true` marks a Unix socket).
+pub fn start(
+    mode: Mode,
+    listeners: Vec<(std::os::fd::OwnedFd, bool)>,
+    proxy: Arc<Proxy>,
+    drain: baton::serve::Drain,
+) -> std::io::Result<Handle> {
+    let (stop, mut stopped) = watch::channel(false);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("baton-proxy")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("baton-proxy".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listeners: Vec<baton::serve::AsyncListener> = listeners
+                    .into_iter()
+                    .filter_map(|(fd, unix)| {
+                        let listener = if unix {
+                            baton::Listener::Unix(std::os::unix::net::UnixListener::from(fd))
+                        } else {
+                            baton::Listener::Tcp(StdTcpListener::from(fd))
+                        };
+                        baton::serve::AsyncListener::from_listener(listener).ok()
+                    })
+                    .collect();
+                match mode {
+                    Mode::Http => {
+                        let service = http::HttpProxy::new(proxy);
+                        let stop = async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        };
+                        let _ = baton::serve::serve(listeners, service, stop, drain).await;
+                    }
+                    Mode::Tcp => tcp::serve(listeners, proxy, stopped).await,
+                }
+            });
+        })?;
+    Ok(Handle { stop })
+}

@@ -1,0 +1,102 @@
+//! `--proxy tcp`: a layer-4 relay for any protocol. Each accepted client
+//! connection is paired with a new connection to the current generation and
+//! the bytes are copied both ways; a connection stays with the generation it
+//! was paired with until either side closes it (or that generation is
+//! killed at the stop timeout).
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use super::Proxy;
+use baton::serve::AsyncListener;
+
+/// Accepts on `listeners` and relays until `stop` turns true; then stops
+/// accepting (relays in progress go on).
+pub async fn serve(listeners: Vec<AsyncListener>, proxy: Arc<Proxy>, stop: watch::Receiver<bool>) {
+    let mut loops = JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept_loop(listener, Arc::clone(&proxy), stop.clone()));
+    }
+    while loops.join_next().await.is_some() {}
+}
+
+async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            accepted = accept(&listener) => match accepted {
+                Ok(Client::Tcp(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(relay(stream, Arc::clone(&proxy)));
+                }
+                Ok(Client::Unix(stream)) => {
+                    tokio::spawn(relay(stream, Arc::clone(&proxy)));
+                }
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+enum Client {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &AsyncListener) -> std::io::Result<Client> {
+    match listener {
+        AsyncListener::Tcp(l) => l.accept().await.map(|(s, _)| Client::Tcp(s)),
+        AsyncListener::Unix(l) => l.accept().await.map(|(s, _)| Client::Unix(s)),
+        _ => std::future::pending().await,
+    }
+}
+
+/// Pairs one client connection with the current generation and copies.
+async fn relay<C>(mut client: C, proxy: Arc<Proxy>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(mut upstream) = (match proxy.current() {
+        Some(u) => Some(u),
+        None => proxy.next(None).await,
+    }) else {
+        return;
+    };
+    let mut retried = false;
+    loop {
+        let active = upstream.enter();
+        match TcpStream::connect(upstream.addr).await {
+            Ok(mut server) => {
+                let _ = server.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                drop(active);
+                return;
+            }
+            Err(e) => {
+                drop(active);
+                // Nothing was sent: the current generation, once more.
+                if !retried {
+                    retried = true;
+                    if let Some(next) = proxy.next(Some(&upstream)).await {
+                        upstream = next;
+                        continue;
+                    }
+                }
+                debug!(generation = upstream.generation, error = %e, "cannot reach the generation; closing the client connection");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! One generation as the proxy sees it: its private address, what is in
+//! flight to it, and (HTTP) its idle keep-alive connections.
+//!
+//! Retiring an upstream drops its idle connections and, once nothing is in
+//! flight, reports it drained exactly once: the guardian then sends the
+//! generation its stop signal.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+/// Called with the generation number when a retired upstream is drained.
+pub type OnDrained = Box<dyn Fn(u64) + Send + Sync>;
+
+/// A generation behind the proxy.
+pub struct Upstream {
+    /// Its generation number.
+    pub generation: u64,
+    /// Its private address.
+    pub addr: SocketAddr,
+    active: AtomicUsize,
+    retired: AtomicBool,
+    reported: AtomicBool,
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    on_drained: OnDrained,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("generation", &self.generation)
+            .field("addr", &self.addr)
+            .field("active", &self.active())
+            .field("retired", &self.retired.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+/// Marks one request or connection in flight to an upstream while alive.
+#[derive(Debug)]
+pub struct Active(Arc<Upstream>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.retired.load(Ordering::SeqCst)
+        {
+            self.0.report();
+        }
+    }
+}
+
+impl Upstream {
+    /// A new upstream for `generation` at `addr`.
+    pub fn new(generation: u64, addr: SocketAddr, on_drained: OnDrained) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            generation,
+            addr,
+            active: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            on_drained,
+        })
+    }
+
+    /// Counts something in flight until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> Active {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Active(Arc::clone(self))
+    }
+
+    /// How much is in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Whether it was retired.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// No new traffic; report drained once nothing is in flight.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.idle.lock().map(|mut idle| idle.clear()).ok();
+        if self.active() == 0 {
+            self.report();
+        }
+    }
+
+    fn report(&self) {
+        if !self.reported.swap(true, Ordering::SeqCst) {
+            (self.on_drained)(self.generation);
+        }
+    }
+
+    /// An idle keep-alive connection to it, if one is still open.
+    pub fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose last exchange completed, for reuse.
+    pub fn checkin(&self, sender: SendRequest<Incoming>) {
+        if self.is_retired() || sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < 1024
+        {
+            idle.push(sender);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn drained_is_reported_once_when_the_last_request_ends() {
+        let reported = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&reported);
+        let u = Upstream::new(
+            7,
+            "127.0.0.1:1".parse().unwrap(),
+            Box::new(move |g| {
+                seen.fetch_add(g, Ordering::SeqCst);
+            }),
+        );
+        let a = u.enter();
+        let b = u.enter();
+        u.retire();
+        assert_eq!(reported.load(Ordering::SeqCst), 0, "two in flight");
+        drop(a);
+        assert_eq!(reported.load(Ordering::SeqCst), 0, "one in flight");
+        drop(b);
+        assert_eq!(reported.load(Ordering::SeqCst), 7);
+        drop(u.enter());
+        assert_eq!(reported.load(Ordering::SeqCst), 7, "reported once");
+    }
+
+    #[test]
+    fn an_idle_upstream_is_drained_at_once() {
+        let reported = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&reported);
+        let u = Upstream::new(
+            1,
+            "127.0.0.1:1".parse().unwrap(),
+            Box::new(move |_| seen.store(true, Ordering::SeqCst)),
+        );
+        u.retire();
+        assert!(reported.load(Ordering::SeqCst));
+    }
+}
