@@ -175,6 +175,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub health_timeout: Option<Duration>,
 
+    /// Proxy mode: threads serving the proxy, each keeping its connections
+    /// to itself [default: half the cores, at least 1].
+    #[arg(long, value_name = "N")]
+    pub proxy_threads: Option<usize>,
+
     /// The command to run, and its arguments.
     #[arg(
         trailing_var_arg = true,

@@ -61,6 +61,10 @@ pub struct ProxyConfig {
     pub port_env: String,
     /// The readiness check.
     pub health: crate::proxy::Health,
+    /// Threads serving the proxy.
+    pub threads: usize,
+    /// `--ready notify` was asked for: READY=1 is needed besides the check.
+    pub require_notify: bool,
 }
 
 /// A listening socket baton owns.
@@ -156,7 +160,7 @@ impl RunConfig {
                 std::net::TcpListener::bind(addr).map_err(|source| StartupError::Bind {
                     addr: format!("{addr} (--metrics)"),
                     hint: bind_hint(&ListenAddr::Ip(addr), &source),
-                    source,
+                    error: source,
                 })
             })
             .transpose()?;
@@ -164,10 +168,12 @@ impl RunConfig {
         if args.proxy.is_none()
             && (args.health.is_some()
                 || args.health_timeout.is_some()
-                || args.upstream_port_env.is_some())
+                || args.upstream_port_env.is_some()
+                || args.proxy_threads.is_some())
         {
             return Err(StartupError::Invalid(
-                "--health, --health-timeout and --upstream-port-env need --proxy http|tcp".into(),
+                "--health, --health-timeout, --upstream-port-env and --proxy-threads need --proxy http|tcp"
+                    .into(),
             ));
         }
         let proxy = args.proxy.map(|mode| ProxyConfig {
@@ -177,6 +183,10 @@ impl RunConfig {
                 .clone()
                 .unwrap_or_else(|| "PORT".to_owned()),
             health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
+            threads: args
+                .proxy_threads
+                .unwrap_or_else(crate::proxy::default_threads),
+            require_notify: args.ready == Some(ReadyMode::Notify),
         });
         let ready = args.ready.unwrap_or(ReadyMode::Notify);
         let not_ready_hint = match (&proxy, &ready) {
@@ -376,7 +386,7 @@ pub fn resolve_command(command: &OsString) -> Result<PathBuf, StartupError> {
 fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
     let err = |source| StartupError::Control {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
@@ -408,7 +418,7 @@ fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
         let hint = bind_hint(&spec.addr, &source);
         StartupError::Bind {
             addr: shown.clone(),
-            source,
+            error: source,
             hint,
         }
     };
@@ -455,7 +465,7 @@ fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
                 })
                 .map_err(|source| StartupError::Resolve {
                     addr: shown.clone(),
-                    source,
+                    error: source,
                 })?;
             let fd = socket::bind_tcp(addr, false).map_err(bind_err)?;
             let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;

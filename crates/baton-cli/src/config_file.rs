@@ -50,6 +50,7 @@ struct Raw {
     upstream_port_env: Option<String>,
     health: Option<Spanned<String>>,
     health_timeout: Option<Spanned<String>>,
+    proxy_threads: Option<usize>,
 }
 
 /// The file's settings, parsed.
@@ -142,6 +143,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         upstream_port_env: raw.upstream_port_env,
         health: field!("health", raw.health, crate::proxy::Health::from_str),
         health_timeout: field!("health-timeout", raw.health_timeout, spec::parse_duration),
+        proxy_threads: raw.proxy_threads,
     };
     Ok(FileSettings {
         args,
@@ -183,6 +185,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         upstream_port_env: cli.upstream_port_env.or(file.upstream_port_env),
         health: cli.health.or(file.health),
         health_timeout: cli.health_timeout.or(file.health_timeout),
+        proxy_threads: cli.proxy_threads.or(file.proxy_threads),
     }
 }
 

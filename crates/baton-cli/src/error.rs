@@ -19,22 +19,22 @@ use crate::exit::ExitStatus;
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// A listen address could not be bound.
-    #[error("binding {addr}: {source}{hint}")]
+    #[error("binding {addr}: {error}{hint}")]
     Bind {
         /// The address as the user wrote it.
         addr: String,
         /// What the kernel said.
-        source: io::Error,
+        error: io::Error,
         /// How to fix it, starting with "; ".
         hint: String,
     },
     /// A host name in a listen address did not resolve.
-    #[error("resolving {addr}: {source}")]
+    #[error("resolving {addr}: {error}")]
     Resolve {
         /// The address as the user wrote it.
         addr: String,
         /// What the resolver said.
-        source: io::Error,
+        error: io::Error,
     },
     /// The command is not on `$PATH` (or the given path does not exist).
     #[error("command {command:?} not found{where_}; check the spelling, or give a path to it")]
@@ -61,12 +61,12 @@ pub enum StartupError {
         path: PathBuf,
     },
     /// The control socket could not be set up.
-    #[error("control socket {path:?}: {source}")]
+    #[error("control socket {path:?}: {error}")]
     Control {
         /// The socket path.
         path: PathBuf,
         /// What failed.
-        source: io::Error,
+        error: io::Error,
     },
     /// Any other invalid setting.
     #[error("{0}")]
@@ -110,23 +110,23 @@ pub enum RollbackReason {
 pub enum ControlError {
     /// Nothing listens on the socket.
     #[error(
-        "no baton is running at {path:?} ({source}); is `baton run` started with this --name or --control?"
+        "no baton is running at {path:?} ({error}); is `baton run` started with this --name or --control?"
     )]
     NotRunning {
         /// The socket path.
         path: PathBuf,
         /// The connect error.
-        source: io::Error,
+        error: io::Error,
     },
     /// No socket was named and none (or several) were found.
     #[error("{0}")]
     NoSocket(String),
     /// The connection broke or the answer was malformed.
-    #[error("talking to baton at {path:?}: {source}")]
+    #[error("talking to baton at {path:?}: {error}")]
     Io {
         /// The socket path.
         path: PathBuf,
         /// What failed.
-        source: io::Error,
+        error: io::Error,
     },
 }

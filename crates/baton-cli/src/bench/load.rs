@@ -230,6 +230,11 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, FailureK
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| classify_io(&e))?;
+    // With nothing listening on a port in the ephemeral range, a connect can
+    // pick that very port as its source and connect to itself.
+    if stream.local_addr().ok() == stream.peer_addr().ok() {
+        return Err(FailureKind::Refused);
+    }
     let _ = stream.set_nodelay(true);
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await

@@ -53,11 +53,11 @@ pub fn locate(target: &ControlArgs) -> Result<PathBuf, ControlError> {
 pub fn call(path: &PathBuf, request: &Request) -> Result<Response, ControlError> {
     let io_err = |source| ControlError::Io {
         path: path.clone(),
-        source,
+        error: source,
     };
     let mut stream = UnixStream::connect(path).map_err(|source| ControlError::NotRunning {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     let mut line = serde_json::to_string(request).map_err(|e| io_err(std::io::Error::other(e)))?;
     line.push('\n');

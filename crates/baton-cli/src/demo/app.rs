@@ -77,6 +77,10 @@ pub struct Faults {
     /// Ignore SIGTERM and SIGINT (only SIGKILL ends it).
     #[arg(long)]
     pub ignore_term: bool,
+
+    /// Bind this address instead of --listen (an app ignoring $PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<String>,
 }
 
 #[derive(Debug, Parser)]
@@ -105,6 +109,7 @@ impl Faults {
             exit_before_ready: more.exit_before_ready.or(self.exit_before_ready),
             never_ready: more.never_ready || self.never_ready,
             ignore_term: more.ignore_term || self.ignore_term,
+            bind: more.bind.or(self.bind),
         })
     }
 }
@@ -247,8 +252,8 @@ async fn serve(
         return Ok(ExitCode::from(code));
     }
     let listeners = if listeners.is_empty() {
-        let l =
-            TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+        let addr = faults.bind.as_deref().unwrap_or(&args.listen);
+        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         eprintln!("demo-app: listening on {}", l.local_addr()?);
         vec![Listener::Tcp(l)]
     } else {
@@ -292,6 +297,45 @@ async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+type AppBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Bytes) -> AppBody {
+    use http_body_util::BodyExt;
+    Full::new(bytes).map_err(|e| match e {}).boxed()
+}
+
+/// A body that yields `chunk`, then fails.
+fn broken_after(chunk: Bytes) -> AppBody {
+    use http_body_util::BodyExt;
+    Broken(Some(chunk), None).boxed()
+}
+
+/// See [`broken_after`]: the chunk, a pause (so it is flushed), an error.
+struct Broken(
+    Option<Bytes>,
+    Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+);
+
+impl hyper::body::Body for Broken {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        if let Some(chunk) = self.0.take() {
+            self.1 = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))));
+        }
+        if let Some(pause) = self.1.as_mut() {
+            std::task::ready!(pause.as_mut().poll(cx));
+        }
+        std::task::Poll::Ready(Some(Err(std::io::Error::other("broken on purpose"))))
+    }
+}
+
 struct App {
     pid: u32,
     generation: String,
@@ -299,7 +343,7 @@ struct App {
 }
 
 impl App {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<AppBody> {
         let query = |key: &str| {
             req.uri()
                 .query()
@@ -336,7 +380,7 @@ impl App {
                 let n = query("n").unwrap_or(1024).min(256 << 20) as usize;
                 let data: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
                 let mut res = self.respond(StatusCode::OK, String::new());
-                *res.body_mut() = Full::new(Bytes::from(data));
+                *res.body_mut() = full(Bytes::from(data));
                 return res;
             }
             // The request body's length and byte sum (large uploads).
@@ -350,6 +394,16 @@ impl App {
                     }
                     Err(e) => format!("body error: {e}\n"),
                 }
+            }
+            // Promises 1 MiB, sends 10 bytes, then breaks the connection (a
+            // generation failing mid-response).
+            "/broken" => {
+                let first = broken_after(Bytes::from_static(b"0123456789"));
+                let mut res = self.respond(StatusCode::OK, String::new());
+                res.headers_mut()
+                    .insert(hyper::header::CONTENT_LENGTH, (1u32 << 20).into());
+                *res.body_mut() = first;
+                return res;
             }
             // Upgrade to a byte-echo protocol (how WebSocket handshakes go).
             "/upgrade" => {
@@ -377,8 +431,8 @@ impl App {
         self.respond(StatusCode::OK, body)
     }
 
-    fn respond(&self, status: StatusCode, body: String) -> Response<Full<Bytes>> {
-        let mut res = Response::new(Full::new(Bytes::from(body)));
+    fn respond(&self, status: StatusCode, body: String) -> Response<AppBody> {
+        let mut res = Response::new(full(Bytes::from(body)));
         *res.status_mut() = status;
         let headers = res.headers_mut();
         headers.insert("x-pid", self.pid.into());

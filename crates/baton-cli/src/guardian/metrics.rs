@@ -28,6 +28,8 @@ pub struct Metrics {
     pub generation: u64,
     /// Live generations (serving, starting, draining).
     pub generations_alive: u64,
+    /// Proxy mode: the proxy, whose counters are read live.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
     ready_sum: f64,
     ready_count: u64,
     drain_sum: f64,
@@ -130,6 +132,23 @@ impl Metrics {
             "Exits of generations' main processes, by status.",
             &exits,
         );
+        if let Some(proxy) = &self.proxy {
+            use std::sync::atomic::Ordering::Relaxed;
+            let retries = proxy.counters.retries.load(Relaxed);
+            let errors = proxy.counters.upstream_errors.load(Relaxed);
+            metric(
+                "baton_proxy_retries_total",
+                "counter",
+                "Proxied requests retried because none of them reached the generation.",
+                &[(String::new(), retries.to_string())],
+            );
+            metric(
+                "baton_proxy_upstream_errors_total",
+                "counter",
+                "Proxied requests a generation failed (no answer, or a broken one).",
+                &[(String::new(), errors.to_string())],
+            );
+        }
         out
     }
 }

@@ -94,6 +94,10 @@ struct Live {
     upstream: Option<std::sync::Arc<crate::proxy::Upstream>>,
     /// Proxy mode: the stop signal held back until its traffic drained.
     pending_stop: Option<Signal>,
+    /// Proxy mode: it passed its health check.
+    healthy: bool,
+    /// It sent READY=1.
+    notified: bool,
 }
 
 impl Drop for Live {
@@ -174,8 +178,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
                 idle_grace: Duration::from_millis(500),
                 deadline: cfg.policy.stop_timeout,
             };
-            let handle = crate::proxy::start(p.mode, fds, std::sync::Arc::clone(&shared), drain)
-                .context("starting the proxy")?;
+            let handle = crate::proxy::start(
+                p.mode,
+                fds,
+                std::sync::Arc::clone(&shared),
+                drain,
+                p.threads,
+            )
+            .context("starting the proxy")?;
             info!(mode = ?p.mode, port_env = %p.port_env, "proxy");
             Some((shared, handle))
         }
@@ -397,6 +407,11 @@ impl Guardian {
             m.restarts = stats.restarts;
             m.generation = self.policy.serving().unwrap_or(0);
             m.generations_alive = self.policy.generations().count() as u64;
+            if m.proxy.is_none()
+                && let Some((proxy, _)) = &self.proxy
+            {
+                m.proxy = Some(std::sync::Arc::clone(proxy));
+            }
         }
     }
 
@@ -440,8 +455,18 @@ impl Guardian {
             }
             Event::RunCheck(generation) => self.run_check(generation),
             Event::Healthy(generation) => {
-                let actions = self.policy.ready(self.event_at, generation);
-                self.apply(actions);
+                let wants_notify = self.cfg.proxy.as_ref().is_some_and(|p| p.require_notify);
+                let notified = match self.live.get_mut(&generation) {
+                    Some(live) => {
+                        live.healthy = true;
+                        live.notified
+                    }
+                    None => false,
+                };
+                if !wants_notify || notified {
+                    let actions = self.policy.ready(self.event_at, generation);
+                    self.apply(actions);
+                }
             }
             Event::Drained(generation) => self.drained(generation),
             Event::Watched => {
@@ -524,6 +549,17 @@ impl Guardian {
         }
         if fields.ready {
             debug!(generation, sender = datagram.pid, "READY=1");
+            if let Some(proxy) = &self.cfg.proxy {
+                // Proxy mode: ready means answering on the private port;
+                // with --ready notify, READY=1 is needed as well.
+                let Some(live) = self.live.get_mut(&generation) else {
+                    return;
+                };
+                live.notified = true;
+                if !(proxy.require_notify && live.healthy) {
+                    return;
+                }
+            }
             let actions = self.policy.ready(self.event_at, generation);
             self.apply(actions);
         }
@@ -731,6 +767,8 @@ impl Guardian {
             retired_at: None,
             upstream: None,
             pending_stop: None,
+            healthy: false,
+            notified: false,
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -865,6 +903,8 @@ impl Guardian {
                 retired_at: None,
                 upstream: Some(upstream),
                 pending_stop: None,
+                healthy: false,
+                notified: false,
             },
         );
         Ok(pid)

@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self as client, SendRequest};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -67,15 +67,28 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
     let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare_request(&mut req, peer, upgrade);
+    // A bodiless idempotent request can be sent again if the generation
+    // died before answering (RFC 9110 §9.2.2); keep its head for that.
+    let replay = (!upgrade && is_idempotent(req.method()) && req.body().is_end_stream())
+        .then(|| head_of(&req));
+    let mut req: Request<UpBody> = req.map(Either::Left);
 
     let mut upstream = match proxy.current() {
         Some(u) => u,
         None => match proxy.next(None).await {
             Some(u) => u,
-            None => return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving"),
+            None => {
+                proxy
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving");
+            }
         },
     };
-    let mut retried = false;
+    // Connect failures (nothing sent) may move on to the next generation
+    // twice; a request that was sent is tried again at most once.
+    let (mut connect_retries, mut send_retried) = (0, false);
     loop {
         let active = upstream.enter();
         let mut sender = match upstream.checkout() {
@@ -84,11 +97,11 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 Ok(sender) => sender,
                 Err(e) => {
                     drop(active);
-                    // Nothing was sent: try the current generation once more
-                    // (waiting for one if this one is gone).
-                    if !retried {
-                        retried = true;
+                    if connect_retries < 2 {
+                        connect_retries += 1;
                         proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        // This one is gone or not listening: the current
+                        // generation, waiting for a switch if it is this one.
                         if let Some(next) = proxy.next(Some(&upstream)).await {
                             upstream = next;
                             continue;
@@ -111,33 +124,86 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 let proxy = Arc::clone(proxy);
                 return respond(response, sender, active, upstream, client_side, proxy).await;
             }
-            Err(mut e) => match e.take_message() {
-                // The request never left: a pooled connection was closed.
-                Some(unsent) if !retried => {
-                    debug!(generation = upstream.generation, error = %e.error(), "retrying an unsent request");
-                    retried = true;
-                    proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    req = unsent;
-                    upstream = proxy.current().unwrap_or(upstream);
+            Err(mut e) => {
+                let again = match e.take_message() {
+                    // The request never left (a pooled connection was closed).
+                    Some(unsent) => Some(unsent),
+                    // It left, but no answer came: safe to repeat if idempotent.
+                    None => replay.as_ref().map(rebuild),
+                };
+                match again {
+                    Some(next_req) if !send_retried => {
+                        debug!(generation = upstream.generation, error = %e.error(), "retrying a request no generation answered");
+                        send_retried = true;
+                        proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        req = next_req;
+                        drop(active);
+                        upstream = match proxy.current() {
+                            Some(current) if !Arc::ptr_eq(&current, &upstream) => current,
+                            _ => proxy.next(Some(&upstream)).await.unwrap_or(upstream),
+                        };
+                    }
+                    _ => {
+                        let why = format!("generation {}: {}", upstream.generation, e.error());
+                        proxy
+                            .counters
+                            .upstream_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        return error(StatusCode::BAD_GATEWAY, &why);
+                    }
                 }
-                _ => {
-                    let why = format!("generation {}: {}", upstream.generation, e.error());
-                    proxy
-                        .counters
-                        .upstream_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    return error(StatusCode::BAD_GATEWAY, &why);
-                }
-            },
+            }
         }
     }
+}
+
+/// The body sent to a generation: the client's, or none (a replay).
+pub type UpBody = Either<Incoming, Empty<Bytes>>;
+
+/// What is needed to send a bodiless request again.
+struct Head {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    version: hyper::Version,
+    headers: HeaderMap,
+}
+
+fn head_of<B>(req: &Request<B>) -> Head {
+    Head {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    }
+}
+
+fn rebuild(head: &Head) -> Request<UpBody> {
+    let mut req = Request::new(Either::Right(Empty::new()));
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    req
+}
+
+fn is_idempotent(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
 }
 
 /// Passes the generation's answer on; the connection goes back to the pool
 /// once the body has been relayed in full.
 async fn respond(
     mut response: Response<Incoming>,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<UpBody>,
     active: Active,
     upstream: Arc<Upstream>,
     client_side: Option<hyper::upgrade::OnUpgrade>,
@@ -185,9 +251,8 @@ fn stamp(headers: &mut HeaderMap, generation: u64) {
     }
 }
 
-async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<Incoming>> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let _ = stream.set_nodelay(true);
+async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<UpBody>> {
+    let stream = super::connect(addr).await?;
     let (sender, connection) = client::handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
@@ -299,7 +364,7 @@ fn error(status: StatusCode, why: &str) -> Response<ProxyBody> {
 /// until done, then returns the connection to the pool.
 struct Relayed {
     inner: Incoming,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<UpBody>>,
     upstream: Arc<Upstream>,
     active: Option<Active>,
     proxy: Arc<Proxy>,

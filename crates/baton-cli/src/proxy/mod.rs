@@ -99,6 +99,19 @@ pub fn private_port() -> std::io::Result<u16> {
     Ok(StdTcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
+/// Connects to `addr`, treating a TCP self-connection as refused: with
+/// nothing listening on a loopback port in the ephemeral range, a connect
+/// can pick that very port as its source and "succeed" by connecting to
+/// itself (a simultaneous open).
+pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    if stream.local_addr()? == stream.peer_addr()? {
+        return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+    }
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// The address of a generation's private port.
 pub fn private_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -133,7 +146,7 @@ impl Health {
     /// Checks the generation at `addr` once.
     pub async fn passes(&self, addr: SocketAddr) -> bool {
         let check = async {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let mut stream = connect(addr).await.ok()?;
             let Health::Http(path) = self else {
                 return Some(());
             };
@@ -176,46 +189,81 @@ impl Handle {
     }
 }
 
-/// Starts the proxy on its own runtime and thread, serving `listeners`
-/// (duplicates of baton's; `true` marks a Unix socket).
+/// The default number of proxy threads: half the cores (at least one), so
+/// that the app behind the proxy keeps the other half.
+pub fn default_threads() -> usize {
+    (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1)
+}
+
+/// How many proxy threads run, set once at start.
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+thread_local! {
+    /// Which proxy thread this is (0 elsewhere).
+    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The number of proxy threads.
+pub fn threads() -> usize {
+    *THREADS.get().unwrap_or(&1)
+}
+
+/// This proxy thread's index, for per-thread state (connection pools).
+pub fn slot() -> usize {
+    SLOT.with(std::cell::Cell::get)
+}
+
+/// Starts the proxy: `threads` threads, each with a single-threaded
+/// runtime that accepts on (duplicates of) every listener and keeps each
+/// client connection, its requests and their upstream connections on that
+/// one thread: no cross-thread wakeups on the data path. `listeners` are
+/// duplicates of baton's (`true` marks a Unix socket).
 pub fn start(
     mode: Mode,
     listeners: Vec<(std::os::fd::OwnedFd, bool)>,
     proxy: Arc<Proxy>,
     drain: baton::serve::Drain,
+    threads: usize,
 ) -> std::io::Result<Handle> {
-    let (stop, mut stopped) = watch::channel(false);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .thread_name("baton-proxy")
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("baton-proxy".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listeners: Vec<baton::serve::AsyncListener> = listeners
-                    .into_iter()
-                    .filter_map(|(fd, unix)| {
-                        let listener = if unix {
-                            baton::Listener::Unix(std::os::unix::net::UnixListener::from(fd))
-                        } else {
-                            baton::Listener::Tcp(StdTcpListener::from(fd))
-                        };
-                        baton::serve::AsyncListener::from_listener(listener).ok()
-                    })
-                    .collect();
-                match mode {
-                    Mode::Http => {
-                        let service = http::HttpProxy::new(proxy);
-                        let stop = async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        };
-                        let _ = baton::serve::serve(listeners, service, stop, drain).await;
+    let (stop, stopped) = watch::channel(false);
+    let n = *THREADS.get_or_init(|| threads.max(1));
+    for index in 0..n {
+        let mine = listeners
+            .iter()
+            .map(|(fd, unix)| Ok((fd.try_clone()?, *unix)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (proxy, mut stopped) = (Arc::clone(&proxy), stopped.clone());
+        std::thread::Builder::new()
+            .name(format!("baton-proxy-{index}"))
+            .spawn(move || {
+                SLOT.with(|s| s.set(index));
+                runtime.block_on(async move {
+                    let listeners: Vec<baton::serve::AsyncListener> = mine
+                        .into_iter()
+                        .filter_map(|(fd, unix)| {
+                            let listener = if unix {
+                                baton::Listener::Unix(std::os::unix::net::UnixListener::from(fd))
+                            } else {
+                                baton::Listener::Tcp(StdTcpListener::from(fd))
+                            };
+                            baton::serve::AsyncListener::from_listener(listener).ok()
+                        })
+                        .collect();
+                    match mode {
+                        Mode::Http => {
+                            let service = http::HttpProxy::new(proxy);
+                            let stop = async move {
+                                let _ = stopped.wait_for(|s| *s).await;
+                            };
+                            let _ = baton::serve::serve(listeners, service, stop, drain).await;
+                        }
+                        Mode::Tcp => tcp::serve(listeners, proxy, stopped).await,
                     }
-                    Mode::Tcp => tcp::serve(listeners, proxy, stopped).await,
-                }
-            });
-        })?;
+                });
+            })?;
+    }
     Ok(Handle { stop })
 }

@@ -77,9 +77,8 @@ where
     let mut retried = false;
     loop {
         let active = upstream.enter();
-        match TcpStream::connect(upstream.addr).await {
+        match super::connect(upstream.addr).await {
             Ok(mut server) => {
-                let _ = server.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 drop(active);
                 return;

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 /// Called with the generation number when a retired upstream is drained.
@@ -24,7 +23,9 @@ pub struct Upstream {
     active: AtomicUsize,
     retired: AtomicBool,
     reported: AtomicBool,
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    /// Idle keep-alive connections, one pool per proxy thread (a
+    /// connection is driven by the thread that opened it).
+    idle: Vec<Mutex<Vec<SendRequest<super::http::UpBody>>>>,
     on_drained: OnDrained,
 }
 
@@ -62,7 +63,9 @@ impl Upstream {
             active: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             reported: AtomicBool::new(false),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..super::threads())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             on_drained,
         })
     }
@@ -86,7 +89,9 @@ impl Upstream {
     /// No new traffic; report drained once nothing is in flight.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
-        self.idle.lock().map(|mut idle| idle.clear()).ok();
+        for pool in &self.idle {
+            pool.lock().map(|mut idle| idle.clear()).ok();
+        }
         if self.active() == 0 {
             self.report();
         }
@@ -99,8 +104,8 @@ impl Upstream {
     }
 
     /// An idle keep-alive connection to it, if one is still open.
-    pub fn checkout(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().ok()?;
+    pub fn checkout(&self) -> Option<SendRequest<super::http::UpBody>> {
+        let mut idle = self.idle.get(super::slot())?.lock().ok()?;
         while let Some(sender) = idle.pop() {
             if !sender.is_closed() && sender.is_ready() {
                 return Some(sender);
@@ -110,11 +115,11 @@ impl Upstream {
     }
 
     /// Keeps a connection whose last exchange completed, for reuse.
-    pub fn checkin(&self, sender: SendRequest<Incoming>) {
+    pub fn checkin(&self, sender: SendRequest<super::http::UpBody>) {
         if self.is_retired() || sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock()
+        if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock)
             && idle.len() < 1024
         {
             idle.push(sender);

@@ -472,6 +472,10 @@ pub fn get(port: u16, path: &str, timeout: Duration) -> Result<Reply, String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    // Nothing listening on an ephemeral-range port can mean a self-connect.
+    if stream.local_addr().ok() == stream.peer_addr().ok() {
+        return Err("connect: refused (self-connect)".into());
+    }
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -663,6 +667,12 @@ impl KeepAlive {
                         let reused = conn.is_some();
                         if conn.is_none() {
                             match TcpStream::connect(("127.0.0.1", port)) {
+                                Ok(s) if s.local_addr().ok() == s.peer_addr().ok() => {
+                                    tally
+                                        .failures
+                                        .push("connect: refused (self-connect)".into());
+                                    continue;
+                                }
                                 Ok(s) => {
                                     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
                                     let _ = s.set_nodelay(true);

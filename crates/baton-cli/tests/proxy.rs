@@ -1,0 +1,282 @@
+//! Proxy mode: apps that bind their own port (`$PORT`), behind baton.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::{Baton, KeepAlive, LONG, Load, get, pid_gone, wait_until};
+
+/// baton --proxy MODE in front of the demo app, which binds `{port}`.
+fn behind(mode: &str, run_args: &[&str], app_args: &[&str]) -> Baton {
+    let b = Baton::builder()
+        .run_args(["--proxy", mode, "--listen", "127.0.0.1:0"])
+        .run_args(run_args.iter().copied())
+        .app_args(["--listen", "127.0.0.1:{port}"])
+        .app_args(app_args.iter().copied())
+        .start();
+    b.wait_for_event("ready", 1);
+    b
+}
+
+#[test]
+fn http_keep_alive_clients_lose_nothing_even_when_the_app_closes_idle_connections_at_once() {
+    // --idle-grace 0ms: the app closes idle keep-alive connections the
+    // moment it drains, as Go's http.Server.Shutdown does.
+    let b = behind("http", &[], &["--startup", "50ms", "--idle-grace", "0ms"]);
+    let load = KeepAlive::start(b.port(), 8, Duration::from_secs(120));
+    wait_until("generation 1 answered", LONG, || {
+        load.has_seen(b.gen_pid(1))
+    });
+    for generation in 2..=11 {
+        let out = b.ctl(&["reload"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+        let pid = b.gen_pid(generation);
+        wait_until(&format!("generation {generation} answered"), LONG, || {
+            load.has_seen(pid)
+        });
+    }
+    let tally = load.finish();
+    assert!(
+        tally.failures.is_empty(),
+        "{:?}",
+        &tally.failures[..tally.failures.len().min(10)]
+    );
+    // The clients' connections belong to baton: none was closed under them.
+    assert!(
+        tally.connections <= 8,
+        "{} connections for 8 clients",
+        tally.connections
+    );
+    eprintln!(
+        "{} requests on {} client connections across 10 reloads",
+        tally.ok, tally.connections
+    );
+}
+
+#[test]
+fn http_new_connection_clients_lose_nothing_and_every_generation_serves() {
+    let b = behind("http", &[], &["--startup", "20ms"]);
+    let load = Load::start(b.port(), 4, 50_000, Duration::from_secs(120));
+    for generation in 2..=21 {
+        assert_eq!(b.ctl(&["reload"]).code, Some(0));
+        let pid = b.gen_pid(generation);
+        wait_until(&format!("generation {generation} answered"), LONG, || {
+            load.has_seen(pid)
+        });
+    }
+    let (ok, failures, _) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {ok}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
+#[test]
+fn http_forwarding_headers_and_host_are_set() {
+    let b = behind("http", &[], &[]);
+    let reply = get(b.port(), "/headers", LONG).expect("answer");
+    let body = reply.body.to_ascii_lowercase();
+    assert!(body.contains("host: 127.0.0.1\n"), "{body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;proto=http;host=\"127.0.0.1\"\n"),
+        "{body}"
+    );
+    assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
+    assert!(
+        !body.contains("connection: close"),
+        "hop-by-hop headers stay with baton: {body}"
+    );
+    assert_eq!(reply.generation, Some(1));
+}
+
+/// `method path` with `body` on a new connection; the whole raw answer.
+fn exchange(port: u16, head: &str, body: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(LONG)).expect("timeout");
+    s.write_all(head.as_bytes()).expect("head");
+    s.write_all(body).expect("body");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn http_large_bodies_stream_both_ways() {
+    let b = behind("http", &[], &[]);
+    let n = 32 << 20;
+    let down = exchange(
+        b.port(),
+        &format!("GET /bytes?n={n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        b"",
+    );
+    let split = down
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head")
+        + 4;
+    assert_eq!(down.len() - split, n, "the whole download");
+    assert!(
+        down[split..]
+            .iter()
+            .enumerate()
+            .all(|(i, c)| *c == b'a' + (i % 26) as u8)
+    );
+
+    let upload: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = upload.iter().map(|b| u64::from(*b)).sum();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    );
+    let up = String::from_utf8_lossy(&exchange(b.port(), &head, &upload)).into_owned();
+    assert!(up.contains(&format!("{n} bytes, sum {sum}")), "{up}");
+}
+
+#[test]
+fn http_upgrades_are_spliced() {
+    let b = behind("http", &[], &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
+    s.set_read_timeout(Some(LONG)).expect("timeout");
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).expect("read"),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in [
+        &b"ping"[..],
+        b"a longer message over the upgraded connection",
+    ] {
+        s.write_all(message).expect("write");
+        let mut echo = vec![0u8; message.len()];
+        s.read_exact(&mut echo).expect("echo");
+        assert_eq!(echo, message);
+    }
+}
+
+#[test]
+fn a_broken_upstream_response_closes_the_client_connection_and_is_counted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let b = behind("http", &["--metrics", &format!("127.0.0.1:{port}")], &[]);
+    let got = exchange(b.port(), "GET /broken HTTP/1.1\r\nHost: x\r\n\r\n", b"");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let split = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert!(got.len() - split < 1 << 20, "cut short, not completed");
+    wait_until("the error is counted", LONG, || {
+        get(port, "/metrics", LONG)
+            .map(|r| r.body.contains("baton_proxy_upstream_errors_total 1"))
+            .unwrap_or(false)
+    });
+}
+
+#[test]
+fn an_app_that_ignores_port_is_rolled_back_with_a_clear_reason() {
+    let other = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let builder = Baton::builder();
+    let faults = builder.dir().join("faults");
+    let b = builder
+        .run_args([
+            "--proxy",
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+            "--health-timeout",
+            "2s",
+        ])
+        .app_args(["--listen", "127.0.0.1:{port}", "--faults-file"])
+        .app_args([faults.clone()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let old = b.gen_pid(1);
+    // The next generation listens on a fixed port of its own instead.
+    std::fs::write(&faults, format!("--bind 127.0.0.1:{other}")).expect("faults");
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    for needle in [
+        "was not ready within 2s",
+        "in proxy mode it must listen on 127.0.0.1:$PORT",
+        &format!("bound 127.0.0.1:{other} itself"),
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} in {}", out.stderr);
+    }
+    assert_eq!(
+        get(b.port(), "/", LONG).expect("still served").pid,
+        Some(old)
+    );
+}
+
+#[test]
+fn a_crashed_generation_behind_the_proxy_is_replaced_while_clients_wait() {
+    let b = behind("http", &[], &["--startup", "200ms"]);
+    support::send(b.gen_pid(1), rustix::process::Signal::KILL);
+    let reply = get(b.port(), "/", LONG).expect("answered by the replacement");
+    assert_eq!(reply.generation, Some(2), "{reply:?}\n{}", b.dump());
+}
+
+#[test]
+fn tcp_relays_reload_without_failures_and_keep_connections_on_their_generation() {
+    let b = behind("tcp", &[], &["--startup", "20ms"]);
+    let port = b.port();
+    // A keep-alive connection opened now stays with generation 1.
+    let mut pinned = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    pinned.set_read_timeout(Some(LONG)).expect("timeout");
+    let ask = |s: &mut TcpStream| -> String {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(ask(&mut pinned).contains("generation 1"));
+
+    let load = Load::start(port, 4, 50_000, Duration::from_secs(120));
+    for generation in 2..=11 {
+        assert_eq!(b.ctl(&["reload"]).code, Some(0));
+        let pid = b.gen_pid(generation);
+        wait_until(&format!("generation {generation} answered"), LONG, || {
+            load.has_seen(pid)
+        });
+    }
+    let (ok, failures, _) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {ok}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+
+    // Still generation 1 on the pinned connection; it is not stopped while
+    // the connection lasts, and is once it closes.
+    assert!(ask(&mut pinned).contains("generation 1"));
+    let first = b.gen_pid(1);
+    assert!(!pid_gone(first));
+    drop(pinned);
+    wait_until(
+        "generation 1 stopped after its last connection",
+        LONG,
+        || pid_gone(first),
+    );
+}
