@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{Baton, LONG, Load, get, wait_until};
+use support::{Baton, LONG, Load, get};
 
 /// The built `gin-hello` and `gin-plain`, or `None` without Go.
 fn binaries() -> Option<&'static (PathBuf, PathBuf)> {
@@ -52,18 +52,9 @@ fn gin_reloads_under_load_lose_no_request() {
         .command([gin.as_os_str(), "-startup".as_ref(), "20ms".as_ref()])
         .start();
     b.wait_for_event("ready", 1);
-    let mut pids = vec![b.gen_pid(1)];
     let load = Load::start(b.port(), 4, 50_000, Duration::from_secs(120));
-    wait_until("generation 1 answered", LONG, || load.has_seen(pids[0]));
-    for generation in 2..=21 {
-        let out = b.ctl(&["reload"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-        pids.push(pid);
-    }
+    let mut pids = vec![b.gen_pid(1)];
+    pids.extend(support::reload_through(&b, 2..=21, &load));
     let (ok, failures, seen) = load.finish();
     assert!(
         failures.is_empty(),
@@ -150,14 +141,7 @@ fn an_unmodified_gin_app_reloads_without_failures_in_proxy_mode() {
         .start();
     b.wait_for_event("ready", 1);
     let load = support::KeepAlive::start(b.port(), 8, Duration::from_secs(120));
-    for generation in 2..=11 {
-        let out = b.ctl(&["reload"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-    }
+    support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
     assert!(
         tally.failures.is_empty(),

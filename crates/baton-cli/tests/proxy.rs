@@ -26,17 +26,7 @@ fn http_keep_alive_clients_lose_nothing_even_when_the_app_closes_idle_connection
     // moment it drains, as Go's http.Server.Shutdown does.
     let b = behind("http", &[], &["--startup", "50ms", "--idle-grace", "0ms"]);
     let load = KeepAlive::start(b.port(), 8, Duration::from_secs(120));
-    wait_until("generation 1 answered", LONG, || {
-        load.has_seen(b.gen_pid(1))
-    });
-    for generation in 2..=11 {
-        let out = b.ctl(&["reload"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-    }
+    support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
     assert!(
         tally.failures.is_empty(),
@@ -59,13 +49,7 @@ fn http_keep_alive_clients_lose_nothing_even_when_the_app_closes_idle_connection
 fn http_new_connection_clients_lose_nothing_and_every_generation_serves() {
     let b = behind("http", &[], &["--startup", "20ms"]);
     let load = Load::start(b.port(), 4, 50_000, Duration::from_secs(120));
-    for generation in 2..=21 {
-        assert_eq!(b.ctl(&["reload"]).code, Some(0));
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-    }
+    support::reload_through(&b, 2..=21, &load);
     let (ok, failures, _) = load.finish();
     assert!(
         failures.is_empty(),
@@ -253,13 +237,7 @@ fn tcp_relays_reload_without_failures_and_keep_connections_on_their_generation()
     assert!(ask(&mut pinned).contains("generation 1"));
 
     let load = Load::start(port, 4, 50_000, Duration::from_secs(120));
-    for generation in 2..=11 {
-        assert_eq!(b.ctl(&["reload"]).code, Some(0));
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-    }
+    support::reload_through(&b, 2..=11, &load);
     let (ok, failures, _) = load.finish();
     assert!(
         failures.is_empty(),

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{Baton, KeepAlive, LONG, get, wait_until};
+use support::{Baton, KeepAlive, LONG, get};
 
 const APP: &str = env!("CARGO_BIN_EXE_axum-hello");
 
@@ -102,17 +102,7 @@ fn busy_keep_alive_clients_lose_nothing_across_reloads() {
     b.wait_for_event("ready", 1);
     let port = b.port();
     let load = KeepAlive::start(port, 8, Duration::from_secs(120));
-    wait_until("generation 1 answered", LONG, || {
-        load.has_seen(b.gen_pid(1))
-    });
-    for generation in 2..=11 {
-        let out = b.ctl(&["reload"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-        let pid = b.gen_pid(generation);
-        wait_until(&format!("generation {generation} answered"), LONG, || {
-            load.has_seen(pid)
-        });
-    }
+    support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
     assert!(
         tally.failures.is_empty(),

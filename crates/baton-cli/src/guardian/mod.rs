@@ -712,56 +712,19 @@ impl Guardian {
         set(vars::SERVER_STARTER_PORT, starter.join(";"));
         set(vars::BATON_GENERATION, generation.to_string());
         let fds: Vec<_> = self.cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        let pipes = if self.cfg.log_prefix {
-            Some(output::pipes(&self.cfg.name, generation)?)
-        } else {
-            None
-        };
-        let pid = sys::spawn::spawn(&sys::spawn::Command {
-            program: &self.cfg.program,
-            args: &self.cfg.args,
-            env: &env,
-            fds: &fds,
-            listen_pid: true,
-            stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
-            stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
-            user: self.ids.as_ref(),
-        })?;
-        // The child has its copies; ours must go, or the copying never ends.
-        drop(pipes);
+        let pid = self.start_process(generation, &self.cfg.args, &env, &fds, true)?;
+        drop(fds);
+        self.pids.insert(pid, Owner::Generation(generation));
         info!(
             generation,
             pid,
             spawn_us = self.event_at.elapsed().as_micros() as u64,
             "spawn"
         );
-        self.pids.insert(pid, Owner::Generation(generation));
-
-        let events = self.events.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                match notify.recv().await {
-                    Ok(datagram) => {
-                        if events
-                            .send(Event::Notify {
-                                generation,
-                                datagram,
-                            })
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(generation, error = %e, "notification socket failed");
-                        break;
-                    }
-                }
-            }
-        });
+        let reader = self.read_notifications(generation, notify);
         let mut live = Live {
             pid,
-            tasks: vec![reader.abort_handle()],
+            tasks: vec![reader],
             check: None,
             self_bound: Vec::new(),
             retired_at: None,
@@ -791,6 +754,64 @@ impl Guardian {
         Ok(pid)
     }
 
+    /// Forks and execs the app for `generation` with `args`, `env` and the
+    /// listeners `fds` (fds 3..), its output through `--log-prefix` pipes if
+    /// asked. The caller registers the pid.
+    fn start_process(
+        &self,
+        generation: u64,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        listen_pid: bool,
+    ) -> std::io::Result<i32> {
+        let pipes = if self.cfg.log_prefix {
+            Some(output::pipes(&self.cfg.name, generation)?)
+        } else {
+            None
+        };
+        let pid = sys::spawn::spawn(&sys::spawn::Command {
+            program: &self.cfg.program,
+            args,
+            env,
+            fds,
+            listen_pid,
+            stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
+            stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
+            user: self.ids.as_ref(),
+        })?;
+        // The child has its copies; ours must go, or the copying never ends.
+        drop(pipes);
+        Ok(pid)
+    }
+
+    /// Passes `generation`'s notifications to the loop.
+    fn read_notifications(&self, generation: u64, notify: NotifySocket) -> AbortHandle {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            loop {
+                match notify.recv().await {
+                    Ok(datagram) => {
+                        if events
+                            .send(Event::Notify {
+                                generation,
+                                datagram,
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(generation, error = %e, "notification socket failed");
+                        break;
+                    }
+                }
+            }
+        })
+        .abort_handle()
+    }
+
     /// Proxy mode: starts generation `generation` on a private port of its
     /// own, and checks it until it answers there.
     fn spawn_behind_proxy(&mut self, generation: u64) -> std::io::Result<i32> {
@@ -816,22 +837,8 @@ impl Guardian {
                 _ => a.clone(),
             })
             .collect();
-        let pipes = if self.cfg.log_prefix {
-            Some(output::pipes(&self.cfg.name, generation)?)
-        } else {
-            None
-        };
-        let pid = sys::spawn::spawn(&sys::spawn::Command {
-            program: &self.cfg.program,
-            args: &args,
-            env: &env,
-            fds: &[],
-            listen_pid: false,
-            stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
-            stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
-            user: self.ids.as_ref(),
-        })?;
-        drop(pipes);
+        let pid = self.start_process(generation, &args, &env, &[], false)?;
+        self.pids.insert(pid, Owner::Generation(generation));
         info!(
             generation,
             pid,
@@ -839,8 +846,6 @@ impl Guardian {
             spawn_us = self.event_at.elapsed().as_micros() as u64,
             "spawn"
         );
-        self.pids.insert(pid, Owner::Generation(generation));
-
         let events = self.events.clone();
         let upstream = crate::proxy::Upstream::new(
             generation,
@@ -849,20 +854,7 @@ impl Guardian {
                 let _ = events.send(Event::Drained(g));
             }),
         );
-        let events = self.events.clone();
-        let reader = tokio::spawn(async move {
-            while let Ok(datagram) = notify.recv().await {
-                if events
-                    .send(Event::Notify {
-                        generation,
-                        datagram,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let reader = self.read_notifications(generation, notify);
         // Check the private port until it answers; meanwhile, look for the
         // app listening somewhere else (ignoring $PORT).
         let events = self.events.clone();
@@ -897,7 +889,7 @@ impl Guardian {
             generation,
             Live {
                 pid,
-                tasks: vec![reader.abort_handle(), checker.abort_handle()],
+                tasks: vec![reader, checker.abort_handle()],
                 check: None,
                 self_bound: Vec::new(),
                 retired_at: None,

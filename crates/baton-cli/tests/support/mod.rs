@@ -780,3 +780,48 @@ fn keep_alive_request(reader: &mut BufReader<TcpStream>) -> Result<(Option<u32>,
         .map_err(|e| format!("read body: {e}"))?;
     Ok((pid, close))
 }
+
+/// Load that records which pids answered.
+pub trait Seen {
+    /// Whether `pid` has answered yet.
+    fn seen(&self, pid: u32) -> bool;
+}
+
+impl Seen for Load {
+    fn seen(&self, pid: u32) -> bool {
+        self.has_seen(pid)
+    }
+}
+
+impl Seen for KeepAlive {
+    fn seen(&self, pid: u32) -> bool {
+        self.has_seen(pid)
+    }
+}
+
+/// Reloads `b` once for each of `generations`, each time waiting until the
+/// new generation has answered `load`; returns the new pids.
+pub fn reload_through(
+    b: &Baton,
+    generations: std::ops::RangeInclusive<u64>,
+    load: &impl Seen,
+) -> Vec<u32> {
+    let first = *generations.start();
+    if first > 1 {
+        let previous = b.gen_pid(first - 1);
+        wait_until(&format!("generation {} answered", first - 1), LONG, || {
+            load.seen(previous)
+        });
+    }
+    generations
+        .map(|generation| {
+            let out = b.ctl(&["reload"]);
+            assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+            let pid = b.gen_pid(generation);
+            wait_until(&format!("generation {generation} answered"), LONG, || {
+                load.seen(pid)
+            });
+            pid
+        })
+        .collect()
+}
