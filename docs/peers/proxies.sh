@@ -68,7 +68,8 @@ for mode in keep-alive new-conn; do
 done
 echo "| proxy | keep-alive (× direct) | new connection (× direct) |"
 echo "|---|---|---|"
-echo "| direct to the app | ${direct[keep-alive]%% *} req/s | ${direct[new-conn]%% *} req/s |"
+dp() { set -- $1; echo "$1 req/s, p99 $3 ms"; }
+echo "| direct to the app | $(dp "${direct[keep-alive]}") | $(dp "${direct[new-conn]}") |"
 run() { # label start-command
     local label=$1; shift
     "$@" & local pid=$!
@@ -85,10 +86,10 @@ f = lambda s: [float(x) for x in s.split()]
 print(f"| {label} | {k/d1:.2f}× ({k:.0f}, {kf:.0f} failed, p99 {kp:.2f} ms) | {n/d2:.2f}× ({n:.0f}, {nf:.0f} failed, p99 {np_:.2f} ms) |")
 PY
 }
-run "HAProxy, mode http, http-reuse always" haproxy -f "$work/haproxy-http.cfg" -db
-run "HAProxy, mode tcp" haproxy -f "$work/haproxy-tcp.cfg" -db
-run "nginx reverse proxy (http)" nginx -c "$work/nginx-http.conf" -g "daemon off;"
-run "nginx stream (tcp)" nginx -c "$work/nginx-tcp.conf" -g "daemon off;"
+[ -n "${ONLY_BATON:-}" ] || run "HAProxy, mode http, http-reuse always" haproxy -f "$work/haproxy-http.cfg" -db
+[ -n "${ONLY_BATON:-}" ] || run "HAProxy, mode tcp" haproxy -f "$work/haproxy-tcp.cfg" -db
+[ -n "${ONLY_BATON:-}" ] || run "nginx reverse proxy (http)" nginx -c "$work/nginx-http.conf" -g "daemon off;"
+[ -n "${ONLY_BATON:-}" ] || run "nginx stream (tcp)" nginx -c "$work/nginx-tcp.conf" -g "daemon off;"
 # baton proxies to its own generation of the same app (PORT given by baton).
-run "baton --proxy http" "$B" run --proxy http --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
-run "baton --proxy tcp" "$B" run --proxy tcp --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
+run "baton --proxy http" "$B" run --proxy http ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
+run "baton --proxy tcp" "$B" run --proxy tcp ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
