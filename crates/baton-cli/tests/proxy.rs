@@ -258,3 +258,45 @@ fn tcp_relays_reload_without_failures_and_keep_connections_on_their_generation()
         || pid_gone(first),
     );
 }
+
+#[test]
+fn http_forwarding_headers_cannot_be_spoofed_and_chains_are_kept() {
+    let b = behind("http", &[], &[]);
+    let head = "GET /headers HTTP/1.1\r\nHost: a\"b\r\nX-Forwarded-Proto: https\r\n\
+                X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n";
+    let got = String::from_utf8_lossy(&exchange(b.port(), head, b"")).to_ascii_lowercase();
+    assert!(got.contains("x-forwarded-proto: http\n"), "{got}");
+    assert!(
+        got.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\n"),
+        "{got}"
+    );
+    assert!(
+        got.contains("forwarded: for=127.0.0.1;proto=http;host=\"a\\\"b\"\n"),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_long_lived_connection_does_not_hold_the_stop_signal_past_half_the_stop_timeout() {
+    let b = behind("tcp", &["--stop-timeout", "4s"], &[]);
+    let mut pinned = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
+    pinned.set_read_timeout(Some(LONG)).expect("timeout");
+    pinned
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut buf = [0u8; 512];
+    assert!(pinned.read(&mut buf).expect("read") > 0);
+    assert_eq!(b.ctl(&["reload"]).code, Some(0));
+    // The connection stays open; the old generation still gets its SIGTERM
+    // (at 2 s), drains, and exits before the 4 s SIGKILL.
+    let line = b.wait_for(
+        "the held signal sent",
+        |l| l.contains("still busy at half the stop timeout"),
+        LONG,
+    );
+    assert!(line.contains("generation=1"), "{line}");
+    let exit = b.wait_for_event("exit", 1);
+    assert!(exit.contains("status 0"), "drained, not killed: {exit}");
+    assert!(!b.has_event("kill", 1));
+    drop(pinned);
+}

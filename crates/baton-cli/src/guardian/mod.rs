@@ -385,10 +385,16 @@ impl Guardian {
         let waited = live
             .retired_at
             .map_or(0, |t| t.elapsed().as_millis() as u64);
+        let in_flight = live.upstream.as_ref().map_or(0, |u| u.active());
         if let Err(e) = sys::signal::send(pid, signal) {
             warn!(generation, pid, %signal, error = %e, "cannot signal generation");
         }
-        info!(generation, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
+        if in_flight == 0 {
+            info!(generation, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
+        } else {
+            warn!(generation, pid, %signal, in_flight, waited_ms = waited,
+                "retire: still busy at half the stop timeout; sending the stop signal anyway");
+        }
     }
 
     /// Refreshes what `/metrics`, the proxy and systemd see.
@@ -607,6 +613,14 @@ impl Guardian {
                                 handover_us = self.event_at.elapsed().as_micros() as u64,
                                 "retire: no new traffic; stop signal once in-flight requests finish"
                             );
+                            // Long-lived streams must not hold it until the
+                            // SIGKILL: the stop signal goes at half the stop
+                            // timeout at the latest.
+                            live.tasks.push(ready::after(
+                                self.cfg.policy.stop_timeout / 2,
+                                self.events.clone(),
+                                Event::Drained(generation),
+                            ));
                             upstream.retire();
                         }
                     }

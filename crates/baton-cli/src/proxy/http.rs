@@ -73,37 +73,33 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
         .then(|| head_of(&req));
     let mut req: Request<UpBody> = req.map(Either::Left);
 
-    let mut upstream = match proxy.current() {
-        Some(u) => u,
-        None => match proxy.next(None).await {
-            Some(u) => u,
-            None => {
-                proxy
-                    .counters
-                    .upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving");
-            }
-        },
+    let Some((mut upstream, mut active)) = proxy.acquire().await else {
+        proxy
+            .counters
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving");
     };
     // Connect failures (nothing sent) may move on to the next generation
     // twice; a request that was sent is tried again at most once.
-    let (mut connect_retries, mut send_retried) = (0, false);
+    let (mut connect_retries, mut send_retried, mut fresh) = (0, false, false);
     loop {
-        let active = upstream.enter();
-        let mut sender = match upstream.checkout() {
+        let pooled = if fresh { None } else { upstream.checkout() };
+        fresh = false;
+        let mut sender = match pooled {
             Some(sender) => sender,
             None => match connect(upstream.addr).await {
                 Ok(sender) => sender,
                 Err(e) => {
-                    drop(active);
                     if connect_retries < 2 {
                         connect_retries += 1;
                         proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        // This one is gone or not listening: the current
-                        // generation, waiting for a switch if it is this one.
-                        if let Some(next) = proxy.next(Some(&upstream)).await {
-                            upstream = next;
+                        // This one is gone or not listening: wait for the
+                        // guardian to switch to another.
+                        if let Some(next) = proxy.next(Some(&upstream)).await
+                            && let Some(entered) = next.enter_if_open()
+                        {
+                            (upstream, active) = (next, entered);
                             continue;
                         }
                     }
@@ -131,27 +127,31 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                     // It left, but no answer came: safe to repeat if idempotent.
                     None => replay.as_ref().map(rebuild),
                 };
-                match again {
-                    Some(next_req) if !send_retried => {
-                        debug!(generation = upstream.generation, error = %e.error(), "retrying a request no generation answered");
-                        send_retried = true;
-                        proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        req = next_req;
-                        drop(active);
-                        upstream = match proxy.current() {
-                            Some(current) if !Arc::ptr_eq(&current, &upstream) => current,
-                            _ => proxy.next(Some(&upstream)).await.unwrap_or(upstream),
-                        };
-                    }
-                    _ => {
-                        let why = format!("generation {}: {}", upstream.generation, e.error());
-                        proxy
-                            .counters
-                            .upstream_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        return error(StatusCode::BAD_GATEWAY, &why);
-                    }
-                }
+                let Some(next_req) = again.filter(|_| !send_retried) else {
+                    let why = format!("generation {}: {}", upstream.generation, e.error());
+                    proxy
+                        .counters
+                        .upstream_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return error(StatusCode::BAD_GATEWAY, &why);
+                };
+                debug!(generation = upstream.generation, error = %e.error(), "retrying a request no generation answered");
+                send_retried = true;
+                proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+                req = next_req;
+                let failed = Arc::clone(&upstream);
+                drop(active);
+                // The current generation; if that is still this one (a stale
+                // keep-alive connection), at once, on a new connection.
+                let Some((next, entered)) = proxy.acquire().await else {
+                    proxy
+                        .counters
+                        .upstream_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return error(StatusCode::BAD_GATEWAY, "no generation is serving");
+                };
+                fresh = Arc::ptr_eq(&next, &failed);
+                (upstream, active) = (next, entered);
             }
         }
     }
@@ -214,8 +214,11 @@ async fn respond(
         && let Some(client_side) = client_side
     {
         let upstream_side = hyper::upgrade::on(&mut response);
+        let streams = Arc::clone(&proxy);
+        streams.counters.open_streams.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let _active = active;
+            let _open = OpenStream(streams);
             if let (Ok(client), Ok(server)) = (client_side.await, upstream_side.await) {
                 let _ = tokio::io::copy_bidirectional(
                     &mut TokioIo::new(client),
@@ -241,6 +244,15 @@ async fn respond(
         proxy,
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// Counts a relay or splice as open while alive.
+pub(super) struct OpenStream(pub(super) Arc<Proxy>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.counters.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// `x-baton-generation` on answers whose app did not set it.
@@ -279,7 +291,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
-        header::TRAILER,
         header::UPGRADE,
         header::PROXY_AUTHORIZATION,
         header::PROXY_AUTHENTICATE,
@@ -314,11 +325,15 @@ fn prepare_request(req: &mut Request<Incoming>, peer: Option<SocketAddr>, upgrad
     if let Some(peer) = peer {
         let ip = peer.ip().to_canonical();
         let xff = HeaderName::from_static("x-forwarded-for");
-        let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-            Some(before) => format!("{before}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        // Every X-Forwarded-For line the client sent, then this hop.
+        let mut chain: Vec<String> = headers
+            .get_all(&xff)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        chain.push(ip.to_string());
+        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
             headers.insert(xff, v);
         }
         let node = if ip.is_ipv6() {
@@ -326,23 +341,30 @@ fn prepare_request(req: &mut Request<Incoming>, peer: Option<SocketAddr>, upgrad
         } else {
             ip.to_string()
         };
+        // RFC 7239 quoted-string: a host with odd characters is escaped, so
+        // it cannot add parameters of its own.
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(|h| format!(";host=\"{h}\""))
+            .map(|h| format!(";host=\"{}\"", h.replace('\\', "\\\\").replace('"', "\\\"")))
             .unwrap_or_default();
         let element = format!("for={node};proto=http{host}");
-        let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(before) => format!("{before}, {element}"),
-            None => element,
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        let mut forwarded: Vec<String> = headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        forwarded.push(element);
+        if let Ok(v) = HeaderValue::from_str(&forwarded.join(", ")) {
             headers.insert(header::FORWARDED, v);
         }
     }
-    headers
-        .entry(HeaderName::from_static("x-forwarded-proto"))
-        .or_insert(HeaderValue::from_static("http"));
+    // The scheme of this hop, whatever the client claimed.
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
 }
 
 fn empty() -> ProxyBody {

@@ -74,6 +74,24 @@ impl Proxy {
         self.current.send_replace(upstream);
     }
 
+    /// The current generation, counted as in flight; waits for one when
+    /// there is none. Never a retired one (see [`Upstream::enter_if_open`]).
+    pub async fn acquire(&self) -> Option<(Arc<Upstream>, upstream::Active)> {
+        let mut failed: Option<Arc<Upstream>> = None;
+        for _ in 0..8 {
+            let candidate = match (self.current(), &failed) {
+                (Some(c), Some(f)) if Arc::ptr_eq(&c, f) => self.next(Some(f)).await?,
+                (Some(c), _) => c,
+                (None, _) => self.next(None).await?,
+            };
+            if let Some(active) = candidate.enter_if_open() {
+                return Some((candidate, active));
+            }
+            failed = Some(candidate);
+        }
+        None
+    }
+
     /// The current generation other than `failed`: waits (up to
     /// [`Proxy::wait`]) for a switch when there is none, as clients of a
     /// socket-passing reload wait in the accept queue.
@@ -154,11 +172,10 @@ impl Health {
             let request =
                 format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
             stream.write_all(request.as_bytes()).await.ok()?;
-            let mut head = [0u8; 16];
-            let n = stream.read(&mut head).await.ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.ok()?;
             // "HTTP/1.1 2xx"
-            let status = head.get(..n)?.get(9..10)?;
-            (status == b"2").then_some(())
+            (head.starts_with(b"HTTP/1.") && head[9] == b'2').then_some(())
         };
         matches!(
             tokio::time::timeout(Duration::from_secs(2), check).await,
@@ -174,6 +191,8 @@ pub struct Counters {
     pub retries: std::sync::atomic::AtomicU64,
     /// Requests answered 502/503 by the proxy, or cut by a broken upstream.
     pub upstream_errors: std::sync::atomic::AtomicU64,
+    /// TCP relays and spliced upgrades still open (waited for at stop).
+    pub open_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// The proxy's thread: stop it to drain client connections.
@@ -254,13 +273,25 @@ pub fn start(
                         .collect();
                     match mode {
                         Mode::Http => {
-                            let service = http::HttpProxy::new(proxy);
+                            let service = http::HttpProxy::new(Arc::clone(&proxy));
                             let stop = async move {
                                 let _ = stopped.wait_for(|s| *s).await;
                             };
                             let _ = baton::serve::serve(listeners, service, stop, drain).await;
                         }
-                        Mode::Tcp => tcp::serve(listeners, proxy, stopped).await,
+                        Mode::Tcp => tcp::serve(listeners, Arc::clone(&proxy), stopped).await,
+                    }
+                    // Relays and spliced upgrades run as their own tasks: give
+                    // them the drain deadline before the runtime goes.
+                    let open = || {
+                        proxy
+                            .counters
+                            .open_streams
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                    };
+                    let deadline = tokio::time::Instant::now() + drain.deadline;
+                    while open() > 0 && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 });
             })?;

@@ -68,15 +68,16 @@ async fn relay<C>(mut client: C, proxy: Arc<Proxy>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(mut upstream) = (match proxy.current() {
-        Some(u) => Some(u),
-        None => proxy.next(None).await,
-    }) else {
+    let _open = super::http::OpenStream(Arc::clone(&proxy));
+    proxy
+        .counters
+        .open_streams
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let Some((mut upstream, mut active)) = proxy.acquire().await else {
         return;
     };
     let mut retried = false;
     loop {
-        let active = upstream.enter();
         match super::connect(upstream.addr).await {
             Ok(mut server) => {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
@@ -84,12 +85,17 @@ where
                 return;
             }
             Err(e) => {
-                drop(active);
-                // Nothing was sent: the current generation, once more.
+                // Nothing was sent: the next generation, once.
                 if !retried {
                     retried = true;
-                    if let Some(next) = proxy.next(Some(&upstream)).await {
-                        upstream = next;
+                    proxy
+                        .counters
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(next) = proxy.next(Some(&upstream)).await
+                        && let Some(entered) = next.enter_if_open()
+                    {
+                        (upstream, active) = (next, entered);
                         continue;
                     }
                 }

@@ -76,6 +76,15 @@ impl Upstream {
         Active(Arc::clone(self))
     }
 
+    /// Counts something in flight, unless the upstream was retired: a
+    /// retired generation may already have been told to stop. (`retire`
+    /// stores then reads the count; this adds then reads the flag; with
+    /// sequential consistency one of the two always sees the other.)
+    pub fn enter_if_open(self: &Arc<Self>) -> Option<Active> {
+        let active = self.enter();
+        (!self.is_retired()).then_some(active)
+    }
+
     /// How much is in flight.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
@@ -106,20 +115,22 @@ impl Upstream {
     /// An idle keep-alive connection to it, if one is still open.
     pub fn checkout(&self) -> Option<SendRequest<super::http::UpBody>> {
         let mut idle = self.idle.get(super::slot())?.lock().ok()?;
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() && sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        idle.retain(|sender| !sender.is_closed());
+        // A connection just checked in may not be ready for a moment yet:
+        // keep it, take a ready one.
+        let ready = idle.iter().rposition(SendRequest::is_ready)?;
+        Some(idle.swap_remove(ready))
     }
 
     /// Keeps a connection whose last exchange completed, for reuse.
     pub fn checkin(&self, sender: SendRequest<super::http::UpBody>) {
-        if self.is_retired() || sender.is_closed() {
+        if sender.is_closed() {
             return;
         }
         if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock)
+            // Under the lock: `retire` clears the pools under it too, so a
+            // connection never lands in a retired pool.
+            && !self.is_retired()
             && idle.len() < 1024
         {
             idle.push(sender);
