@@ -265,3 +265,46 @@ fn bad_bench_input_is_a_clear_error() {
     let out = baton(&["bench", "--url", "http://127.0.0.1:1/", "--reload-at", "1s"]);
     assert!(out.stderr.contains("need a trigger"), "{}", out.stderr);
 }
+
+#[test]
+fn a_plot_shows_throughput_latency_and_the_reloads() {
+    let b = Baton::serving(&[], &[]);
+    let url = format!("http://127.0.0.1:{}/", b.port());
+    let control = b.control.to_str().expect("utf-8").to_owned();
+    let plot = b.dir.path().join("run.svg");
+    let out = baton(&[
+        "bench",
+        "--url",
+        &url,
+        "-c",
+        "2",
+        "-d",
+        "1s",
+        "--reload-at",
+        "500ms",
+        "--control",
+        &control,
+        "--plot",
+        plot.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("requests"),
+        "the table still prints: {out:?}"
+    );
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    assert!(
+        svg.contains("ok requests/s") && svg.contains("p99 latency"),
+        "both panels"
+    );
+    assert!(svg.contains("reload 1"), "the reload is marked");
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        2,
+        "throughput and latency lines"
+    );
+}
