@@ -7,6 +7,9 @@ use support::{Baton, LONG};
 
 #[test]
 fn systemd_notify_run_by_the_app_marks_its_generation_ready() {
+    if !support::peer("systemd-notify", "systemd") {
+        return;
+    }
     let b = Baton::builder()
         .run_args(["--listen", "127.0.0.1:0"])
         .command([
@@ -55,6 +58,9 @@ fn with_notify_access_main_only_the_main_process_counts() {
 fn another_user_cannot_mark_a_generation_ready() {
     if !rustix::process::geteuid().is_root() {
         eprintln!("skipped: needs root to send as another user");
+        return;
+    }
+    if !support::peer("systemd-notify", "systemd") || !support::peer("setpriv", "util-linux") {
         return;
     }
     let b = Baton::builder()

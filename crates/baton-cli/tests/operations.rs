@@ -127,6 +127,9 @@ fn under_systemd_baton_reports_ready_reloading_and_stopping() {
 
 #[test]
 fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
+    if !support::peer("systemd-socket-activate", "systemd") {
+        return;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -263,6 +266,9 @@ fn the_app_runs_as_another_user_on_a_port_bound_as_root() {
 fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_passes_the_exit_status() {
     if !rustix::process::geteuid().is_root() {
         eprintln!("skipped: a new pid namespace needs root here");
+        return;
+    }
+    if !support::peer("unshare", "util-linux") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -17,6 +17,9 @@ fn exits_after(after: &str, code: u8) -> Vec<String> {
 
 #[test]
 fn restart_never_exits_with_the_apps_status() {
+    if !support::peer("systemd-notify", "systemd") {
+        return;
+    }
     let mut b = Baton::builder()
         .run_args(["--listen", "127.0.0.1:0", "--restart", "never"])
         .command(exits_after("0.2", 3))
@@ -28,6 +31,9 @@ fn restart_never_exits_with_the_apps_status() {
 
 #[test]
 fn restart_on_failure_stops_after_a_clean_exit() {
+    if !support::peer("systemd-notify", "systemd") {
+        return;
+    }
     let mut b = Baton::builder()
         .run_args(["--listen", "127.0.0.1:0"])
         .command(exits_after("0.2", 0))
@@ -39,6 +45,9 @@ fn restart_on_failure_stops_after_a_clean_exit() {
 
 #[test]
 fn restart_always_restarts_a_clean_exit_and_the_start_limit_ends_a_crash_loop() {
+    if !support::peer("systemd-notify", "systemd") {
+        return;
+    }
     let mut b = Baton::builder()
         .run_args([
             "--listen",

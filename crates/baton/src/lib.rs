@@ -28,7 +28,7 @@
 //! }
 //! ```
 //!
-//! The core depends on `std` and `libc` only (all `unsafe` code is in one
+//! The core depends on `std` and `libc` only (its system calls are in one
 //! private module); `tokio`, `hyper` and `axum` sit behind features of the
 //! same names. Without a
 //! supervisor every call degrades gracefully: no sockets inherited,

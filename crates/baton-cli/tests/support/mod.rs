@@ -825,3 +825,20 @@ pub fn reload_through(
         })
         .collect()
 }
+
+/// Whether the real peer `command` (from Debian's packages) is installed.
+/// Tests that need it skip, saying so, when it is not; with
+/// `BATON_REQUIRE_PEERS=1` (set by `.ci/run`, which installs them) they fail
+/// instead.
+pub fn peer(command: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()));
+    if !found {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
+            "BATON_REQUIRE_PEERS is set but `{command}` is missing: apt-get install {package}"
+        );
+        eprintln!("skipped: needs `{command}` (apt-get install {package})");
+    }
+    found
+}
