@@ -493,6 +493,14 @@ impl Guardian {
 
     /// Reaps every exited child and routes each exit to its owner.
     fn reap(&mut self) {
+        // A generation's leftovers are swept (SIGKILL to its process group)
+        // while its exited leader is still an unreaped zombie: until then the
+        // group id cannot belong to anyone else.
+        for (pid, owner) in &self.pids {
+            if matches!(owner, Owner::Generation(_)) && sys::reaper::has_exited(*pid) {
+                let _ = sys::signal::send_group(*pid, Signal::KILL);
+            }
+        }
         for (pid, status) in sys::reaper::reap() {
             self.event_at = Instant::now();
             match self.pids.remove(&pid) {
@@ -644,6 +652,9 @@ impl Guardian {
                         debug!(generation, pid, %signal, "stop signal sent");
                     }
                 }
+                // After an exit the group was swept before reaping (see
+                // `reap`); once reaped, its id may belong to someone else.
+                Action::KillGroup { generation, .. } if !self.live.contains_key(&generation) => {}
                 Action::KillGroup { generation, pid } => {
                     if let Err(e) = sys::signal::send_group(pid, Signal::KILL) {
                         warn!(generation, pid, error = %e, "cannot kill process group");

@@ -53,6 +53,22 @@ pub fn reap() -> Vec<(i32, ExitStatus)> {
     exits
 }
 
+/// Whether child `pid` has exited, without reaping it: while it is an
+/// unreaped zombie its pid (and so its process group id) cannot be reused,
+/// which makes it safe to signal its process group now.
+pub fn has_exited(pid: i32) -> bool {
+    let Some(pid) = Pid::from_raw(pid) else {
+        return false;
+    };
+    let options = rustix::process::WaitIdOptions::EXITED
+        | rustix::process::WaitIdOptions::NOHANG
+        | rustix::process::WaitIdOptions::NOWAIT;
+    matches!(
+        rustix::process::waitid(rustix::process::WaitId::Pid(pid), options),
+        Ok(Some(_))
+    )
+}
+
 /// Reaps one specific child, blocking: only for a child whose exec failed.
 pub(super) fn reap_pid(pid: i32) {
     if let Some(pid) = Pid::from_raw(pid) {

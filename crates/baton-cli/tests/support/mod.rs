@@ -346,12 +346,16 @@ impl Drop for Baton {
             let _ = self.child.wait();
         }
         // Generations left behind (baton killed, or a test that failed
-        // midway): kill those that are still our demo apps.
+        // midway). Pids are reused quickly (pid_max can be 32768), so only
+        // a process that this very baton started is killed: its
+        // NOTIFY_SOCKET names this baton's pid.
+        let ours = format!("NOTIFY_SOCKET=@baton/{}/", self.pid());
         for pid in self.spawned_pids() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("demo-app")
-                && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
-            {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let started_here = environ
+                .split(|b| *b == 0)
+                .any(|kv| kv.starts_with(ours.as_bytes()));
+            if started_here && let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
             }
         }
