@@ -384,6 +384,20 @@ fn the_control_socket_is_private() {
         .mode()
         & 0o777;
     assert_eq!(dir_mode, 0o700);
+    // Stop once generation 1 serves (a stop during its start would end it
+    // before it installed its SIGTERM handler).
+    support::wait_until("generation 1 serves", LONG, || {
+        let out = support::run(
+            &[
+                "status".into(),
+                "--json".into(),
+                "--control".into(),
+                nested.clone().into_os_string(),
+            ],
+            LONG,
+        );
+        out.stdout.contains("\"serving\": 1")
+    });
     let out = support::run(
         &["stop".into(), "--control".into(), nested.into_os_string()],
         LONG,
