@@ -176,6 +176,15 @@ impl RunConfig {
                     .into(),
             ));
         }
+        if args.proxy.is_some()
+            && matches!(args.ready, Some(ReadyMode::Delay(_) | ReadyMode::Exec(_)))
+        {
+            return Err(StartupError::Invalid(
+                "--ready delay:/exec: do not apply with --proxy: there a generation is ready when it passes \
+                 --health on its private port (add --ready notify to also require READY=1)"
+                    .into(),
+            ));
+        }
         let proxy = args.proxy.map(|mode| ProxyConfig {
             mode,
             port_env: args

@@ -168,3 +168,44 @@ fn nothing_to_listen_on_and_no_command() {
     ]);
     assert_startup_error(&out, "--watch /nonexistent/app");
 }
+
+#[test]
+fn proxy_options_need_proxy_mode_and_exclude_other_readiness() {
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--health",
+        "tcp",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "need --proxy http|tcp");
+    let out = baton(&[
+        "run",
+        "--proxy",
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:1s",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(&out, "do not apply with --proxy");
+    let out = baton(&[
+        "run",
+        "--proxy",
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        "--health",
+        "http",
+        "--",
+        "true",
+    ]);
+    assert_startup_error(
+        &out,
+        "invalid health check \"http\": expected tcp or http:/PATH",
+    );
+}
