@@ -56,13 +56,7 @@ fn gin_reloads_under_load_lose_no_request() {
     let mut pids = vec![b.gen_pid(1)];
     pids.extend(support::reload_through(&b, 2..=21, &load));
     let (ok, failures, seen) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(10)]
-    );
+    support::assert_no_failures(ok, &failures);
     assert!(pids.iter().all(|p| seen.contains(p)));
     eprintln!("{ok} requests over 21 Gin generations, none failed");
 }
@@ -75,16 +69,8 @@ fn a_slow_gin_request_finishes_across_a_reload() {
         .command([gin.as_os_str()])
         .start();
     b.wait_for_event("ready", 1);
-    let (port, old) = (b.port(), b.gen_pid(1));
-    let slow = std::thread::spawn(move || get(port, "/slow?ms=2000", LONG));
-    let started = format!("pid {old} started a 2000 ms request");
-    b.wait_for(
-        "the slow request to reach generation 1",
-        |l| l.contains(&started),
-        LONG,
-    );
-    assert_eq!(b.ctl(&["reload"]).code, Some(0));
-    let reply = slow.join().expect("thread").expect("completes");
+    let (reply, old) = support::slow_request_across_a_reload(&b, 2000);
+    let reply = reply.expect("completes");
     assert_eq!((reply.status, reply.pid), (200, Some(old)));
     let exit = b.wait_for_event("exit", 1);
     assert!(exit.contains("status 0"), "{exit}");
@@ -143,11 +129,7 @@ fn an_unmodified_gin_app_reloads_without_failures_in_proxy_mode() {
     let load = support::KeepAlive::start(b.port(), 8, Duration::from_secs(120));
     support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
-    assert!(
-        tally.failures.is_empty(),
-        "{:?}",
-        &tally.failures[..tally.failures.len().min(10)]
-    );
+    support::assert_no_failures(tally.ok, &tally.failures);
     eprintln!(
         "{} keep-alive requests to an unmodified Gin app across 10 reloads, none failed",
         tally.ok

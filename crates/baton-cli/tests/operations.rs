@@ -44,44 +44,26 @@ fn a_config_file_sets_options_and_the_command_line_wins() {
 fn a_bad_config_file_names_the_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("baton.toml");
-    std::fs::write(
-        &config,
-        "listen = [\"127.0.0.1:0\"]\nstop-timeout = \"soon\"\n",
-    )
-    .expect("write");
-    let out = baton(&[
-        "run",
-        "--config",
-        config.to_str().expect("utf-8"),
-        "--",
-        "true",
-    ]);
-    assert_eq!(out.code, Some(2), "{out:?}");
-    assert!(
-        out.stderr
-            .contains("baton.toml:2: stop-timeout: invalid duration \"soon\""),
-        "{}",
-        out.stderr
-    );
-    std::fs::write(
-        &config,
-        "listen = [\"127.0.0.1:0\"]\nstop_timeout = \"1s\"\n",
-    )
-    .expect("write");
-    let out = baton(&[
-        "run",
-        "--config",
-        config.to_str().expect("utf-8"),
-        "--",
-        "true",
-    ]);
-    assert_eq!(out.code, Some(2), "{out:?}");
-    assert!(
-        out.stderr
-            .contains("baton.toml:2: unknown field `stop_timeout`"),
-        "{}",
-        out.stderr
-    );
+    let path = config.to_str().expect("utf-8");
+    for (text, expected) in [
+        (
+            "listen = [\"127.0.0.1:0\"]\nstop-timeout = \"soon\"\n",
+            "baton.toml:2: stop-timeout: invalid duration \"soon\"",
+        ),
+        (
+            "listen = [\"127.0.0.1:0\"]\nstop_timeout = \"1s\"\n",
+            "baton.toml:2: unknown field `stop_timeout`",
+        ),
+    ] {
+        std::fs::write(&config, text).expect("write");
+        let out = baton(&["run", "--config", path, "--", "true"]);
+        assert_eq!(out.code, Some(2), "{out:?}");
+        assert!(
+            out.stderr.contains(expected),
+            "{expected:?} in {}",
+            out.stderr
+        );
+    }
 }
 
 /// Datagrams baton sends to a fake service manager.

@@ -28,11 +28,7 @@ fn http_keep_alive_clients_lose_nothing_even_when_the_app_closes_idle_connection
     let load = KeepAlive::start(b.port(), 8, Duration::from_secs(120));
     support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
-    assert!(
-        tally.failures.is_empty(),
-        "{:?}",
-        &tally.failures[..tally.failures.len().min(10)]
-    );
+    support::assert_no_failures(tally.ok, &tally.failures);
     // The clients' connections belong to baton: none was closed under them.
     assert!(
         tally.connections <= 8,
@@ -51,12 +47,7 @@ fn http_new_connection_clients_lose_nothing_and_every_generation_serves() {
     let load = Load::start(b.port(), 4, 50_000, Duration::from_secs(120));
     support::reload_through(&b, 2..=21, &load);
     let (ok, failures, _) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {ok}: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    support::assert_no_failures(ok, &failures);
 }
 
 #[test]
@@ -239,12 +230,7 @@ fn tcp_relays_reload_without_failures_and_keep_connections_on_their_generation()
     let load = Load::start(port, 4, 50_000, Duration::from_secs(120));
     support::reload_through(&b, 2..=11, &load);
     let (ok, failures, _) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {ok}: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    support::assert_no_failures(ok, &failures);
 
     // Still generation 1 on the pinned connection; it is not stopped while
     // the connection lasts, and is once it closes.

@@ -37,13 +37,7 @@ fn twenty_five_reloads_under_load_fail_no_request() {
         pids.push(pid);
     }
     let (ok, failures, seen) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests of {}: {:?}",
-        failures.len(),
-        ok + failures.len() as u64,
-        &failures[..failures.len().min(20)]
-    );
+    support::assert_no_failures(ok, &failures);
     for pid in &pids {
         assert!(seen.contains(pid), "pid {pid} never answered");
     }
@@ -68,22 +62,8 @@ fn signals_trigger_reloads() {
 #[test]
 fn a_request_in_flight_during_a_reload_completes() {
     let b = Baton::serving(&[], &[]);
-    let port = b.port();
-    let old = b.gen_pid(1);
-    let slow = std::thread::spawn(move || get(port, "/slow?ms=1500", LONG));
-    // Wait until the old generation has the request.
-    let started = format!("pid {old} started a 1500 ms request");
-    b.wait_for(
-        "the slow request to reach generation 1",
-        |l| l.contains(&started),
-        LONG,
-    );
-    let out = b.ctl(&["reload"]);
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let reply = slow
-        .join()
-        .expect("thread")
-        .expect("the slow request completes");
+    let (reply, old) = support::slow_request_across_a_reload(&b, 1500);
+    let reply = reply.expect("the slow request completes");
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.pid,

@@ -107,13 +107,7 @@ fn busy_keep_alive_clients_lose_nothing_across_reloads() {
     let load = KeepAlive::start(port, 8, Duration::from_secs(120));
     support::reload_through(&b, 2..=11, &load);
     let tally = load.finish();
-    assert!(
-        tally.failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        tally.failures.len(),
-        tally.ok + tally.failures.len() as u64,
-        &tally.failures[..tally.failures.len().min(10)]
-    );
+    support::assert_no_failures(tally.ok, &tally.failures);
     assert!(
         tally.connections > 8,
         "clients reconnected after Connection: close"
@@ -131,17 +125,8 @@ fn a_slow_request_finishes_during_the_drain_and_the_old_generation_exits_after_i
         .command([APP])
         .start();
     b.wait_for_event("ready", 1);
-    let port = b.port();
-    let old = b.gen_pid(1);
-    let slow = std::thread::spawn(move || get(port, "/slow?ms=2000", LONG));
-    let started = format!("pid {old} started a 2000 ms request");
-    b.wait_for(
-        "the slow request to reach generation 1",
-        |l| l.contains(&started),
-        LONG,
-    );
-    assert_eq!(b.ctl(&["reload"]).code, Some(0));
-    let reply = slow.join().expect("thread").expect("completes");
+    let (reply, old) = support::slow_request_across_a_reload(&b, 2000);
+    let reply = reply.expect("completes");
     assert_eq!((reply.status, reply.pid), (200, Some(old)));
     // The old generation drained that request, then exited on its own: well
     // before its 20 s drain deadline and baton's 30 s stop timeout.

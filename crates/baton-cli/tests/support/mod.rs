@@ -846,3 +846,31 @@ pub fn peer(command: &str, package: &str) -> bool {
     }
     found
 }
+
+/// Asserts that no request failed, showing the first failures if some did.
+pub fn assert_no_failures(ok: u64, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(20)]
+    );
+}
+
+/// Starts a `/slow?ms=MS` request to generation 1, reloads once the app has
+/// logged that the request arrived, and returns the request's outcome and
+/// generation 1's pid.
+pub fn slow_request_across_a_reload(b: &Baton, ms: u64) -> (Result<Reply, String>, u32) {
+    let (port, old) = (b.port(), b.gen_pid(1));
+    let slow = std::thread::spawn(move || get(port, &format!("/slow?ms={ms}"), LONG));
+    let started = format!("pid {old} started a {ms} ms request");
+    b.wait_for(
+        "the slow request to reach generation 1",
+        |l| l.contains(&started),
+        LONG,
+    );
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    (slow.join().expect("the request's thread"), old)
+}
