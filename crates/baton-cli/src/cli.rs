@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::spec::{
-    ListenSpec, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration,
+    ListenSpec, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration, parse_timeout,
 };
 
 const EXIT_CODES: &str = "\
@@ -179,6 +179,32 @@ pub struct RunArgs {
     /// to itself [default: half the cores, at least 1].
     #[arg(long, value_name = "N")]
     pub proxy_threads: Option<usize>,
+
+    /// Proxy mode: client connections served at once. At the cap the oldest
+    /// connection that has sent nothing is closed to make room, or else new
+    /// clients wait in the kernel's accept queue [default: what the
+    /// descriptor limit allows after baton's reserve, at most 16384].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Proxy mode (http): how long a client may take to send a request's
+    /// head, from the accept or from the first byte of a later request; a
+    /// connection that sends nothing is closed after it [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub header_timeout: Option<Duration>,
+
+    /// Proxy mode: how long a keep-alive connection may stay idle between
+    /// requests, or a client leave its response unread or its request body
+    /// unsent; in tcp mode, how long a relay may pass no byte either way
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub idle_timeout: Option<Duration>,
+
+    /// Proxy mode (http): how long a generation may take to start answering
+    /// a request (then 504, never retried), and the longest pause within an
+    /// answer's body [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub upstream_timeout: Option<Duration>,
 
     /// The command to run, and its arguments.
     #[arg(

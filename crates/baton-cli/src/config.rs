@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub log_prefix: bool,
     /// Proxy mode, if on.
     pub proxy: Option<ProxyConfig>,
+    /// The descriptor limit, raised at start; children get the original.
+    pub nofile: crate::sys::limits::Nofile,
 }
 
 /// `--proxy` and its options.
@@ -65,6 +67,8 @@ pub struct ProxyConfig {
     pub threads: usize,
     /// `--ready notify` was asked for: READY=1 is needed besides the check.
     pub require_notify: bool,
+    /// Timeouts and the connection cap.
+    pub limits: crate::proxy::Limits,
 }
 
 /// A listening socket baton owns.
@@ -79,8 +83,43 @@ pub struct BoundListener {
     pub local: String,
     /// The key of this socket in `SERVER_STARTER_PORT`.
     pub server_starter_key: String,
+    /// The TCP address it is bound to (the real port after `:0`).
+    tcp: Option<SocketAddr>,
+    /// It was found shut down and could not be re-armed; said once.
+    pub broken_reported: bool,
     /// A socket file baton created, removed when baton exits.
     unix_path: Option<PathBuf>,
+}
+
+/// What [`BoundListener::ensure_listening`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ListenerCheck {
+    /// It listens.
+    Listening,
+    /// It had been shut down; it listens again (same socket).
+    Relistened,
+    /// It had been shut down; a new socket listens on its path. Only
+    /// generations started from now on have it.
+    Replaced,
+}
+
+impl BoundListener {
+    /// Makes sure the socket still listens, after an app may have shut it
+    /// down: a TCP socket listens again; a Unix socket cannot, so a new one
+    /// is bound to the same path.
+    pub fn ensure_listening(&mut self) -> io::Result<ListenerCheck> {
+        if socket::is_listening(&self.fd) {
+            return Ok(ListenerCheck::Listening);
+        }
+        if let Some(addr) = self.tcp {
+            socket::relisten_tcp(&self.fd, addr)?;
+            return Ok(ListenerCheck::Relistened);
+        }
+        let path = PathBuf::from(self.local.strip_prefix("unix:").unwrap_or(&self.local));
+        self.fd = socket::bind_unix(&path)?;
+        self.unix_path = Some(path);
+        Ok(ListenerCheck::Replaced)
+    }
 }
 
 impl Drop for BoundListener {
@@ -116,6 +155,7 @@ impl RunConfig {
         args: RunArgs,
         inherited: baton::Listeners,
     ) -> Result<RunConfig, StartupError> {
+        let nofile = crate::sys::limits::raise_nofile();
         let (first, _) = args.command.split_first().ok_or_else(|| {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
@@ -169,11 +209,30 @@ impl RunConfig {
             && (args.health.is_some()
                 || args.health_timeout.is_some()
                 || args.upstream_port_env.is_some()
-                || args.proxy_threads.is_some())
+                || args.proxy_threads.is_some()
+                || args.max_connections.is_some()
+                || args.header_timeout.is_some()
+                || args.idle_timeout.is_some()
+                || args.upstream_timeout.is_some())
         {
             return Err(StartupError::Invalid(
-                "--health, --health-timeout, --upstream-port-env and --proxy-threads need --proxy http|tcp"
+                "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
+                 --header-timeout, --idle-timeout and --upstream-timeout need --proxy http|tcp"
                     .into(),
+            ));
+        }
+        if args.proxy == Some(crate::proxy::Mode::Tcp)
+            && (args.header_timeout.is_some() || args.upstream_timeout.is_some())
+        {
+            return Err(StartupError::Invalid(
+                "--header-timeout and --upstream-timeout apply to --proxy http only (tcp mode has \
+                 --idle-timeout)"
+                    .into(),
+            ));
+        }
+        if args.proxy_threads == Some(0) || args.proxy_threads.is_some_and(|n| n > 1024) {
+            return Err(StartupError::Invalid(
+                "--proxy-threads: expected 1 to 1024".into(),
             ));
         }
         if args.proxy.is_some()
@@ -185,18 +244,41 @@ impl RunConfig {
                     .into(),
             ));
         }
-        let proxy = args.proxy.map(|mode| ProxyConfig {
-            mode,
-            port_env: args
-                .upstream_port_env
-                .clone()
-                .unwrap_or_else(|| "PORT".to_owned()),
-            health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
-            threads: args
-                .proxy_threads
-                .unwrap_or_else(crate::proxy::default_threads),
-            require_notify: args.ready == Some(ReadyMode::Notify),
-        });
+        let stop_timeout = args
+            .stop_timeout
+            .unwrap_or(PolicyConfig::default().stop_timeout);
+        let proxy = args
+            .proxy
+            .map(|mode| {
+                let threads = args
+                    .proxy_threads
+                    .unwrap_or_else(crate::proxy::default_threads);
+                let max_connections =
+                    max_connections(nofile.soft, threads, listeners.len(), args.max_connections)?;
+                let mut serve = baton::serve::Options::default();
+                serve.drain = baton::serve::Drain {
+                    idle_grace: std::time::Duration::from_millis(500),
+                    deadline: stop_timeout,
+                };
+                serve.header_timeout = Some(args.header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT));
+                serve.idle_timeout = Some(args.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
+                serve.connections = baton::serve::Connections::new(max_connections);
+                Ok(ProxyConfig {
+                    mode,
+                    port_env: args
+                        .upstream_port_env
+                        .clone()
+                        .unwrap_or_else(|| "PORT".to_owned()),
+                    health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
+                    threads,
+                    require_notify: args.ready == Some(ReadyMode::Notify),
+                    limits: crate::proxy::Limits {
+                        serve,
+                        upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+                    },
+                })
+            })
+            .transpose()?;
         let ready = args.ready.unwrap_or(ReadyMode::Notify);
         let not_ready_hint = match (&proxy, &ready) {
             (Some(p), _) => format!(
@@ -245,7 +327,57 @@ impl RunConfig {
             watch: args.watch,
             log_prefix: args.log_prefix,
             proxy,
+            nofile,
         })
+    }
+}
+
+/// `--header-timeout` by default: within nginx's and HAProxy's usual range.
+pub const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// `--idle-timeout` by default (nginx's keepalive_timeout is 75 s).
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// `--upstream-timeout` by default (nginx's proxy_read_timeout).
+pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The default connection cap never goes above this.
+pub const MAX_CONNECTIONS_DEFAULT_CEILING: usize = 16_384;
+
+/// Descriptors kept out of the connection budget: listeners, notify and
+/// control sockets, spawning (pipes, a health check), logs, metrics.
+pub const RESERVE: u64 = 128;
+
+/// The proxy's connection cap: `asked`, or what the descriptor limit
+/// `nofile` allows. Each client connection may hold a connection to the
+/// app too, and the upstream pools, the control socket and the metrics
+/// endpoint have their own shares.
+fn max_connections(
+    nofile: u64,
+    threads: usize,
+    listeners: usize,
+    asked: Option<usize>,
+) -> Result<usize, StartupError> {
+    let fixed = RESERVE
+        + 8 * listeners as u64
+        + crate::control::server::MAX_CONNECTIONS as u64
+        + crate::guardian::metrics::MAX_CONNECTIONS as u64
+        + (threads * crate::proxy::upstream::POOL_MAX) as u64;
+    let allowed = nofile.saturating_sub(fixed) / 2;
+    let allowed = usize::try_from(allowed).unwrap_or(usize::MAX);
+    match asked {
+        Some(0) => Err(StartupError::Invalid(
+            "--max-connections must be at least 1".into(),
+        )),
+        Some(n) if n > allowed => Err(StartupError::Invalid(format!(
+            "--max-connections {n} needs about {} descriptors, but baton may open {nofile} \
+             (its hard limit); raise the limit (ulimit -Hn, LimitNOFILE= in a systemd unit) or ask for at most {allowed}",
+            fixed.saturating_add(2 * n as u64)
+        ))),
+        Some(n) => Ok(n),
+        None if allowed < 16 => Err(StartupError::Invalid(format!(
+            "the descriptor limit ({nofile}) is too low for proxy mode, which needs about {} \
+             (raise it: ulimit -Hn, LimitNOFILE= in a systemd unit)",
+            fixed + 32
+        ))),
+        None => Ok(allowed.min(MAX_CONNECTIONS_DEFAULT_CEILING)),
     }
 }
 
@@ -305,11 +437,14 @@ fn adopt(name: &str, listener: baton::Listener) -> Result<BoundListener, Startup
             )));
         }
     };
+    let tcp = local.parse().ok();
     Ok(BoundListener {
         name: name.to_owned(),
         fd,
         local,
         server_starter_key: key,
+        tcp,
+        broken_reported: false,
         unix_path: None,
     })
 }
@@ -481,11 +616,14 @@ fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
             (fd, local.to_string(), local.to_string(), None)
         }
     };
+    let tcp = local.parse().ok();
     Ok(BoundListener {
         name,
         fd,
         local,
         server_starter_key: key,
+        tcp,
+        broken_reported: false,
         unix_path,
     })
 }

@@ -51,6 +51,10 @@ struct Raw {
     health: Option<Spanned<String>>,
     health_timeout: Option<Spanned<String>>,
     proxy_threads: Option<usize>,
+    max_connections: Option<usize>,
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    upstream_timeout: Option<Spanned<String>>,
 }
 
 /// The file's settings, parsed.
@@ -144,6 +148,14 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         health: field!("health", raw.health, crate::proxy::Health::from_str),
         health_timeout: field!("health-timeout", raw.health_timeout, spec::parse_duration),
         proxy_threads: raw.proxy_threads,
+        max_connections: raw.max_connections,
+        header_timeout: field!("header-timeout", raw.header_timeout, spec::parse_timeout),
+        idle_timeout: field!("idle-timeout", raw.idle_timeout, spec::parse_timeout),
+        upstream_timeout: field!(
+            "upstream-timeout",
+            raw.upstream_timeout,
+            spec::parse_timeout
+        ),
     };
     Ok(FileSettings {
         args,
@@ -186,6 +198,10 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         health: cli.health.or(file.health),
         health_timeout: cli.health_timeout.or(file.health_timeout),
         proxy_threads: cli.proxy_threads.or(file.proxy_threads),
+        max_connections: cli.max_connections.or(file.max_connections),
+        header_timeout: cli.header_timeout.or(file.header_timeout),
+        idle_timeout: cli.idle_timeout.or(file.idle_timeout),
+        upstream_timeout: cli.upstream_timeout.or(file.upstream_timeout),
     }
 }
 

@@ -43,8 +43,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(cli.log_level.as_deref().or(file_level.as_deref()))?;
             // Validate and set up everything before starting anything.
             let cfg = config::RunConfig::from_args(args, inherited)?;
+            // One thread for the loop; the guardian never blocks a pool
+            // thread, so the pool is bounded to a single thread.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(1)
                 .build()
                 .context("starting the runtime")?;
             runtime.block_on(guardian::run(cfg))

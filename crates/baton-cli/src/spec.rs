@@ -339,11 +339,31 @@ impl FromStr for UserSpec {
     }
 }
 
-/// Parses `300ms`, `5s`, `2m`, `1h 30m`.
+/// The longest duration any option accepts: a day. Every deadline baton
+/// computes is "now + at most this", which can never overflow a clock, and
+/// no wait longer than a day makes sense for a restart.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parses `300ms`, `5s`, `2m`, `1h 30m`, up to [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|_| {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| {
         format!("invalid duration {s:?}: expected a number and a unit, like 300ms, 5s or 2m")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {s:?}: the longest accepted is 24h"
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses a timeout: a duration as [`parse_duration`], and not zero.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("invalid timeout {s:?}: it must be longer than 0"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -531,5 +551,21 @@ mod tests {
             let err = parse_duration(bad).expect_err(bad);
             assert!(err.contains("expected"), "{bad}: {err}");
         }
+        // The maximum, and values that would overflow a clock.
+        assert_eq!(parse_duration("24h"), Ok(MAX_DURATION));
+        for huge in [
+            "24h 1ms",
+            "25h",
+            "18446744073709551615s",
+            "99999999999999999999y",
+        ] {
+            let err = parse_duration(huge).expect_err(huge);
+            assert!(
+                err.contains("24h") || err.contains("expected"),
+                "{huge}: {err}"
+            );
+        }
+        assert_eq!(parse_timeout("1ms"), Ok(Duration::from_millis(1)));
+        assert!(parse_timeout("0s").unwrap_err().contains("longer than 0"));
     }
 }

@@ -1,4 +1,5 @@
-//! Serving HTTP/1.1 with a lame-duck drain (feature `hyper`).
+//! Serving HTTP/1.1 with a lame-duck drain, timeouts and a connection limit
+//! (feature `hyper`).
 //!
 //! Closing idle keep-alive connections the moment shutdown starts (what most
 //! servers do) races with clients that are sending their next request on
@@ -17,27 +18,49 @@
 //! Invariant: once draining, a connection is closed by the server only (a)
 //! after a response that said `Connection: close`, (b) after `idle_grace`
 //! without a request (counted from the start of the drain at the earliest),
-//! or (c) at the deadline. A client that stalls halfway through a request is
-//! bounded by the deadline. Upgraded connections (WebSocket) leave hyper at
+//! or (c) at the deadline. Upgraded connections (WebSocket) leave hyper at
 //! the upgrade: they are the app's to close, and end when the process exits.
+//!
+//! Outside a drain, [`Options`] bound what a client can hold:
+//!
+//! - **header timeout**: from the accept (or from the first byte of a later
+//!   request on a keep-alive connection) to the end of the request head. A
+//!   client that connects and sends nothing is cut by this timeout.
+//! - **idle timeout**: a keep-alive connection with no request in flight and
+//!   no byte of a new one is closed after this long; so is a connection whose
+//!   client stops reading the response it asked for (writes blocked that
+//!   long). The idle timer never runs while a request is in flight.
+//! - **connection limit** ([`Connections`]): at most `max` connections at
+//!   once, shared by every listener (and every thread) that serves with the
+//!   same limit. At the limit the oldest connection that has not sent a byte
+//!   yet is closed to make room (what nginx does with reusable connections);
+//!   if there is none, accepting pauses and new clients wait in the kernel's
+//!   accept queue: they are delayed, not refused.
+//! - **half-close**: a client that sends its request and then shuts down its
+//!   write side (`shutdown(SHUT_WR)`) still gets its response.
+//!
+//! A connection that has not sent a byte costs a small task and its socket:
+//! hyper's buffers are allocated only once the first byte is readable.
 
+use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::listen::Listener;
@@ -60,6 +83,58 @@ impl Default for Drain {
         Drain {
             idle_grace: Duration::from_millis(500),
             deadline: Duration::from_secs(20),
+        }
+    }
+}
+
+/// How a server treats its client connections: drain, timeouts, limit.
+///
+/// ```
+/// use std::time::Duration;
+/// use baton::serve::{Connections, Options};
+///
+/// let mut options = Options::default();
+/// options.header_timeout = Some(Duration::from_secs(5));
+/// options.connections = Connections::new(10_000);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// The drain on shutdown.
+    pub drain: Drain,
+    /// How long a client may take to send a request head, counted from the
+    /// accept or from the first byte of a later request; `None` for no
+    /// limit. Default: 10 s.
+    pub header_timeout: Option<Duration>,
+    /// How long a keep-alive connection may stay idle between requests, and
+    /// how long a client may leave a response unread; `None` for no limit.
+    /// Default: 60 s.
+    pub idle_timeout: Option<Duration>,
+    /// Whether a client that shut down its write side after its request
+    /// still gets the response. Default: yes.
+    pub half_close: bool,
+    /// The connection limit and counters, shared with whoever else serves
+    /// with the same value. Default: no limit (but counted).
+    pub connections: Arc<Connections>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drain: Drain::default(),
+            header_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            half_close: true,
+            connections: Connections::new(usize::MAX),
+        }
+    }
+}
+
+impl From<Drain> for Options {
+    fn from(drain: Drain) -> Self {
+        Options {
+            drain,
+            ..Options::default()
         }
     }
 }
@@ -95,6 +170,14 @@ impl AsyncListener {
             Listener::Unix(l) => Ok(AsyncListener::Unix(tokio::net::UnixListener::from_std(l)?)),
         }
     }
+
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            AsyncListener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+            AsyncListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        }
+    }
 }
 
 impl From<tokio::net::TcpListener> for AsyncListener {
@@ -109,10 +192,258 @@ impl From<tokio::net::UnixListener> for AsyncListener {
     }
 }
 
+/// An accepted client connection.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Stream {
+    /// TCP.
+    Tcp(tokio::net::TcpStream),
+    /// Unix-domain stream socket.
+    Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    /// Waits until the client has sent something (or closed).
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// The client's address (TCP only).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A cap on concurrent connections, shared across listeners and threads,
+/// and counters of what the cap and the timeouts did.
+///
+/// Each connection holds a [`Ticket`] for its whole life. At the cap,
+/// [`Connections::admit`] closes the oldest connection that has not sent a
+/// byte yet ([`Ticket::spoke`] was not called) and waits for its slot; with
+/// none to close, it waits for any slot to free up.
+#[derive(Debug)]
+pub struct Connections {
+    max: usize,
+    state: Mutex<Slots>,
+    freed: Notify,
+    counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    open: usize,
+    next_id: u64,
+    /// Connections that have not sent a byte, oldest first, with the
+    /// notification that closes them.
+    silent: BTreeMap<u64, Arc<Notify>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    evicted: AtomicU64,
+    paused: AtomicU64,
+    header_timeouts: AtomicU64,
+    idle_timeouts: AtomicU64,
+}
+
+/// A snapshot of [`Connections`]' counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Connections open now.
+    pub open: usize,
+    /// The cap.
+    pub max: usize,
+    /// Connections admitted so far.
+    pub accepted: u64,
+    /// Silent connections closed to make room for a new one.
+    pub evicted: u64,
+    /// Times accepting paused because every slot was busy.
+    pub paused: u64,
+    /// Connections cut because a request head was not complete in time.
+    pub header_timeouts: u64,
+    /// Connections closed after the idle timeout (idle between requests, or
+    /// a client not reading its response).
+    pub idle_timeouts: u64,
+}
+
+impl Connections {
+    /// A limit of `max` concurrent connections (at least 1).
+    pub fn new(max: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            max: max.max(1),
+            state: Mutex::new(Slots::default()),
+            freed: Notify::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ConnectionStats {
+        let open = self.slots().open;
+        let c = &self.counters;
+        ConnectionStats {
+            open,
+            max: self.max,
+            accepted: c.accepted.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+            paused: c.paused.load(Ordering::Relaxed),
+            header_timeouts: c.header_timeouts.load(Ordering::Relaxed),
+            idle_timeouts: c.idle_timeouts.load(Ordering::Relaxed),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // The lock guards plain counters and a map; a panic while holding it
+        // cannot leave them inconsistent in a way that matters more than
+        // refusing to serve.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for one connection: at once below the cap; at the cap, after
+    /// the oldest silent connection was closed, or after any connection
+    /// ended.
+    pub async fn admit(self: &Arc<Self>) -> Ticket {
+        let mut paused = false;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so no release can slip in between.
+            freed.as_mut().enable();
+            {
+                let mut slots = self.slots();
+                if slots.open < self.max {
+                    slots.open += 1;
+                    slots.next_id += 1;
+                    let id = slots.next_id;
+                    let evict = Arc::new(Notify::new());
+                    slots.silent.insert(id, Arc::clone(&evict));
+                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    return Ticket {
+                        connections: Arc::clone(self),
+                        id,
+                        evict,
+                    };
+                }
+                if let Some((_, evict)) = slots.silent.pop_first() {
+                    evict.notify_one();
+                    self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                } else if !paused {
+                    paused = true;
+                    self.counters.paused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+/// One connection's slot in [`Connections`]; freed when dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    connections: Arc<Connections>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl Ticket {
+    /// The client sent something: it is no longer a candidate for eviction.
+    /// Returns false if it was already chosen to be closed.
+    pub fn spoke(&self) -> bool {
+        self.connections.slots().silent.remove(&self.id).is_some()
+    }
+
+    /// Completes when this connection was chosen to make room.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        {
+            let mut slots = self.connections.slots();
+            slots.open = slots.open.saturating_sub(1);
+            slots.silent.remove(&self.id);
+        }
+        self.connections.freed.notify_one();
+    }
+}
+
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Serves `service` on every listener until `shutdown` completes, then drains
-/// as the [module docs](self) describe and returns.
+/// as the [module docs](self) describe and returns. Uses the default
+/// [`Options`] with `drain`.
 ///
 /// ```no_run
 /// # async fn run() -> std::io::Result<()> {
@@ -141,6 +472,24 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_with(listeners, service, shutdown, Options::from(drain)).await
+}
+
+/// [`serve`] with explicit [`Options`]: timeouts and a connection limit.
+pub async fn serve_with<S, B>(
+    listeners: impl IntoIterator<Item = AsyncListener>,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    options: Options,
+) -> io::Result<DrainReport>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let (draining_tx, draining) = watch::channel(false);
     let mut acceptors = JoinSet::new();
     for listener in listeners {
@@ -148,7 +497,7 @@ where
             listener,
             service.clone(),
             draining.clone(),
-            drain,
+            options.clone(),
         ));
     }
     shutdown.await;
@@ -182,8 +531,19 @@ pub async fn serve_router(
     shutdown: impl Future<Output = ()>,
     drain: Drain,
 ) -> io::Result<DrainReport> {
+    serve_router_with(listeners, router, shutdown, Options::from(drain)).await
+}
+
+/// [`serve_router`] with explicit [`Options`] (feature `axum`).
+#[cfg(feature = "axum")]
+pub async fn serve_router_with(
+    listeners: impl IntoIterator<Item = AsyncListener>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+    options: Options,
+) -> io::Result<DrainReport> {
     let service = hyper_util::service::TowerToHyperService::new(router);
-    serve(listeners, service, shutdown, drain).await
+    serve_with(listeners, service, shutdown, options).await
 }
 
 /// Accepts on one listener until draining starts, then waits for its
@@ -192,7 +552,7 @@ async fn accept_loop<S, B>(
     listener: AsyncListener,
     service: S,
     draining: watch::Receiver<bool>,
-    drain: Drain,
+    options: Options,
 ) -> DrainReport
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -206,21 +566,25 @@ where
     let mut report = DrainReport::default();
     let mut watch_drain = draining.clone();
     loop {
+        // Accept first, then wait for a slot: at the limit, only a client
+        // that is really waiting makes a silent one give way.
+        let admitted = async {
+            let stream = listener.accept().await?;
+            let ticket = options.connections.admit().await;
+            io::Result::Ok((stream, ticket))
+        };
         tokio::select! {
             biased;
             () = drained(&mut watch_drain) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = accept(&listener) => match accepted {
-                Ok(Accepted::Tcp(stream)) => {
+            accepted = admitted => match accepted {
+                Ok((stream, ticket)) => {
                     report.connections += 1;
-                    // Latency matters more than packet count for request/response.
-                    let _ = stream.set_nodelay(true);
-                    let peer = stream.peer_addr().ok();
-                    conns.spawn(connection(stream, peer, service.clone(), draining.clone(), drain.idle_grace));
-                }
-                Ok(Accepted::Unix(stream)) => {
-                    report.connections += 1;
-                    conns.spawn(connection(stream, None, service.clone(), draining.clone(), drain.idle_grace));
+                    if let Stream::Tcp(s) = &stream {
+                        // Latency matters more than packet count for request/response.
+                        let _ = s.set_nodelay(true);
+                    }
+                    conns.spawn(connection(stream, ticket, service.clone(), draining.clone(), options.clone()));
                 }
                 // Out of fds or a connection reset before accept: back off
                 // briefly instead of spinning, and keep serving.
@@ -231,7 +595,7 @@ where
     // Stop accepting: close this process's copy of the listening socket. The
     // supervisor's copy keeps the socket (and its queue) alive.
     drop(listener);
-    let deadline = tokio::time::sleep(drain.deadline);
+    let deadline = tokio::time::sleep(options.drain.deadline);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -252,28 +616,15 @@ async fn drained(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|d| *d).await;
 }
 
-enum Accepted {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(listener: &AsyncListener) -> io::Result<Accepted> {
-    match listener {
-        AsyncListener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
-        AsyncListener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
-    }
-}
-
-/// Serves one connection; once draining starts, closes it only when it is
-/// idle for `idle_grace` (or after a `Connection: close` response).
-async fn connection<I, S, B>(
-    io: I,
-    peer: Option<SocketAddr>,
+/// Serves one connection: waits (cheaply) for its first byte, then hands it
+/// to hyper under the timeouts of [`Options`].
+async fn connection<S, B>(
+    stream: Stream,
+    ticket: Ticket,
     service: S,
     mut draining: watch::Receiver<bool>,
-    idle_grace: Duration,
+    options: Options,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -281,24 +632,107 @@ async fn connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(Activity::new());
+    let born = Instant::now();
+    // Until the first byte: no hyper state at all. Bounded by the header
+    // timeout, by eviction at the connection limit, and by the idle grace
+    // once draining.
+    let header_deadline = options.header_timeout.and_then(|t| born.checked_add(t));
+    let first_byte = async {
+        let mut grace_over: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                ready = stream.readable() => return ready.is_ok(),
+                () = sleep_until_opt(header_deadline) => {
+                    options.connections.counters.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                () = ticket.evicted() => return false,
+                () = drained(&mut draining), if grace_over.is_none() => {
+                    grace_over = Instant::now().checked_add(options.drain.idle_grace);
+                    if grace_over.is_none() {
+                        return false;
+                    }
+                }
+                () = sleep_until_opt(grace_over) => return false,
+            }
+        }
+    };
+    if !first_byte.await || !ticket.spoke() {
+        return;
+    }
+    // Boxed, so that a silent connection's task stays small.
+    Box::pin(exchange(stream, ticket, born, service, draining, options)).await;
+}
+
+/// The HTTP part of a connection's life.
+async fn exchange<S, B>(
+    stream: Stream,
+    ticket: Ticket,
+    born: Instant,
+    service: S,
+    mut draining: watch::Receiver<bool>,
+    options: Options,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let peer = stream.peer_addr().map(PeerAddr);
+    let activity = Arc::new(Activity::new(born));
+    // The first request's head is timed from the accept.
+    activity.head_nanos.store(0, Ordering::Relaxed);
     let tracked = Tracked {
         inner: service,
         activity: Arc::clone(&activity),
         draining: draining.clone(),
-        peer: peer.map(PeerAddr),
+        peer,
     };
-    let conn = http1::Builder::new()
+    let io = Timed {
+        inner: stream,
+        activity: Arc::clone(&activity),
+        // The slot goes with the socket, through an upgrade too.
+        _ticket: ticket,
+    };
+    let mut builder = http1::Builder::new();
+    builder.half_close(options.half_close);
+    let conn = builder
         .serve_connection(TokioIo::new(io), tracked)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = drained(&mut draining) => {}
+    loop {
+        let now = Instant::now();
+        let wake = match activity.expired(now, &options) {
+            Expiry::Now(which) => {
+                let counter = match which {
+                    Which::Header => &options.connections.counters.header_timeouts,
+                    Which::Idle => &options.connections.counters.idle_timeouts,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                // Idle: hyper closes an idle connection at once and lets a
+                // request that just started finish. A stalled head or a
+                // client that does not read is cut.
+                if which == Which::Idle && activity.is_idle() {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+                return;
+            }
+            Expiry::At(at) => Some(at),
+            Expiry::Never => None,
+        };
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = sleep_until_opt(wake) => {}
+            () = drained(&mut draining) => break,
+        }
     }
-    // Every connection gets the full grace from the start of the drain, even
-    // one that was idle long before.
+    // Draining. Every connection gets the full grace from the start of the
+    // drain, even one that was idle long before.
     activity.touch();
+    let idle_grace = options.drain.idle_grace;
     loop {
         let wait = match activity.idle_for() {
             Some(idle) if idle >= idle_grace => {
@@ -316,27 +750,88 @@ async fn connection<I, S, B>(
     let _ = conn.await;
 }
 
-/// When a connection last did something, and whether a request is in flight.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// "Not set" for the timestamps of [`Activity`].
+const UNSET: u64 = u64::MAX;
+
+/// What a connection is doing, shared by its I/O, its service and its task.
+/// Times are nanoseconds after `born`.
 #[derive(Debug)]
 struct Activity {
     born: Instant,
+    /// Requests in flight: from the end of the head to the end of the
+    /// response body.
     in_flight: AtomicUsize,
-    /// Nanoseconds after `born` of the last request start or response end.
+    /// The last request start or response end.
     last_nanos: AtomicU64,
+    /// When the first byte of the next request head arrived (with nothing
+    /// in flight), or [`UNSET`].
+    head_nanos: AtomicU64,
+    /// Since when writes to the client have been blocked, or [`UNSET`].
+    blocked_nanos: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Header,
+    Idle,
+}
+
+#[derive(Debug)]
+enum Expiry {
+    Now(Which),
+    At(Instant),
+    Never,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(born: Instant) -> Activity {
         Activity {
-            born: Instant::now(),
+            born,
             in_flight: AtomicUsize::new(0),
             last_nanos: AtomicU64::new(0),
+            head_nanos: AtomicU64::new(UNSET),
+            blocked_nanos: AtomicU64::new(UNSET),
         }
     }
 
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(UNSET - 1)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        // `nanos` was measured from `born`, so this is a past instant.
+        self.born
+            .checked_add(Duration::from_nanos(nanos))
+            .unwrap_or(self.born)
+    }
+
     fn touch(&self) {
-        let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_nanos.store(nanos, Ordering::Relaxed);
+        self.last_nanos.store(self.nanos(), Ordering::Relaxed);
+    }
+
+    /// Marks the start of a request head, if none is under way.
+    fn head_started(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self.head_nanos.compare_exchange(
+                UNSET,
+                self.nanos(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// No request in flight and no byte of a new one.
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_nanos.load(Ordering::Relaxed) == UNSET
     }
 
     /// `None` while a request is in flight, else how long it has been idle.
@@ -347,14 +842,131 @@ impl Activity {
         let last = Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
         Some(self.born.elapsed().saturating_sub(last))
     }
+
+    /// Whether a timeout of `options` has run out, or when to look again.
+    fn expired(&self, now: Instant, options: &Options) -> Expiry {
+        let deadline = |since: u64, timeout: Option<Duration>, which| match timeout {
+            None => Expiry::Never,
+            Some(t) => match self.at(since).checked_add(t) {
+                Some(at) if now >= at => Expiry::Now(which),
+                Some(at) => Expiry::At(at),
+                None => Expiry::Never,
+            },
+        };
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            // A request is being served: only a client that does not read
+            // its response counts. Blocked writes are not signalled to the
+            // task, so look again at a quarter of the timeout.
+            let Some(idle) = options.idle_timeout else {
+                return Expiry::Never;
+            };
+            let blocked = self.blocked_nanos.load(Ordering::Relaxed);
+            if blocked != UNSET
+                && let Expiry::Now(which) = deadline(blocked, Some(idle), Which::Idle)
+            {
+                return Expiry::Now(which);
+            }
+            return match now.checked_add((idle / 4).max(Duration::from_millis(100))) {
+                Some(at) => Expiry::At(at),
+                None => Expiry::Never,
+            };
+        }
+        let head = self.head_nanos.load(Ordering::Relaxed);
+        if head != UNSET {
+            return deadline(head, options.header_timeout, Which::Header);
+        }
+        deadline(
+            self.last_nanos.load(Ordering::Relaxed),
+            options.idle_timeout,
+            Which::Idle,
+        )
+    }
+}
+
+/// The client's socket, noting reads (a new head starting) and blocked
+/// writes (a client not reading) in [`Activity`].
+struct Timed {
+    inner: Stream,
+    activity: Arc<Activity>,
+    _ticket: Ticket,
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.head_started();
+        }
+        polled
+    }
+}
+
+impl Timed {
+    fn note_write<T>(&self, polled: &Poll<io::Result<T>>) {
+        let blocked = &self.activity.blocked_nanos;
+        if polled.is_pending() {
+            if blocked.load(Ordering::Relaxed) == UNSET {
+                blocked.store(self.activity.nanos(), Ordering::Relaxed);
+            }
+        } else if blocked.load(Ordering::Relaxed) != UNSET {
+            blocked.store(UNSET, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note_write(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note_write(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.note_write(&polled);
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Marks a request in flight for as long as it lives.
+#[derive(Debug)]
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.head_nanos.store(UNSET, Ordering::Relaxed);
         activity.touch();
         InFlight(activity)
     }
@@ -388,9 +1000,9 @@ where
     S: Service<Request<Incoming>, Response = Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(peer) = self.peer {
@@ -400,16 +1012,49 @@ where
         let response = self.inner.call(req);
         let draining = self.draining.clone();
         Box::pin(async move {
-            let mut response = response.await;
-            if let Ok(response) = &mut response
-                && *draining.borrow()
-            {
+            let mut response = response.await?;
+            if *draining.borrow() {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            drop(guard);
-            response
+            // The request stays in flight until its body is sent.
+            Ok(response.map(|inner| TrackedBody {
+                inner: Box::pin(inner),
+                guard: Some(guard),
+            }))
         })
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+#[derive(Debug)]
+struct TrackedBody<B> {
+    inner: Pin<Box<B>>,
+    guard: Option<InFlight>,
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if frame.is_none() || this.inner.is_end_stream() {
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

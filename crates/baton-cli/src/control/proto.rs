@@ -95,6 +95,46 @@ pub struct Status {
     pub restarts: u64,
     /// The last reload's outcome, in words.
     pub last_reload: Option<String>,
+    /// What baton's own limits and checks did.
+    #[serde(default)]
+    pub guard: Guard,
+}
+
+/// baton's own resources, and what its limits and checks turned away.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    /// Descriptors baton has open.
+    pub descriptors: u64,
+    /// baton's descriptor limit (raised to the hard limit at start).
+    pub descriptors_limit: u64,
+    /// The descriptor limit each generation starts with (baton's original).
+    pub app_descriptors_limit: u64,
+    /// Notifications ignored (another user; another process with
+    /// `--notify-access main`).
+    pub notify_rejected: u64,
+    /// Listeners an app shut down that baton made listen again.
+    pub listener_rearms: u64,
+    /// Connection caps: the control socket, and the proxy in proxy mode.
+    pub connections: Vec<ConnectionsInfo>,
+}
+
+/// One connection cap and its counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionsInfo {
+    /// `control` or `proxy`.
+    pub socket: String,
+    /// Open now.
+    pub open: u64,
+    /// The cap.
+    pub max: u64,
+    /// Silent connections closed at the cap to make room.
+    pub evicted: u64,
+    /// Times accepting paused at the cap.
+    pub paused: u64,
+    /// Connections cut by the header timeout.
+    pub header_timeouts: u64,
+    /// Connections closed by the idle timeout.
+    pub idle_timeouts: u64,
 }
 
 /// One listener.

@@ -1,8 +1,18 @@
 //! Accepts control connections and hands each request to the guardian's
 //! event loop, which owns all state; this task only does I/O.
+//!
+//! Bounded against clients that misbehave: at most [`MAX_CONNECTIONS`] at
+//! once (at the cap the oldest one that has sent nothing is closed to make
+//! room, so idle connections cannot lock `baton status` out); a request line
+//! must arrive within [`REQUEST_TIMEOUT`] of the accept and be at most
+//! [`MAX_LINE`] bytes; the answer must be taken within [`REQUEST_TIMEOUT`].
+//! Waiting for the answer itself (a reload waits for readiness) is not
+//! idleness and has no timeout here: the guardian's own deadlines bound it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use baton::serve::{Connections, Ticket};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -22,14 +32,24 @@ pub struct ControlRequest {
 /// The longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 
+/// Control connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request, and to take its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the control socket until the receiving loop goes away.
-pub async fn serve(listener: UnixListener, to_loop: mpsc::UnboundedSender<ControlRequest>) {
+pub async fn serve(
+    listener: UnixListener,
+    to_loop: mpsc::UnboundedSender<ControlRequest>,
+    connections: Arc<Connections>,
+) {
     let uid = rustix::process::geteuid().as_raw();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                warn!(error = %e, "control socket: accept failed");
+                debug!(error = %e, "control socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -39,20 +59,21 @@ pub async fn serve(listener: UnixListener, to_loop: mpsc::UnboundedSender<Contro
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == uid || cred.uid() == 0 => {}
             Ok(cred) => {
-                warn!(
+                debug!(
                     peer_uid = cred.uid(),
                     "control socket: refused a peer of another user"
                 );
                 continue;
             }
             Err(e) => {
-                warn!(error = %e, "control socket: cannot read peer credentials");
+                debug!(error = %e, "control socket: cannot read peer credentials");
                 continue;
             }
         }
+        let ticket = connections.admit().await;
         let to_loop = to_loop.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, to_loop).await {
+            if let Err(e) = handle(stream, ticket, to_loop).await {
                 debug!(error = %e, "control connection ended");
             }
         });
@@ -61,13 +82,26 @@ pub async fn serve(listener: UnixListener, to_loop: mpsc::UnboundedSender<Contro
 
 async fn handle(
     stream: UnixStream,
+    ticket: Ticket,
     to_loop: mpsc::UnboundedSender<ControlRequest>,
 ) -> std::io::Result<()> {
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time");
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    // Silent until its first byte: may be closed to make room.
+    tokio::select! {
+        ready = stream.readable() => ready?,
+        () = ticket.evicted() => return Ok(()),
+        () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+    }
+    if !ticket.spoke() {
+        return Ok(());
+    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_LINE))
-        .read_line(&mut line)
-        .await?;
+    let mut reader = BufReader::new(read.take(MAX_LINE));
+    tokio::time::timeout_at(deadline, reader.read_line(&mut line))
+        .await
+        .map_err(|_| timed_out())??;
     let response = match serde_json::from_str::<Request>(line.trim()) {
         Ok(request) => {
             let (reply, answer) = oneshot::channel();
@@ -79,12 +113,27 @@ async fn handle(
                 Err(_) => Response::Stopping,
             }
         }
-        Err(e) => Response::Error {
-            message: format!("bad request {:?}: {e}", line.trim()),
-        },
+        Err(e) => {
+            let mut shown: String = line.trim().chars().take(200).collect();
+            if shown.len() < line.trim().len() {
+                shown.push('…');
+            }
+            Response::Error {
+                message: format!("bad request {shown:?}: {e}"),
+            }
+        }
     };
     let mut out = serde_json::to_string(&response).map_err(std::io::Error::other)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    write.shutdown().await
+    let send = async {
+        write.write_all(out.as_bytes()).await?;
+        write.shutdown().await
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            warn!("control socket: a client did not take its answer; closed");
+            Ok(())
+        }
+    }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tracing::warn;
 
 use crate::exit::ExitStatus;
@@ -30,6 +29,17 @@ pub struct Metrics {
     pub generations_alive: u64,
     /// Proxy mode: the proxy, whose counters are read live.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// The control socket's connections, read live.
+    pub control: Option<Arc<baton::serve::Connections>>,
+    /// Notifications ignored: from another user, or (with `--notify-access
+    /// main`) another process.
+    pub notify_rejected: u64,
+    /// Listeners found shut down by an app and made to listen again.
+    pub listener_rearms: u64,
+    /// baton's descriptor limit (soft, after raising it).
+    pub nofile_limit: u64,
+    /// Descriptors baton has open (at the last housekeeping round).
+    pub descriptors: u64,
     ready_sum: f64,
     ready_count: u64,
     drain_sum: f64,
@@ -132,10 +142,101 @@ impl Metrics {
             "Exits of generations' main processes, by status.",
             &exits,
         );
+        metric(
+            "baton_notify_rejected_total",
+            "counter",
+            "Notifications ignored: sent by another user or, with --notify-access main, another process.",
+            &[(String::new(), self.notify_rejected.to_string())],
+        );
+        metric(
+            "baton_listener_rearms_total",
+            "counter",
+            "Listeners an app shut down that baton made listen again.",
+            &[(String::new(), self.listener_rearms.to_string())],
+        );
+        metric(
+            "baton_descriptors",
+            "gauge",
+            "Descriptors baton has open.",
+            &[(String::new(), self.descriptors.to_string())],
+        );
+        metric(
+            "baton_descriptors_limit",
+            "gauge",
+            "baton's descriptor limit (RLIMIT_NOFILE, raised to the hard limit at start).",
+            &[(String::new(), self.nofile_limit.to_string())],
+        );
+        let mut connections = Vec::new();
+        if let Some(proxy) = &self.proxy {
+            connections.push(("proxy", proxy.connections().stats()));
+        }
+        if let Some(control) = &self.control {
+            connections.push(("control", control.stats()));
+        }
+        let per = |f: fn(&baton::serve::ConnectionStats) -> u64| -> Vec<(String, String)> {
+            connections
+                .iter()
+                .map(|(name, s)| (format!("{{socket=\"{name}\"}}"), f(s).to_string()))
+                .collect()
+        };
+        metric(
+            "baton_connections",
+            "gauge",
+            "Client connections open.",
+            &per(|s| s.open as u64),
+        );
+        metric(
+            "baton_connections_max",
+            "gauge",
+            "The connection cap.",
+            &per(|s| s.max as u64),
+        );
+        metric(
+            "baton_connections_evicted_total",
+            "counter",
+            "Connections that had sent nothing, closed at the cap to make room.",
+            &per(|s| s.evicted),
+        );
+        metric(
+            "baton_connections_paused_total",
+            "counter",
+            "Times accepting paused at the cap (new clients waited in the kernel's queue).",
+            &per(|s| s.paused),
+        );
+        metric(
+            "baton_connections_header_timeouts_total",
+            "counter",
+            "Connections cut because a request head did not arrive within the header timeout.",
+            &per(|s| s.header_timeouts),
+        );
+        metric(
+            "baton_connections_idle_timeouts_total",
+            "counter",
+            "Connections closed after the idle timeout.",
+            &per(|s| s.idle_timeouts),
+        );
         if let Some(proxy) = &self.proxy {
             use std::sync::atomic::Ordering::Relaxed;
             let retries = proxy.counters.retries.load(Relaxed);
             let errors = proxy.counters.upstream_errors.load(Relaxed);
+            metric(
+                "baton_proxy_upstream_timeouts_total",
+                "counter",
+                "Proxied requests answered 504: no answer within --upstream-timeout.",
+                &[(
+                    String::new(),
+                    proxy.counters.upstream_timeouts.load(Relaxed).to_string(),
+                )],
+            );
+            metric(
+                "baton_proxy_idle_relays_total",
+                "counter",
+                "TCP relays closed after --idle-timeout without a byte either way.",
+                &[(
+                    String::new(),
+                    proxy.counters.idle_relays.load(Relaxed).to_string(),
+                )],
+            );
             metric(
                 "baton_proxy_retries_total",
                 "counter",
@@ -153,7 +254,13 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the task is aborted.
+/// Connections to `/metrics` served at once; at the cap the oldest silent
+/// one is closed to make room.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Serves `/metrics` on `listener` until the task is aborted, under the
+/// same timeouts as the proxy (a short header timeout, since scrapers send
+/// their request at once) and a small connection cap.
 pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
     let listener = match listener
         .set_nonblocking(true)
@@ -165,39 +272,38 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
             return;
         }
     };
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let body = if req.uri().path() == "/metrics" {
+            metrics.lock().map(|m| m.render()).ok()
+        } else {
+            None
         };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let body = if req.uri().path() == "/metrics" {
-                    metrics.lock().map(|m| m.render()).ok()
-                } else {
-                    None
-                };
-                async move {
-                    let mut res = match body {
-                        Some(text) => Response::new(Full::new(Bytes::from(text))),
-                        None => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(
-                                b"not found; try /metrics\n",
-                            )));
-                            *r.status_mut() = StatusCode::NOT_FOUND;
-                            r
-                        }
-                    };
-                    res.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    Ok::<_, Infallible>(res)
+        async move {
+            let mut res = match body {
+                Some(text) => Response::new(Full::new(Bytes::from(text))),
+                None => {
+                    let mut r =
+                        Response::new(Full::new(Bytes::from_static(b"not found; try /metrics\n")));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    r
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            };
+            res.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let mut options = baton::serve::Options::default();
+    options.header_timeout = Some(Duration::from_secs(5));
+    options.idle_timeout = Some(Duration::from_secs(10));
+    options.connections = baton::serve::Connections::new(MAX_CONNECTIONS);
+    let _ = baton::serve::serve_with(
+        [baton::serve::AsyncListener::from(listener)],
+        service,
+        std::future::pending(),
+        options,
+    )
+    .await;
 }

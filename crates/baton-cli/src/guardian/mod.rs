@@ -20,6 +20,7 @@
 pub mod metrics;
 mod output;
 pub mod policy;
+mod pressure;
 mod ready;
 mod upstream;
 mod watch;
@@ -38,8 +39,10 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::cli::NotifyAccess;
-use crate::config::RunConfig;
-use crate::control::proto::{GenerationInfo, ListenerInfo, Request, Response, Status};
+use crate::config::{ListenerCheck, RunConfig};
+use crate::control::proto::{
+    ConnectionsInfo, GenerationInfo, Guard, ListenerInfo, Request, Response, Status,
+};
 use crate::control::server::ControlRequest;
 use crate::exit::ExitStatus;
 use crate::spec::{ReadyMode, Signal};
@@ -98,6 +101,8 @@ struct Live {
     healthy: bool,
     /// It sent READY=1.
     notified: bool,
+    /// Its last `STATUS=`.
+    status: Option<String>,
 }
 
 impl Drop for Live {
@@ -128,7 +133,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
         })
         .context("registering the control socket")?;
     let (control_tx, mut control_rx) = mpsc::unbounded_channel();
-    let control_task = tokio::spawn(crate::control::server::serve(control, control_tx));
+    let control_connections =
+        baton::serve::Connections::new(crate::control::server::MAX_CONNECTIONS);
+    let control_task = tokio::spawn(crate::control::server::serve(
+        control,
+        control_tx,
+        std::sync::Arc::clone(&control_connections),
+    ));
+    info!(
+        soft = cfg.nofile.soft,
+        hard = cfg.nofile.hard,
+        app_soft = cfg.nofile.original_soft,
+        "descriptors"
+    );
 
     for (i, l) in cfg.listeners.iter().enumerate() {
         info!(addr = %l.local, name = %l.name, fd = vars::LISTEN_FDS_START + i as i32, "listening");
@@ -167,26 +184,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
     let proxy = match &cfg.proxy {
         None => None,
         Some(p) => {
-            let shared = crate::proxy::Proxy::new(cfg.policy.ready_timeout);
+            let shared = crate::proxy::Proxy::new(cfg.policy.ready_timeout, p.limits.clone());
             let fds = cfg
                 .listeners
                 .iter()
                 .map(|l| Ok((l.fd.try_clone()?, l.local.starts_with("unix:"))))
                 .collect::<std::io::Result<Vec<_>>>()
                 .context("duplicating the listeners for the proxy")?;
-            let drain = baton::serve::Drain {
-                idle_grace: Duration::from_millis(500),
-                deadline: cfg.policy.stop_timeout,
-            };
-            let handle = crate::proxy::start(
-                p.mode,
-                fds,
-                std::sync::Arc::clone(&shared),
-                drain,
-                p.threads,
-            )
-            .context("starting the proxy")?;
-            info!(mode = ?p.mode, port_env = %p.port_env, "proxy");
+            let handle =
+                crate::proxy::start(p.mode, fds, std::sync::Arc::clone(&shared), p.threads)
+                    .context("starting the proxy")?;
+            let serve = &p.limits.serve;
+            info!(
+                mode = ?p.mode,
+                port_env = %p.port_env,
+                max_connections = serve.connections.max(),
+                header_timeout_ms = serve.header_timeout.map_or(0, |d| d.as_millis() as u64),
+                idle_timeout_ms = serve.idle_timeout.map_or(0, |d| d.as_millis() as u64),
+                upstream_timeout_ms = p.limits.upstream_timeout.as_millis() as u64,
+                "proxy"
+            );
             Some((shared, handle))
         }
     };
@@ -197,8 +214,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
             .filter_map(|l| sys::inspect::inode(&l.fd))
             .collect(),
     );
+    let rejected = std::sync::Arc::new(pressure::Rejected::default());
+    let mut caps = vec![("control", std::sync::Arc::clone(&control_connections))];
+    if let Some((shared, _)) = &proxy {
+        caps.push(("proxy", std::sync::Arc::clone(shared.connections())));
+    }
+    let pressure = pressure::Pressure::new(std::sync::Arc::clone(&rejected), caps);
+    if let Ok(mut m) = metrics.lock() {
+        m.control = Some(control_connections);
+        m.nofile_limit = cfg.nofile.soft;
+    }
+    let (notify_tx, mut notify_rx) = mpsc::channel(NOTIFY_QUEUE);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut g = Guardian {
         proxy,
+        notify_tx,
+        rejected,
+        pressure,
+        status_log: pressure::Throttle::new(20, pressure::INTERVAL),
+        listener_rearms: 0,
         failed_hint: None,
         listener_inodes,
         metrics,
@@ -239,6 +274,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
             _ = signals.winch.recv() => { g.forward(Signal::WINCH); }
             Some(req) = control_rx.recv() => g.control(req),
             Some(event) = events.recv() => g.event(event),
+            Some((generation, datagram)) = notify_rx.recv() => {
+                g.event(Event::Notify { generation, datagram });
+            }
+            _ = housekeeping.tick() => g.housekeeping(),
             () = sleep => {
                 g.event_at = Instant::now();
                 g.stash_proxy_hints();
@@ -288,9 +327,54 @@ impl Signals {
     }
 }
 
+/// Who may speak for a generation on its notify socket. Checked by the
+/// socket's reader, so that a flood from elsewhere never reaches the loop.
+#[derive(Debug, Clone, Copy)]
+struct NotifyFilter {
+    /// The uid the app runs as.
+    app_uid: u32,
+    /// `--notify-access main`.
+    main_only: bool,
+    /// The generation's main process.
+    pid: i32,
+}
+
+impl NotifyFilter {
+    fn check(&self, datagram: &Datagram) -> Result<(), &'static str> {
+        // Anyone on the machine can find an abstract socket: only the app's
+        // own user (or root) may speak for a generation.
+        if !matches!(datagram.uid, Some(uid) if uid == self.app_uid || uid == 0) {
+            return Err("from another user");
+        }
+        if self.main_only && datagram.pid != Some(self.pid) {
+            return Err(
+                "from a process other than the generation's main one (--notify-access main)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How often the guardian looks at its listeners and reports pressure.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// Notifications queued from the sockets' readers to the loop, at most; a
+/// reader waits (and the datagrams wait in its socket) beyond that.
+const NOTIFY_QUEUE: usize = 256;
+
 struct Guardian {
     /// Proxy mode: the shared current generation, and the proxy's thread.
     proxy: Option<(std::sync::Arc<crate::proxy::Proxy>, crate::proxy::Handle)>,
+    /// Where the notify sockets' readers send what passed their checks.
+    notify_tx: mpsc::Sender<(u64, Datagram)>,
+    /// Notifications the readers refused.
+    rejected: std::sync::Arc<pressure::Rejected>,
+    /// Summaries of what caps and filters turned away.
+    pressure: pressure::Pressure,
+    /// `STATUS=` lines logged, at most so many per interval.
+    status_log: pressure::Throttle,
+    /// Listeners found shut down and re-armed.
+    listener_rearms: u64,
     /// Proxy mode: why the last generation that failed its check failed.
     failed_hint: Option<String>,
     /// The `/metrics` snapshot.
@@ -518,6 +602,7 @@ impl Guardian {
                             m.drained(self.event_at.saturating_duration_since(at));
                         }
                     }
+                    self.check_listeners(Some((generation, pid)));
                     let actions = self.policy.exited(self.event_at, generation, status);
                     self.apply(actions);
                 }
@@ -528,35 +613,21 @@ impl Guardian {
     }
 
     fn notified(&mut self, generation: u64, datagram: Datagram) {
-        let Some(live) = self.live.get(&generation) else {
+        let Some(live) = self.live.get_mut(&generation) else {
             return;
         };
         let fields = Fields::parse(&datagram.text);
-        // Anyone on the machine can find an abstract socket: only the app's
-        // own user (or root) may speak for a generation.
-        let app_uid = self.app_uid;
-        if !matches!(datagram.uid, Some(uid) if uid == app_uid || uid == 0) {
-            warn!(
-                generation,
-                sender = datagram.pid,
-                sender_uid = datagram.uid,
-                app_uid,
-                "ignoring a notification from another user"
-            );
-            return;
-        }
-        let from_main = datagram.pid == Some(live.pid);
-        if self.cfg.notify_access == NotifyAccess::Main && !from_main {
-            warn!(
-                generation,
-                sender = datagram.pid,
-                pid = live.pid,
-                "ignoring a notification from a process other than the generation's main one (--notify-access main)"
-            );
-            return;
-        }
-        if let Some(status) = &fields.status {
-            info!(generation, pid = live.pid, status = %status, "status");
+        if let Some(status) = fields.status
+            && live.status.as_ref() != Some(&status)
+        {
+            let (log, suppressed) = self.status_log.allow(self.event_at);
+            if suppressed > 0 {
+                warn!(suppressed, "STATUS= lines not logged (too many)");
+            }
+            if log {
+                info!(generation, pid = live.pid, status = %status, "status");
+            }
+            live.status = Some(status);
         }
         if fields.stopping {
             debug!(generation, pid = live.pid, "generation reports STOPPING=1");
@@ -566,9 +637,6 @@ impl Guardian {
             if let Some(proxy) = &self.cfg.proxy {
                 // Proxy mode: ready means answering on the private port;
                 // with --ready notify, READY=1 is needed as well.
-                let Some(live) = self.live.get_mut(&generation) else {
-                    return;
-                };
                 live.notified = true;
                 if !(proxy.require_notify && live.healthy) {
                     return;
@@ -714,6 +782,7 @@ impl Guardian {
         if self.cfg.proxy.is_some() {
             return self.spawn_behind_proxy(generation);
         }
+        self.check_listeners(None);
         let notify = NotifySocket::bind(generation)?;
         let mut env = self.cfg.base_env.clone();
         let names: Vec<&str> = self.cfg.listeners.iter().map(|l| l.name.as_str()).collect();
@@ -746,7 +815,7 @@ impl Guardian {
             spawn_us = self.event_at.elapsed().as_micros() as u64,
             "spawn"
         );
-        let reader = self.read_notifications(generation, notify);
+        let reader = self.read_notifications(generation, pid, notify);
         let mut live = Live {
             pid,
             tasks: vec![reader],
@@ -757,6 +826,7 @@ impl Guardian {
             pending_stop: None,
             healthy: false,
             notified: false,
+            status: None,
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -804,26 +874,38 @@ impl Guardian {
             stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
             stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
             user: self.ids.as_ref(),
+            nofile: Some((self.cfg.nofile.original_soft, self.cfg.nofile.hard)),
         })?;
         // The child has its copies; ours must go, or the copying never ends.
         drop(pipes);
         Ok(pid)
     }
 
-    /// Passes `generation`'s notifications to the loop.
-    fn read_notifications(&self, generation: u64, notify: NotifySocket) -> AbortHandle {
-        let events = self.events.clone();
+    /// Passes `generation`'s notifications to the loop, once they passed
+    /// the checks of [`NotifyFilter`]; the rest are only counted.
+    fn read_notifications(&self, generation: u64, pid: i32, notify: NotifySocket) -> AbortHandle {
+        let to_loop = self.notify_tx.clone();
+        let filter = NotifyFilter {
+            app_uid: self.app_uid,
+            main_only: self.cfg.notify_access == NotifyAccess::Main,
+            pid,
+        };
+        let rejected = std::sync::Arc::clone(&self.rejected);
         tokio::spawn(async move {
             loop {
                 match notify.recv().await {
                     Ok(datagram) => {
-                        if events
-                            .send(Event::Notify {
-                                generation,
-                                datagram,
-                            })
-                            .is_err()
-                        {
+                        if let Err(why) = filter.check(&datagram) {
+                            rejected.note(format!(
+                                "generation {generation}: {why} (sender pid {}, uid {})",
+                                datagram.pid.unwrap_or(0),
+                                datagram
+                                    .uid
+                                    .map_or_else(|| "?".to_owned(), |u| u.to_string()),
+                            ));
+                            continue;
+                        }
+                        if to_loop.send((generation, datagram)).await.is_err() {
                             break;
                         }
                     }
@@ -879,7 +961,7 @@ impl Guardian {
                 let _ = events.send(Event::Drained(g));
             }),
         );
-        let reader = self.read_notifications(generation, notify);
+        let reader = self.read_notifications(generation, pid, notify);
         // Check the private port until it answers; meanwhile, look for the
         // app listening somewhere else (ignoring $PORT).
         let events = self.events.clone();
@@ -892,13 +974,10 @@ impl Guardian {
                     let _ = events.send(Event::Healthy(generation));
                     return;
                 }
+                // At most twice a second, and only while it starts.
                 if looked.elapsed() >= Duration::from_millis(500) {
                     looked = Instant::now();
-                    let found = tokio::task::spawn_blocking(move || {
-                        sys::inspect::own_listeners(pid, &std::collections::HashSet::new())
-                    })
-                    .await
-                    .unwrap_or_default();
+                    let found = sys::inspect::own_listeners(pid, &std::collections::HashSet::new());
                     let elsewhere: Vec<_> =
                         found.into_iter().filter(|a| a.port() != port).collect();
                     if !elsewhere.is_empty() {
@@ -922,6 +1001,7 @@ impl Guardian {
                 pending_stop: None,
                 healthy: false,
                 notified: false,
+                status: None,
             },
         );
         Ok(pid)
@@ -957,16 +1037,13 @@ impl Guardian {
         ))
     }
 
-    /// Looks, off the loop, for ports a ready generation binds by itself.
+    /// Looks for ports a ready generation binds by itself. Cheap enough to
+    /// run on the loop (see `sys::inspect`), and run once per generation.
     fn inspect(&self, generation: u64, pid: i32) {
-        let inherited = std::sync::Arc::clone(&self.listener_inodes);
-        let events = self.events.clone();
-        tokio::task::spawn_blocking(move || {
-            let addrs = sys::inspect::own_listeners(pid, &inherited);
-            if !addrs.is_empty() {
-                let _ = events.send(Event::SelfBound { generation, addrs });
-            }
-        });
+        let addrs = sys::inspect::own_listeners(pid, &self.listener_inodes);
+        if !addrs.is_empty() {
+            let _ = self.events.send(Event::SelfBound { generation, addrs });
+        }
     }
 
     /// Why a reload may have failed, when the serving generation binds its
@@ -1011,6 +1088,7 @@ impl Guardian {
             stdout: None,
             stderr: None,
             user: self.ids.as_ref(),
+            nofile: Some((self.cfg.nofile.original_soft, self.cfg.nofile.hard)),
         });
         match spawned {
             Ok(pid) => {
@@ -1043,6 +1121,86 @@ impl Guardian {
                     self.events.clone(),
                     Event::RunCheck(generation),
                 ));
+            }
+        }
+    }
+
+    /// Once a second: listeners, pressure summaries, metrics.
+    fn housekeeping(&mut self) {
+        self.check_listeners(None);
+        self.pressure.report(Instant::now());
+        let descriptors = self
+            .cfg
+            .metrics
+            .is_some()
+            .then(|| sys::limits::open_descriptors().unwrap_or(0) as u64);
+        if let Ok(mut m) = self.metrics.lock() {
+            m.notify_rejected = self.rejected.count();
+            m.listener_rearms = self.listener_rearms;
+            if let Some(n) = descriptors {
+                m.descriptors = n;
+            }
+        }
+    }
+
+    /// Makes sure every listener still listens (socket mode: apps hold the
+    /// same sockets and may shut them down). `exited` is the generation that
+    /// just exited, the likely culprit.
+    fn check_listeners(&mut self, exited: Option<(u64, i32)>) {
+        if self.proxy.is_some() {
+            return;
+        }
+        let mut replaced = false;
+        for l in &mut self.cfg.listeners {
+            let check = l.ensure_listening();
+            if matches!(check, Ok(ListenerCheck::Listening)) {
+                l.broken_reported = false;
+                continue;
+            }
+            let by = match exited {
+                Some((generation, pid)) => {
+                    format!("generation {generation} (pid {pid}), as it exited")
+                }
+                None => {
+                    let alive: Vec<String> = self
+                        .live
+                        .iter()
+                        .map(|(g, live)| format!("{g} (pid {})", live.pid))
+                        .collect();
+                    format!("one of generations {}", alive.join(", "))
+                }
+            };
+            match check {
+                Ok(ListenerCheck::Listening) => {}
+                Ok(how) => {
+                    self.listener_rearms += 1;
+                    l.broken_reported = false;
+                    let generation = exited.map_or(0, |(g, _)| g);
+                    warn!(addr = %l.local, generation, by = %by,
+                        how = if how == ListenerCheck::Replaced { "replaced (a new socket, for new generations)" } else { "listening again" },
+                        "listener shut down by the app (shutdown(2) on an inherited socket); re-armed");
+                    replaced |= how == ListenerCheck::Replaced;
+                }
+                Err(e) if !l.broken_reported => {
+                    l.broken_reported = true;
+                    warn!(addr = %l.local, by = %by, error = %e,
+                        "listener shut down by the app, and it cannot listen again");
+                }
+                Err(_) => {}
+            }
+        }
+        if replaced {
+            self.listener_inodes = std::sync::Arc::new(
+                self.cfg
+                    .listeners
+                    .iter()
+                    .filter_map(|l| sys::inspect::inode(&l.fd))
+                    .collect(),
+            );
+            // The serving generation holds the dead socket: only a new one
+            // can serve on the new socket.
+            if self.policy.serving().is_some() && !self.policy.is_stopping() {
+                self.trigger(Trigger::Listener, None);
             }
         }
     }
@@ -1095,6 +1253,35 @@ impl Guardian {
             reloads_failed: stats.reloads_failed,
             restarts: stats.restarts,
             last_reload: stats.last_reload.clone(),
+            guard: self.guard(),
+        }
+    }
+
+    /// What `status` says of baton's own limits.
+    fn guard(&self) -> Guard {
+        let connections = self
+            .pressure
+            .caps()
+            .map(|(socket, c)| {
+                let s = c.stats();
+                ConnectionsInfo {
+                    socket: socket.to_owned(),
+                    open: s.open as u64,
+                    max: s.max as u64,
+                    evicted: s.evicted,
+                    paused: s.paused,
+                    header_timeouts: s.header_timeouts,
+                    idle_timeouts: s.idle_timeouts,
+                }
+            })
+            .collect();
+        Guard {
+            descriptors: sys::limits::open_descriptors().unwrap_or(0) as u64,
+            descriptors_limit: self.cfg.nofile.soft,
+            app_descriptors_limit: self.cfg.nofile.original_soft,
+            notify_rejected: self.rejected.count(),
+            listener_rearms: self.listener_rearms,
+            connections,
         }
     }
 }

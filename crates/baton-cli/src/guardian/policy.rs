@@ -54,6 +54,15 @@ pub struct PolicyConfig {
     pub start_limit: StartLimit,
 }
 
+/// `now + d`, for deadlines. Durations are capped at parse time
+/// ([`crate::spec::MAX_DURATION`]), so this never saturates in practice; it
+/// exists so that no arithmetic in the guardian can panic.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(crate::spec::MAX_DURATION))
+        .unwrap_or(now)
+}
+
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
@@ -119,6 +128,9 @@ pub enum Trigger {
     Control,
     /// The `--watch` file was replaced.
     Watch,
+    /// A Unix listener an app shut down was replaced by a new socket, which
+    /// only a new generation can serve.
+    Listener,
     /// The serving generation died and is being replaced.
     Restart,
 }
@@ -130,6 +142,7 @@ impl fmt::Display for Trigger {
             Trigger::Signal(s) => write!(f, "{s}"),
             Trigger::Control => write!(f, "control"),
             Trigger::Watch => write!(f, "watch"),
+            Trigger::Listener => write!(f, "listener"),
             Trigger::Restart => write!(f, "restart"),
         }
     }
@@ -398,7 +411,7 @@ impl<W> Policy<W> {
         {
             old.phase = Phase::Draining;
             old.phase_since = now;
-            old.deadline = Some(now + self.cfg.stop_timeout);
+            old.deadline = Some(later(now, self.cfg.stop_timeout));
             if let Some(old_pid) = old.pid {
                 actions.push(Action::Signal {
                     generation: old_id,
@@ -413,7 +426,7 @@ impl<W> Policy<W> {
         };
         if matches!(
             done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
         ) {
             self.stats.reloads_ok += 1;
             self.stats.last_reload = Some(format!(
@@ -529,7 +542,7 @@ impl<W> Policy<W> {
                 Phase::Starting => {
                     g.phase = Phase::Killed;
                     g.phase_since = now;
-                    g.deadline = Some(now + self.cfg.kill_grace);
+                    g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: id,
                         pid,
@@ -549,7 +562,7 @@ impl<W> Policy<W> {
                     );
                     g.phase = Phase::Killed;
                     g.phase_since = now;
-                    g.deadline = Some(now + self.cfg.kill_grace);
+                    g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: id,
                         pid,
@@ -601,7 +614,7 @@ impl<W> Policy<W> {
                 {
                     g.phase = Phase::Killed;
                     g.phase_since = now;
-                    g.deadline = Some(now + self.cfg.kill_grace);
+                    g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: g.id,
                         pid,
@@ -664,7 +677,7 @@ impl<W> Policy<W> {
                 spawned_at: now,
                 phase_since: now,
                 ready_after: None,
-                deadline: Some(now + self.cfg.ready_timeout),
+                deadline: Some(later(now, self.cfg.ready_timeout)),
             },
         );
         self.in_flight = Some(InFlight {
@@ -692,7 +705,7 @@ impl<W> Policy<W> {
         let mut actions = Vec::new();
         if matches!(
             done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
         ) {
             self.stats.reloads_failed += 1;
         }
@@ -711,7 +724,7 @@ impl<W> Policy<W> {
         );
         if matches!(
             done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch
+            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
         ) {
             self.stats.last_reload = Some(format!("rolled back: {message}"));
         }
@@ -776,7 +789,7 @@ impl<W> Policy<W> {
             .saturating_mul(factor)
             .min(self.cfg.restart_delay_max);
         self.failures = self.failures.saturating_add(1);
-        self.restart_at = Some(now + delay);
+        self.restart_at = Some(later(now, delay));
         Some(delay)
     }
 
@@ -813,7 +826,7 @@ impl<W> Policy<W> {
             {
                 g.phase = Phase::Draining;
                 g.phase_since = now;
-                g.deadline = Some(now + self.cfg.stop_timeout);
+                g.deadline = Some(later(now, self.cfg.stop_timeout));
                 actions.push(Action::Signal {
                     generation: g.id,
                     pid,

@@ -20,13 +20,13 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self as client, SendRequest};
+use hyper::client::conn::http1 as client;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::upstream::Active;
+use super::upstream::{Active, UpBody, UpConn};
 use super::{Proxy, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -71,7 +71,9 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
     // died before answering (RFC 9110 §9.2.2); keep its head for that.
     let replay = (!upgrade && is_idempotent(req.method()) && req.body().is_end_stream())
         .then(|| head_of(&req));
-    let mut req: Request<UpBody> = req.map(Either::Left);
+    // A client that stops sending its body is cut after the idle timeout.
+    let stall = proxy.limits.serve.idle_timeout;
+    let mut req: Request<UpBody> = req.map(|body| Either::Left(Bounded::new(body, stall)));
 
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         proxy
@@ -86,10 +88,10 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
     loop {
         let pooled = if fresh { None } else { upstream.checkout() };
         fresh = false;
-        let mut sender = match pooled {
-            Some(sender) => sender,
+        let mut conn = match pooled {
+            Some(conn) => conn,
             None => match connect(upstream.addr).await {
-                Ok(sender) => sender,
+                Ok(conn) => conn,
                 Err(e) => {
                     if connect_retries < 2 {
                         connect_retries += 1;
@@ -115,12 +117,31 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 }
             },
         };
-        match sender.try_send_request(req).await {
-            Ok(response) => {
+        let sent = tokio::time::timeout(
+            proxy.limits.upstream_timeout,
+            conn.sender.try_send_request(req),
+        );
+        match sent.await {
+            Ok(Ok(response)) => {
                 let proxy = Arc::clone(proxy);
-                return respond(response, sender, active, upstream, client_side, proxy).await;
+                return respond(response, conn, active, upstream, client_side, proxy).await;
             }
-            Err(mut e) => {
+            // No answer in time: the app may still be working on it, so it
+            // is never sent again. Dropping the connection closes it.
+            Err(_) => {
+                drop(conn);
+                proxy
+                    .counters
+                    .upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                let why = format!(
+                    "generation {} did not answer within {} (--upstream-timeout)",
+                    upstream.generation,
+                    humantime::format_duration(proxy.limits.upstream_timeout)
+                );
+                return error(StatusCode::GATEWAY_TIMEOUT, &why);
+            }
+            Ok(Err(mut e)) => {
                 let again = match e.take_message() {
                     // The request never left (a pooled connection was closed).
                     Some(unsent) => Some(unsent),
@@ -156,9 +177,6 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
         }
     }
 }
-
-/// The body sent to a generation: the client's, or none (a replay).
-pub type UpBody = Either<Incoming, Empty<Bytes>>;
 
 /// What is needed to send a bodiless request again.
 struct Head {
@@ -203,7 +221,7 @@ fn is_idempotent(method: &hyper::Method) -> bool {
 /// once the body has been relayed in full.
 async fn respond(
     mut response: Response<Incoming>,
-    sender: SendRequest<UpBody>,
+    conn: UpConn,
     active: Active,
     upstream: Arc<Upstream>,
     client_side: Option<hyper::upgrade::OnUpgrade>,
@@ -226,7 +244,7 @@ async fn respond(
                 )
                 .await;
             }
-            drop(sender);
+            drop(conn);
         });
         let (parts, _) = response.into_parts();
         let mut out = Response::from_parts(parts, empty());
@@ -237,8 +255,8 @@ async fn respond(
     strip_hop_by_hop(&mut parts.headers);
     stamp(&mut parts.headers, generation);
     let body = Relayed {
-        inner: body,
-        sender: Some(sender),
+        inner: Bounded::new(body, Some(proxy.limits.upstream_timeout)),
+        conn: Some(conn),
         upstream,
         active: Some(active),
         proxy,
@@ -263,15 +281,15 @@ fn stamp(headers: &mut HeaderMap, generation: u64) {
     }
 }
 
-async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<UpBody>> {
+async fn connect(addr: SocketAddr) -> std::io::Result<UpConn> {
     let stream = super::connect(addr).await?;
     let (sender, connection) = client::handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    Ok(sender)
+    Ok(UpConn::new(sender, task.abort_handle()))
 }
 
 /// Headers meaningful for one hop only (RFC 9110 §7.6.1), plus those named
@@ -385,8 +403,8 @@ fn error(status: StatusCode, why: &str) -> Response<ProxyBody> {
 /// A generation's answer body on its way to the client: counts as in flight
 /// until done, then returns the connection to the pool.
 struct Relayed {
-    inner: Incoming,
-    sender: Option<SendRequest<UpBody>>,
+    inner: Bounded<Incoming>,
+    conn: Option<UpConn>,
     upstream: Arc<Upstream>,
     active: Option<Active>,
     proxy: Arc<Proxy>,
@@ -394,8 +412,8 @@ struct Relayed {
 
 impl Relayed {
     fn finish(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.upstream.checkin(sender);
+        if let Some(conn) = self.conn.take() {
+            self.upstream.checkin(conn);
         }
         self.active.take();
     }
@@ -412,9 +430,10 @@ impl Body for Relayed {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
             None => self.finish(),
-            // A broken upstream body: the connection is not reusable.
+            // A broken or stalled upstream body: the connection is not
+            // reusable.
             Some(Err(_)) => {
-                self.sender.take();
+                self.conn.take();
                 self.active.take();
                 self.proxy
                     .counters
@@ -423,7 +442,7 @@ impl Body for Relayed {
             }
             Some(Ok(_)) => {}
         }
-        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -441,5 +460,86 @@ impl Drop for Relayed {
         if self.inner.is_end_stream() {
             self.finish();
         }
+    }
+}
+
+/// A body whose frames must keep coming: if none arrives within `limit`
+/// of the last (or of the first poll), it fails. The timer is armed only
+/// while the body is waiting, so a body that is always ready costs none.
+pub struct Bounded<B> {
+    inner: B,
+    limit: Option<std::time::Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Bounded<B> {
+    /// `inner`, failing after `limit` without a frame (`None`: never).
+    pub fn new(inner: B, limit: Option<std::time::Duration>) -> Bounded<B> {
+        Bounded {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Bounded<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A body that stalled past its limit.
+#[derive(Debug)]
+struct Stalled(std::time::Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no data for {}", humantime::format_duration(self.0))
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+impl<B> Body for Bounded<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.timer = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let Some(limit) = self.limit else {
+                    return Poll::Pending;
+                };
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled(limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

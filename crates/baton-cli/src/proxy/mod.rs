@@ -43,6 +43,17 @@ pub enum Mode {
     Tcp,
 }
 
+/// What bounds the proxy's connections and waits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Client connections: header and idle timeouts, half-close, the
+    /// connection cap (shared by every proxy thread), the drain.
+    pub serve: baton::serve::Options,
+    /// How long a generation may take to start answering a request (HTTP),
+    /// and the longest pause within its answer's body.
+    pub upstream_timeout: Duration,
+}
+
 /// The generation new traffic goes to, shared by the guardian (which
 /// switches it) and the proxy (which reads it on every request).
 #[derive(Debug)]
@@ -50,18 +61,26 @@ pub struct Proxy {
     current: watch::Sender<Option<Arc<Upstream>>>,
     /// How long a request waits for a generation when none can take it.
     pub wait: Duration,
+    /// Timeouts and caps.
+    pub limits: Limits,
     /// For metrics.
     pub counters: Counters,
 }
 
 impl Proxy {
     /// A proxy with no generation yet.
-    pub fn new(wait: Duration) -> Arc<Proxy> {
+    pub fn new(wait: Duration, limits: Limits) -> Arc<Proxy> {
         Arc::new(Proxy {
             current: watch::Sender::new(None),
             wait,
+            limits,
             counters: Counters::default(),
         })
+    }
+
+    /// The client connections' cap and counters.
+    pub fn connections(&self) -> &Arc<baton::serve::Connections> {
+        &self.limits.serve.connections
     }
 
     /// The current generation, if one is serving.
@@ -184,6 +203,19 @@ impl Health {
     }
 }
 
+/// Closes the current generation's pooled connections (on this thread)
+/// once they have been idle too long, also when no request comes to do it.
+async fn sweep_pools(proxy: Arc<Proxy>) {
+    let mut tick = tokio::time::interval(upstream::POOL_IDLE / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(current) = proxy.current() {
+            current.sweep();
+        }
+    }
+}
+
 /// Counters for metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -191,6 +223,10 @@ pub struct Counters {
     pub retries: std::sync::atomic::AtomicU64,
     /// Requests answered 502/503 by the proxy, or cut by a broken upstream.
     pub upstream_errors: std::sync::atomic::AtomicU64,
+    /// Requests answered 504: no answer within `--upstream-timeout`.
+    pub upstream_timeouts: std::sync::atomic::AtomicU64,
+    /// TCP relays closed after `--idle-timeout` without a byte either way.
+    pub idle_relays: std::sync::atomic::AtomicU64,
     /// TCP relays and spliced upgrades still open (waited for at stop).
     pub open_streams: std::sync::atomic::AtomicUsize,
 }
@@ -241,9 +277,9 @@ pub fn start(
     mode: Mode,
     listeners: Vec<(std::os::fd::OwnedFd, bool)>,
     proxy: Arc<Proxy>,
-    drain: baton::serve::Drain,
     threads: usize,
 ) -> std::io::Result<Handle> {
+    let drain = proxy.limits.serve.drain;
     let (stop, stopped) = watch::channel(false);
     let n = *THREADS.get_or_init(|| threads.max(1));
     for index in 0..n {
@@ -273,11 +309,15 @@ pub fn start(
                         .collect();
                     match mode {
                         Mode::Http => {
+                            let sweeper = tokio::spawn(sweep_pools(Arc::clone(&proxy)));
                             let service = http::HttpProxy::new(Arc::clone(&proxy));
                             let stop = async move {
                                 let _ = stopped.wait_for(|s| *s).await;
                             };
-                            let _ = baton::serve::serve(listeners, service, stop, drain).await;
+                            let options = proxy.limits.serve.clone();
+                            let _ =
+                                baton::serve::serve_with(listeners, service, stop, options).await;
+                            sweeper.abort();
                         }
                         Mode::Tcp => tcp::serve(listeners, Arc::clone(&proxy), stopped).await,
                     }

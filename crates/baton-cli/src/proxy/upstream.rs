@@ -4,12 +4,61 @@
 //! Retiring an upstream drops its idle connections and, once nothing is in
 //! flight, reports it drained exactly once: the guardian then sends the
 //! generation its stop signal.
+//!
+//! The idle pool is bounded: at most [`POOL_MAX`] connections per proxy
+//! thread, each closed after [`POOL_IDLE`] without use, so that clients that
+//! came and went do not leave the app holding connections (and
+//! descriptors) nobody will use.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
 use hyper::client::conn::http1::SendRequest;
+use tokio::task::AbortHandle;
+
+/// Idle keep-alive connections kept per proxy thread and generation.
+pub const POOL_MAX: usize = 64;
+
+/// How long a pooled connection may stay unused before it is closed.
+pub const POOL_IDLE: Duration = Duration::from_secs(15);
+
+/// The body sent to a generation: the client's (bounded by a stall
+/// timeout), or none (a replay).
+pub type UpBody = Either<super::http::Bounded<hyper::body::Incoming>, Empty<Bytes>>;
+
+/// A client connection to a generation: the request sender, and the task
+/// that drives the connection, which is stopped (closing the socket) when
+/// this is dropped.
+#[derive(Debug)]
+pub struct UpConn {
+    /// Sends requests on it.
+    pub sender: SendRequest<UpBody>,
+    /// The connection's task.
+    pub task: AbortHandle,
+    /// When it was last checked in.
+    idle_since: Instant,
+}
+
+impl UpConn {
+    /// A connection driven by `task`.
+    pub fn new(sender: SendRequest<UpBody>, task: AbortHandle) -> UpConn {
+        UpConn {
+            sender,
+            task,
+            idle_since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for UpConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Called with the generation number when a retired upstream is drained.
 pub type OnDrained = Box<dyn Fn(u64) + Send + Sync>;
@@ -25,7 +74,7 @@ pub struct Upstream {
     reported: AtomicBool,
     /// Idle keep-alive connections, one pool per proxy thread (a
     /// connection is driven by the thread that opened it).
-    idle: Vec<Mutex<Vec<SendRequest<super::http::UpBody>>>>,
+    idle: Vec<Mutex<Vec<UpConn>>>,
     on_drained: OnDrained,
 }
 
@@ -113,28 +162,48 @@ impl Upstream {
     }
 
     /// An idle keep-alive connection to it, if one is still open.
-    pub fn checkout(&self) -> Option<SendRequest<super::http::UpBody>> {
+    pub fn checkout(&self) -> Option<UpConn> {
         let mut idle = self.idle.get(super::slot())?.lock().ok()?;
-        idle.retain(|sender| !sender.is_closed());
+        let now = Instant::now();
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < POOL_IDLE);
         // A connection just checked in may not be ready for a moment yet:
         // keep it, take a ready one.
-        let ready = idle.iter().rposition(SendRequest::is_ready)?;
+        let ready = idle.iter().rposition(|c| c.sender.is_ready())?;
         Some(idle.swap_remove(ready))
     }
 
-    /// Keeps a connection whose last exchange completed, for reuse.
-    pub fn checkin(&self, sender: SendRequest<super::http::UpBody>) {
-        if sender.is_closed() {
+    /// Keeps a connection whose last exchange completed, for reuse; closes
+    /// it instead if the pool is full.
+    pub fn checkin(&self, mut conn: UpConn) {
+        if conn.sender.is_closed() {
             return;
         }
         if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock)
             // Under the lock: `retire` clears the pools under it too, so a
             // connection never lands in a retired pool.
             && !self.is_retired()
-            && idle.len() < 1024
+            && idle.len() < POOL_MAX
         {
-            idle.push(sender);
+            conn.idle_since = Instant::now();
+            idle.push(conn);
         }
+    }
+
+    /// Closes this thread's pooled connections that have been idle for
+    /// [`POOL_IDLE`] (or were closed by the app).
+    pub fn sweep(&self) {
+        if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock) {
+            let now = Instant::now();
+            idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < POOL_IDLE);
+        }
+    }
+
+    /// Pooled connections on this thread.
+    pub fn pooled(&self) -> usize {
+        self.idle
+            .get(super::slot())
+            .and_then(|p| p.lock().ok().map(|p| p.len()))
+            .unwrap_or(0)
     }
 }
 

@@ -4,13 +4,26 @@
 //! sockets: the next generation fails with "address already in use". baton
 //! detects that to say so, instead of leaving a bare exit status.
 //!
-//! Reads `/proc/<pid>/fd` (socket inodes) and `/proc/<pid>/net/tcp{,6}`
-//! (listening sockets of its network namespace). The tables can be large on a
-//! busy host, so callers run this off the event loop.
+//! The listening sockets of baton's network namespace come from the
+//! kernel's socket diagnostics (`sock_diag(7)`, `NETLINK_SOCK_DIAG`) with a
+//! LISTEN-only state filter: the kernel never walks established or
+//! TIME_WAIT sockets for the answer, so the cost does not grow with the
+//! host's traffic (reading `/proc/net/tcp` did: 0.7 s and megabytes per read
+//! with 43 000 TIME_WAIT sockets). No privilege is needed. They are matched
+//! by inode against the process's descriptors in `/proc/<pid>/fd`, of which
+//! at most [`MAX_FDS`] are looked at.
 
 use std::collections::HashSet;
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+
+use rustix::net::netlink::{self, SocketAddrNetlink};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+
+/// Descriptors of a process looked at, at most: a freshly started app has
+/// a few dozen; one with thousands of connections is not scanned past this.
+pub const MAX_FDS: usize = 4096;
 
 /// The inode of a socket baton holds, to tell its listeners apart.
 pub fn inode(fd: &OwnedFd) -> Option<u64> {
@@ -20,101 +33,173 @@ pub fn inode(fd: &OwnedFd) -> Option<u64> {
 /// TCP addresses process `pid` listens on through sockets other than
 /// `inherited` (inodes), sorted.
 pub fn own_listeners(pid: i32, inherited: &HashSet<u64>) -> Vec<SocketAddr> {
+    let sockets: HashSet<u64> = socket_inodes(pid)
+        .into_iter()
+        .filter(|inode| !inherited.contains(inode))
+        .collect();
+    if sockets.is_empty() {
+        return Vec::new();
+    }
+    let mut found: Vec<SocketAddr> = tcp_listeners()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(inode, _)| sockets.contains(inode))
+        .map(|(_, addr)| addr)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Inodes of the sockets among the first [`MAX_FDS`] descriptors of `pid`.
+fn socket_inodes(pid: i32) -> Vec<u64> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
-    let sockets: HashSet<u64> = fds
+    fds.take(MAX_FDS)
         .filter_map(Result::ok)
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .filter_map(|target| {
-            let target = target.to_string_lossy().into_owned();
+            let target = target.to_str()?;
             target
                 .strip_prefix("socket:[")?
                 .strip_suffix(']')?
                 .parse()
                 .ok()
         })
-        .filter(|inode| !inherited.contains(inode))
-        .collect();
-    if sockets.is_empty() {
-        return Vec::new();
-    }
-    let mut found = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        found.extend(listening(&text, &sockets));
-    }
-    found.sort();
-    found.dedup();
-    found
-}
-
-/// Listening entries of a `/proc/net/tcp{,6}` table whose inode is in `inodes`.
-fn listening(table: &str, inodes: &HashSet<u64>) -> Vec<SocketAddr> {
-    const LISTEN: &str = "0A";
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != LISTEN {
-                return None;
-            }
-            let inode: u64 = cols[9].parse().ok()?;
-            inodes
-                .contains(&inode)
-                .then(|| parse_addr(cols[1]))
-                .flatten()
-        })
         .collect()
 }
 
-/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), each 32-bit word in host
-/// byte order as the kernel prints it; the port is big-endian hex.
-fn parse_addr(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Vec<u32> = (0..ip.len() / 8)
-        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
-        .collect::<Option<_>>()?;
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    match bytes.len() {
-        4 => Some(SocketAddr::from((
-            Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?),
-            port,
-        ))),
-        16 => Some(SocketAddr::from((
-            Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?),
-            port,
-        ))),
-        _ => None,
+// Netlink and inet_diag wire format (<linux/netlink.h>,
+// <linux/inet_diag.h>): native-endian integers, except ports and addresses,
+// which are big-endian.
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const TCP_LISTEN: u32 = 10;
+const IPPROTO_TCP: u8 = 6;
+/// `struct inet_diag_req_v2`.
+const REQ_LEN: usize = 56;
+/// `struct inet_diag_msg` up to and including `idiag_inode`.
+const MSG_LEN: usize = 72;
+
+/// Every listening TCP socket of this network namespace, as (inode,
+/// address), IPv4 and IPv6.
+pub fn tcp_listeners() -> io::Result<Vec<(u64, SocketAddr)>> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        Some(netlink::SOCK_DIAG),
+    )?;
+    let mut out = Vec::new();
+    for (seq, family) in [(1u32, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
+        rustix::net::sendto(
+            &fd,
+            &request(seq, family),
+            SendFlags::empty(),
+            &SocketAddrNetlink::new(0, 0),
+        )?;
+        let mut buf = vec![0u8; 32 * 1024];
+        'dump: loop {
+            let (n, _) = rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty())?;
+            if n == 0 {
+                break;
+            }
+            for message in messages(&buf[..n]) {
+                match message {
+                    Message::Done => break 'dump,
+                    Message::Error(errno) => {
+                        // An IPv6-less kernel answers the AF_INET6 dump so.
+                        if family == libc::AF_INET6 as u8 {
+                            break 'dump;
+                        }
+                        return Err(io::Error::from_raw_os_error(errno));
+                    }
+                    Message::Socket(inode, addr) => out.push((inode, addr)),
+                    Message::Other => {}
+                }
+            }
+        }
     }
+    Ok(out)
+}
+
+/// A dump request for listening TCP sockets of `family`.
+fn request(seq: u32, family: u8) -> Vec<u8> {
+    let mut m = Vec::with_capacity(NLMSG_HDRLEN + REQ_LEN);
+    m.extend_from_slice(&((NLMSG_HDRLEN + REQ_LEN) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, ext, pad, states, then an
+    // all-zero inet_diag_sockid (no address filter).
+    m.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+    m.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    m.resize(NLMSG_HDRLEN + REQ_LEN, 0);
+    m
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    Socket(u64, SocketAddr),
+    Done,
+    Error(i32),
+    Other,
+}
+
+/// The netlink messages in one datagram. Malformed lengths end the walk.
+fn messages(mut buf: &[u8]) -> Vec<Message> {
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut out = Vec::new();
+    while buf.len() >= NLMSG_HDRLEN {
+        let len = u32_at(buf, 0) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            break;
+        }
+        let kind = u16_at(buf, 4);
+        let body = &buf[NLMSG_HDRLEN..len];
+        out.push(match kind {
+            NLMSG_DONE => Message::Done,
+            NLMSG_ERROR if body.len() >= 4 => {
+                Message::Error(-i32::from_ne_bytes([body[0], body[1], body[2], body[3]]))
+            }
+            SOCK_DIAG_BY_FAMILY if body.len() >= MSG_LEN => socket(body, u32_at(body, 68)),
+            _ => Message::Other,
+        });
+        // Messages are aligned to 4 bytes.
+        let next = (len + 3) & !3;
+        buf = buf.get(next..).unwrap_or_default();
+    }
+    out
+}
+
+/// One `inet_diag_msg`: family at 0, the source port at 4 (big-endian),
+/// the source address at 8 (4 or 16 bytes).
+fn socket(body: &[u8], inode: u32) -> Message {
+    let port = u16::from_be_bytes([body[4], body[5]]);
+    let ip = match body[0] {
+        f if f == libc::AF_INET as u8 => {
+            std::net::IpAddr::V4(Ipv4Addr::new(body[8], body[9], body[10], body[11]))
+        }
+        f if f == libc::AF_INET6 as u8 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&body[8..24]);
+            std::net::IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return Message::Other,
+    };
+    Message::Socket(u64::from(inode), SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    #[cfg(target_endian = "little")]
-    fn proc_net_tcp_lines() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-           0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0\n\
-           1: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0 100 0 0 10 0\n\
-           2: 0100007F:1F90 0100007F:D000 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 100 0 0 10 0\n";
-        let inodes: HashSet<u64> = [111, 333].into();
-        assert_eq!(
-            listening(table, &inodes),
-            vec!["127.0.0.1:8080".parse().unwrap()]
-        );
-        assert_eq!(
-            parse_addr("00000000000000000000000001000000:0050"),
-            Some("[::1]:80".parse().unwrap())
-        );
-    }
 
     #[test]
     fn finds_a_listener_of_this_process() {
@@ -125,5 +210,38 @@ mod tests {
         let inode = inode(&OwnedFd::from(own.try_clone().unwrap())).unwrap();
         let found = own_listeners(std::process::id() as i32, &[inode].into());
         assert!(!found.contains(&addr), "{found:?}");
+    }
+
+    #[test]
+    fn sees_ipv6_listeners_and_not_connections() {
+        let Ok(v6) = std::net::TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 here
+        };
+        let addr = v6.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = v6.accept().unwrap();
+        let all = tcp_listeners().unwrap();
+        assert!(all.iter().any(|(_, a)| *a == addr), "{all:?}");
+        // Neither end of the connection is a listener.
+        let ends = [client.local_addr().unwrap(), server.local_addr().unwrap()];
+        assert!(
+            !all.iter().any(|(_, a)| *a == ends[0]),
+            "a connection was listed: {all:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_datagrams_end_the_walk() {
+        assert!(messages(&[]).is_empty());
+        assert!(messages(&[0xff; 8]).is_empty());
+        // A length that runs past the end.
+        let mut m = request(1, 2);
+        m[0] = 200;
+        assert!(messages(&m).is_empty());
+        // A done message.
+        let mut done = vec![0u8; 20];
+        done[0] = 20;
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        assert_eq!(messages(&done), vec![Message::Done]);
     }
 }

@@ -8,6 +8,7 @@
 //! async-signal-safe calls.
 
 pub mod inspect;
+pub mod limits;
 pub mod notify_socket;
 pub mod reaper;
 pub mod signal;

@@ -13,6 +13,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
+use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
 
 /// Accept-queue length asked for; the kernel caps it at `net.core.somaxconn`
@@ -75,4 +76,39 @@ pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
 pub fn tcp_local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
     let any = rustix::net::getsockname(fd)?;
     SocketAddr::try_from(any).map_err(|_| io::Error::other("not an IP socket"))
+}
+
+/// Whether a listener still takes connections. Apps share baton's
+/// listening sockets, and one that calls `shutdown(2)` on its copy (some
+/// servers do on close) shuts the socket for everyone: a TCP listener then
+/// leaves the LISTEN state, a Unix one stays in it but refuses every
+/// connect. Both show as a hang-up to `poll(2)`.
+pub fn is_listening(fd: &OwnedFd) -> bool {
+    if matches!(sockopt::socket_acceptconn(fd), Ok(false)) {
+        return false;
+    }
+    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(0) | Err(_) => true,
+        Ok(_) => !fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR),
+    }
+}
+
+/// Makes a TCP listener that was shut down listen again on `addr`, the
+/// address it was bound to. A socket bound to an explicit port keeps its
+/// port through a shutdown and only needs `listen`; one whose port the
+/// kernel chose (`:0`) lost it and is bound again first.
+pub fn relisten_tcp(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let bound = tcp_local_addr(fd).ok().map(|a| a.port());
+    if bound != Some(addr.port()) {
+        rustix::net::bind(fd, &addr)?;
+    }
+    rustix::net::listen(fd, BACKLOG)?;
+    Ok(())
 }

@@ -25,9 +25,11 @@
 //!    before it is copied;
 //! 5. every other fd from `3+N` up is marked close-on-exec
 //!    (`close_range(CLOSE_RANGE_CLOEXEC)`), so nothing baton inherited leaks;
-//! 6. with `--user`: supplementary groups, group, user (raw system calls),
+//! 6. the descriptor limit baton was started with (baton raised its own;
+//!    see [`super::limits`]);
+//! 7. with `--user`: supplementary groups, group, user (raw system calls),
 //!    and the parent-death signal again (a credential change clears it);
-//! 7. `LISTEN_PID` digits, the signal mask emptied, then `execve`.
+//! 8. `LISTEN_PID` digits, the signal mask emptied, then `execve`.
 //!
 //! A failure at any step is reported to the parent as an errno over a
 //! close-on-exec pipe (whose write end is kept above the fd range of step 4):
@@ -74,6 +76,9 @@ pub struct Command<'a> {
     pub stderr: Option<BorrowedFd<'a>>,
     /// Who the child runs as (else as baton).
     pub user: Option<&'a Ids>,
+    /// The child's `RLIMIT_NOFILE` as (soft, hard), `u64::MAX` for
+    /// unlimited (else baton's own).
+    pub nofile: Option<(u64, u64)>,
 }
 
 /// The ids a child switches to before `exec`.
@@ -161,6 +166,10 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         mapping: &mapping,
         scratch: scratch.as_mut_ptr(),
         user: cmd.user,
+        nofile: cmd.nofile.map(|(soft, hard)| libc::rlimit {
+            rlim_cur: soft as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        }),
         floor,
         report: report_tx_high.as_raw_fd(),
         parent,
@@ -232,6 +241,7 @@ struct Child<'a> {
     mapping: &'a [(RawFd, RawFd)],
     scratch: *mut RawFd,
     user: Option<&'a Ids>,
+    nofile: Option<libc::rlimit>,
     floor: RawFd,
     report: RawFd,
     parent: i32,
@@ -303,6 +313,12 @@ impl Child<'_> {
                 c_uint::MAX,
                 CLOSE_RANGE_CLOEXEC,
             );
+
+            if let Some(limit) = &self.nofile
+                && libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0
+            {
+                self.fail();
+            }
 
             if let Some(ids) = self.user {
                 // Raw system calls: they change this thread only, which is

@@ -62,6 +62,9 @@ pub struct Baton {
     pub control: PathBuf,
     command: String,
     exited: Option<ExitStatus>,
+    /// `BATON_INSTANCE` in baton's environment, inherited by everything it
+    /// starts: how leftovers of this very baton are found.
+    instance: String,
 }
 
 /// Builder for [`Baton`].
@@ -149,6 +152,13 @@ impl BatonBuilder {
                 c
             }
         };
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let instance = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        cmd.env("BATON_INSTANCE", &instance);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -174,6 +184,7 @@ impl BatonBuilder {
             control,
             command,
             exited: None,
+            instance,
         }
     }
 }
@@ -304,6 +315,29 @@ impl Baton {
         run(&all, LONG)
     }
 
+    /// `baton status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", self.dump());
+        serde_json::from_str(&out.stdout).expect("status JSON")
+    }
+
+    /// A counter of `status --json`'s `guard` section, e.g.
+    /// `notify_rejected`; `None` while baton does not answer (not started
+    /// yet, or gone).
+    pub fn guard(&self, key: &str) -> Option<u64> {
+        let out = self.ctl(&["status", "--json"]);
+        if out.code != Some(0) {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        Some(
+            json["guard"][key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("guard.{key} in status JSON: {json}")),
+        )
+    }
+
     /// Sends `signal` to baton.
     pub fn signal(&self, signal: rustix::process::Signal) {
         send(self.pid(), signal);
@@ -347,14 +381,12 @@ impl Drop for Baton {
         }
         // Generations left behind (baton killed, or a test that failed
         // midway). Pids are reused quickly (pid_max can be 32768), so only
-        // a process that this very baton started is killed: its
-        // NOTIFY_SOCKET names this baton's pid.
-        let ours = format!("NOTIFY_SOCKET=@baton/{}/", self.pid());
+        // a process that this very baton started is killed: it inherited
+        // this baton's BATON_INSTANCE.
+        let ours = format!("BATON_INSTANCE={}", self.instance);
         for pid in self.spawned_pids() {
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let started_here = environ
-                .split(|b| *b == 0)
-                .any(|kv| kv.starts_with(ours.as_bytes()));
+            let started_here = environ.split(|b| *b == 0).any(|kv| kv == ours.as_bytes());
             if started_here && let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
             }
@@ -843,6 +875,20 @@ pub fn peer(command: &str, package: &str) -> bool {
             "BATON_REQUIRE_PEERS is set but `{command}` is missing: apt-get install {package}"
         );
         eprintln!("skipped: needs `{command}` (apt-get install {package})");
+    }
+    found
+}
+
+/// Whether the real peer at `path` (from Debian's `package`) is installed;
+/// like [`peer`], for a program needed at one exact path.
+pub fn peer_at(path: &str, package: &str) -> bool {
+    let found = Path::new(path).is_file();
+    if !found {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
+            "BATON_REQUIRE_PEERS is set but `{path}` is missing: apt-get install {package}"
+        );
+        eprintln!("skipped: needs `{path}` (apt-get install {package})");
     }
     found
 }
