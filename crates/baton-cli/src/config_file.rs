@@ -236,6 +236,10 @@ watch = "/usr/local/bin/app"
 log-prefix = true
 log-level = "debug"
 command = ["app", "--port", "0"]
+max-connections = 5000
+header-timeout = "5s"
+idle-timeout = "30s"
+upstream-timeout = "2m"
 "#,
         )
         .expect("valid");
@@ -256,6 +260,12 @@ command = ["app", "--port", "0"]
         assert!(a.log_prefix);
         assert_eq!(a.command, ["app", "--port", "0"]);
         assert_eq!(f.log_level.as_deref(), Some("debug"));
+        assert_eq!(a.max_connections, Some(5000));
+        assert_eq!(a.header_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(a.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(a.upstream_timeout, Some(Duration::from_secs(120)));
+        let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
+        assert!(err.contains("longer than 0"), "{err}");
     }
 
     #[test]

@@ -10,14 +10,7 @@ use support::{Baton, KeepAlive, LONG, Load, get, pid_gone, wait_until};
 
 /// baton --proxy MODE in front of the demo app, which binds `{port}`.
 fn behind(mode: &str, run_args: &[&str], app_args: &[&str]) -> Baton {
-    let b = Baton::builder()
-        .run_args(["--proxy", mode, "--listen", "127.0.0.1:0"])
-        .run_args(run_args.iter().copied())
-        .app_args(["--listen", "127.0.0.1:{port}"])
-        .app_args(app_args.iter().copied())
-        .start();
-    b.wait_for_event("ready", 1);
-    b
+    Baton::behind_proxy(mode, run_args, app_args)
 }
 
 #[test]

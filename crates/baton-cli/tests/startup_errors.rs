@@ -209,3 +209,51 @@ fn proxy_options_need_proxy_mode_and_exclude_other_readiness() {
         "invalid health check \"http\": expected tcp or http:/PATH",
     );
 }
+
+#[test]
+fn huge_durations_and_connection_caps_are_refused_at_parse_time() {
+    // Every duration has a maximum (24h): values that would overflow a
+    // clock (they used to panic at start or at the first reload) are one
+    // clear line and exit 2.
+    for flag in ["--ready-timeout", "--stop-timeout", "--restart-delay"] {
+        let out = baton(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            "18446744073709551615s",
+            "--",
+            "true",
+        ]);
+        assert_startup_error(&out, "the longest accepted is 24h");
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--proxy", "http", "--header-timeout", "0s"],
+            "must be longer than 0",
+        ),
+        (
+            &["--proxy", "http", "--idle-timeout", "25h"],
+            "the longest accepted is 24h",
+        ),
+        (&["--proxy", "http", "--max-connections", "0"], "at least 1"),
+        (
+            &["--proxy", "http", "--max-connections", "100000000"],
+            "raise the limit",
+        ),
+        (&["--header-timeout", "5s"], "need --proxy http|tcp"),
+        (&["--max-connections", "10"], "need --proxy http|tcp"),
+        (
+            &["--proxy", "tcp", "--upstream-timeout", "5s"],
+            "apply to --proxy http only",
+        ),
+        (&["--proxy", "http", "--proxy-threads", "0"], "1 to 1024"),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["run", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "true"]);
+        let out = baton(&all);
+        assert_startup_error(&out, needle);
+    }
+}

@@ -297,6 +297,9 @@ struct Slots {
     /// Connections that have not sent a byte, oldest first, with the
     /// notification that closes them.
     silent: BTreeMap<u64, Arc<Notify>>,
+    /// Connections asked to make room that have not closed yet: while one
+    /// is on its way out, no other is evicted.
+    leaving: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -369,6 +372,22 @@ impl Connections {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A slot for a connection already accepted when the server stops
+    /// accepting: it is served even above the cap (one per listener at
+    /// most), rather than dropped.
+    pub fn admit_over_cap(self: &Arc<Self>) -> Ticket {
+        let mut slots = self.slots();
+        slots.open += 1;
+        slots.next_id += 1;
+        let id = slots.next_id;
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        Ticket {
+            connections: Arc::clone(self),
+            id,
+            evict: Arc::new(Notify::new()),
+        }
+    }
+
     /// A slot for one connection: at once below the cap; at the cap, after
     /// the oldest silent connection was closed, or after any connection
     /// ended.
@@ -394,7 +413,10 @@ impl Connections {
                         evict,
                     };
                 }
-                if let Some((_, evict)) = slots.silent.pop_first() {
+                if !slots.leaving.is_empty() {
+                    // A slot is about to be freed.
+                } else if let Some((id, evict)) = slots.silent.pop_first() {
+                    slots.leaving.insert(id);
                     evict.notify_one();
                     self.counters.evicted.fetch_add(1, Ordering::Relaxed);
                 } else if !paused {
@@ -434,6 +456,7 @@ impl Drop for Ticket {
             let mut slots = self.connections.slots();
             slots.open = slots.open.saturating_sub(1);
             slots.silent.remove(&self.id);
+            slots.leaving.remove(&self.id);
         }
         self.connections.freed.notify_one();
     }
@@ -565,32 +588,49 @@ where
     let mut conns = JoinSet::new();
     let mut report = DrainReport::default();
     let mut watch_drain = draining.clone();
-    loop {
+    let serve_one = |conns: &mut JoinSet<()>, stream: Stream, ticket: Ticket| {
+        if let Stream::Tcp(s) = &stream {
+            // Latency matters more than packet count for request/response.
+            let _ = s.set_nodelay(true);
+        }
+        conns.spawn(connection(
+            stream,
+            ticket,
+            service.clone(),
+            draining.clone(),
+            options.clone(),
+        ));
+    };
+    'accepting: loop {
         // Accept first, then wait for a slot: at the limit, only a client
-        // that is really waiting makes a silent one give way.
-        let admitted = async {
-            let stream = listener.accept().await?;
-            let ticket = options.connections.admit().await;
-            io::Result::Ok((stream, ticket))
-        };
-        tokio::select! {
+        // that is really waiting makes a silent one give way. A connection
+        // once accepted is never dropped unserved: not when another one
+        // ends, and not when the drain starts (it is served over the cap).
+        let stream = tokio::select! {
             biased;
             () = drained(&mut watch_drain) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = admitted => match accepted {
-                Ok((stream, ticket)) => {
-                    report.connections += 1;
-                    if let Stream::Tcp(s) = &stream {
-                        // Latency matters more than packet count for request/response.
-                        let _ = s.set_nodelay(true);
-                    }
-                    conns.spawn(connection(stream, ticket, service.clone(), draining.clone(), options.clone()));
-                }
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
                 // Out of fds or a connection reset before accept: back off
                 // briefly instead of spinning, and keep serving.
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             },
-        }
+        };
+        report.connections += 1;
+        let ticket = tokio::select! {
+            biased;
+            ticket = options.connections.admit() => ticket,
+            () = drained(&mut watch_drain) => {
+                serve_one(&mut conns, stream, options.connections.admit_over_cap());
+                break 'accepting;
+            }
+        };
+        serve_one(&mut conns, stream, ticket);
+        // Reap finished connections without waiting.
+        while conns.try_join_next().is_some() {}
     }
     // Stop accepting: close this process's copy of the listening socket. The
     // supervisor's copy keeps the socket (and its queue) alive.
@@ -1056,5 +1096,107 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets every other task on this (current-thread) runtime run until it
+    /// waits.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_silent_connection_makes_room() {
+        let c = Connections::new(3);
+        let oldest = c.admit().await;
+        let talker = c.admit().await;
+        assert!(talker.spoke());
+        let younger = c.admit().await;
+        let next = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move { c.admit().await }
+        });
+        // The oldest silent one is asked to go; the one that spoke is not.
+        oldest.evicted().await;
+        assert!(!oldest.spoke(), "an evicted ticket is no longer silent");
+        settle().await;
+        assert!(!next.is_finished(), "admitted before a slot was free");
+        drop(oldest);
+        let admitted = next.await.expect("admission");
+        let s = c.stats();
+        assert_eq!((s.open, s.evicted, s.paused), (3, 1, 0));
+        drop((talker, younger, admitted));
+        assert_eq!(c.stats().open, 0);
+    }
+
+    #[tokio::test]
+    async fn with_nobody_silent_admission_waits_for_a_slot() {
+        let c = Connections::new(1);
+        let busy = c.admit().await;
+        assert!(busy.spoke());
+        let next = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move { c.admit().await }
+        });
+        settle().await;
+        assert!(!next.is_finished());
+        assert_eq!(c.stats().paused, 1);
+        drop(busy);
+        let _admitted = next.await.expect("admission");
+        assert_eq!(c.stats().accepted, 2);
+    }
+
+    #[test]
+    fn timeouts_by_state() {
+        let born = Instant::now();
+        let options = Options {
+            header_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..Options::default()
+        };
+        let a = Activity::new(born);
+        // Idle since "born": the idle timeout applies.
+        assert!(
+            matches!(a.expired(born, &options), Expiry::At(at) if at == born + Duration::from_secs(60))
+        );
+        assert!(matches!(
+            a.expired(born + Duration::from_secs(60), &options),
+            Expiry::Now(Which::Idle)
+        ));
+        // A head under way: the header timeout, from its first byte.
+        a.head_nanos.store(0, Ordering::Relaxed);
+        assert!(matches!(
+            a.expired(born + Duration::from_secs(10), &options),
+            Expiry::Now(Which::Header)
+        ));
+        // In flight: nothing runs out while the client reads.
+        let guard = InFlight::start(Arc::new(Activity::new(born)));
+        let busy = &guard.0;
+        assert!(matches!(
+            busy.expired(born + Duration::from_secs(3600), &options),
+            Expiry::At(_)
+        ));
+        // ... but a client that stopped reading for the idle timeout is cut.
+        busy.blocked_nanos.store(0, Ordering::Relaxed);
+        assert!(matches!(
+            busy.expired(born + Duration::from_secs(61), &options),
+            Expiry::Now(Which::Idle)
+        ));
+        // No timeouts: never.
+        let none = Options {
+            header_timeout: None,
+            idle_timeout: None,
+            ..Options::default()
+        };
+        assert!(matches!(
+            a.expired(born + Duration::from_secs(1 << 30), &none),
+            Expiry::Never
+        ));
     }
 }

@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::net::TcpListener;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -81,6 +82,12 @@ pub struct Faults {
     /// Bind this address instead of --listen (an app ignoring $PORT).
     #[arg(long, value_name = "ADDR")]
     pub bind: Option<String>,
+
+    /// On exit, shut down (shutdown(2)) the inherited listeners, as some
+    /// servers do on close: the shared socket then stops listening for
+    /// every process that holds it.
+    #[arg(long)]
+    pub shutdown_listeners: bool,
 }
 
 #[derive(Debug, Parser)]
@@ -110,6 +117,7 @@ impl Faults {
             never_ready: more.never_ready || self.never_ready,
             ignore_term: more.ignore_term || self.ignore_term,
             bind: more.bind.or(self.bind),
+            shutdown_listeners: more.shutdown_listeners || self.shutdown_listeners,
         })
     }
 }
@@ -259,6 +267,16 @@ async fn serve(
     } else {
         listeners
     };
+    // Copies of the inherited sockets, to shut down on exit if asked.
+    let to_shut: Vec<std::os::fd::OwnedFd> = if faults.shutdown_listeners {
+        listeners
+            .iter()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .collect::<std::io::Result<_>>()
+            .context("duplicating listeners")?
+    } else {
+        Vec::new()
+    };
     let listeners = listeners
         .into_iter()
         .map(AsyncListener::from_listener)
@@ -294,6 +312,9 @@ async fn serve(
     baton::serve::serve(listeners, service, shutdown, drain)
         .await
         .context("serving")?;
+    for fd in &to_shut {
+        crate::sys::socket::shut_down(fd).context("shutting down a listener")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

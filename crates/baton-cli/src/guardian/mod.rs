@@ -957,6 +957,7 @@ impl Guardian {
         let upstream = crate::proxy::Upstream::new(
             generation,
             addr,
+            proxy_cfg.limits.pool_idle(),
             Box::new(move |g| {
                 let _ = events.send(Event::Drained(g));
             }),

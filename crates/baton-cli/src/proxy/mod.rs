@@ -54,6 +54,16 @@ pub struct Limits {
     pub upstream_timeout: Duration,
 }
 
+impl Limits {
+    /// How long a pooled connection to a generation may stay unused:
+    /// [`upstream::POOL_IDLE`], or the idle timeout if shorter.
+    pub fn pool_idle(&self) -> Duration {
+        self.serve
+            .idle_timeout
+            .map_or(upstream::POOL_IDLE, |idle| idle.min(upstream::POOL_IDLE))
+    }
+}
+
 /// The generation new traffic goes to, shared by the guardian (which
 /// switches it) and the proxy (which reads it on every request).
 #[derive(Debug)]
@@ -206,7 +216,8 @@ impl Health {
 /// Closes the current generation's pooled connections (on this thread)
 /// once they have been idle too long, also when no request comes to do it.
 async fn sweep_pools(proxy: Arc<Proxy>) {
-    let mut tick = tokio::time::interval(upstream::POOL_IDLE / 4);
+    let period = (proxy.limits.pool_idle() / 4).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

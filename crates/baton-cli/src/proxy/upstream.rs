@@ -23,7 +23,8 @@ use tokio::task::AbortHandle;
 /// Idle keep-alive connections kept per proxy thread and generation.
 pub const POOL_MAX: usize = 64;
 
-/// How long a pooled connection may stay unused before it is closed.
+/// How long a pooled connection may stay unused before it is closed (or
+/// `--idle-timeout`, if shorter).
 pub const POOL_IDLE: Duration = Duration::from_secs(15);
 
 /// The body sent to a generation: the client's (bounded by a stall
@@ -75,6 +76,8 @@ pub struct Upstream {
     /// Idle keep-alive connections, one pool per proxy thread (a
     /// connection is driven by the thread that opened it).
     idle: Vec<Mutex<Vec<UpConn>>>,
+    /// How long a pooled connection may stay unused.
+    pool_idle: Duration,
     on_drained: OnDrained,
 }
 
@@ -104,8 +107,14 @@ impl Drop for Active {
 }
 
 impl Upstream {
-    /// A new upstream for `generation` at `addr`.
-    pub fn new(generation: u64, addr: SocketAddr, on_drained: OnDrained) -> Arc<Upstream> {
+    /// A new upstream for `generation` at `addr`, whose pooled connections
+    /// are closed after `pool_idle` unused.
+    pub fn new(
+        generation: u64,
+        addr: SocketAddr,
+        pool_idle: Duration,
+        on_drained: OnDrained,
+    ) -> Arc<Upstream> {
         Arc::new(Upstream {
             generation,
             addr,
@@ -115,6 +124,7 @@ impl Upstream {
             idle: (0..super::threads())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
+            pool_idle,
             on_drained,
         })
     }
@@ -165,7 +175,7 @@ impl Upstream {
     pub fn checkout(&self) -> Option<UpConn> {
         let mut idle = self.idle.get(super::slot())?.lock().ok()?;
         let now = Instant::now();
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < POOL_IDLE);
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < self.pool_idle);
         // A connection just checked in may not be ready for a moment yet:
         // keep it, take a ready one.
         let ready = idle.iter().rposition(|c| c.sender.is_ready())?;
@@ -194,7 +204,9 @@ impl Upstream {
     pub fn sweep(&self) {
         if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock) {
             let now = Instant::now();
-            idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < POOL_IDLE);
+            idle.retain(|c| {
+                !c.sender.is_closed() && now.duration_since(c.idle_since) < self.pool_idle
+            });
         }
     }
 
@@ -219,6 +231,7 @@ mod tests {
         let u = Upstream::new(
             7,
             "127.0.0.1:1".parse().unwrap(),
+            POOL_IDLE,
             Box::new(move |g| {
                 seen.fetch_add(g, Ordering::SeqCst);
             }),
@@ -242,6 +255,7 @@ mod tests {
         let u = Upstream::new(
             1,
             "127.0.0.1:1".parse().unwrap(),
+            POOL_IDLE,
             Box::new(move |_| seen.store(true, Ordering::SeqCst)),
         );
         u.retire();

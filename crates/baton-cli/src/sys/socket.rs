@@ -102,13 +102,63 @@ pub fn is_listening(fd: &OwnedFd) -> bool {
 
 /// Makes a TCP listener that was shut down listen again on `addr`, the
 /// address it was bound to. A socket bound to an explicit port keeps its
-/// port through a shutdown and only needs `listen`; one whose port the
-/// kernel chose (`:0`) lost it and is bound again first.
+/// port through a shutdown (binding again fails with `EINVAL`) and only
+/// needs `listen`; one whose port the kernel chose (`:0`) lost it, and
+/// `listen` alone would pick another one, so it is bound again first
+/// (`getsockname` still shows the old port either way).
 pub fn relisten_tcp(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    let bound = tcp_local_addr(fd).ok().map(|a| a.port());
-    if bound != Some(addr.port()) {
-        rustix::net::bind(fd, &addr)?;
+    match rustix::net::bind(fd, &addr) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+        Err(e) => return Err(e.into()),
     }
     rustix::net::listen(fd, BACKLOG)?;
     Ok(())
+}
+
+/// `shutdown(SHUT_RDWR)` on a socket (the demo app's fault switch that
+/// shuts down an inherited listener).
+pub fn shut_down(fd: &OwnedFd) -> io::Result<()> {
+    rustix::net::shutdown(fd, rustix::net::Shutdown::Both)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_listener_shut_down_listens_again_on_its_port() {
+        // An explicit port (kept through the shutdown) and a kernel-chosen
+        // one (lost, so bound again).
+        let probe = bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let explicit = tcp_local_addr(&probe).unwrap();
+        drop(probe);
+        for asked in [explicit, "127.0.0.1:0".parse().unwrap()] {
+            let fd = bind_tcp(asked, false).unwrap();
+            let addr = tcp_local_addr(&fd).unwrap();
+            assert!(is_listening(&fd));
+            shut_down(&fd).unwrap();
+            assert!(!is_listening(&fd), "{asked}");
+            assert!(std::net::TcpStream::connect(addr).is_err(), "{asked}");
+            relisten_tcp(&fd, addr).unwrap();
+            assert!(is_listening(&fd), "{asked}");
+            assert_eq!(tcp_local_addr(&fd).unwrap(), addr, "{asked}");
+            std::net::TcpStream::connect(addr).expect("connects again");
+        }
+    }
+
+    #[test]
+    fn a_unix_listener_shut_down_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let fd = bind_unix(&path).unwrap();
+        assert!(is_listening(&fd));
+        shut_down(&fd).unwrap();
+        assert!(!is_listening(&fd));
+        assert!(UnixStream::connect(&path).is_err());
+        // A new socket on the same path.
+        let again = bind_unix(&path).unwrap();
+        assert!(is_listening(&again));
+        UnixStream::connect(&path).expect("connects to the new socket");
+    }
 }

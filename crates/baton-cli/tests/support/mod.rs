@@ -214,6 +214,19 @@ impl Baton {
         b
     }
 
+    /// baton --proxy MODE on `127.0.0.1:0` in front of the demo app, which
+    /// binds `{port}`; waits until generation 1 is ready.
+    pub fn behind_proxy(mode: &str, run_args: &[&str], app_args: &[&str]) -> Baton {
+        let b = Baton::builder()
+            .run_args(["--proxy", mode, "--listen", "127.0.0.1:0"])
+            .run_args(run_args.iter().copied())
+            .app_args(["--listen", "127.0.0.1:{port}"])
+            .app_args(app_args.iter().copied())
+            .start();
+        b.wait_for_event("ready", 1);
+        b
+    }
+
     /// baton's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -628,8 +641,14 @@ impl Load {
     }
 
     /// Stops the load and waits for the clients.
-    pub fn finish(mut self) -> (u64, Vec<String>, HashSet<u32>) {
+    pub fn finish(self) -> (u64, Vec<String>, HashSet<u32>) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.finish_when_done()
+    }
+
+    /// Waits for the clients to make all their requests (or run out of
+    /// time).
+    pub fn finish_when_done(mut self) -> (u64, Vec<String>, HashSet<u32>) {
         for t in self.threads.drain(..) {
             t.join().expect("client thread");
         }
@@ -919,4 +938,87 @@ pub fn slow_request_across_a_reload(b: &Baton, ms: u64) -> (Result<Reply, String
     let out = b.ctl(&["reload"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     (slow.join().expect("the request's thread"), old)
+}
+
+/// Raises this test process's soft descriptor limit to its hard limit (the
+/// tests that open thousands of connections need it); returns the limit.
+pub fn raise_own_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// This process's hard descriptor limit.
+pub fn hard_nofile() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX)
+}
+
+/// A number from `/proc/<pid>/status`, e.g. `RssAnon` (kB) or `Threads`.
+pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `(soft, hard)` "Max open files" of process `pid`.
+pub fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let mut words = line["Max open files".len()..].split_whitespace();
+    (
+        words.next().unwrap_or_default().to_owned(),
+        words.next().unwrap_or_default().to_owned(),
+    )
+}
+
+/// `n` connections to `127.0.0.1:port` that send nothing.
+pub fn idle_clients(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("idle client {i} of {n}: {e}"))
+        })
+        .collect()
+}
+
+/// Whether the server closed `stream` (end of file or reset); never blocks.
+pub fn closed_by_server(stream: &TcpStream) -> bool {
+    let _ = stream.set_nonblocking(true);
+    let mut byte = [0u8; 1];
+    let closed = match (&*stream).read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
+}
+
+/// The connection counters of `status --json` for `socket` (`proxy` or
+/// `control`), or `None` while baton does not answer.
+pub fn connections(b: &Baton, socket: &str) -> Option<serde_json::Value> {
+    let out = b.ctl(&["status", "--json"]);
+    if out.code != Some(0) {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    json["guard"]["connections"]
+        .as_array()?
+        .iter()
+        .find(|c| c["socket"] == socket)
+        .cloned()
 }
