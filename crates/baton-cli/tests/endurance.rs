@@ -317,7 +317,8 @@ fn a_listener_an_app_shuts_down_is_re_armed() {
         b.guard("listener_rearms").is_some_and(|n| n >= 2)
     });
     b.wait_for_event("ready", 3);
-    assert_eq!(get(port, "/", LONG).expect("TCP served").status, 200);
+    let reply = get(port, "/", LONG).unwrap_or_else(|e| panic!("TCP: {e}\n{}", b.dump()));
+    assert_eq!(reply.status, 200);
     let mut s = UnixStream::connect(&unix).expect("the Unix socket listens");
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write");

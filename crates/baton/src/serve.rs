@@ -203,12 +203,44 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Waits until the client has sent something (or closed).
+    /// Waits until the client has sent something (or closed). tokio's
+    /// readiness can be a false positive (a fresh socket shows readable), so
+    /// it is confirmed by a peek that consumes nothing.
     pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.readable().await,
-            Stream::Unix(s) => s.readable().await,
+        use std::os::fd::AsFd;
+        loop {
+            let peeked = match self {
+                Stream::Tcp(s) => {
+                    s.readable().await?;
+                    s.try_io(tokio::io::Interest::READABLE, || {
+                        crate::sys::peek(s.as_fd())
+                    })
+                }
+                Stream::Unix(s) => {
+                    s.readable().await?;
+                    s.try_io(tokio::io::Interest::READABLE, || {
+                        crate::sys::peek(s.as_fd())
+                    })
+                }
+            };
+            match peeked {
+                Ok(_) => return Ok(()),
+                // Not really readable: tokio cleared the readiness; wait.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    /// Whether the client has sent something not yet read (without
+    /// waiting or consuming it).
+    pub fn has_data(&self) -> bool {
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        };
+        matches!(crate::sys::peek(fd), Ok(n) if n > 0)
     }
 
     /// The client's address (TCP only).
@@ -418,7 +450,6 @@ impl Connections {
                 } else if let Some((id, evict)) = slots.silent.pop_first() {
                     slots.leaving.insert(id);
                     evict.notify_one();
-                    self.counters.evicted.fetch_add(1, Ordering::Relaxed);
                 } else if !paused {
                     paused = true;
                     self.counters.paused.fetch_add(1, Ordering::Relaxed);
@@ -439,9 +470,17 @@ pub struct Ticket {
 
 impl Ticket {
     /// The client sent something: it is no longer a candidate for eviction.
-    /// Returns false if it was already chosen to be closed.
-    pub fn spoke(&self) -> bool {
-        self.connections.slots().silent.remove(&self.id).is_some()
+    /// If it had just been chosen to make room, it declines (it is not
+    /// silent after all) and the admission waiting for room chooses another.
+    pub fn spoke(&self) {
+        let declined = {
+            let mut slots = self.connections.slots();
+            slots.silent.remove(&self.id);
+            slots.leaving.remove(&self.id)
+        };
+        if declined {
+            self.connections.freed.notify_one();
+        }
     }
 
     /// Completes when this connection was chosen to make room.
@@ -456,7 +495,13 @@ impl Drop for Ticket {
             let mut slots = self.connections.slots();
             slots.open = slots.open.saturating_sub(1);
             slots.silent.remove(&self.id);
-            slots.leaving.remove(&self.id);
+            if slots.leaving.remove(&self.id) {
+                // Asked to make room, and did not decline.
+                self.connections
+                    .counters
+                    .evicted
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.connections.freed.notify_one();
     }
@@ -609,6 +654,9 @@ where
         let stream = tokio::select! {
             biased;
             () = drained(&mut watch_drain) => break,
+            // Finished connections are reaped as they end, so that their
+            // memory goes at once (accept is cancel-safe).
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => stream,
                 // Out of fds or a connection reset before accept: back off
@@ -629,8 +677,6 @@ where
             }
         };
         serve_one(&mut conns, stream, ticket);
-        // Reap finished connections without waiting.
-        while conns.try_join_next().is_some() {}
     }
     // Stop accepting: close this process's copy of the listening socket. The
     // supervisor's copy keeps the socket (and its queue) alive.
@@ -686,7 +732,8 @@ async fn connection<S, B>(
                     options.connections.counters.header_timeouts.fetch_add(1, Ordering::Relaxed);
                     return false;
                 }
-                () = ticket.evicted() => return false,
+                // Chosen to make room: unless its request arrived meanwhile.
+                () = ticket.evicted() => return stream.has_data(),
                 () = drained(&mut draining), if grace_over.is_none() => {
                     grace_over = Instant::now().checked_add(options.drain.idle_grace);
                     if grace_over.is_none() {
@@ -697,9 +744,10 @@ async fn connection<S, B>(
             }
         }
     };
-    if !first_byte.await || !ticket.spoke() {
+    if !first_byte.await {
         return;
     }
+    ticket.spoke();
     // Boxed, so that a silent connection's task stays small.
     Box::pin(exchange(stream, ticket, born, service, draining, options)).await;
 }
@@ -1116,7 +1164,7 @@ mod tests {
         let c = Connections::new(3);
         let oldest = c.admit().await;
         let talker = c.admit().await;
-        assert!(talker.spoke());
+        talker.spoke();
         let younger = c.admit().await;
         let next = tokio::spawn({
             let c = Arc::clone(&c);
@@ -1124,7 +1172,6 @@ mod tests {
         });
         // The oldest silent one is asked to go; the one that spoke is not.
         oldest.evicted().await;
-        assert!(!oldest.spoke(), "an evicted ticket is no longer silent");
         settle().await;
         assert!(!next.is_finished(), "admitted before a slot was free");
         drop(oldest);
@@ -1136,10 +1183,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_chosen_to_make_room_that_spoke_meanwhile_stays() {
+        let c = Connections::new(2);
+        let first = c.admit().await;
+        let second = c.admit().await;
+        let next = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move { c.admit().await }
+        });
+        first.evicted().await;
+        // Its request had arrived after all: it declines, and the next
+        // silent one is asked instead.
+        first.spoke();
+        second.evicted().await;
+        drop(second);
+        let _admitted = next.await.expect("admission");
+        let s = c.stats();
+        assert_eq!((s.open, s.evicted), (2, 1));
+        drop(first);
+    }
+
+    #[tokio::test]
     async fn with_nobody_silent_admission_waits_for_a_slot() {
         let c = Connections::new(1);
         let busy = c.admit().await;
-        assert!(busy.spoke());
+        busy.spoke();
         let next = tokio::spawn({
             let c = Arc::clone(&c);
             async move { c.admit().await }

@@ -31,6 +31,27 @@ pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
+/// Peeks at a stream socket without blocking or consuming anything: the
+/// number of bytes waiting (at most 1), 0 at end of file, or `WouldBlock`.
+pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is open for the borrow's lifetime and `byte` is valid for
+    // writes of the one byte asked for; MSG_PEEK leaves the data queued.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Sets `FD_CLOEXEC` on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is open for the borrow's lifetime; F_SETFD only changes

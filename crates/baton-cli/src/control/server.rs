@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton::serve::{Connections, Ticket};
+use baton::serve::{Connections, Stream, Ticket};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -88,14 +88,18 @@ async fn handle(
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time");
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     // Silent until its first byte: may be closed to make room.
+    let stream = Stream::Unix(stream);
     tokio::select! {
         ready = stream.readable() => ready?,
-        () = ticket.evicted() => return Ok(()),
+        () = ticket.evicted() => if !stream.has_data() {
+            return Ok(());
+        },
         () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
     }
-    if !ticket.spoke() {
+    ticket.spoke();
+    let Stream::Unix(stream) = stream else {
         return Ok(());
-    }
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE));

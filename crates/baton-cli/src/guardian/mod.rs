@@ -1130,6 +1130,10 @@ impl Guardian {
     fn housekeeping(&mut self) {
         self.check_listeners(None);
         self.pressure.report(Instant::now());
+        if self.pressure.should_trim() {
+            let returned = sys::memory::trim();
+            debug!(returned, "freed memory given back after connections closed");
+        }
         let descriptors = self
             .cfg
             .metrics
@@ -1151,7 +1155,7 @@ impl Guardian {
         if self.proxy.is_some() {
             return;
         }
-        let mut replaced = false;
+        let mut rearmed = false;
         for l in &mut self.cfg.listeners {
             let check = l.ensure_listening();
             if matches!(check, Ok(ListenerCheck::Listening)) {
@@ -1180,7 +1184,7 @@ impl Guardian {
                     warn!(addr = %l.local, generation, by = %by,
                         how = if how == ListenerCheck::Replaced { "replaced (a new socket, for new generations)" } else { "listening again" },
                         "listener shut down by the app (shutdown(2) on an inherited socket); re-armed");
-                    replaced |= how == ListenerCheck::Replaced;
+                    rearmed = true;
                 }
                 Err(e) if !l.broken_reported => {
                     l.broken_reported = true;
@@ -1190,7 +1194,7 @@ impl Guardian {
                 Err(_) => {}
             }
         }
-        if replaced {
+        if rearmed {
             self.listener_inodes = std::sync::Arc::new(
                 self.cfg
                     .listeners
@@ -1198,8 +1202,12 @@ impl Guardian {
                     .filter_map(|l| sys::inspect::inode(&l.fd))
                     .collect(),
             );
-            // The serving generation holds the dead socket: only a new one
-            // can serve on the new socket.
+            // A Unix socket was replaced: the serving generation holds the
+            // dead one, and only a new generation can serve the new one. A
+            // TCP socket listens again, but the serving generation's accept
+            // loop saw it fail (Go's http.Server returns; tokio keeps a
+            // hang-up readiness for good): a fresh generation is the sure way
+            // back to normal.
             if self.policy.serving().is_some() && !self.policy.is_stopping() {
                 self.trigger(Trigger::Listener, None);
             }

@@ -15,6 +15,10 @@ use tracing::warn;
 /// The shortest time between two summary lines of one kind.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
+/// Connections that must have closed (since the peak) before freed memory
+/// is returned to the system.
+pub const TRIM_AFTER: usize = 500;
+
 /// Notifications refused before they reach the loop, shared with the
 /// notify sockets' readers.
 #[derive(Debug, Default)]
@@ -95,6 +99,8 @@ struct Watched {
 #[derive(Debug)]
 pub struct Pressure {
     caps: Vec<Watched>,
+    /// The most connections open at once since memory was last trimmed.
+    peak_open: usize,
     rejected: Arc<Rejected>,
     rejected_seen: u64,
     rejected_said_at: Option<Instant>,
@@ -116,7 +122,21 @@ impl Pressure {
             rejected,
             rejected_seen: 0,
             rejected_said_at: None,
+            peak_open: 0,
         }
+    }
+
+    /// Whether enough connections closed since the peak that their memory
+    /// should go back to the system (see `sys::memory`): at least
+    /// [`TRIM_AFTER`] fewer, and half the peak or less.
+    pub fn should_trim(&mut self) -> bool {
+        let open: usize = self.caps.iter().map(|w| w.connections.stats().open).sum();
+        self.peak_open = self.peak_open.max(open);
+        let trim = self.peak_open - open >= TRIM_AFTER && open <= self.peak_open / 2;
+        if trim {
+            self.peak_open = open;
+        }
+        trim
     }
 
     /// The watched caps, by name.

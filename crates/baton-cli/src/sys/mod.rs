@@ -9,6 +9,7 @@
 
 pub mod inspect;
 pub mod limits;
+pub mod memory;
 pub mod notify_socket;
 pub mod reaper;
 pub mod signal;
