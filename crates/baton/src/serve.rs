@@ -192,6 +192,67 @@ impl From<tokio::net::UnixListener> for AsyncListener {
     }
 }
 
+/// Accepts on a listener, never spinning on a stale hang-up.
+///
+/// A listening socket shut down by another process that holds it (an app
+/// calling `shutdown(2)` on an inherited listener) reports a hang-up, and
+/// tokio keeps a hang-up readiness for good: once the supervisor makes the
+/// socket listen again, tokio's own accept would retry forever inside one
+/// poll. This acceptor sees the hang-up with the `WouldBlock` and registers
+/// the socket afresh instead.
+#[derive(Debug)]
+struct Acceptor {
+    /// Always `Some` between calls (taken only to register afresh).
+    fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    unix: bool,
+}
+
+impl Acceptor {
+    fn new(listener: AsyncListener) -> io::Result<Acceptor> {
+        let (fd, unix) = match listener {
+            AsyncListener::Tcp(l) => (std::os::fd::OwnedFd::from(l.into_std()?), false),
+            AsyncListener::Unix(l) => (std::os::fd::OwnedFd::from(l.into_std()?), true),
+        };
+        Ok(Acceptor {
+            fd: Some(crate::sys::register_readable(fd)?),
+            unix,
+        })
+    }
+
+    async fn accept(&mut self) -> io::Result<Stream> {
+        use std::os::fd::AsFd;
+        loop {
+            let Some(fd) = self.fd.as_ref() else {
+                return Err(io::Error::other("the listener is gone"));
+            };
+            let mut ready = fd.readable().await?;
+            let hung_up = ready.ready().is_read_closed();
+            let accepted = ready.try_io(|fd| crate::sys::accept_nonblocking(fd.as_fd()));
+            drop(ready);
+            match accepted {
+                Ok(Ok(conn)) => {
+                    return if self.unix {
+                        let std = std::os::unix::net::UnixStream::from(conn);
+                        Ok(Stream::Unix(tokio::net::UnixStream::from_std(std)?))
+                    } else {
+                        let std = std::net::TcpStream::from(conn);
+                        Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std)?))
+                    };
+                }
+                Ok(Err(e)) => return Err(e),
+                // Nothing to accept. After a hang-up that readiness would
+                // never clear: start over with a fresh registration.
+                Err(_) if hung_up => {
+                    if let Some(old) = self.fd.take() {
+                        self.fd = Some(crate::sys::register_readable(old.into_inner())?);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 /// An accepted client connection.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -646,26 +707,29 @@ where
             options.clone(),
         ));
     };
-    'accepting: loop {
+    let mut listener = Acceptor::new(listener).ok();
+    'accepting: while let Some(current) = listener.as_mut() {
         // Accept first, then wait for a slot: at the limit, only a client
         // that is really waiting makes a silent one give way. A connection
         // once accepted is never dropped unserved: not when another one
         // ends, and not when the drain starts (it is served over the cap).
-        let stream = tokio::select! {
+        let accepted = tokio::select! {
             biased;
             () = drained(&mut watch_drain) => break,
             // Finished connections are reaped as they end, so that their
             // memory goes at once (accept is cancel-safe).
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
-                // Out of fds or a connection reset before accept: back off
-                // briefly instead of spinning, and keep serving.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
+            accepted = current.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            // Out of fds, a connection reset before accept, or a listener
+            // shut down until the supervisor re-arms it: back off briefly
+            // instead of spinning, and keep serving.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         report.connections += 1;
         let ticket = tokio::select! {

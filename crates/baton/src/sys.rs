@@ -52,6 +52,24 @@ pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
     }
 }
 
+/// Accepts a connection on listening socket `fd`, without blocking, as a
+/// non-blocking, close-on-exec socket (`accept4`).
+pub fn accept_nonblocking(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: `fd` is open for the borrow's lifetime; null address pointers
+    // ask the kernel not to report the peer's address.
+    let conn = check(unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `accept4` succeeded, so `conn` is a new descriptor this
+    // process owns and nothing else refers to.
+    Ok(unsafe { OwnedFd::from_raw_fd(conn) })
+}
+
 /// Sets `FD_CLOEXEC` on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is open for the borrow's lifetime; F_SETFD only changes
@@ -140,4 +158,14 @@ pub fn signal_safe_write(fd: RawFd, bytes: &[u8]) {
 pub unsafe fn close_raw(fd: RawFd) {
     // SAFETY: the caller guarantees `fd` is owned and unused elsewhere.
     unsafe { libc::close(fd) };
+}
+
+/// Registers an owned socket with the current tokio runtime, for reading.
+#[cfg(feature = "tokio")]
+pub fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `AsyncFd` owns `fd`: it stays open, and `as_raw_fd`
+    // returns the same number, until the `AsyncFd` is dropped or gives it
+    // back (`into_inner`), as `register_with_interest` requires.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }
