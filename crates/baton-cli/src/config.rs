@@ -115,9 +115,15 @@ impl BoundListener {
             socket::relisten_tcp(&self.fd, addr)?;
             return Ok(ListenerCheck::Relistened);
         }
-        let path = PathBuf::from(self.local.strip_prefix("unix:").unwrap_or(&self.local));
+        // Only a socket file baton made itself is replaced: one passed to
+        // baton (systemd's) belongs to whoever made it.
+        let Some(path) = self.unix_path.clone() else {
+            return Err(io::Error::other(
+                "a Unix socket passed to baton cannot be re-armed; restart its socket unit",
+            ));
+        };
+        // (Its file is still there and refuses connections: it goes.)
         self.fd = socket::bind_unix(&path)?;
-        self.unix_path = Some(path);
         Ok(ListenerCheck::Replaced)
     }
 }
@@ -369,7 +375,7 @@ fn max_connections(
         Some(n) if n > allowed => Err(StartupError::Invalid(format!(
             "--max-connections {n} needs about {} descriptors, but baton may open {nofile} \
              (its hard limit); raise the limit (ulimit -Hn, LimitNOFILE= in a systemd unit) or ask for at most {allowed}",
-            fixed.saturating_add(2 * n as u64)
+            fixed.saturating_add((n as u64).saturating_mul(2))
         ))),
         Some(n) => Ok(n),
         None if allowed < 16 => Err(StartupError::Invalid(format!(

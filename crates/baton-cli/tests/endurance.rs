@@ -481,3 +481,51 @@ fn a_tcp_relay_that_moves_nothing_is_closed_after_the_idle_timeout() {
     let reply = get(b.port(), "/", LONG).expect("served");
     assert_eq!(reply.status, 200);
 }
+
+#[test]
+fn an_upload_slower_than_the_upstream_timeout_is_answered() {
+    // The upstream timeout counts from the end of the body: a client that
+    // takes 2 s to send its body (a part every 400 ms) to an app that
+    // answers once it has it all gets that answer with a 1 s timeout.
+    let b = Baton::behind_proxy("http", &["--upstream-timeout", "1s"], &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
+    s.set_read_timeout(Some(LONG)).expect("timeout");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\n",
+    )
+    .expect("head");
+    for byte in b"hello" {
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(&[*byte]).expect("a part of the body");
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("5 bytes"), "{answer:?}");
+}
+
+#[test]
+fn an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop() {
+    if support::in_own_network(
+        "an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop",
+    ) {
+        return;
+    }
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0"])
+        .app_args(["--shutdown-listeners", "--drain", "1s"])
+        .start();
+    b.wait_for_event("ready", 1);
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    b.wait_for_event("exit", 1);
+    wait_until("the listener re-armed", LONG, || {
+        b.guard("listener_rearms").is_some_and(|n| n >= 1)
+    });
+    assert_eq!(get(b.port(), "/", LONG).expect("served").status, 200);
+    // The next reload makes generation 3: re-arming a TCP listener started
+    // no generation of its own.
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(b.status_json()["serving"], 3, "{}", b.dump());
+}

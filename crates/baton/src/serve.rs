@@ -202,8 +202,7 @@ impl From<tokio::net::UnixListener> for AsyncListener {
 /// the socket afresh instead.
 #[derive(Debug)]
 struct Acceptor {
-    /// Always `Some` between calls (taken only to register afresh).
-    fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     unix: bool,
 }
 
@@ -214,7 +213,7 @@ impl Acceptor {
             AsyncListener::Unix(l) => (std::os::fd::OwnedFd::from(l.into_std()?), true),
         };
         Ok(Acceptor {
-            fd: Some(crate::sys::register_readable(fd)?),
+            fd: crate::sys::register_readable(fd)?,
             unix,
         })
     }
@@ -222,10 +221,7 @@ impl Acceptor {
     async fn accept(&mut self) -> io::Result<Stream> {
         use std::os::fd::AsFd;
         loop {
-            let Some(fd) = self.fd.as_ref() else {
-                return Err(io::Error::other("the listener is gone"));
-            };
-            let mut ready = fd.readable().await?;
+            let mut ready = self.fd.readable().await?;
             let hung_up = ready.ready().is_read_closed();
             let accepted = ready.try_io(|fd| crate::sys::accept_nonblocking(fd.as_fd()));
             drop(ready);
@@ -242,10 +238,11 @@ impl Acceptor {
                 Ok(Err(e)) => return Err(e),
                 // Nothing to accept. After a hang-up that readiness would
                 // never clear: start over with a fresh registration.
+                // (On failure the old registration stays, and the caller
+                // backs off before trying again.)
                 Err(_) if hung_up => {
-                    if let Some(old) = self.fd.take() {
-                        self.fd = Some(crate::sys::register_readable(old.into_inner())?);
-                    }
+                    let copy = self.fd.get_ref().try_clone()?;
+                    self.fd = crate::sys::register_readable(copy)?;
                 }
                 Err(_) => {}
             }
@@ -540,7 +537,7 @@ impl Ticket {
             slots.leaving.remove(&self.id)
         };
         if declined {
-            self.connections.freed.notify_one();
+            self.connections.freed.notify_waiters();
         }
     }
 
@@ -564,7 +561,10 @@ impl Drop for Ticket {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.connections.freed.notify_one();
+        // Every waiting admission looks again (each registered before it
+        // looked, so none misses this): one takes the slot, the others may
+        // have a silent connection to ask to leave.
+        self.connections.freed.notify_waiters();
     }
 }
 
@@ -878,6 +878,7 @@ async fn exchange<S, B>(
         tokio::select! {
             _ = conn.as_mut() => return,
             () = sleep_until_opt(wake) => {}
+            () = activity.head_began.notified() => {}
             () = drained(&mut draining) => break,
         }
     }
@@ -927,6 +928,9 @@ struct Activity {
     head_nanos: AtomicU64,
     /// Since when writes to the client have been blocked, or [`UNSET`].
     blocked_nanos: AtomicU64,
+    /// Woken when a new request head starts, so that its header timeout is
+    /// armed at once (the task may be asleep until the idle deadline).
+    head_began: Notify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -950,6 +954,7 @@ impl Activity {
             last_nanos: AtomicU64::new(0),
             head_nanos: AtomicU64::new(UNSET),
             blocked_nanos: AtomicU64::new(UNSET),
+            head_began: Notify::new(),
         }
     }
 
@@ -970,13 +975,13 @@ impl Activity {
 
     /// Marks the start of a request head, if none is under way.
     fn head_started(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0 {
-            let _ = self.head_nanos.compare_exchange(
-                UNSET,
-                self.nanos(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .head_nanos
+                .compare_exchange(UNSET, self.nanos(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.head_began.notify_one();
         }
     }
 
@@ -1215,6 +1220,13 @@ impl<B: Body> Body for TrackedBody<B> {
 mod tests {
     use super::*;
 
+    /// `f`, which must complete within a generous bound.
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("completed in time")
+    }
+
     /// Lets every other task on this (current-thread) runtime run until it
     /// waits.
     async fn settle() {
@@ -1235,11 +1247,11 @@ mod tests {
             async move { c.admit().await }
         });
         // The oldest silent one is asked to go; the one that spoke is not.
-        oldest.evicted().await;
+        within(oldest.evicted()).await;
         settle().await;
         assert!(!next.is_finished(), "admitted before a slot was free");
         drop(oldest);
-        let admitted = next.await.expect("admission");
+        let admitted = within(next).await.expect("admission");
         let s = c.stats();
         assert_eq!((s.open, s.evicted, s.paused), (3, 1, 0));
         drop((talker, younger, admitted));
@@ -1255,16 +1267,39 @@ mod tests {
             let c = Arc::clone(&c);
             async move { c.admit().await }
         });
-        first.evicted().await;
+        within(first.evicted()).await;
         // Its request had arrived after all: it declines, and the next
         // silent one is asked instead.
         first.spoke();
-        second.evicted().await;
+        within(second.evicted()).await;
         drop(second);
-        let _admitted = next.await.expect("admission");
+        let _admitted = within(next).await.expect("admission");
         let s = c.stats();
         assert_eq!((s.open, s.evicted), (2, 1));
         drop(first);
+    }
+
+    #[tokio::test]
+    async fn several_admissions_at_the_cap_each_make_room() {
+        // One accept loop per listener and thread share a cap: two waiting
+        // admissions must each get a silent connection to leave.
+        let c = Connections::new(2);
+        let first = c.admit().await;
+        let second = c.admit().await;
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move { c.admit().await })
+            })
+            .collect();
+        within(first.evicted()).await;
+        drop(first);
+        within(second.evicted()).await;
+        drop(second);
+        for w in waiters {
+            let _admitted = within(w).await.expect("admission");
+        }
+        assert_eq!(c.stats().evicted, 2);
     }
 
     #[tokio::test]
@@ -1280,7 +1315,7 @@ mod tests {
         assert!(!next.is_finished());
         assert_eq!(c.stats().paused, 1);
         drop(busy);
-        let _admitted = next.await.expect("admission");
+        let _admitted = within(next).await.expect("admission");
         assert_eq!(c.stats().accepted, 2);
     }
 

@@ -1155,7 +1155,7 @@ impl Guardian {
         if self.proxy.is_some() {
             return;
         }
-        let mut rearmed = false;
+        let mut replaced = false;
         for l in &mut self.cfg.listeners {
             let check = l.ensure_listening();
             if matches!(check, Ok(ListenerCheck::Listening)) {
@@ -1184,7 +1184,7 @@ impl Guardian {
                     warn!(addr = %l.local, generation, by = %by,
                         how = if how == ListenerCheck::Replaced { "replaced (a new socket, for new generations)" } else { "listening again" },
                         "listener shut down by the app (shutdown(2) on an inherited socket); re-armed");
-                    rearmed = true;
+                    replaced |= how == ListenerCheck::Replaced;
                 }
                 Err(e) if !l.broken_reported => {
                     l.broken_reported = true;
@@ -1194,7 +1194,7 @@ impl Guardian {
                 Err(_) => {}
             }
         }
-        if rearmed {
+        if replaced {
             self.listener_inodes = std::sync::Arc::new(
                 self.cfg
                     .listeners
@@ -1203,11 +1203,9 @@ impl Guardian {
                     .collect(),
             );
             // A Unix socket was replaced: the serving generation holds the
-            // dead one, and only a new generation can serve the new one. A
-            // TCP socket listens again, but the serving generation's accept
-            // loop saw it fail (Go's http.Server returns; tokio keeps a
-            // hang-up readiness for good): a fresh generation is the sure way
-            // back to normal.
+            // dead one, and only a new generation can serve the new one.
+            // (A TCP socket listens again for everyone: no reload, or an app
+            // that shuts its listener at every exit would reload forever.)
             if self.policy.serving().is_some() && !self.policy.is_stopping() {
                 self.trigger(Trigger::Listener, None);
             }

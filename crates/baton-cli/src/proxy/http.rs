@@ -71,9 +71,13 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
     // died before answering (RFC 9110 §9.2.2); keep its head for that.
     let replay = (!upgrade && is_idempotent(req.method()) && req.body().is_end_stream())
         .then(|| head_of(&req));
-    // A client that stops sending its body is cut after the idle timeout.
+    // A client that stops sending its body is cut after the idle timeout;
+    // the upstream timeout runs from the end of the body (or from the last
+    // part the app took, if it stops reading it).
     let stall = proxy.limits.serve.idle_timeout;
-    let mut req: Request<UpBody> = req.map(|body| Either::Left(Bounded::new(body, stall)));
+    let progress = Arc::new(Progress::new());
+    let mut req: Request<UpBody> = req
+        .map(|body| Either::Left(Bounded::new(body, stall).with_progress(Arc::clone(&progress))));
 
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         proxy
@@ -117,10 +121,17 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 }
             },
         };
-        let sent = tokio::time::timeout(
-            proxy.limits.upstream_timeout,
-            conn.sender.try_send_request(req),
-        );
+        // A replay has no body: its clock starts at once.
+        if matches!(req.body(), Either::Right(_)) {
+            progress.end();
+        }
+        let deadline = progress.deadline(proxy.limits.upstream_timeout);
+        let sent = async {
+            tokio::select! {
+                sent = conn.sender.try_send_request(req) => Ok(sent),
+                () = deadline => Err(()),
+            }
+        };
         match sent.await {
             Ok(Ok(response)) => {
                 let proxy = Arc::clone(proxy);
@@ -470,16 +481,87 @@ pub struct Bounded<B> {
     inner: B,
     limit: Option<std::time::Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Told of each frame taken, and of the end.
+    progress: Option<Arc<Progress>>,
 }
 
-impl<B> Bounded<B> {
+impl<B: Body> Bounded<B> {
     /// `inner`, failing after `limit` without a frame (`None`: never).
     pub fn new(inner: B, limit: Option<std::time::Duration>) -> Bounded<B> {
         Bounded {
             inner,
             limit,
             timer: None,
+            progress: None,
         }
+    }
+
+    /// Reports each frame taken, and the end of the body (at once if it is
+    /// empty), to `progress`.
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Bounded<B> {
+        if self.inner.is_end_stream() {
+            progress.end();
+        } else {
+            self.progress = Some(progress);
+        }
+        self
+    }
+}
+
+/// How far a request body has gone to the app: when a part was last taken,
+/// and whether it is complete. The upstream timeout counts from the end of
+/// the body, or from the last part taken if the app stops reading.
+#[derive(Debug)]
+pub struct Progress {
+    started: std::time::Instant,
+    /// Nanoseconds after `started` of the last part taken.
+    last: std::sync::atomic::AtomicU64,
+    ended: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// Nothing taken yet.
+    pub fn new() -> Progress {
+        Progress {
+            started: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The body is complete (a permit is kept for the waiter).
+    pub fn end(&self) {
+        self.ended.notify_one();
+    }
+
+    /// Completes `timeout` after the end of the body, or once the app took
+    /// nothing of it for `timeout`.
+    pub async fn deadline(&self, timeout: std::time::Duration) {
+        loop {
+            let last = std::time::Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            let stalled_at = self.started + last + timeout;
+            tokio::select! {
+                () = self.ended.notified() => break,
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(stalled_at)) => {
+                    let last = std::time::Duration::from_nanos(self.last.load(Ordering::Relaxed));
+                    if self.started.elapsed().saturating_sub(last) >= timeout {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
     }
 }
 
@@ -518,6 +600,12 @@ where
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.timer = None;
+                if let Some(progress) = &self.progress {
+                    progress.touch();
+                    if frame.is_none() || self.inner.is_end_stream() {
+                        progress.end();
+                    }
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {

@@ -146,12 +146,24 @@ pub fn private_port() -> std::io::Result<u16> {
     Ok(StdTcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-/// Connects to `addr`, treating a TCP self-connection as refused: with
-/// nothing listening on a loopback port in the ephemeral range, a connect
-/// can pick that very port as its source and "succeed" by connecting to
-/// itself (a simultaneous open).
+/// How long a connect to a generation may take. On loopback it is
+/// immediate unless the app's accept queue is full, when the kernel drops
+/// the SYN and retries for about two minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `addr` within [`CONNECT_TIMEOUT`], treating a TCP
+/// self-connection as refused: with nothing listening on a loopback port in
+/// the ephemeral range, a connect can pick that very port as its source and
+/// "succeed" by connecting to itself (a simultaneous open).
 pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out (the app's accept queue is full?)",
+            )
+        })??;
     if stream.local_addr()? == stream.peer_addr()? {
         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
     }

@@ -30,29 +30,30 @@ pub async fn serve(listeners: Vec<AsyncListener>, proxy: Arc<Proxy>, stop: watch
 
 async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
     loop {
-        // Accept, then wait for a slot under the connection cap. In tcp mode
-        // nothing is evicted: some protocols wait for the server to speak.
-        let admitted = async {
-            let stream = listener.accept().await?;
-            let ticket = proxy.connections().admit().await;
-            ticket.spoke();
-            std::io::Result::Ok((stream, ticket))
-        };
-        tokio::select! {
+        let accepted = tokio::select! {
             () = stopped(&mut stop) => return,
-            accepted = admitted => match accepted {
-                Ok((stream, ticket)) => {
-                    if let Stream::Tcp(s) = &stream {
-                        let _ = s.set_nodelay(true);
-                    }
-                    tokio::spawn(relay(stream, ticket, Arc::clone(&proxy)));
-                }
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Then a slot under the connection cap. In tcp mode nothing is
+        // evicted (some protocols wait for the server to speak first), and
+        // a connection once accepted is relayed, over the cap at a stop.
+        let ticket = tokio::select! {
+            ticket = proxy.connections().admit() => ticket,
+            () = stopped(&mut stop) => proxy.connections().admit_over_cap(),
+        };
+        ticket.spoke();
+        if let Stream::Tcp(s) = &stream {
+            let _ = s.set_nodelay(true);
         }
+        tokio::spawn(relay(stream, ticket, Arc::clone(&proxy)));
     }
 }
 

@@ -105,11 +105,19 @@ pub fn tcp_listeners() -> io::Result<Vec<(u64, SocketAddr)>> {
         )?;
         let mut buf = vec![0u8; 32 * 1024];
         'dump: loop {
-            let (n, _) = rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty())?;
+            let (n, _, from) = rustix::net::recvfrom(&fd, &mut buf[..], RecvFlags::empty())?;
             if n == 0 {
                 break;
             }
-            for message in messages(&buf[..n]) {
+            // Only the kernel (port 0) answers a dump; anything else that
+            // reached this socket is ignored.
+            let from_kernel = from
+                .and_then(|a| SocketAddrNetlink::try_from(a).ok())
+                .is_some_and(|a| a.pid() == 0);
+            if !from_kernel {
+                continue;
+            }
+            for message in messages(&buf[..n], seq) {
                 match message {
                     Message::Done => break 'dump,
                     Message::Error(errno) => {
@@ -152,8 +160,9 @@ enum Message {
     Other,
 }
 
-/// The netlink messages in one datagram. Malformed lengths end the walk.
-fn messages(mut buf: &[u8]) -> Vec<Message> {
+/// The netlink messages of dump `seq` in one datagram (others are
+/// skipped). Malformed lengths end the walk.
+fn messages(mut buf: &[u8], seq: u32) -> Vec<Message> {
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let mut out = Vec::new();
@@ -165,10 +174,11 @@ fn messages(mut buf: &[u8]) -> Vec<Message> {
         let kind = u16_at(buf, 4);
         let body = &buf[NLMSG_HDRLEN..len];
         out.push(match kind {
+            _ if u32_at(buf, 8) != seq => Message::Other,
             NLMSG_DONE => Message::Done,
-            NLMSG_ERROR if body.len() >= 4 => {
-                Message::Error(-i32::from_ne_bytes([body[0], body[1], body[2], body[3]]))
-            }
+            NLMSG_ERROR if body.len() >= 4 => Message::Error(
+                i32::from_ne_bytes([body[0], body[1], body[2], body[3]]).wrapping_neg(),
+            ),
             SOCK_DIAG_BY_FAMILY if body.len() >= MSG_LEN => socket(body, u32_at(body, 68)),
             _ => Message::Other,
         });
@@ -232,16 +242,24 @@ mod tests {
 
     #[test]
     fn malformed_datagrams_end_the_walk() {
-        assert!(messages(&[]).is_empty());
-        assert!(messages(&[0xff; 8]).is_empty());
+        assert!(messages(&[], 1).is_empty());
+        assert!(messages(&[0xff; 8], 1).is_empty());
         // A length that runs past the end.
         let mut m = request(1, 2);
         m[0] = 200;
-        assert!(messages(&m).is_empty());
-        // A done message.
+        assert!(messages(&m, 1).is_empty());
+        // A done message of this dump, and of another one.
         let mut done = vec![0u8; 20];
         done[0] = 20;
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
-        assert_eq!(messages(&done), vec![Message::Done]);
+        done[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        assert_eq!(messages(&done, 7), vec![Message::Done]);
+        assert_eq!(messages(&done, 8), vec![Message::Other]);
+        // An error code that cannot be negated does not panic.
+        let mut error = vec![0u8; 20];
+        error[0] = 20;
+        error[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        error[16..20].copy_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(messages(&error, 0), vec![Message::Error(i32::MIN)]);
     }
 }

@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -48,8 +48,9 @@ pub fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Removes `path` if it is a socket nobody listens on. Fails with
-/// `AddrInUse` if something answers there, and `AlreadyExists` if `path` is
-/// not a socket.
+/// `AddrInUse` if something answers there (or its queue is full), and
+/// `AlreadyExists` if `path` is not a socket. Never blocks: the check is a
+/// non-blocking connect.
 pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -62,13 +63,23 @@ pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
             "the path exists and is not a socket",
         ));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "another process is listening on it",
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
-        Err(e) => Err(e),
+    let probe = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    let addr = rustix::net::SocketAddrUnix::new(path)?;
+    match rustix::net::connect(&probe, &addr) {
+        // Accepted, or queued (EAGAIN: the queue is full): in use.
+        Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INPROGRESS) => {
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ))
+        }
+        Err(rustix::io::Errno::CONNREFUSED) => std::fs::remove_file(path),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -125,6 +136,7 @@ pub fn shut_down(fd: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn a_tcp_listener_shut_down_listens_again_on_its_port() {

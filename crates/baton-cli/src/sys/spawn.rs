@@ -191,11 +191,13 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         return Err(io::Error::from_raw_os_error(blocked));
     }
 
-    // SAFETY: `fork` is sound here because the child only runs
-    // `Child::exec`, which calls async-signal-safe functions on memory
-    // prepared above and never returns (it execs or `_exit`s). The guardian
-    // runs on a single-threaded runtime, so no lock can be held by another
-    // thread at the time of the fork either.
+    // SAFETY: baton may have other threads at this point (the proxy's
+    // threads, tokio's blocking-pool thread), and any of them may hold a
+    // lock (the allocator's, stdio's) that the child's copy of memory shows
+    // as held forever. That is sound because the child only runs
+    // `Child::exec`, which makes raw system calls on plain integers and on
+    // memory prepared above, takes no lock, allocates nothing, and never
+    // returns (it execs or `_exit`s).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the freshly forked child (see above).
@@ -255,9 +257,11 @@ impl Child<'_> {
     /// Must be called only in a child just forked by [`spawn`], with every
     /// pointer in `self` valid (they point into `spawn`'s locals).
     unsafe fn exec(&self) -> ! {
-        // SAFETY: every call below is an async-signal-safe system call on
-        // plain integers or on memory `spawn` prepared; nothing allocates or
-        // takes a lock.
+        // SAFETY: every call below is a system call on plain integers or on
+        // memory `spawn` prepared, through libc wrappers that take no lock
+        // and allocate nothing: the async-signal-safe functions of POSIX,
+        // plus `prctl`, `setrlimit` (glibc's is the `prlimit64` system call)
+        // and the raw `syscall` entries.
         unsafe {
             if libc::setpgid(0, 0) != 0 {
                 self.fail();
