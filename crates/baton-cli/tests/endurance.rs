@@ -529,3 +529,25 @@ fn an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(b.status_json()["serving"], 3, "{}", b.dump());
 }
+
+#[test]
+fn a_head_started_late_on_a_keep_alive_connection_gets_the_header_timeout() {
+    let b = Baton::behind_proxy(
+        "http",
+        &["--header-timeout", "1s", "--idle-timeout", "1m"],
+        &[],
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
+    let mut reader = std::io::BufReader::new(s.try_clone().expect("clone"));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    read_response(&mut reader).expect("first answer");
+    // Half a head, then nothing: cut by the header timeout, long before the
+    // idle timeout of a minute.
+    s.write_all(b"GET / HT").expect("write");
+    s.set_read_timeout(Some(LONG)).expect("timeout");
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let proxy = support::connections(&b, "proxy").expect("status");
+    assert_eq!(proxy["header_timeouts"], 1, "{proxy}");
+    assert_eq!(proxy["idle_timeouts"], 0, "{proxy}");
+}

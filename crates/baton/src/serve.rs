@@ -787,7 +787,9 @@ async fn connection<S, B>(
     // timeout, by eviction at the connection limit, and by the idle grace
     // once draining.
     let header_deadline = options.header_timeout.and_then(|t| born.checked_add(t));
-    let first_byte = async {
+    // Most clients send their request with (or right after) the handshake:
+    // then there is nothing to wait for.
+    let spoke = stream.has_data() || async {
         let mut grace_over: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -807,8 +809,9 @@ async fn connection<S, B>(
                 () = sleep_until_opt(grace_over) => return false,
             }
         }
-    };
-    if !first_byte.await {
+    }
+    .await;
+    if !spoke {
         return;
     }
     ticket.spoke();
@@ -878,7 +881,6 @@ async fn exchange<S, B>(
         tokio::select! {
             _ = conn.as_mut() => return,
             () = sleep_until_opt(wake) => {}
-            () = activity.head_began.notified() => {}
             () = drained(&mut draining) => break,
         }
     }
@@ -928,9 +930,6 @@ struct Activity {
     head_nanos: AtomicU64,
     /// Since when writes to the client have been blocked, or [`UNSET`].
     blocked_nanos: AtomicU64,
-    /// Woken when a new request head starts, so that its header timeout is
-    /// armed at once (the task may be asleep until the idle deadline).
-    head_began: Notify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -954,7 +953,6 @@ impl Activity {
             last_nanos: AtomicU64::new(0),
             head_nanos: AtomicU64::new(UNSET),
             blocked_nanos: AtomicU64::new(UNSET),
-            head_began: Notify::new(),
         }
     }
 
@@ -975,13 +973,13 @@ impl Activity {
 
     /// Marks the start of a request head, if none is under way.
     fn head_started(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self
-                .head_nanos
-                .compare_exchange(UNSET, self.nanos(), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.head_began.notify_one();
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self.head_nanos.compare_exchange(
+                UNSET,
+                self.nanos(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -1032,11 +1030,20 @@ impl Activity {
         if head != UNSET {
             return deadline(head, options.header_timeout, Which::Header);
         }
-        deadline(
+        // Idle. A new head may start at any moment without waking this
+        // task, so look again within the header timeout: its deadline is
+        // then known, and kept, to the millisecond.
+        let idle = deadline(
             self.last_nanos.load(Ordering::Relaxed),
             options.idle_timeout,
             Which::Idle,
-        )
+        );
+        let look_again = options.header_timeout.and_then(|t| now.checked_add(t));
+        match (idle, look_again) {
+            (Expiry::At(at), Some(again)) => Expiry::At(at.min(again)),
+            (Expiry::Never, Some(again)) => Expiry::At(again),
+            (idle, _) => idle,
+        }
     }
 }
 
@@ -1328,10 +1335,15 @@ mod tests {
             ..Options::default()
         };
         let a = Activity::new(born);
-        // Idle since "born": the idle timeout applies.
+        // Idle since "born": the idle timeout applies, looked at again within
+        // the header timeout (a head may start unseen).
         assert!(
-            matches!(a.expired(born, &options), Expiry::At(at) if at == born + Duration::from_secs(60))
+            matches!(a.expired(born, &options), Expiry::At(at) if at == born + Duration::from_secs(10))
         );
+        assert!(matches!(
+            a.expired(born + Duration::from_secs(55), &options),
+            Expiry::At(at) if at == born + Duration::from_secs(60)
+        ));
         assert!(matches!(
             a.expired(born + Duration::from_secs(60), &options),
             Expiry::Now(Which::Idle)

@@ -75,9 +75,14 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
     // the upstream timeout runs from the end of the body (or from the last
     // part the app took, if it stops reading it).
     let stall = proxy.limits.serve.idle_timeout;
-    let progress = Arc::new(Progress::new());
-    let mut req: Request<UpBody> = req
-        .map(|body| Either::Left(Bounded::new(body, stall).with_progress(Arc::clone(&progress))));
+    let progress = (!req.body().is_end_stream()).then(|| Arc::new(Progress::new()));
+    let mut req: Request<UpBody> = req.map(|body| {
+        let body = Bounded::new(body, stall);
+        Either::Left(match &progress {
+            Some(progress) => body.with_progress(Arc::clone(progress)),
+            None => body,
+        })
+    });
 
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         proxy
@@ -121,11 +126,17 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 }
             },
         };
-        // A replay has no body: its clock starts at once.
-        if matches!(req.body(), Either::Right(_)) {
-            progress.end();
-        }
-        let deadline = progress.deadline(proxy.limits.upstream_timeout);
+        // Without a body (a replay has none) the clock starts at once.
+        let timeout = proxy.limits.upstream_timeout;
+        let body_progress = progress
+            .as_ref()
+            .filter(|_| matches!(req.body(), Either::Left(_)));
+        let deadline = async {
+            match body_progress {
+                Some(progress) => progress.deadline(timeout).await,
+                None => tokio::time::sleep(timeout).await,
+            }
+        };
         let sent = async {
             tokio::select! {
                 sent = conn.sender.try_send_request(req) => Ok(sent),
