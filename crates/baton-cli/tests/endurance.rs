@@ -539,7 +539,8 @@ fn a_head_started_late_on_a_keep_alive_connection_gets_the_header_timeout() {
     );
     let mut s = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
     let mut reader = std::io::BufReader::new(s.try_clone().expect("clone"));
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
     read_response(&mut reader).expect("first answer");
     // Half a head, then nothing: cut by the header timeout, long before the
     // idle timeout of a minute.
