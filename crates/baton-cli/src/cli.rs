@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::spec::{
-    ListenSpec, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration, parse_timeout,
+    ListenSpec, NotifyAccess, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration,
+    parse_timeout,
 };
 
 const EXIT_CODES: &str = "\
@@ -40,11 +41,11 @@ pub enum Command {
     /// connections.
     Run(Box<RunArgs>),
     /// Reload a running service and wait for the outcome (exit 1 on rollback).
-    Reload(ControlArgs),
+    Reload(ReloadArgs),
     /// Show a running service's generations and reloads.
     Status(StatusArgs),
-    /// Stop a running service gracefully.
-    Stop(ControlArgs),
+    /// Stop a running service gracefully, and wait until it has stopped.
+    Stop(StopArgs),
     /// Send a signal to the serving generation (no reload), e.g. for apps
     /// that reread their configuration on SIGUSR1.
     Signal(SignalArgs),
@@ -207,22 +208,8 @@ pub struct RunArgs {
     pub upstream_timeout: Option<Duration>,
 
     /// The command to run, and its arguments.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
-}
-
-/// Who may send `READY=1` for a generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NotifyAccess {
-    /// Any process (the socket is private to one generation).
-    All,
-    /// Only the generation's main process.
-    Main,
 }
 
 /// Which running baton to talk to.
@@ -235,6 +222,39 @@ pub struct ControlArgs {
     /// Path of the control socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    /// The baton these options name.
+    pub fn target(&self) -> crate::control::client::Target<'_> {
+        crate::control::client::Target {
+            name: self.name.as_deref(),
+            control: self.control.as_deref(),
+        }
+    }
+}
+
+/// `baton reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub target: ControlArgs,
+
+    /// Print the outcome as JSON (the exit code is the same).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `baton stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub target: ControlArgs,
+
+    /// How long to wait for baton to stop (its generations get
+    /// --stop-timeout each, then SIGKILL) [default: 2m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2m")]
+    pub timeout: Duration,
 }
 
 /// `baton status`.

@@ -9,15 +9,70 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use baton::vars;
 
-use crate::cli::{NotifyAccess, RunArgs};
+use crate::cli::RunArgs;
 use crate::control;
 use crate::error::StartupError;
-use crate::guardian::policy::PolicyConfig;
-use crate::spec::{ListenAddr, ListenSpec, ReadyMode};
+use crate::spec::NotifyAccess;
+use crate::spec::{ListenAddr, ListenSpec, ReadyMode, RestartMode, Signal, StartLimit};
 use crate::sys::socket;
+
+/// The policy's knobs.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// How long a new generation may take to become ready.
+    pub ready_timeout: Duration,
+    /// How long a generation may take to exit after the stop signal.
+    pub stop_timeout: Duration,
+    /// The signal that asks a generation to drain and exit.
+    pub stop_signal: Signal,
+    /// Delay before the first restart of a crashed generation.
+    pub restart_delay: Duration,
+    /// Ceiling of the doubling restart delay.
+    pub restart_delay_max: Duration,
+    /// A generation that served this long before dying resets the backoff.
+    pub stable_after: Duration,
+    /// How long after SIGKILL a process is waited for before it is given up.
+    pub kill_grace: Duration,
+    /// A hint appended to "was not ready within …" messages.
+    pub not_ready_hint: String,
+    /// Whether a serving generation that exits on its own is replaced.
+    pub restart: RestartMode,
+    /// At most this many crash restarts within an interval.
+    pub start_limit: StartLimit,
+}
+
+/// `now + d`, for deadlines. Durations are capped at parse time
+/// ([`crate::spec::MAX_DURATION`]), so this never saturates in practice; it
+/// exists so that no arithmetic in the guardian can panic.
+pub fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(crate::spec::MAX_DURATION))
+        .unwrap_or(now)
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            ready_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(30),
+            stop_signal: Signal::TERM,
+            restart_delay: Duration::from_millis(200),
+            restart_delay_max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(5),
+            not_ready_hint: String::new(),
+            restart: RestartMode::OnFailure,
+            start_limit: StartLimit::Limit {
+                burst: 5,
+                interval: Duration::from_secs(10),
+            },
+        }
+    }
+}
 
 /// Everything `baton run` needs, validated and set up.
 #[derive(Debug)]
@@ -140,15 +195,28 @@ impl Drop for BoundListener {
 /// directory; the file is removed when baton exits.
 #[derive(Debug)]
 pub struct ControlSocket {
-    /// The listener.
-    pub listener: std::os::unix::net::UnixListener,
+    /// The listener, until the guardian takes it.
+    pub listener: Option<std::os::unix::net::UnixListener>,
     /// Its path.
     pub path: PathBuf,
+    /// The file was removed already: never remove it again (by then it
+    /// may be another baton's).
+    removed: bool,
+}
+
+impl ControlSocket {
+    /// Removes the socket file, once: after its listener is closed a new
+    /// baton may take the path.
+    pub fn remove(&mut self) {
+        if !std::mem::replace(&mut self.removed, true) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.remove();
     }
 }
 
@@ -347,10 +415,6 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::f
 /// The default connection cap never goes above this.
 pub const MAX_CONNECTIONS_DEFAULT_CEILING: usize = 16_384;
 
-/// Descriptors kept out of the connection budget: listeners, notify and
-/// control sockets, spawning (pipes, a health check), logs, metrics.
-pub const RESERVE: u64 = 128;
-
 /// The proxy's connection cap: `asked`, or what the descriptor limit
 /// `nofile` allows. Each client connection may hold a connection to the
 /// app too, and the upstream pools, the control socket and the metrics
@@ -361,10 +425,11 @@ fn max_connections(
     listeners: usize,
     asked: Option<usize>,
 ) -> Result<usize, StartupError> {
+    use crate::sys::limits::{CONTROL_CONNECTIONS, METRICS_CONNECTIONS, RESERVE};
     let fixed = RESERVE
         + 8 * listeners as u64
-        + crate::control::server::MAX_CONNECTIONS as u64
-        + crate::guardian::metrics::MAX_CONNECTIONS as u64
+        + CONTROL_CONNECTIONS as u64
+        + METRICS_CONNECTIONS as u64
         + (threads * crate::proxy::upstream::POOL_MAX) as u64;
     let allowed = nofile.saturating_sub(fixed) / 2;
     let allowed = usize::try_from(allowed).unwrap_or(usize::MAX);
@@ -555,8 +620,9 @@ fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     let control = ControlSocket {
-        listener,
+        listener: Some(listener),
         path: path.to_owned(),
+        removed: false,
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(control)

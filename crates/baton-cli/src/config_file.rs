@@ -20,8 +20,9 @@ use std::str::FromStr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cli::{NotifyAccess, RunArgs};
+use crate::cli::RunArgs;
 use crate::error::StartupError;
+use crate::spec::NotifyAccess;
 use crate::spec::{self, ListenSpec};
 
 /// The file as written: values that need parsing keep their position.

@@ -19,8 +19,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use cli::{Cli, Command, ControlArgs, StatusArgs};
-use control::proto::{Request, Response};
+use cli::{Cli, Command};
 use error::ControlError;
 
 /// Runs a parsed command line.
@@ -52,107 +51,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("starting the runtime")?;
             runtime.block_on(guardian::run(cfg))
         }
-        Command::Reload(target) => reload(&target),
-        Command::Status(args) => status(&args),
-        Command::Stop(target) => {
-            let path = control::client::locate(&target)?;
-            match control::client::call(&path, &Request::Stop)? {
-                Response::Stopping => Ok(ExitCode::SUCCESS),
-                other => unexpected(other),
-            }
-        }
-        Command::Signal(args) => {
-            let path = control::client::locate(&args.target)?;
-            let request = Request::Signal {
-                signal: args.signal.number(),
-            };
-            match control::client::call(&path, &request)? {
-                Response::Signaled { generation, pid } => {
-                    println!(
-                        "{}: sent to generation {generation} (pid {pid})",
-                        args.signal
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => unexpected(other),
-            }
-        }
+        Command::Reload(args) => control::client::reload(&args.target.target(), args.json),
+        Command::Status(args) => control::client::status(&args.target.target(), args.json),
+        Command::Stop(args) => control::client::stop(&args.target.target(), args.timeout),
+        Command::Signal(args) => control::client::signal(&args.target.target(), args.signal),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::app::run(args),
-    }
-}
-
-fn reload(target: &ControlArgs) -> anyhow::Result<ExitCode> {
-    let path = control::client::locate(target)?;
-    match control::client::call(&path, &Request::Reload)? {
-        Response::Reloaded {
-            generation,
-            pid,
-            ready_ms,
-        } => {
-            println!(
-                "reloaded: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Response::RolledBack { message, .. } => {
-            eprintln!("baton: reload rolled back: {message}");
-            Ok(ExitCode::from(1))
-        }
-        other => unexpected(other),
-    }
-}
-
-fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let path = control::client::locate(&args.target)?;
-    let Response::Status(status) = control::client::call(&path, &Request::Status)? else {
-        anyhow::bail!("unexpected answer from baton at {}", path.display());
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{} (baton pid {}, up {} s)",
-        status.name,
-        status.pid,
-        status.uptime_ms / 1000
-    );
-    println!("command: {}", status.command.join(" "));
-    for l in &status.listeners {
-        println!("listen:  fd {} {} ({})", l.fd, l.addr, l.name);
-    }
-    for g in &status.generations {
-        let pid = g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
-        let ready = g
-            .ready_ms
-            .map_or_else(String::new, |ms| format!(", ready after {ms} ms"));
-        println!(
-            "generation {}: pid {pid}, {}, started {} s ago{ready}",
-            g.generation,
-            g.phase,
-            g.age_ms / 1000
-        );
-    }
-    println!(
-        "reloads: {} ok, {} rolled back; restarts after crashes: {}",
-        status.reloads_ok, status.reloads_failed, status.restarts
-    );
-    if let Some(last) = &status.last_reload {
-        println!("last reload: {last}");
-    }
-    if status.stopping {
-        println!("stopping");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn unexpected(response: Response) -> anyhow::Result<ExitCode> {
-    match response {
-        Response::Error { message } => anyhow::bail!("baton refused the request: {message}"),
-        Response::Stopping => anyhow::bail!("baton is stopping"),
-        other => anyhow::bail!("unexpected answer from baton: {other:?}"),
     }
 }
 

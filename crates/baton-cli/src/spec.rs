@@ -339,6 +339,16 @@ impl FromStr for UserSpec {
     }
 }
 
+/// Who may send `READY=1` for a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyAccess {
+    /// Any process (the socket is private to one generation).
+    All,
+    /// Only the generation's main process.
+    Main,
+}
+
 /// The longest duration any option accepts: a day. Every deadline baton
 /// computes is "now + at most this", which can never overflow a clock, and
 /// no wait longer than a day makes sense for a restart.

@@ -15,8 +15,10 @@ fn fifty_reloads_leak_no_fd_and_leave_no_zombie() {
         assert_eq!(out.code, Some(0), "reload to generation {n}: {out:?}");
     }
     b.wait_for_event("exit", 50);
+    // (`before` may count a descriptor that was open for a moment, such as
+    // the netlink socket that looks at a new generation: at most as many.)
     wait_until(&format!("baton is back to {before} fds"), LONG, || {
-        fd_count(baton) == before
+        fd_count(baton) <= before
     });
     wait_until("no zombie children", LONG, || zombies_of(baton).is_empty());
     assert_eq!(b.count_events("spawn"), 51);

@@ -462,6 +462,19 @@ impl Connections {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Completes once no connection is open.
+    pub async fn closed(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.slots().open == 0 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
     /// A slot for a connection already accepted when the server stops
     /// accepting: it is served even above the cap (one per listener at
     /// most), rather than dropped.

@@ -50,10 +50,11 @@ pub fn control(path: PathBuf) -> Trigger {
     Arc::new(move || {
         let path = path.clone();
         Box::pin(async move {
-            let answer = tokio::task::spawn_blocking(move || client::call(&path, &Request::Reload))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let answer =
+                tokio::task::spawn_blocking(move || client::call(&path, &Request::Reload, None))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
             match answer {
                 Response::Reloaded {
                     generation,

@@ -1,21 +1,33 @@
-//! `baton reload | status | stop`: one request, one answer.
+//! `baton reload | status | stop | signal`: one request, one answer, shown
+//! as text or as the JSON document the README describes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
-use crate::cli::ControlArgs;
 use crate::error::ControlError;
 
-use super::proto::{Request, Response};
+use super::proto::{Request, Response, Status};
+
+/// Which running baton to talk to: `control` (a socket path) wins over
+/// `name`; with neither, the only socket in the default directory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Target<'a> {
+    /// The service's `--name`.
+    pub name: Option<&'a str>,
+    /// Path of the control socket.
+    pub control: Option<&'a Path>,
+}
 
 /// Finds the control socket: `--control`, else `--name`'s default path, else
 /// the only socket in the default directory.
-pub fn locate(target: &ControlArgs) -> Result<PathBuf, ControlError> {
-    if let Some(path) = &target.control {
-        return Ok(path.clone());
+pub fn locate(target: &Target<'_>) -> Result<PathBuf, ControlError> {
+    if let Some(path) = target.control {
+        return Ok(path.to_owned());
     }
-    if let Some(name) = &target.name {
+    if let Some(name) = target.name {
         super::validate_name(name).map_err(ControlError::NoSocket)?;
         return Ok(super::default_path(name));
     }
@@ -49,16 +61,22 @@ pub fn locate(target: &ControlArgs) -> Result<PathBuf, ControlError> {
 }
 
 /// Sends `request` to the baton at `path` and waits for its answer (for a
-/// reload, until the new generation is ready or rolled back).
-pub fn call(path: &PathBuf, request: &Request) -> Result<Response, ControlError> {
+/// reload, until the new generation is ready or rolled back; for a stop,
+/// until baton has stopped), at most `timeout` if given.
+pub fn call(
+    path: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ControlError> {
     let io_err = |source| ControlError::Io {
-        path: path.clone(),
+        path: path.to_owned(),
         error: source,
     };
     let mut stream = UnixStream::connect(path).map_err(|source| ControlError::NotRunning {
-        path: path.clone(),
+        path: path.to_owned(),
         error: source,
     })?;
+    stream.set_read_timeout(timeout).map_err(io_err)?;
     let mut line = serde_json::to_string(request).map_err(|e| io_err(std::io::Error::other(e)))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err)?;
@@ -74,4 +92,143 @@ pub fn call(path: &PathBuf, request: &Request) -> Result<Response, ControlError>
     }
     serde_json::from_str(answer.trim())
         .map_err(|e| io_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+/// `baton reload`: 0 when the new generation serves, 1 on a rollback.
+pub fn reload(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let response = call(&path, &Request::Reload, None)?;
+    if json
+        && matches!(
+            response,
+            Response::Reloaded { .. } | Response::RolledBack { .. }
+        )
+    {
+        println!("{}", serde_json::to_string(&response)?);
+    }
+    match response {
+        Response::Reloaded {
+            generation,
+            pid,
+            ready_ms,
+        } => {
+            if !json {
+                println!(
+                    "reloaded: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::RolledBack { message, .. } => {
+            eprintln!("baton: reload rolled back: {message}");
+            Ok(ExitCode::from(1))
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `baton status`.
+pub fn status(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let Response::Status(status) = call(&path, &Request::Status, None)? else {
+        anyhow::bail!("unexpected answer from baton at {}", path.display());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", describe(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status` as text.
+fn describe(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (baton pid {}, up {} s)",
+        status.name,
+        status.pid,
+        status.uptime_ms / 1000
+    );
+    let _ = writeln!(out, "command: {}", status.command.join(" "));
+    for l in &status.listeners {
+        let _ = writeln!(out, "listen:  fd {} {} ({})", l.fd, l.addr, l.name);
+    }
+    for g in &status.generations {
+        let pid = g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let ready = g
+            .ready_ms
+            .map_or_else(String::new, |ms| format!(", ready after {ms} ms"));
+        let _ = writeln!(
+            out,
+            "generation {}: pid {pid}, {}, started {} s ago{ready}",
+            g.generation,
+            g.state,
+            g.age_ms / 1000
+        );
+    }
+    let _ = writeln!(
+        out,
+        "reloads: {} ok, {} rolled back; restarts after crashes: {}",
+        status.reloads_ok, status.reloads_failed, status.restarts
+    );
+    if let Some(last) = &status.last_reload {
+        let _ = writeln!(out, "last reload: {last}");
+    }
+    if status.stopping {
+        let _ = writeln!(out, "stopping");
+    }
+    out
+}
+
+/// `baton stop`: waits until baton has stopped (at most `timeout`) and
+/// reports its exit code.
+pub fn stop(target: &Target<'_>, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    match call(&path, &Request::Stop, Some(timeout)) {
+        Ok(Response::Stopped { code }) => {
+            println!("stopped: baton exited with code {code}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(other) => unexpected(other),
+        Err(ControlError::Io { error, .. })
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::bail!(
+                "baton at {} has not stopped within {} (its --stop-timeout may be longer: pass \
+                 --timeout); it goes on stopping",
+                path.display(),
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `baton signal`: the signal goes to the serving generation.
+pub fn signal(target: &Target<'_>, signal: crate::spec::Signal) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let request = Request::Signal {
+        signal: signal.number(),
+    };
+    match call(&path, &request, None)? {
+        Response::Signaled { generation, pid } => {
+            println!("{signal}: sent to generation {generation} (pid {pid})");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => unexpected(other),
+    }
+}
+
+fn unexpected(response: Response) -> anyhow::Result<ExitCode> {
+    match response {
+        Response::Error { message } => anyhow::bail!("baton refused the request: {message}"),
+        Response::Stopping => anyhow::bail!("baton is stopping"),
+        other => anyhow::bail!("unexpected answer from baton: {other:?}"),
+    }
 }

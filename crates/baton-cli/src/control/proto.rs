@@ -13,7 +13,7 @@ pub enum Request {
     Reload,
     /// Describe the service.
     Status,
-    /// Stop gracefully (answers at once).
+    /// Stop gracefully; answered once every generation is gone.
     Stop,
     /// Send a signal to the serving generation.
     Signal {
@@ -50,8 +50,13 @@ pub enum Response {
     },
     /// The service's state.
     Status(Box<Status>),
-    /// baton is stopping.
+    /// baton is stopping (the answer to a reload that could not finish).
     Stopping,
+    /// baton has stopped every generation and is exiting with `code`.
+    Stopped {
+        /// baton's exit code.
+        code: u8,
+    },
     /// The signal went to this generation.
     Signaled {
         /// The serving generation.
@@ -155,8 +160,8 @@ pub struct GenerationInfo {
     pub generation: u64,
     /// Its pid.
     pub pid: Option<i32>,
-    /// starting, ready, draining or killed.
-    pub phase: String,
+    /// starting, serving, draining or killed.
+    pub state: String,
     /// How long since it was started.
     pub age_ms: u64,
     /// How long it took to become ready.

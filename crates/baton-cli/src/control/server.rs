@@ -1,7 +1,8 @@
 //! Accepts control connections and hands each request to the guardian's
 //! event loop, which owns all state; this task only does I/O.
 //!
-//! Bounded against clients that misbehave: at most [`MAX_CONNECTIONS`] at
+//! Bounded against clients that misbehave: at most
+//! [`crate::sys::limits::CONTROL_CONNECTIONS`] at
 //! once (at the cap the oldest one that has sent nothing is closed to make
 //! room, so idle connections cannot lock `baton status` out); a request line
 //! must arrive within [`REQUEST_TIMEOUT`] of the accept and be at most
@@ -31,9 +32,6 @@ pub struct ControlRequest {
 
 /// The longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
-
-/// Control connections served at once.
-pub const MAX_CONNECTIONS: usize = 64;
 
 /// How long a client may take to send its request, and to take its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

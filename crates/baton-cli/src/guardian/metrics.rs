@@ -254,10 +254,6 @@ impl Metrics {
     }
 }
 
-/// Connections to `/metrics` served at once; at the cap the oldest silent
-/// one is closed to make room.
-pub const MAX_CONNECTIONS: usize = 16;
-
 /// Serves `/metrics` on `listener` until the task is aborted, under the
 /// same timeouts as the proxy (a short header timeout, since scrapers send
 /// their request at once) and a small connection cap.
@@ -298,7 +294,7 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
     let mut options = baton::serve::Options::default();
     options.header_timeout = Some(Duration::from_secs(5));
     options.idle_timeout = Some(Duration::from_secs(10));
-    options.connections = baton::serve::Connections::new(MAX_CONNECTIONS);
+    options.connections = baton::serve::Connections::new(crate::sys::limits::METRICS_CONNECTIONS);
     let _ = baton::serve::serve_with(
         [baton::serve::AsyncListener::from(listener)],
         service,

@@ -25,97 +25,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
+use super::generation::{Generation, Process, Route, State};
+pub use crate::config::PolicyConfig;
+use crate::config::later;
 use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
 use crate::spec::{RestartMode, Signal, StartLimit};
-
-/// The policy's knobs.
-#[derive(Debug, Clone)]
-pub struct PolicyConfig {
-    /// How long a new generation may take to become ready.
-    pub ready_timeout: Duration,
-    /// How long a generation may take to exit after the stop signal.
-    pub stop_timeout: Duration,
-    /// The signal that asks a generation to drain and exit.
-    pub stop_signal: Signal,
-    /// Delay before the first restart of a crashed generation.
-    pub restart_delay: Duration,
-    /// Ceiling of the doubling restart delay.
-    pub restart_delay_max: Duration,
-    /// A generation that served this long before dying resets the backoff.
-    pub stable_after: Duration,
-    /// How long after SIGKILL a process is waited for before it is given up.
-    pub kill_grace: Duration,
-    /// A hint appended to "was not ready within …" messages.
-    pub not_ready_hint: String,
-    /// Whether a serving generation that exits on its own is replaced.
-    pub restart: RestartMode,
-    /// At most this many crash restarts within an interval.
-    pub start_limit: StartLimit,
-}
-
-/// `now + d`, for deadlines. Durations are capped at parse time
-/// ([`crate::spec::MAX_DURATION`]), so this never saturates in practice; it
-/// exists so that no arithmetic in the guardian can panic.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(crate::spec::MAX_DURATION))
-        .unwrap_or(now)
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        PolicyConfig {
-            ready_timeout: Duration::from_secs(30),
-            stop_timeout: Duration::from_secs(30),
-            stop_signal: Signal::TERM,
-            restart_delay: Duration::from_millis(200),
-            restart_delay_max: Duration::from_secs(10),
-            stable_after: Duration::from_secs(10),
-            kill_grace: Duration::from_secs(5),
-            not_ready_hint: String::new(),
-            restart: RestartMode::OnFailure,
-            start_limit: StartLimit::Limit {
-                burst: 5,
-                interval: Duration::from_secs(10),
-            },
-        }
-    }
-}
-
-/// Where a generation is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Spawned, not ready yet.
-    Starting,
-    /// Ready and serving.
-    Ready,
-    /// Asked to stop; finishing what it has.
-    Draining,
-    /// Sent SIGKILL; waiting to be reaped.
-    Killed,
-}
-
-/// One start of the app.
-#[derive(Debug, Clone)]
-pub struct Generation {
-    /// 1, 2, … in order of spawning.
-    pub id: u64,
-    /// Its pid, once spawned.
-    pub pid: Option<i32>,
-    /// Where it is in its life.
-    pub phase: Phase,
-    /// When it was spawned.
-    pub spawned_at: Instant,
-    /// When it entered `phase`.
-    pub phase_since: Instant,
-    /// How long it took to become ready.
-    pub ready_after: Option<Duration>,
-    /// The next deadline of its phase: ready timeout, stop timeout, or kill
-    /// grace.
-    deadline: Option<Instant>,
-}
 
 /// What asked for a new generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,14 +191,22 @@ struct InFlight<W> {
     trigger: Trigger,
 }
 
+/// A stop in progress, and what baton's exit code will be. For a requested
+/// stop: 0 if every generation exited 0 or died of the stop signal baton
+/// sent; otherwise a generation's own code (128+N for a signal baton did
+/// not send; the serving generation's first); else 137 if one had to be
+/// killed.
 #[derive(Debug)]
 struct Stopping {
-    /// The generation serving when the stop began: its exit status becomes
-    /// baton's.
+    /// The generation serving when the stop began.
     serving: Option<u64>,
-    /// An exit code decided up front (a failed first start).
+    /// An exit code decided up front (a failed first start, `--restart
+    /// never`, the start limit).
     code: Option<u8>,
-    status: Option<ExitStatus>,
+    /// A generation's own failure code, if one failed.
+    failed: Option<u8>,
+    /// Whether a generation had to be killed.
+    killed: bool,
     forced: bool,
 }
 
@@ -301,7 +224,6 @@ pub struct Policy<W> {
     failures: u32,
     ever_ready: bool,
     stopping: Option<Stopping>,
-    last_serving_exit: Option<ExitStatus>,
     /// When recent crash restarts began, for the start limit.
     recent_restarts: VecDeque<Instant>,
     stats: Stats,
@@ -323,7 +245,6 @@ impl<W> Policy<W> {
             failures: 0,
             ever_ready: false,
             stopping: None,
-            last_serving_exit: None,
             recent_restarts: VecDeque::new(),
             stats: Stats::default(),
         }
@@ -363,10 +284,11 @@ impl<W> Policy<W> {
         self.begin(now, waiter.into_iter().collect(), trigger)
     }
 
-    /// Generation `id` was spawned as `pid`.
-    pub fn spawned(&mut self, id: u64, pid: i32) {
+    /// Generation `id` was spawned as `process`, reached by `route`.
+    pub fn spawned(&mut self, id: u64, process: Process, route: Route) {
         if let Some(g) = self.gens.get_mut(&id) {
-            g.pid = Some(pid);
+            g.processes = vec![process];
+            g.route = route;
         }
     }
 
@@ -386,16 +308,16 @@ impl<W> Policy<W> {
         let Some(g) = self.gens.get_mut(&id) else {
             return Vec::new();
         };
-        if g.phase != Phase::Starting || !in_flight {
-            debug!(generation = id, phase = ?g.phase, "ignoring readiness of a generation that is not starting");
+        if g.state != State::Starting || !in_flight {
+            debug!(generation = id, phase = ?g.state, "ignoring readiness of a generation that is not starting");
             return Vec::new();
         }
         let ready_after = now.saturating_duration_since(g.spawned_at);
-        g.phase = Phase::Ready;
-        g.phase_since = now;
+        g.state = State::Serving;
+        g.state_since = now;
         g.deadline = None;
         g.ready_after = Some(ready_after);
-        let pid = g.pid.unwrap_or_default();
+        let pid = g.pid().unwrap_or_default();
         self.ever_ready = true;
         info!(
             generation = id,
@@ -407,12 +329,12 @@ impl<W> Policy<W> {
         let mut actions = Vec::new();
         if let Some(old_id) = self.serving.replace(id)
             && let Some(old) = self.gens.get_mut(&old_id)
-            && old.phase == Phase::Ready
+            && old.state == State::Serving
         {
-            old.phase = Phase::Draining;
-            old.phase_since = now;
+            old.state = State::Draining;
+            old.state_since = now;
             old.deadline = Some(later(now, self.cfg.stop_timeout));
-            if let Some(old_pid) = old.pid {
+            if let Some(old_pid) = old.pid() {
                 actions.push(Action::Signal {
                     generation: old_id,
                     pid: old_pid,
@@ -453,8 +375,8 @@ impl<W> Policy<W> {
         let Some(g) = self.gens.remove(&id) else {
             return Vec::new();
         };
-        let pid = g.pid.unwrap_or_default();
-        let lived = now.saturating_duration_since(g.phase_since);
+        let pid = g.pid().unwrap_or_default();
+        let lived = now.saturating_duration_since(g.state_since);
         // Its process group may still hold stragglers (and copies of the
         // listening sockets): sweep it.
         let mut actions = vec![Action::KillGroup {
@@ -463,10 +385,16 @@ impl<W> Policy<W> {
         }];
 
         if let Some(stopping) = &mut self.stopping {
-            // The serving generation's status becomes baton's; with none
-            // serving, the status of the last one to exit.
-            if stopping.serving == Some(id) || stopping.serving.is_none() {
-                stopping.status = Some(status);
+            let stop_signal = self.cfg.stop_signal.number();
+            match status {
+                ExitStatus::Exited(0) => {}
+                ExitStatus::Signaled(sig) if sig == stop_signal => {}
+                ExitStatus::Signaled(9) if g.state == State::Killed => stopping.killed = true,
+                _ => {
+                    if stopping.failed.is_none() || stopping.serving == Some(id) {
+                        stopping.failed = Some(status.shell_code());
+                    }
+                }
             }
             info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
             if self.gens.is_empty() {
@@ -477,14 +405,15 @@ impl<W> Policy<W> {
             return actions;
         }
 
-        match g.phase {
-            Phase::Starting => {
+        match g.state {
+            State::Starting => {
                 let reason = RollbackReason::Exited { status };
                 actions.extend(self.fail_in_flight(now, id, Some(pid), reason));
             }
-            Phase::Ready => {
+            // (Ready and Baking are not entered yet: a generation serves
+            // as soon as it is ready.)
+            State::Ready | State::Baking | State::Serving => {
                 self.serving = None;
-                self.last_serving_exit = Some(status);
                 if lived >= self.cfg.stable_after {
                     self.failures = 0;
                 }
@@ -513,10 +442,10 @@ impl<W> Policy<W> {
                     }
                 }
             }
-            Phase::Draining => {
+            State::Draining => {
                 info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
             }
-            Phase::Killed => {
+            State::Killed => {
                 info!(generation = id, pid, %status, "exit");
             }
         }
@@ -537,11 +466,11 @@ impl<W> Policy<W> {
             let Some(g) = self.gens.get_mut(&id) else {
                 continue;
             };
-            let pid = g.pid.unwrap_or_default();
-            match g.phase {
-                Phase::Starting => {
-                    g.phase = Phase::Killed;
-                    g.phase_since = now;
+            let pid = g.pid().unwrap_or_default();
+            match g.state {
+                State::Starting => {
+                    g.state = State::Killed;
+                    g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: id,
@@ -553,22 +482,22 @@ impl<W> Policy<W> {
                     };
                     actions.extend(self.fail_in_flight(now, id, Some(pid), reason));
                 }
-                Phase::Draining => {
+                State::Draining => {
                     warn!(
                         generation = id,
                         pid,
                         stop_timeout_ms = self.cfg.stop_timeout.as_millis() as u64,
                         "kill: still running after the stop timeout; sending SIGKILL to its process group"
                     );
-                    g.phase = Phase::Killed;
-                    g.phase_since = now;
+                    g.state = State::Killed;
+                    g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: id,
                         pid,
                     });
                 }
-                Phase::Killed => {
+                State::Killed => {
                     error!(
                         generation = id,
                         pid,
@@ -581,7 +510,7 @@ impl<W> Policy<W> {
                         });
                     }
                 }
-                Phase::Ready => {}
+                State::Ready | State::Baking | State::Serving => {}
             }
         }
         if self.restart_at.is_some_and(|t| t <= now)
@@ -609,11 +538,11 @@ impl<W> Policy<W> {
             );
             let mut actions = Vec::new();
             for g in self.gens.values_mut() {
-                if g.phase != Phase::Killed
-                    && let Some(pid) = g.pid
+                if g.state != State::Killed
+                    && let Some(pid) = g.pid()
                 {
-                    g.phase = Phase::Killed;
-                    g.phase_since = now;
+                    g.state = State::Killed;
+                    g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
                     actions.push(Action::KillGroup {
                         generation: g.id,
@@ -659,9 +588,9 @@ impl<W> Policy<W> {
         &self.stats
     }
 
-    /// The phase of generation `id`, if it is alive.
-    pub fn phase(&self, id: u64) -> Option<Phase> {
-        self.gens.get(&id).map(|g| g.phase)
+    /// The state of generation `id`, if it is alive.
+    pub fn state(&self, id: u64) -> Option<State> {
+        self.gens.get(&id).map(|g| g.state)
     }
 
     fn begin(&mut self, now: Instant, waiters: Vec<W>, trigger: Trigger) -> Actions<W> {
@@ -670,15 +599,7 @@ impl<W> Policy<W> {
         self.next_id += 1;
         self.gens.insert(
             id,
-            Generation {
-                id,
-                pid: None,
-                phase: Phase::Starting,
-                spawned_at: now,
-                phase_since: now,
-                ready_after: None,
-                deadline: Some(later(now, self.cfg.ready_timeout)),
-            },
+            Generation::new(id, now, Some(later(now, self.cfg.ready_timeout))),
         );
         self.in_flight = Some(InFlight {
             generation: id,
@@ -797,7 +718,8 @@ impl<W> Policy<W> {
         self.stopping = Some(Stopping {
             serving: self.serving,
             code,
-            status: None,
+            failed: None,
+            killed: false,
             forced: false,
         });
         self.restart_at = None;
@@ -821,11 +743,11 @@ impl<W> Policy<W> {
             });
         }
         for g in self.gens.values_mut() {
-            if matches!(g.phase, Phase::Starting | Phase::Ready)
-                && let Some(pid) = g.pid
+            if matches!(g.state, State::Starting | State::Serving)
+                && let Some(pid) = g.pid()
             {
-                g.phase = Phase::Draining;
-                g.phase_since = now;
+                g.state = State::Draining;
+                g.state_since = now;
                 g.deadline = Some(later(now, self.cfg.stop_timeout));
                 actions.push(Action::Signal {
                     generation: g.id,
@@ -849,8 +771,8 @@ impl<W> Policy<W> {
         };
         stopping
             .code
-            .or(stopping.status.map(ExitStatus::shell_code))
-            .or(self.last_serving_exit.map(ExitStatus::shell_code))
+            .or(stopping.failed)
+            .or(stopping.killed.then_some(137))
             .unwrap_or(0)
     }
 }
@@ -862,6 +784,18 @@ mod tests {
     type P = Policy<u32>;
 
     const MS: Duration = Duration::from_millis(1);
+
+    /// Generation `id` was spawned as `pid`.
+    fn spawn_as(p: &mut P, id: u64, pid: i32) {
+        p.spawned(
+            id,
+            Process {
+                pid,
+                start_time: None,
+            },
+            Route::Sockets,
+        );
+    }
 
     fn cfg() -> PolicyConfig {
         PolicyConfig {
@@ -900,7 +834,7 @@ mod tests {
     fn serving(t0: Instant) -> P {
         let mut p = P::new(cfg());
         assert_eq!(spawns(&p.start(t0)), vec![1]);
-        p.spawned(1, 100);
+        spawn_as(&mut p, 1, 100);
         let actions = p.ready(t0 + 10 * MS, 1);
         assert!(
             actions.iter().all(|a| matches!(a, Action::Report { .. })),
@@ -916,10 +850,10 @@ mod tests {
         let mut p = serving(t0);
         let a = p.trigger(t0 + 100 * MS, Trigger::Control, Some(7));
         assert_eq!(a, vec![Action::Spawn { generation: 2 }]);
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         // Time passes within the ready timeout: nothing happens to gen 1.
         assert!(p.tick(t0 + 900 * MS).is_empty());
-        assert_eq!(p.phase(1), Some(Phase::Ready));
+        assert_eq!(p.state(1), Some(State::Serving));
 
         let a = p.ready(t0 + 400 * MS, 2);
         assert_eq!(
@@ -943,7 +877,7 @@ mod tests {
             )]
         );
         assert_eq!(p.serving(), Some(2));
-        assert_eq!(p.phase(1), Some(Phase::Draining));
+        assert_eq!(p.state(1), Some(State::Draining));
 
         // The old one drains and exits; its group is swept, nothing else.
         let a = p.exited(t0 + 500 * MS, 1, ExitStatus::Exited(0));
@@ -970,7 +904,7 @@ mod tests {
             )));
         }
         assert_eq!(spawned, vec![2]);
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         let a = p.ready(t0 + 200 * MS, 2);
         // Generation 2's waiter is the first trigger; the 99 others wait for
         // the one queued reload, which starts now.
@@ -978,7 +912,7 @@ mod tests {
         let r = reports(a);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0, vec![0]);
-        p.spawned(3, 300);
+        spawn_as(&mut p, 3, 300);
         let a = p.ready(t0 + 400 * MS, 3);
         assert!(spawns(&a).is_empty());
         let r = reports(a);
@@ -991,7 +925,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = serving(t0);
         p.trigger(t0, Trigger::Control, Some(1));
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         let a = p.exited(t0 + 50 * MS, 2, ExitStatus::Exited(3));
         assert!(
             !a.iter().any(|a| matches!(
@@ -1023,7 +957,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = serving(t0);
         p.trigger(t0, Trigger::Control, Some(1));
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         assert_eq!(p.next_deadline(), Some(t0 + 1000 * MS));
         let a = p.tick(t0 + 1000 * MS);
         assert_eq!(
@@ -1046,7 +980,7 @@ mod tests {
         assert!(p.ready(t0 + 1001 * MS, 2).is_empty());
         assert_eq!(p.serving(), Some(1));
         p.exited(t0 + 1002 * MS, 2, ExitStatus::Signaled(9));
-        assert_eq!(p.phase(2), None);
+        assert_eq!(p.state(2), None);
     }
 
     #[test]
@@ -1054,7 +988,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = serving(t0);
         p.trigger(t0, Trigger::Control, None);
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         p.ready(t0 + 100 * MS, 2);
         assert_eq!(p.next_deadline(), Some(t0 + 2100 * MS));
         assert!(p.tick(t0 + 2099 * MS).is_empty());
@@ -1066,7 +1000,7 @@ mod tests {
                 pid: 100
             }]
         );
-        assert_eq!(p.phase(1), Some(Phase::Killed));
+        assert_eq!(p.state(1), Some(State::Killed));
     }
 
     #[test]
@@ -1082,7 +1016,7 @@ mod tests {
             delays.push(at - now);
             assert!(p.tick(at - MS).is_empty());
             assert_eq!(spawns(&p.tick(at)), vec![id]);
-            p.spawned(id, id as i32 * 100);
+            spawn_as(&mut p, id, id as i32 * 100);
             now = at + MS;
             // It crashes at once, again.
             p.exited(now, id, ExitStatus::Exited(1));
@@ -1112,7 +1046,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = P::new(cfg());
         p.start(t0);
-        p.spawned(1, 100);
+        spawn_as(&mut p, 1, 100);
         let a = p.exited(t0, 1, ExitStatus::Exited(2));
         assert!(a.contains(&Action::Exit { code: 1 }), "{a:?}");
 
@@ -1135,7 +1069,7 @@ mod tests {
         // Never ready: killed, then baton exits once it is reaped.
         let mut p = P::new(cfg());
         p.start(t0);
-        p.spawned(1, 100);
+        spawn_as(&mut p, 1, 100);
         let a = p.tick(t0 + 1000 * MS);
         assert!(a.contains(&Action::KillGroup {
             generation: 1,
@@ -1151,7 +1085,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = serving(t0);
         p.trigger(t0, Trigger::Control, Some(9));
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         let a = p.stop(t0 + MS, "SIGTERM");
         assert!(a.contains(&Action::Signal {
             generation: 1,
@@ -1183,19 +1117,54 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::Exit { .. }))
         );
+        // Dying of the stop signal baton sent is a clean stop.
         let a = p.exited(t0 + 4 * MS, 1, ExitStatus::Signaled(15));
-        assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
+        assert!(a.contains(&Action::Exit { code: 0 }), "{a:?}");
     }
 
     #[test]
-    fn a_stop_during_the_first_start_exits_with_that_generations_status() {
+    fn the_exit_code_of_a_requested_stop() {
+        let t0 = Instant::now();
+        // (how generation 1 ends, how generation 2 ends, baton's code)
+        let cases: &[(ExitStatus, ExitStatus, u8)] = &[
+            (ExitStatus::Exited(0), ExitStatus::Exited(0), 0),
+            (ExitStatus::Signaled(15), ExitStatus::Exited(0), 0),
+            // The app's own code, the serving generation's first.
+            (ExitStatus::Exited(3), ExitStatus::Exited(0), 3),
+            (ExitStatus::Exited(3), ExitStatus::Exited(4), 4),
+            // A signal baton did not send: 128+N.
+            (ExitStatus::Signaled(11), ExitStatus::Exited(0), 139),
+        ];
+        for (old, new, code) in cases {
+            let mut p = serving(t0);
+            p.trigger(t0, Trigger::Control, None);
+            spawn_as(&mut p, 2, 200);
+            p.ready(t0 + MS, 2);
+            p.stop(t0 + 2 * MS, "SIGTERM");
+            p.exited(t0 + 3 * MS, 1, *old);
+            let a = p.exited(t0 + 4 * MS, 2, *new);
+            assert!(
+                a.contains(&Action::Exit { code: *code }),
+                "{old:?} {new:?}: {a:?}"
+            );
+        }
+        // Killed at the stop timeout: 137.
+        let mut p = serving(t0);
+        p.stop(t0, "SIGTERM");
+        p.tick(t0 + 2000 * MS);
+        let a = p.exited(t0 + 2001 * MS, 1, ExitStatus::Signaled(9));
+        assert!(a.contains(&Action::Exit { code: 137 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_stop_during_the_first_start_is_clean_when_it_dies_of_the_stop_signal() {
         let t0 = Instant::now();
         let mut p = P::new(cfg());
         p.start(t0);
-        p.spawned(1, 100);
+        spawn_as(&mut p, 1, 100);
         p.stop(t0 + MS, "SIGINT");
         let a = p.exited(t0 + 2 * MS, 1, ExitStatus::Signaled(15));
-        assert!(a.contains(&Action::Exit { code: 143 }), "{a:?}");
+        assert!(a.contains(&Action::Exit { code: 0 }), "{a:?}");
     }
 
     #[test]
@@ -1204,7 +1173,7 @@ mod tests {
         let first_ready = |restart| {
             let mut p = P::new(PolicyConfig { restart, ..cfg() });
             p.start(t0);
-            p.spawned(1, 100);
+            spawn_as(&mut p, 1, 100);
             p.ready(t0, 1);
             p
         };
@@ -1237,13 +1206,13 @@ mod tests {
             ..cfg()
         });
         p.start(t0);
-        p.spawned(1, 100);
+        spawn_as(&mut p, 1, 100);
         p.ready(t0, 1);
         let mut last = p.exited(t0 + MS, 1, ExitStatus::Exited(1));
         for id in 2..=4 {
             let at = p.next_deadline().expect("restart scheduled");
             assert_eq!(spawns(&p.tick(at)), vec![id]);
-            p.spawned(id, id as i32 * 100);
+            spawn_as(&mut p, id, id as i32 * 100);
             p.ready(at + MS, id);
             last = p.exited(at + 2 * MS, id, ExitStatus::Exited(1));
         }
@@ -1277,7 +1246,7 @@ mod tests {
         p.exited(t0 + 20 * MS, 1, ExitStatus::Exited(1));
         let at = p.next_deadline().expect("restart");
         p.tick(at);
-        p.spawned(2, 200);
+        spawn_as(&mut p, 2, 200);
         p.ready(at + MS, 2);
         // Generation 2 serves for longer than stable_after, then dies.
         let later = at + 6000 * MS;

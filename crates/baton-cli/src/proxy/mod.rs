@@ -64,6 +64,16 @@ impl Limits {
     }
 }
 
+impl Mode {
+    /// The mode as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
 /// The generation new traffic goes to, shared by the guardian (which
 /// switches it) and the proxy (which reads it on every request).
 #[derive(Debug)]

@@ -30,6 +30,16 @@ pub fn inode(fd: &OwnedFd) -> Option<u64> {
     rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
 }
 
+/// When process `pid` started, in clock ticks after boot (field 22 of
+/// `/proc/<pid>/stat`): with the pid, it names one process for good.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // from the last ')'. Field 3 is the first after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// TCP addresses process `pid` listens on through sockets other than
 /// `inherited` (inodes), sorted.
 pub fn own_listeners(pid: i32, inherited: &HashSet<u64>) -> Vec<SocketAddr> {
@@ -210,6 +220,14 @@ fn socket(body: &[u8], inode: u32) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_time_of_this_process() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).expect("start time");
+        assert_eq!(start_time(me), Some(t));
+        assert!(start_time(0).is_none());
+    }
 
     #[test]
     fn finds_a_listener_of_this_process() {

@@ -12,6 +12,16 @@ use std::io;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
+/// Descriptors kept out of the connection budget: listeners, notify and
+/// control sockets, spawning (pipes, a health check), logs.
+pub const RESERVE: u64 = 128;
+
+/// Control-socket connections served at once.
+pub const CONTROL_CONNECTIONS: usize = 64;
+
+/// `/metrics` connections served at once.
+pub const METRICS_CONNECTIONS: usize = 16;
+
 /// The limit as baton found it and as it is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Nofile {

@@ -7,6 +7,7 @@
 //! because code between `fork` and `exec` must be a short, auditable list of
 //! async-signal-safe calls.
 
+pub mod clock;
 pub mod inspect;
 pub mod limits;
 pub mod memory;

@@ -9,13 +9,13 @@ use tracing::debug;
 
 /// What has been said upstream so far.
 #[derive(Debug, Default)]
-pub struct Upstream {
+pub struct Systemd {
     ready: bool,
     reloading: bool,
     stopping: bool,
 }
 
-impl Upstream {
+impl Systemd {
     fn send(&self, state: &str) {
         match baton::notify(state) {
             Ok(true) => debug!(state = %state.replace('\n', " "), "notified the service manager"),

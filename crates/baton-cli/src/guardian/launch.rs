@@ -1,0 +1,494 @@
+//! How a generation reaches clients, chosen once at start:
+//!
+//! - [`Sockets`]: the generation inherits baton's listening sockets as fds
+//!   3, 4, … (`LISTEN_FDS`) and accepts on them itself; the kernel's accept
+//!   queue carries clients across a handover; a retired generation gets its
+//!   stop signal at once.
+//! - [`Proxied`]: the generation listens on a private loopback port (`$PORT`)
+//!   and baton's proxy sends it traffic once it passes its health check; a
+//!   retired generation gets its stop signal once nothing baton sent it is
+//!   in flight.
+//!
+//! The event loop calls [`Launch::launch`], [`Launch::cut_over`] and
+//! [`Launch::drain`] and never asks which one it has.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton::vars;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+use super::Event;
+use super::children::Children;
+use super::diagnose;
+use super::generation::{Handles, Process, Route};
+use super::readiness::{self, Gate, Source};
+use crate::config::{ProxyConfig, RunConfig};
+use crate::spec::{ReadyMode, Signal};
+use crate::sys;
+use crate::sys::notify_socket::NotifySocket;
+
+/// A generation just started.
+#[derive(Debug)]
+pub struct Launched {
+    /// Its process.
+    pub process: Process,
+    /// How clients reach it.
+    pub route: Route,
+    /// Its readiness sources and tasks.
+    pub handles: Handles,
+    /// Its notification socket, for the loop to read.
+    pub notify: NotifySocket,
+}
+
+/// What a launch strategy works with.
+#[derive(Debug)]
+pub struct Cx<'a> {
+    /// The configuration.
+    pub cfg: &'a RunConfig,
+    /// Starting processes.
+    pub children: &'a mut Children,
+    /// The loop's event channel, for readiness sources and drains.
+    pub events: &'a UnboundedSender<Event>,
+}
+
+/// How generations reach clients.
+pub trait Launch: std::fmt::Debug {
+    /// Starts generation `id`: its process, environment, route and
+    /// readiness sources.
+    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched>;
+
+    /// New traffic goes to `serving` (its number and handles) from now on;
+    /// `None`: to nobody (it waits).
+    fn cut_over(&mut self, serving: Option<(u64, &Handles)>);
+
+    /// Asks generation `id` (main process `pid`), retired by its successor,
+    /// to drain with `signal`: now, or once its traffic is done (then the
+    /// loop hears `Event::Drained` and calls [`Launch::drained`]).
+    fn drain(
+        &mut self,
+        cx: Cx<'_>,
+        id: u64,
+        pid: i32,
+        signal: Signal,
+        handles: &mut Handles,
+        handover_us: u64,
+    );
+
+    /// A retired generation's traffic is done (or half its stop timeout
+    /// passed): sends the signal held back by [`Launch::drain`].
+    fn drained(&mut self, id: u64, pid: i32, handles: &mut Handles) {
+        let _ = (id, pid, handles);
+    }
+
+    /// Generation `id` (`pid`) serves now: look it over (a port of its own
+    /// in socket mode); `inherited` are the inodes of baton's listeners.
+    fn serving(
+        &mut self,
+        cx: Cx<'_>,
+        id: u64,
+        pid: i32,
+        inherited: &std::collections::HashSet<u64>,
+    ) {
+        let _ = (cx, id, pid, inherited);
+    }
+
+    /// It was seen listening on `addrs` by itself: the warning to log, if
+    /// any (once per generation).
+    fn self_bound(
+        &self,
+        id: u64,
+        pid: i32,
+        handles: &Handles,
+        addrs: &[SocketAddr],
+    ) -> Option<String>;
+
+    /// Why the starting generation `id` failed, as far as this strategy can
+    /// tell (looked at while its process is still there).
+    fn failure_hint(&self, id: u64, pid: i32, handles: &Handles) -> Option<String>;
+
+    /// Why a reload failed while `serving` (`pid`) serves, if its way of
+    /// listening explains it.
+    fn reload_hint(&self, serving: u64, pid: i32, handles: &Handles) -> Option<String>;
+
+    /// Whether the generations hold baton's listening sockets (and so may
+    /// shut them down).
+    fn shares_listeners(&self) -> bool;
+
+    /// baton is stopping: stop taking new clients.
+    fn stop(&mut self) {}
+}
+
+/// The environment every generation gets: baton's own, minus the
+/// protocol variables, plus its notification socket and number.
+fn base_env(cfg: &RunConfig, id: u64, notify: &NotifySocket) -> Vec<(OsString, OsString)> {
+    let mut env = cfg.base_env.clone();
+    env.push((vars::NOTIFY_SOCKET.into(), notify.address.clone().into()));
+    env.push((vars::BATON_GENERATION.into(), id.to_string().into()));
+    env
+}
+
+fn log_spawn(cx: &Cx<'_>, id: u64, pid: i32, port: Option<u16>, since: Instant) {
+    let spawn_us = since.elapsed().as_micros() as u64;
+    match port {
+        Some(port) => info!(generation = id, pid, port, spawn_us, "spawn"),
+        None => info!(generation = id, pid, spawn_us, "spawn"),
+    }
+    let _ = cx;
+}
+
+/// Socket passing (`LISTEN_FDS`).
+#[derive(Debug, Default)]
+pub struct Sockets;
+
+impl Launch for Sockets {
+    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched> {
+        let since = Instant::now();
+        let cfg = cx.cfg;
+        let notify = NotifySocket::bind(id)?;
+        let mut env = base_env(cfg, id, &notify);
+        let names: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+        let starter: Vec<String> = cfg
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                format!(
+                    "{}={}",
+                    l.server_starter_key,
+                    vars::LISTEN_FDS_START + i as i32
+                )
+            })
+            .collect();
+        let mut set = |k: &str, v: String| env.push((OsString::from(k), OsString::from(v)));
+        set(vars::LISTEN_FDS, cfg.listeners.len().to_string());
+        set(vars::LISTEN_FDNAMES, names.join(":"));
+        set(vars::SERVER_STARTER_PORT, starter.join(";"));
+        let fds: Vec<_> = cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let process = cx.children.start(id, &cfg.args, &env, &fds, true)?;
+        drop(fds);
+        log_spawn(&cx, id, process.pid, None, since);
+        let mut handles = Handles::default();
+        // READY=1 counts in every mode; a delay or a check is an
+        // alternative for apps that cannot send it.
+        match &cfg.ready {
+            ReadyMode::Notify => handles.gate = Gate::any(&[Source::Notify]),
+            ReadyMode::Delay(delay) => {
+                handles.gate = Gate::any(&[Source::Notify, Source::Delay]);
+                handles.tasks.push(readiness::after(
+                    *delay,
+                    cx.events.clone(),
+                    Event::Ready(id, Source::Delay),
+                ));
+            }
+            ReadyMode::Exec(_) => {
+                handles.gate = Gate::any(&[Source::Notify, Source::Exec]);
+                handles.tasks.push(readiness::after(
+                    Duration::ZERO,
+                    cx.events.clone(),
+                    Event::RunCheck(id),
+                ));
+            }
+        }
+        Ok(Launched {
+            process,
+            route: Route::Sockets,
+            handles,
+            notify,
+        })
+    }
+
+    fn cut_over(&mut self, _serving: Option<(u64, &Handles)>) {
+        // The kernel's accept queue: whoever accepts.
+    }
+
+    fn drain(
+        &mut self,
+        _cx: Cx<'_>,
+        id: u64,
+        pid: i32,
+        signal: Signal,
+        handles: &mut Handles,
+        handover_us: u64,
+    ) {
+        if let Err(e) = sys::signal::send(pid, signal) {
+            warn!(generation = id, pid, %signal, error = %e, "cannot signal the generation");
+        }
+        info!(generation = id, pid, %signal, handover_us, "retire");
+        handles.retired_at = Some(Instant::now());
+    }
+
+    fn serving(
+        &mut self,
+        cx: Cx<'_>,
+        id: u64,
+        pid: i32,
+        inherited: &std::collections::HashSet<u64>,
+    ) {
+        // Cheap enough to run on the loop (see `sys::inspect`), once.
+        let addrs = sys::inspect::own_listeners(pid, inherited);
+        if !addrs.is_empty() {
+            let _ = cx.events.send(Event::SelfBound {
+                generation: id,
+                addrs,
+            });
+        }
+    }
+
+    fn self_bound(
+        &self,
+        id: u64,
+        pid: i32,
+        handles: &Handles,
+        addrs: &[SocketAddr],
+    ) -> Option<String> {
+        handles
+            .self_bound
+            .is_empty()
+            .then(|| diagnose::binds_own_port(id, pid, addrs))
+    }
+
+    fn failure_hint(&self, id: u64, pid: i32, _handles: &Handles) -> Option<String> {
+        let addrs = sys::inspect::own_listeners(pid, &std::collections::HashSet::new());
+        (!addrs.is_empty()).then(|| diagnose::not_ready_binds_own_port(id, pid, &addrs))
+    }
+
+    fn reload_hint(&self, serving: u64, pid: i32, handles: &Handles) -> Option<String> {
+        (!handles.self_bound.is_empty())
+            .then(|| diagnose::binds_own_port(serving, pid, &handles.self_bound))
+    }
+
+    fn shares_listeners(&self) -> bool {
+        true
+    }
+}
+
+/// Proxy mode: a private port per generation behind baton's proxy.
+#[derive(Debug)]
+pub struct Proxied {
+    cfg: ProxyConfig,
+    stop_timeout: Duration,
+    proxy: Arc<crate::proxy::Proxy>,
+    handle: crate::proxy::Handle,
+}
+
+impl Proxied {
+    /// Starts the proxy on `cfg`'s listeners.
+    pub fn start(cfg: &RunConfig, proxy_cfg: &ProxyConfig) -> anyhow::Result<Proxied> {
+        use anyhow::Context;
+        let proxy = crate::proxy::Proxy::new(cfg.policy.ready_timeout, proxy_cfg.limits.clone());
+        let fds = cfg
+            .listeners
+            .iter()
+            .map(|l| Ok((l.fd.try_clone()?, l.local.starts_with("unix:"))))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("duplicating the listeners for the proxy")?;
+        let handle =
+            crate::proxy::start(proxy_cfg.mode, fds, Arc::clone(&proxy), proxy_cfg.threads)
+                .context("starting the proxy")?;
+        let serve = &proxy_cfg.limits.serve;
+        info!(
+            mode = proxy_cfg.mode.as_str(),
+            port_env = %proxy_cfg.port_env,
+            max_connections = serve.connections.max(),
+            header_timeout_ms = serve.header_timeout.map_or(0, |d| d.as_millis() as u64),
+            idle_timeout_ms = serve.idle_timeout.map_or(0, |d| d.as_millis() as u64),
+            upstream_timeout_ms = proxy_cfg.limits.upstream_timeout.as_millis() as u64,
+            "proxy"
+        );
+        Ok(Proxied {
+            cfg: proxy_cfg.clone(),
+            stop_timeout: cfg.policy.stop_timeout,
+            proxy,
+            handle,
+        })
+    }
+
+    /// The shared proxy (its counters and connection cap).
+    pub fn proxy(&self) -> &Arc<crate::proxy::Proxy> {
+        &self.proxy
+    }
+}
+
+impl Launch for Proxied {
+    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched> {
+        let since = Instant::now();
+        let cfg = cx.cfg;
+        let port = crate::proxy::private_port()?;
+        let addr = crate::proxy::private_addr(port);
+        let notify = NotifySocket::bind(id)?;
+        let mut env = base_env(cfg, id, &notify);
+        env.retain(|(k, _)| k != self.cfg.port_env.as_str());
+        env.push((self.cfg.port_env.clone().into(), port.to_string().into()));
+        let args: Vec<OsString> = cfg
+            .args
+            .iter()
+            .map(|a| match a.to_str() {
+                Some(text) if text.contains("{port}") => {
+                    text.replace("{port}", &port.to_string()).into()
+                }
+                _ => a.clone(),
+            })
+            .collect();
+        let process = cx.children.start(id, &args, &env, &[], false)?;
+        let pid = process.pid;
+        log_spawn(&cx, id, pid, Some(port), since);
+        let events = cx.events.clone();
+        let upstream = crate::proxy::Upstream::new(
+            id,
+            addr,
+            self.cfg.limits.pool_idle(),
+            Box::new(move |g| {
+                let _ = events.send(Event::Drained(g));
+            }),
+        );
+        // Check the private port until it answers; meanwhile, look for the
+        // app listening somewhere else (ignoring $PORT).
+        let events = cx.events.clone();
+        let health = self.cfg.health.clone();
+        let checker = tokio::spawn(async move {
+            let mut looked = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if health.passes(addr).await {
+                    let _ = events.send(Event::Ready(id, Source::Health));
+                    return;
+                }
+                // At most twice a second, and only while it starts.
+                if looked.elapsed() >= Duration::from_millis(500) {
+                    looked = Instant::now();
+                    let found = sys::inspect::own_listeners(pid, &std::collections::HashSet::new());
+                    let elsewhere: Vec<_> =
+                        found.into_iter().filter(|a| a.port() != port).collect();
+                    if !elsewhere.is_empty() {
+                        let _ = events.send(Event::SelfBound {
+                            generation: id,
+                            addrs: elsewhere,
+                        });
+                    }
+                }
+            }
+        });
+        let needed: &[Source] = if self.cfg.require_notify {
+            &[Source::Health, Source::Notify]
+        } else {
+            &[Source::Health]
+        };
+        let mut handles = Handles::default();
+        handles.tasks.push(checker.abort_handle());
+        handles.gate = Gate::all(needed);
+        handles.upstream = Some(upstream);
+        Ok(Launched {
+            process,
+            route: Route::Private { port },
+            handles,
+            notify,
+        })
+    }
+
+    fn cut_over(&mut self, serving: Option<(u64, &Handles)>) {
+        let desired = serving.and_then(|(_, h)| h.upstream.clone());
+        let current = self.proxy.current();
+        let same = match (&desired, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            if let Some(up) = &desired {
+                info!(generation = up.generation, addr = %up.addr, "switch");
+            }
+            self.proxy.switch(desired);
+        }
+    }
+
+    fn drain(
+        &mut self,
+        cx: Cx<'_>,
+        id: u64,
+        pid: i32,
+        signal: Signal,
+        handles: &mut Handles,
+        handover_us: u64,
+    ) {
+        // No new traffic; the stop signal once nothing is in flight, and
+        // at half the stop timeout at the latest, so that a long-lived
+        // stream cannot turn a graceful stop into a SIGKILL.
+        handles.pending_stop = Some(signal);
+        handles.retired_at = Some(Instant::now());
+        if let Some(upstream) = &handles.upstream {
+            info!(
+                generation = id,
+                pid,
+                in_flight = upstream.active(),
+                handover_us,
+                "retire: no new traffic; the stop signal follows once in-flight requests finish"
+            );
+            handles.tasks.push(readiness::after(
+                self.stop_timeout / 2,
+                cx.events.clone(),
+                Event::Drained(id),
+            ));
+            upstream.retire();
+        }
+    }
+
+    fn drained(&mut self, id: u64, pid: i32, handles: &mut Handles) {
+        let Some(signal) = handles.pending_stop.take() else {
+            return;
+        };
+        let waited = handles
+            .retired_at
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        let in_flight = handles.upstream.as_ref().map_or(0, |u| u.active());
+        if let Err(e) = sys::signal::send(pid, signal) {
+            warn!(generation = id, pid, %signal, error = %e, "cannot signal the generation");
+        }
+        if in_flight == 0 {
+            info!(generation = id, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
+        } else {
+            warn!(generation = id, pid, %signal, in_flight, waited_ms = waited,
+                "retire: still busy at half the stop timeout; sending the stop signal anyway");
+        }
+    }
+
+    fn self_bound(
+        &self,
+        id: u64,
+        _pid: i32,
+        handles: &Handles,
+        addrs: &[SocketAddr],
+    ) -> Option<String> {
+        let port = handles.upstream.as_ref()?.addr.port();
+        handles
+            .self_bound
+            .is_empty()
+            .then(|| diagnose::proxy_port(id, &self.cfg.port_env, port, addrs))
+    }
+
+    fn failure_hint(&self, id: u64, _pid: i32, handles: &Handles) -> Option<String> {
+        let port = handles.upstream.as_ref()?.addr.port();
+        Some(diagnose::proxy_port(
+            id,
+            &self.cfg.port_env,
+            port,
+            &handles.self_bound,
+        ))
+    }
+
+    fn reload_hint(&self, _serving: u64, _pid: i32, _handles: &Handles) -> Option<String> {
+        None
+    }
+
+    fn shares_listeners(&self) -> bool {
+        false
+    }
+
+    fn stop(&mut self) {
+        self.handle.stop();
+    }
+}

@@ -1,0 +1,128 @@
+//! What the guardian tells the outside: the `status` document, the
+//! `/metrics` snapshot, and the answers to control requests. Built from the
+//! policy's generations and counters; nothing here changes state.
+
+use std::time::Instant;
+
+use baton::serve::Connections;
+
+use super::policy::{Outcome, Policy};
+use super::pressure::Pressure;
+use crate::config::RunConfig;
+use crate::control::proto::{
+    ConnectionsInfo, GenerationInfo, Guard, ListenerInfo, Response, Status,
+};
+use crate::sys;
+
+/// Counters the guardian keeps besides the policy's.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Notifications the readers refused.
+    pub notify_rejected: u64,
+    /// Listeners found shut down and re-armed.
+    pub listener_rearms: u64,
+}
+
+/// The `status` document.
+pub fn status<W>(
+    cfg: &RunConfig,
+    policy: &Policy<W>,
+    pressure: &Pressure,
+    counters: Counters,
+    started: Instant,
+) -> Status {
+    let now = Instant::now();
+    let stats = policy.stats();
+    Status {
+        name: cfg.name.clone(),
+        pid: std::process::id(),
+        uptime_ms: now.duration_since(started).as_millis() as u64,
+        command: cfg
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        listeners: cfg
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ListenerInfo {
+                name: l.name.clone(),
+                addr: l.local.clone(),
+                fd: baton::vars::LISTEN_FDS_START + i as i32,
+            })
+            .collect(),
+        generations: policy
+            .generations()
+            .map(|g| GenerationInfo {
+                generation: g.id,
+                pid: g.pid(),
+                state: g.state.as_str().to_owned(),
+                age_ms: now.saturating_duration_since(g.spawned_at).as_millis() as u64,
+                ready_ms: g.ready_after.map(|d| d.as_millis() as u64),
+            })
+            .collect(),
+        serving: policy.serving(),
+        starting: policy.starting(),
+        stopping: policy.is_stopping(),
+        reloads_ok: stats.reloads_ok,
+        reloads_failed: stats.reloads_failed,
+        restarts: stats.restarts,
+        last_reload: stats.last_reload.clone(),
+        guard: guard(cfg, pressure, counters),
+    }
+}
+
+/// What `status` says of baton's own limits.
+fn guard(cfg: &RunConfig, pressure: &Pressure, counters: Counters) -> Guard {
+    let connections = pressure
+        .caps()
+        .map(|(socket, c): (&str, &std::sync::Arc<Connections>)| {
+            let s = c.stats();
+            ConnectionsInfo {
+                socket: socket.to_owned(),
+                open: s.open as u64,
+                max: s.max as u64,
+                evicted: s.evicted,
+                paused: s.paused,
+                header_timeouts: s.header_timeouts,
+                idle_timeouts: s.idle_timeouts,
+            }
+        })
+        .collect();
+    Guard {
+        descriptors: sys::limits::open_descriptors().unwrap_or(0) as u64,
+        descriptors_limit: cfg.nofile.soft,
+        app_descriptors_limit: cfg.nofile.original_soft,
+        notify_rejected: counters.notify_rejected,
+        listener_rearms: counters.listener_rearms,
+        connections,
+    }
+}
+
+/// A reload's outcome as the control socket answers it.
+pub fn response(outcome: &Outcome) -> Response {
+    match outcome {
+        Outcome::Reloaded {
+            generation,
+            pid,
+            ready_after,
+        } => Response::Reloaded {
+            generation: *generation,
+            pid: *pid,
+            ready_ms: ready_after.as_millis() as u64,
+        },
+        Outcome::RolledBack {
+            generation,
+            pid,
+            reason,
+            serving,
+        } => Response::RolledBack {
+            generation: *generation,
+            pid: *pid,
+            reason: reason.clone(),
+            message: outcome.message(),
+            serving: *serving,
+        },
+    }
+}
