@@ -79,7 +79,7 @@ pub enum StartupError {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RollbackReason {
     /// It exited before it said it was ready.
-    #[error("exited with {status} before it was ready")]
+    #[error("{status} before it was ready")]
     Exited {
         /// How it ended.
         status: ExitStatus,

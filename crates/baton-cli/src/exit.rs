@@ -29,13 +29,29 @@ impl ExitStatus {
     }
 }
 
+impl ExitStatus {
+    /// One word for a log field: the exit code (`0`), or the signal's name
+    /// (`SIGKILL`).
+    pub fn word(self) -> String {
+        match self {
+            ExitStatus::Exited(code) => code.to_string(),
+            ExitStatus::Signaled(sig) => match crate::spec::Signal::from_number(sig) {
+                Some(s) => s.to_string(),
+                None => format!("signal-{sig}"),
+            },
+        }
+    }
+}
+
+/// How it ended, as the end of a sentence: "exited with code 3", "was
+/// killed by signal 9 (SIGKILL)".
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            ExitStatus::Exited(code) => write!(f, "status {code}"),
+            ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
             ExitStatus::Signaled(sig) => match crate::spec::Signal::from_number(sig) {
-                Some(s) => write!(f, "signal {sig} ({s})"),
-                None => write!(f, "signal {sig}"),
+                Some(s) => write!(f, "was killed by signal {sig} ({s})"),
+                None => write!(f, "was killed by signal {sig}"),
             },
         }
     }
@@ -51,7 +67,12 @@ mod tests {
         assert_eq!(ExitStatus::Exited(3).shell_code(), 3);
         assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
         assert_eq!(ExitStatus::Signaled(15).shell_code(), 143);
-        assert_eq!(ExitStatus::Signaled(9).to_string(), "signal 9 (SIGKILL)");
-        assert_eq!(ExitStatus::Exited(1).to_string(), "status 1");
+        assert_eq!(
+            ExitStatus::Signaled(9).to_string(),
+            "was killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(ExitStatus::Exited(1).to_string(), "exited with code 1");
+        assert_eq!(ExitStatus::Signaled(9).word(), "SIGKILL");
+        assert_eq!(ExitStatus::Exited(0).word(), "0");
     }
 }

@@ -255,6 +255,17 @@ pub enum RestartMode {
     Always,
 }
 
+impl RestartMode {
+    /// The policy as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::Never => "never",
+            RestartMode::OnFailure => "on-failure",
+            RestartMode::Always => "always",
+        }
+    }
+}
+
 impl FromStr for RestartMode {
     type Err = String;
 

@@ -2,59 +2,22 @@
 //! `systemd-socket-activate`, and under baton with busy keep-alive clients
 //! across reloads.
 
-#[path = "../../../crates/baton-cli/tests/support/mod.rs"]
+#[path = "../../../crates/baton-cli/tests/it/support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::{Baton, KeepAlive, LONG, get};
+use support::{Baton, KeepAlive, LONG, Proc, get};
 
 const APP: &str = env!("CARGO_BIN_EXE_axum-hello");
 
-/// Kills the child on drop, so a failed test leaves nothing behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads the child's stderr until a line contains `needle`; returns it.
-fn wait_line(child: &mut Child, needle: &str) -> String {
-    let stderr = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    }
-}
-
 #[test]
 fn standalone_it_binds_its_own_port() {
-    let mut app = Guard(
-        Command::new(APP)
-            .args(["--listen", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    );
-    let line = wait_line(&mut app.0, "listening on");
+    let mut cmd = Command::new(APP);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let app = Proc::spawn(cmd);
+    let line = app.wait_for("listening", |l| l.contains("listening on"), LONG);
     let port: u16 = line
         .rsplit(':')
         .next()
@@ -62,7 +25,7 @@ fn standalone_it_binds_its_own_port() {
         .expect("port");
     let reply = get(port, "/", LONG).expect("answers");
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.pid, Some(app.0.id()));
+    assert_eq!(reply.pid, Some(app.pid()));
     assert_eq!(reply.generation, Some(0), "no supervisor, no generation");
 }
 
@@ -77,21 +40,17 @@ fn under_systemd_socket_activate_it_serves_on_the_activated_socket() {
         .expect("free port")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut activator = Guard(
-        Command::new("systemd-socket-activate")
-            .args(["-l", &addr, "--fdname=http", APP, "--listen", "127.0.0.1:1"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("systemd-socket-activate (Debian package systemd) is needed"),
-    );
-    wait_line(&mut activator.0, "Listening on");
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(["-l", &addr, "--fdname=http", APP, "--listen", "127.0.0.1:1"]);
+    let activator = Proc::spawn(cmd);
+    activator.wait_for("listening", |l| l.contains("Listening on"), LONG);
     // The first connection makes it exec the app, which must take fd 3: its
     // own fallback address (port 1) would not even bind.
     let reply = get(port, "/", LONG).expect("served on the activated socket");
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.pid,
-        Some(activator.0.id()),
+        Some(activator.pid()),
         "LISTEN_PID is the exec'd app"
     );
 }
@@ -131,7 +90,7 @@ fn a_slow_request_finishes_during_the_drain_and_the_old_generation_exits_after_i
     // The old generation drained that request, then exited on its own: well
     // before its 20 s drain deadline and baton's 30 s stop timeout.
     let exit = b.wait_for_event("exit", 1);
-    assert!(exit.contains("status 0"), "{exit}");
+    assert_eq!(support::field(&exit, "status"), Some("0"), "{exit}");
     let drain_ms: u64 = support::field(&exit, "drain_ms")
         .and_then(|v| v.parse().ok())
         .expect("drain_ms");

@@ -142,7 +142,7 @@ impl Children {
             .map(|(pid, status)| {
                 let owner = self.pids.remove(&pid);
                 if owner.is_none() {
-                    debug!(pid, %status, "reaped an orphan");
+                    debug!(pid, status = status.word(), "reaped an orphan");
                 }
                 Exit { pid, owner, status }
             })

@@ -814,7 +814,11 @@ impl Guardian {
         if status.success() {
             self.ready(generation, Source::Exec);
         } else if self.policy.state(generation) == Some(State::Starting) {
-            debug!(generation, %status, "the readiness check failed; trying again");
+            debug!(
+                generation,
+                status = status.word(),
+                "the readiness check failed; trying again"
+            );
             handles.tasks.push(readiness::after(
                 readiness::CHECK_INTERVAL,
                 self.events.clone(),

@@ -32,6 +32,29 @@ use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
 use crate::spec::{RestartMode, Signal, StartLimit};
 
+/// The `exit` event of a retired generation: how long it drained, unless
+/// it had to be killed.
+fn log_exit(g: &Generation, status: ExitStatus, lived: Duration) {
+    let (id, pid) = (g.id, g.pid().unwrap_or_default());
+    if g.state == State::Killed {
+        info!(
+            generation = id,
+            pid,
+            status = status.word(),
+            "exit: generation {id} {status}"
+        );
+    } else {
+        let drain_ms = lived.as_millis() as u64;
+        info!(
+            generation = id,
+            pid,
+            status = status.word(),
+            drain_ms,
+            "exit: generation {id} {status}"
+        );
+    }
+}
+
 /// What asked for a new generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -396,7 +419,7 @@ impl<W> Policy<W> {
                     }
                 }
             }
-            info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
+            log_exit(&g, status, lived);
             if self.gens.is_empty() {
                 actions.push(Action::Exit {
                     code: self.exit_code(),
@@ -423,31 +446,46 @@ impl<W> Policy<W> {
                     RestartMode::Always => true,
                 };
                 if let Some(next) = &self.in_flight {
-                    warn!(generation = id, pid, %status, starting = next.generation,
-                        "exit: the serving generation died; its successor is already starting");
+                    warn!(
+                        generation = id,
+                        pid,
+                        status = status.word(),
+                        starting = next.generation,
+                        "exit: the serving generation {status}; its successor is already starting"
+                    );
                 } else if !restart {
-                    warn!(generation = id, pid, %status, restart = ?self.cfg.restart,
-                        "exit: the serving generation exited and is not restarted (--restart); stopping");
+                    warn!(
+                        generation = id,
+                        pid,
+                        status = status.word(),
+                        restart = self.cfg.restart.as_str(),
+                        "exit: the serving generation {status} and is not restarted (--restart); stopping"
+                    );
                     actions.extend(self.shut_down(now, Some(status.shell_code())));
                 } else {
                     match self.schedule_restart(now) {
                         Some(delay) => {
-                            warn!(generation = id, pid, %status, restart_in_ms = delay.as_millis() as u64,
-                            "exit: the serving generation died; the listeners stay open and a new generation starts soon")
+                            warn!(
+                                generation = id,
+                                pid,
+                                status = status.word(),
+                                restart_in_ms = delay.as_millis() as u64,
+                                "exit: the serving generation {status}; the listeners stay open and a new generation starts soon"
+                            )
                         }
                         None => {
-                            warn!(generation = id, pid, %status, "exit: the serving generation died");
+                            warn!(
+                                generation = id,
+                                pid,
+                                status = status.word(),
+                                "exit: the serving generation {status}"
+                            );
                             actions.extend(self.shut_down(now, Some(1)));
                         }
                     }
                 }
             }
-            State::Draining => {
-                info!(generation = id, pid, %status, drain_ms = lived.as_millis() as u64, "exit");
-            }
-            State::Killed => {
-                info!(generation = id, pid, %status, "exit");
-            }
+            State::Draining | State::Killed => log_exit(&g, status, lived),
         }
         actions
     }

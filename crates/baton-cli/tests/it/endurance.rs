@@ -5,7 +5,7 @@
 //! Every load here is bounded in count and time and talks to loopback (or
 //! to a network namespace the test made itself).
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -310,7 +310,10 @@ fn sockets_of(pid: u32) -> usize {
 fn a_listener_an_app_shuts_down_is_re_armed() {
     // (A port the kernel chose is given up by the shutdown and bound
     // again: in a namespace of its own no other test can take it between.)
-    if support::in_own_network("a_listener_an_app_shuts_down_is_re_armed") {
+    if support::in_own_network(concat!(
+        module_path!(),
+        "::a_listener_an_app_shuts_down_is_re_armed"
+    )) {
         return;
     }
     // Generation 1 shuts down the inherited listeners when it exits (some
@@ -349,7 +352,7 @@ fn a_listener_an_app_shuts_down_is_re_armed() {
     // exits on its own (the library's accept loop does not spin on the
     // stale hang-up), rather than at the SIGKILL.
     let exit = b.wait_for_event("exit", 2);
-    assert!(exit.contains("status=status 0"), "{exit}");
+    assert_eq!(support::field(&exit, "status"), Some("0"), "{exit}");
     // And reloads go on working.
     let out = b.ctl(&["reload"]);
     assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());

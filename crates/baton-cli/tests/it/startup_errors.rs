@@ -1,6 +1,6 @@
 //! Bad input gets one clear line and exit code 2, before anything starts.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;

@@ -2,7 +2,7 @@
 //! the right length when a trigger takes the server down, and each kind of
 //! failure as its kind.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -2,12 +2,10 @@
 //! activation of baton itself, Prometheus metrics, `--user`, and baton as
 //! PID 1 of a fresh pid namespace.
 
-mod support;
+use crate::support;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use support::{Baton, LONG, baton, get};
 
@@ -118,33 +116,21 @@ fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
         .port();
     let dir = tempfile::tempdir().expect("tempdir");
     let control = dir.path().join("control.sock");
-    let mut activator = Command::new("systemd-socket-activate")
-        .args([
-            "-l",
-            &format!("127.0.0.1:{port}"),
-            "--fdname=web",
-            support::exe(),
-            "run",
-            "--control",
-        ])
-        .arg(&control)
-        .args(["--", support::exe(), "demo-app"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("systemd-socket-activate");
-    let mut stderr = activator.stderr.take().expect("stderr");
-    // Wait for "Listening on"; then the first connection starts baton.
-    let mut seen = Vec::new();
-    let mut byte = [0u8; 1];
-    while !String::from_utf8_lossy(&seen).contains("Listening on") {
-        assert!(
-            stderr.read(&mut byte).expect("read") == 1,
-            "activator ended early"
-        );
-        seen.push(byte[0]);
-    }
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args([
+        "-l",
+        &format!("127.0.0.1:{port}"),
+        "--fdname=web",
+        support::exe(),
+        "run",
+        "--control",
+    ])
+    .arg(&control)
+    .args(["--", support::exe(), "demo-app"])
+    .stdout(Stdio::null());
+    let mut activator = support::Proc::spawn(cmd);
+    // Once it listens, the first connection starts baton.
+    activator.wait_for("Listening on", |l| l.contains("Listening on"), LONG);
     let reply = get(port, "/", LONG).expect("served through the activated socket");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.generation, Some(1));
@@ -162,9 +148,8 @@ fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
         get(port, "/", LONG).expect("still served").generation,
         Some(2)
     );
-    support::send(activator.id(), rustix::process::Signal::TERM);
-    let status = activator.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
+    support::send(activator.pid(), rustix::process::Signal::TERM);
+    assert_eq!(activator.wait_exit(LONG).code(), Some(0));
 }
 
 #[test]
@@ -261,54 +246,28 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_passes_the_exit_status() {
         "(sleep 0.1 &); (sleep 0.2 &); exec {} demo-app --ignore-term",
         support::exe()
     );
-    let mut child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            support::exe(),
-            "run",
-            "--log-level",
-            "debug",
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--stop-timeout",
-            "500ms",
-            "--control",
-        ])
-        .arg(&control)
-        .args(["--", "/bin/sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unshare (util-linux)");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    let mut wait_line = |needle: &str| -> String {
-        let deadline = std::time::Instant::now() + LONG;
-        loop {
-            if let Some(l) = lines.iter().find(|l: &&String| l.contains(needle)) {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) => lines.push(l),
-                Err(_) => panic!("no {needle:?} in {lines:#?}"),
-            }
-        }
-    };
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        support::exe(),
+        "run",
+        "--log-level",
+        "debug",
+    ])
+    .args([
+        "--listen",
+        "127.0.0.1:0",
+        "--stop-timeout",
+        "500ms",
+        "--control",
+    ])
+    .arg(&control)
+    .args(["--", "/bin/sh", "-c", &script])
+    .stdout(Stdio::null());
+    let mut child = support::Proc::spawn(cmd);
+    let wait_line = |needle: &str| child.wait_for(needle, |l| l.contains(needle), LONG);
     let control_line = wait_line(" control ");
     assert!(
         control_line.contains("pid=1"),
@@ -316,27 +275,20 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_passes_the_exit_status() {
     );
     wait_line(" ready ");
     let reaped = wait_line("reaped an orphan");
-    assert!(reaped.contains("status 0"), "{reaped}");
+    assert_eq!(support::field(&reaped, "status"), Some("0"), "{reaped}");
     // From outside the namespace: the control socket still works.
     let out = support::run(
         &["stop".into(), "--control".into(), control.into_os_string()],
         LONG,
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    let deadline = std::time::Instant::now() + LONG;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "baton did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = child.wait_exit(LONG);
     assert_eq!(
         status.code(),
         Some(137),
-        "SIGKILL after the stop timeout: {lines:#?}"
+        "SIGKILL after the stop timeout: {}",
+        child.dump()
     );
-    let _ = std::io::stdout().flush();
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Readiness through the real `systemd-notify`, and whose notifications
 //! count (`--notify-access`).
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG};
 

@@ -1,7 +1,7 @@
 //! A storm of reload signals coalesces: reloads are serialized, and those
 //! asked for during one become at most one more.
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG};
 

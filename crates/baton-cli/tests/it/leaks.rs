@@ -1,7 +1,7 @@
 //! Fifty reloads leave baton with the fds it started with and no zombies;
 //! orphans of the app are reaped.
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG, fd_count, wait_until, zombies_of};
 

@@ -2,7 +2,7 @@
 //! socket-activation variables with LISTEN_PID equal to its own pid, its own
 //! process group, and clean signal state.
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG};
 

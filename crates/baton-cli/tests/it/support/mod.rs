@@ -45,23 +45,148 @@ pub fn exe() -> &'static str {
     })
 }
 
-/// Lines of output, shared with the reader threads.
+/// Lines of output, shared with the reader thread.
 #[derive(Default)]
 struct Lines {
     all: Mutex<Vec<String>>,
     changed: Condvar,
 }
 
-/// A running `baton run`.
-pub struct Baton {
+/// A child process whose stderr is read line by line (by a thread) as
+/// events to wait for; killed on drop if still running. The one helper for
+/// every process a test starts and watches.
+pub struct Proc {
     child: Child,
     lines: Arc<Lines>,
+    command: String,
+    exited: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Starts `cmd` with its stderr piped (and its stdout discarded unless
+    /// the caller set it).
+    pub fn spawn(mut cmd: Command) -> Proc {
+        cmd.stderr(Stdio::piped());
+        let command = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {command}: {e}"));
+        let lines = Arc::new(Lines::default());
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.all.lock().expect("lines").push(line);
+                sink.changed.notify_all();
+            }
+        });
+        Proc {
+            child,
+            lines,
+            command,
+            exited: None,
+        }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line it wrote to stderr so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.all.lock().expect("lines").clone()
+    }
+
+    /// The command, status and output, for failure messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "command: {}\nexit: {:?}\n--- stderr ---\n{}\n---",
+            self.command,
+            self.exited,
+            self.lines().join("\n")
+        )
+    }
+
+    /// Waits for a line matching `pred` (searching all lines so far), or
+    /// panics with a dump after `timeout`.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut all = self.lines.all.lock().expect("lines");
+        loop {
+            if let Some(line) = all.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(all);
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.dump()
+                );
+            }
+            all = self.lines.changed.wait_timeout(all, left).expect("lines").0;
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.exited.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for it to exit, or panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(status) = self.exited {
+            return status;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("it did not exit within {timeout:?}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks it to stop (SIGTERM), then kills it if it is still running
+    /// after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        if !self.running() {
+            return;
+        }
+        send(self.pid(), rustix::process::Signal::TERM);
+        let deadline = Instant::now() + grace;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        if let Ok(status) = self.child.wait() {
+            self.exited = Some(status);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `baton run`.
+pub struct Baton {
+    proc: Proc,
     /// Per-test directory (control socket, reports, faults file).
     pub dir: tempfile::TempDir,
     /// The control socket.
     pub control: PathBuf,
-    command: String,
-    exited: Option<ExitStatus>,
     /// `BATON_INSTANCE` in baton's environment, inherited by everything it
     /// starts: how leftovers of this very baton are found.
     instance: String,
@@ -162,28 +287,12 @@ impl BatonBuilder {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env_remove("RUST_LOG")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let command = format!("{cmd:?}");
-        let mut child = cmd.spawn().expect("spawning baton");
-        let lines = Arc::new(Lines::default());
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.all.lock().expect("lines").push(line);
-                sink.changed.notify_all();
-            }
-        });
         Baton {
-            child,
-            lines,
+            proc: Proc::spawn(cmd),
             dir: self.dir,
             control,
-            command,
-            exited: None,
             instance,
         }
     }
@@ -229,43 +338,23 @@ impl Baton {
 
     /// baton's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Every line baton (and the app) wrote to stderr so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.all.lock().expect("lines").clone()
+        self.proc.lines()
     }
 
     /// The command, status and output, for failure messages.
     pub fn dump(&self) -> String {
-        format!(
-            "command: {}\nexit: {:?}\n--- stderr ---\n{}\n---",
-            self.command,
-            self.exited,
-            self.lines().join("\n")
-        )
+        self.proc.dump()
     }
 
     /// Waits for a line matching `pred` (searching all lines so far), or
     /// panics with a dump after `timeout`.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut all = self.lines.all.lock().expect("lines");
-        loop {
-            if let Some(line) = all.iter().find(|l| pred(l)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                drop(all);
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    self.dump()
-                );
-            }
-            all = self.lines.changed.wait_timeout(all, left).expect("lines").0;
-        }
+        self.proc.wait_for(what, pred, timeout)
     }
 
     /// Waits for the log event `event` (e.g. "ready") of generation `generation`.
@@ -328,6 +417,14 @@ impl Baton {
         run(&all, LONG)
     }
 
+    /// `baton reload --json`: its exit code and its answer.
+    pub fn reload_json(&self) -> (Option<i32>, serde_json::Value) {
+        let out = self.ctl(&["reload", "--json"]);
+        let json = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("reload --json: {e}: {out:?}\n{}", self.dump()));
+        (out.code, json)
+    }
+
     /// `baton status --json`, parsed.
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);
@@ -358,17 +455,7 @@ impl Baton {
 
     /// Waits for baton to exit, or panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                self.exited = Some(status);
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!("baton did not exit within {timeout:?}\n{}", self.dump());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.proc.wait_exit(timeout)
     }
 
     /// The pids of every generation spawned so far.
@@ -383,15 +470,7 @@ impl Baton {
 
 impl Drop for Baton {
     fn drop(&mut self) {
-        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            send(self.pid(), rustix::process::Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.proc.terminate(Duration::from_secs(10));
         // Generations left behind (baton killed, or a test that failed
         // midway). Pids are reused quickly (pid_max can be 32768), so only
         // a process that this very baton started is killed: it inherited
@@ -1029,8 +1108,11 @@ pub fn connections(b: &Baton, socket: &str) -> Option<serde_json::Value> {
 /// nothing else. Returns true when the test ran there (the caller is done:
 /// the child's result was checked); false when the caller should run the
 /// test body itself, here (inside the namespace, or where none can be made).
-pub fn in_own_network(name: &str) -> bool {
+pub fn in_own_network(path: &str) -> bool {
     const INSIDE: &str = "BATON_TEST_NETNS";
+    // `it::endurance::name` (module_path! of the test) is `endurance::name`
+    // to the test harness.
+    let name = path.split_once("::").map_or(path, |(_, rest)| rest);
     if std::env::var_os(INSIDE).is_some() || !rustix::process::geteuid().is_root() {
         return false;
     }

@@ -1,7 +1,7 @@
 //! A new generation that fails is killed; the old one keeps serving, and
 //! `baton reload` says why with exit code 1.
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG, get, pid_gone, wait_until};
 
@@ -25,16 +25,13 @@ fn a_generation_that_crashes_at_start_rolls_back() {
     let old = b.gen_pid(1);
     std::fs::write(&faults, "--exit-before-ready 3").expect("write faults");
 
-    let out = b.ctl(&["reload"]);
-    assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(
-        out.stderr.contains("generation 2 (pid ")
-            && out
-                .stderr
-                .contains("exited with status 3 before it was ready"),
-        "{out:?}"
-    );
-    assert!(out.stderr.contains("generation 1 keeps serving"), "{out:?}");
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["result"], "rolled_back", "{json}");
+    assert_eq!(json["generation"], 2, "{json}");
+    assert_eq!(json["reason"]["kind"], "exited", "{json}");
+    assert_eq!(json["reason"]["status"]["exited"], 3, "{json}");
+    assert_eq!(json["serving"], 1, "{json}");
     b.wait_for_event("rollback", 2);
 
     let reply = get(b.port(), "/", LONG).expect("still serving");
@@ -42,9 +39,10 @@ fn a_generation_that_crashes_at_start_rolls_back() {
 
     // Fixed: the next reload goes through.
     std::fs::remove_file(&faults).expect("remove faults");
-    let out = b.ctl(&["reload"]);
-    assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.contains("generation 3"), "{out:?}");
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["result"], "reloaded", "{json}");
+    assert_eq!(json["generation"], 3, "{json}");
     wait_until("the old generation exited", LONG, || pid_gone(old));
 
     let status = b.ctl(&["status", "--json"]);
@@ -60,12 +58,14 @@ fn a_generation_that_never_becomes_ready_is_killed_and_rolled_back() {
     let old = b.gen_pid(1);
     std::fs::write(&faults, "--never-ready").expect("write faults");
 
-    let out = b.ctl(&["reload"]);
-    assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("was not ready within 1s"), "{out:?}");
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["reason"]["kind"], "not_ready", "{json}");
+    assert_eq!(json["reason"]["timeout"], "1s", "{json}");
+    let hint = json["reason"]["hint"].as_str().unwrap_or_default();
     assert!(
-        out.stderr.contains("READY=1"),
-        "the message hints at the notify protocol: {out:?}"
+        hint.contains("READY=1"),
+        "a hint at the notify protocol: {json}"
     );
     let stuck = b.gen_pid(2);
     wait_until("the stuck generation is killed", LONG, || pid_gone(stuck));
@@ -78,12 +78,10 @@ fn a_rollback_from_a_signal_is_logged() {
     let (b, faults) = with_faults(&[]);
     std::fs::write(&faults, "--exit-before-ready 7").expect("write faults");
     b.signal(rustix::process::Signal::HUP);
-    let line = b.wait_for_event("rollback", 2);
-    assert!(
-        line.contains("exited with status 7 before it was ready"),
-        "{line}"
-    );
-    assert!(line.contains("generation 1 keeps serving"), "{line}");
+    b.wait_for_event("rollback", 2);
+    let status = b.status_json();
+    assert_eq!(status["reloads_failed"], 1, "{status}");
+    assert_eq!(status["serving"], 1, "{status}");
     assert_eq!(
         get(b.port(), "/", LONG).expect("serving").generation,
         Some(1)

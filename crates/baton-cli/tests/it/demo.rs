@@ -1,7 +1,7 @@
 //! `baton demo`, the main job, end to end (short runs): hot reloads lose
 //! nothing, cold restarts lose requests for about the app's startup.
 
-mod support;
+use crate::support;
 
 #[test]
 fn the_demo_shows_hot_reloads_losing_nothing_and_cold_restarts_losing_requests() {

@@ -1,7 +1,7 @@
 //! Reloads under load: no request fails, every generation serves, and a
 //! request in flight during a reload completes.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

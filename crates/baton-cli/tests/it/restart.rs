@@ -2,7 +2,7 @@
 //! open, so clients wait instead of being refused. Readiness by delay and by
 //! command.
 
-mod support;
+use crate::support;
 
 use support::{Baton, LONG, get};
 
@@ -16,7 +16,7 @@ fn a_crashed_generation_is_replaced_and_clients_wait_meanwhile() {
     let reply = get(port, "/", LONG).expect("answered after the restart");
     assert_eq!(reply.generation, Some(2));
     let exit = b.wait_for_event("exit", 1);
-    assert!(exit.contains("signal 9"), "{exit}");
+    assert_eq!(support::field(&exit, "status"), Some("SIGKILL"), "{exit}");
     b.wait_for_event("ready", 2);
 }
 

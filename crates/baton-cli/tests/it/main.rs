@@ -1,0 +1,22 @@
+//! The integration tests, one binary: each module starts the real `baton`
+//! binary (and real peers) for one area of behaviour; `support` is their
+//! shared harness.
+
+mod support;
+
+mod bench;
+mod demo;
+mod endurance;
+mod gin;
+mod inherit;
+mod leaks;
+mod notify;
+mod operations;
+mod proxy;
+mod reload;
+mod restart;
+mod rollback;
+mod startup_errors;
+mod stop;
+mod storm;
+mod supervise;
