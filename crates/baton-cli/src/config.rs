@@ -714,6 +714,9 @@ fn bind_hint(addr: &ListenAddr, err: &io::Error) -> String {
         io::ErrorKind::PermissionDenied => "; check the directory's permissions".into(),
         io::ErrorKind::AddrNotAvailable => "; that address is not on this machine".into(),
         io::ErrorKind::AlreadyExists => "; remove it or choose another path".into(),
+        io::ErrorKind::IsADirectory => {
+            "; give the path of a socket file in it, like unix:DIR/app.sock".into()
+        }
         io::ErrorKind::NotFound if unix => "; does the directory exist?".into(),
         _ => String::new(),
     }

@@ -61,7 +61,7 @@ pub enum StartupError {
         path: PathBuf,
     },
     /// The control socket could not be set up.
-    #[error("control socket {path:?}: {error}")]
+    #[error("control socket {path:?}: {error}{}", control_hint(error))]
     Control {
         /// The socket path.
         path: PathBuf,
@@ -71,6 +71,17 @@ pub enum StartupError {
     /// Any other invalid setting.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// How to fix a control socket path, as "; …".
+fn control_hint(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::IsADirectory => {
+            "; --control takes the path of a socket file, like DIR/app.sock"
+        }
+        io::ErrorKind::AlreadyExists => "; remove it or choose another path",
+        _ => "",
+    }
 }
 
 /// Why a new generation was not put in service; the previous one (if any)

@@ -24,9 +24,10 @@ use trigger::Trigger;
 /// `baton bench` options.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// The URL to load: http://HOST:PORT/PATH.
+    /// The URL to load: http://HOST:PORT/PATH [default: the first TCP
+    /// listener of the only baton running, or of --name/--control].
     #[arg(long, value_name = "URL")]
-    pub url: String,
+    pub url: Option<String>,
 
     /// Concurrent clients (closed loop: each waits for its answer).
     #[arg(short = 'c', long, value_name = "N", default_value_t = 32)]
@@ -136,9 +137,47 @@ pub fn reload_times(args: &BenchArgs) -> Vec<Duration> {
         .collect()
 }
 
+/// A usage error (exit 2), like clap's own.
+fn usage(message: String) -> anyhow::Error {
+    crate::error::StartupError::Invalid(message).into()
+}
+
+/// Without `--url`: the first TCP listener of the baton that `name` or
+/// `control` names, or of the only one running.
+fn default_url(name: Option<&str>, control: Option<&std::path::Path>) -> anyhow::Result<String> {
+    use crate::control::{client, proto};
+    let target = client::Target { name, control };
+    let path = client::locate(&target)
+        .map_err(|e| usage(format!("no --url given, and no baton to take it from: {e}")))?;
+    let proto::Response::Status(status) = client::call(&path, &proto::Request::Status, None)?
+    else {
+        bail!("unexpected answer from baton at {}", path.display());
+    };
+    let addr = status
+        .listeners
+        .iter()
+        .find_map(|l| l.addr.parse::<SocketAddr>().ok())
+        .ok_or_else(|| {
+            usage(format!(
+                "no --url given, and {} has no TCP listener to load",
+                status.name
+            ))
+        })?;
+    // A wildcard address is reached through loopback.
+    let addr = match addr {
+        a if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        a => a,
+    };
+    Ok(format!("http://{addr}/"))
+}
+
 /// Runs `baton bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::parse(&args.url)?;
+    let url = match &args.url {
+        Some(url) => url.clone(),
+        None => default_url(args.name.as_deref(), args.control.as_deref())?,
+    };
+    let target = Target::parse(&url).map_err(|e| usage(format!("{e:#}")))?;
     let times = reload_times(&args);
     let (trigger, described): (Option<Trigger>, String) =
         match (&args.trigger, &args.name, &args.control) {
@@ -158,12 +197,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             (None, None, None) => (None, "no trigger".to_owned()),
         };
     if !times.is_empty() && trigger.is_none() {
-        bail!(
+        return Err(usage(
             "--reload-at/--reload-every need a trigger: --trigger CMD, --name NAME or --control PATH"
-        );
+                .to_owned(),
+        ));
     }
     if args.clients == 0 {
-        bail!("--clients must be at least 1");
+        return Err(usage("--clients must be at least 1".to_owned()));
     }
     let cfg = LoadConfig {
         addr: target.addr,
@@ -175,7 +215,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         timeout: args.timeout,
     };
     let setup = Setup {
-        url: args.url.clone(),
+        url: url.clone(),
         clients: args.clients,
         keep_alive: !args.new_conn,
         duration_s: args.duration.as_secs_f64(),
@@ -194,6 +234,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         std::fs::write(path, report::svg(&run))
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if run.summary.requests > 0 && run.summary.ok == 0 {
+        eprintln!(
+            "baton: nothing answered at {url}: all {} requests failed; is the service running there?",
+            run.summary.requests
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }

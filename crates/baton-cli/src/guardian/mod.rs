@@ -104,166 +104,223 @@ const NOTIFY_QUEUE: usize = 256;
 
 /// Runs the guardian until every generation is gone after a stop (or the
 /// first generation never became ready), and returns baton's exit code.
-pub async fn run(mut cfg: RunConfig) -> anyhow::Result<ExitCode> {
-    let mut signals = Signals::new().context("installing signal handlers")?;
-    if let Err(e) = sys::reaper::become_subreaper() {
-        warn!(error = %e, "cannot become a child subreaper; orphans of the app will go to init");
-    }
-    let control = cfg
-        .control
-        .listener
-        .take()
-        .context("the control socket")
-        .and_then(|l| {
-            l.set_nonblocking(true)?;
-            Ok(tokio::net::UnixListener::from_std(l)?)
-        })
-        .context("registering the control socket")?;
-    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
-    let control_connections =
-        baton::serve::Connections::new(crate::sys::limits::CONTROL_CONNECTIONS);
-    let control_task = tokio::spawn(crate::control::server::serve(
-        control,
-        control_tx,
-        Arc::clone(&control_connections),
-    ));
-    info!(
-        soft = cfg.nofile.soft,
-        hard = cfg.nofile.hard,
-        app_soft = cfg.nofile.original_soft,
-        "descriptors"
-    );
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        info!(addr = %l.local, name = %l.name, fd = vars::LISTEN_FDS_START + i as i32, "listening");
-    }
-    info!(path = %cfg.control.path.display(), name = %cfg.name, pid = std::process::id(), "control");
+pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
+    let mut running = Running::start(cfg)?;
+    running.serve().await;
+    Ok(running.finish().await)
+}
 
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let metrics = metrics::Shared::default();
-    let metrics_task = cfg
-        .metrics
-        .as_ref()
-        .map(|listener| {
-            let listener = listener.try_clone().context("the metrics listener")?;
-            if let Ok(addr) = listener.local_addr() {
-                info!(addr = %addr, "metrics");
-            }
-            anyhow::Ok(tokio::spawn(metrics::serve(listener, Arc::clone(&metrics))))
-        })
-        .transpose()?;
-    let watch_task = cfg
-        .watch
-        .clone()
-        .map(|path| watch::spawn(path, events_tx.clone(), || Event::Watched));
-    let mut caps = vec![("control", Arc::clone(&control_connections))];
-    let launch: Box<dyn Launch> = match &cfg.proxy {
-        None => Box::new(launch::Sockets),
-        Some(p) => {
-            let proxied = launch::Proxied::start(&cfg, p)?;
-            caps.push(("proxy", Arc::clone(proxied.proxy().connections())));
-            if let Ok(mut m) = metrics.lock() {
-                m.proxy = Some(Arc::clone(proxied.proxy()));
-            }
-            Box::new(proxied)
+/// The guardian and what its loop waits on.
+struct Running {
+    g: Guardian,
+    signals: Signals,
+    control_rx: mpsc::UnboundedReceiver<ControlRequest>,
+    events: mpsc::UnboundedReceiver<Event>,
+    notify_rx: mpsc::Receiver<(u64, Datagram)>,
+    housekeeping: tokio::time::Interval,
+    control_task: tokio::task::JoinHandle<()>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    watch_task: Option<AbortHandle>,
+}
+
+impl Running {
+    /// Sets up everything the loop waits on (signals first, so that no
+    /// SIGCHLD is missed) and starts generation 1.
+    fn start(mut cfg: RunConfig) -> anyhow::Result<Running> {
+        let signals = Signals::new().context("installing signal handlers")?;
+        if let Err(e) = sys::reaper::become_subreaper() {
+            warn!(error = %e, "cannot become a child subreaper; orphans of the app will go to init");
         }
-    };
-    let rejected = Arc::new(pressure::Rejected::default());
-    let pressure = pressure::Pressure::new(Arc::clone(&rejected), caps);
-    if let Ok(mut m) = metrics.lock() {
-        m.control = Some(control_connections);
-        m.nofile_limit = cfg.nofile.soft;
-    }
-    let (notify_tx, mut notify_rx) = mpsc::channel(NOTIFY_QUEUE);
-    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let now = Instant::now();
-    let mut g = Guardian {
-        listener_inodes: listener_inodes(&cfg),
-        app_uid: cfg
-            .user
-            .as_ref()
-            .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid),
-        children: Children::new(&cfg),
-        policy: Policy::new(cfg.policy.clone()),
-        cfg,
-        launch,
-        handles: BTreeMap::new(),
-        events: events_tx,
-        notify_tx,
-        rejected,
-        pressure,
-        status_log: pressure::Throttle::new(20, pressure::INTERVAL),
-        listener_rearms: 0,
-        failed_hint: None,
-        metrics,
-        systemd: systemd::Systemd::default(),
-        stop_waiters: Vec::new(),
-        started: now,
-        event_at: now,
-        exit: None,
-    };
-    // Children that exited before the handler was installed are reaped on
-    // the first SIGCHLD or here.
-    g.reap();
-    let start = g.policy.start(now);
-    g.apply(start);
+        let control = cfg
+            .control
+            .listener
+            .take()
+            .context("the control socket")
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(tokio::net::UnixListener::from_std(l)?)
+            })
+            .context("registering the control socket")?;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let control_connections =
+            baton::serve::Connections::new(crate::sys::limits::CONTROL_CONNECTIONS);
+        let control_task = tokio::spawn(crate::control::server::serve(
+            control,
+            control_tx,
+            Arc::clone(&control_connections),
+        ));
+        info!(
+            soft = cfg.nofile.soft,
+            hard = cfg.nofile.hard,
+            app_soft = cfg.nofile.original_soft,
+            "descriptors"
+        );
+        for (i, l) in cfg.listeners.iter().enumerate() {
+            info!(addr = %l.local, name = %l.name, fd = vars::LISTEN_FDS_START + i as i32, "listening");
+        }
+        info!(path = %cfg.control.path.display(), name = %cfg.name, pid = std::process::id(), "control");
 
-    while g.exit.is_none() {
-        let deadline = g.policy.next_deadline();
-        let sleep = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                None => std::future::pending().await,
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let metrics = metrics::Shared::default();
+        let metrics_task = cfg
+            .metrics
+            .as_ref()
+            .map(|listener| {
+                let listener = listener.try_clone().context("the metrics listener")?;
+                if let Ok(addr) = listener.local_addr() {
+                    info!(addr = %addr, "metrics");
+                }
+                anyhow::Ok(tokio::spawn(metrics::serve(listener, Arc::clone(&metrics))))
+            })
+            .transpose()?;
+        let watch_task = cfg
+            .watch
+            .clone()
+            .map(|path| watch::spawn(path, events_tx.clone(), || Event::Watched));
+        let mut caps = vec![("control", Arc::clone(&control_connections))];
+        let launch: Box<dyn Launch> = match &cfg.proxy {
+            None => Box::new(launch::Sockets),
+            Some(p) => {
+                let proxied = launch::Proxied::start(&cfg, p)?;
+                caps.push(("proxy", Arc::clone(proxied.proxy().connections())));
+                if let Ok(mut m) = metrics.lock() {
+                    m.proxy = Some(Arc::clone(proxied.proxy()));
+                }
+                Box::new(proxied)
             }
         };
-        tokio::select! {
-            _ = signals.chld.recv() => g.reap(),
-            _ = signals.hup.recv() => g.trigger(Trigger::Signal(Signal::HUP), None),
-            _ = signals.usr2.recv() => g.trigger(Trigger::Signal(Signal::USR2), None),
-            _ = signals.term.recv() => g.stop("SIGTERM"),
-            _ = signals.int.recv() => g.stop("SIGINT"),
-            _ = signals.quit.recv() => { g.forward(Signal::QUIT); }
-            _ = signals.usr1.recv() => { g.forward(Signal::USR1); }
-            _ = signals.winch.recv() => { g.forward(Signal::WINCH); }
-            Some(req) = control_rx.recv() => g.control(req),
-            Some(event) = events.recv() => g.event(event),
-            Some((generation, datagram)) = notify_rx.recv() => {
-                g.event(Event::Notify { generation, datagram });
-            }
-            _ = housekeeping.tick() => g.housekeeping(),
-            () = sleep => g.tick(),
+        let rejected = Arc::new(pressure::Rejected::default());
+        let pressure = pressure::Pressure::new(Arc::clone(&rejected), caps);
+        if let Ok(mut m) = metrics.lock() {
+            m.control = Some(control_connections);
+            m.nofile_limit = cfg.nofile.soft;
         }
-        g.publish();
+        let (notify_tx, notify_rx) = mpsc::channel(NOTIFY_QUEUE);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let now = Instant::now();
+        let mut g = Guardian {
+            listener_inodes: listener_inodes(&cfg),
+            app_uid: cfg
+                .user
+                .as_ref()
+                .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid),
+            children: Children::new(&cfg),
+            policy: Policy::new(cfg.policy.clone()),
+            cfg,
+            launch,
+            handles: BTreeMap::new(),
+            events: events_tx,
+            notify_tx,
+            rejected,
+            pressure,
+            status_log: pressure::Throttle::new(20, pressure::INTERVAL),
+            listener_rearms: 0,
+            failed_hint: None,
+            metrics,
+            systemd: systemd::Systemd::default(),
+            stop_waiters: Vec::new(),
+            started: now,
+            event_at: now,
+            exit: None,
+        };
+        // Children that exited before the handler was installed are reaped
+        // on the first SIGCHLD or here.
+        g.reap();
+        let start = g.policy.start(now);
+        g.apply(start);
+        Ok(Running {
+            g,
+            signals,
+            control_rx,
+            events,
+            notify_rx,
+            housekeeping,
+            control_task,
+            metrics_task,
+            watch_task,
+        })
     }
 
-    let code = g.exit.unwrap_or(1);
-    // The control socket goes first (closed, file removed), and the
-    // listeners (every generation is gone), so that a new baton may take
-    // their paths as soon as `baton stop` returns; then those waiting for
-    // the stop are told, and their answers written.
-    control_task.abort();
-    let _ = control_task.await;
-    g.cfg.control.remove();
-    g.cfg.listeners.clear();
-    for waiter in g.stop_waiters.drain(..) {
-        let _ = waiter.send(Response::Stopped { code });
+    /// The loop: until baton exits.
+    async fn serve(&mut self) {
+        let Running {
+            g,
+            signals,
+            control_rx,
+            events,
+            notify_rx,
+            housekeeping,
+            ..
+        } = self;
+        while g.exit.is_none() {
+            let deadline = g.policy.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = signals.chld.recv() => g.reap(),
+                _ = signals.hup.recv() => g.trigger(Trigger::Signal(Signal::HUP), None),
+                _ = signals.usr2.recv() => g.trigger(Trigger::Signal(Signal::USR2), None),
+                _ = signals.term.recv() => g.stop("SIGTERM"),
+                _ = signals.int.recv() => g.stop("SIGINT"),
+                _ = signals.quit.recv() => { g.forward(Signal::QUIT); }
+                _ = signals.usr1.recv() => { g.forward(Signal::USR1); }
+                _ = signals.winch.recv() => { g.forward(Signal::WINCH); }
+                Some(req) = control_rx.recv() => g.control(req),
+                Some(event) = events.recv() => g.event(event),
+                Some((generation, datagram)) = notify_rx.recv() => {
+                    g.event(Event::Notify { generation, datagram });
+                }
+                _ = housekeeping.tick() => g.housekeeping(),
+                () = sleep => g.tick(),
+            }
+            g.publish();
+        }
     }
-    let control = g
-        .pressure
-        .caps()
-        .find(|(name, _)| *name == "control")
-        .map(|(_, c)| Arc::clone(c));
-    if let Some(control) = control {
-        let _ = tokio::time::timeout(Duration::from_secs(1), control.closed()).await;
+
+    /// After the loop: the control socket goes first (closed, file
+    /// removed), and the listeners (every generation is gone), so that a
+    /// new baton may take their paths as soon as `baton stop` returns; then
+    /// those waiting for the stop are told, and their answers written.
+    async fn finish(self) -> ExitCode {
+        let Running {
+            mut g,
+            control_task,
+            metrics_task,
+            watch_task,
+            ..
+        } = self;
+        let code = g.exit.unwrap_or(1);
+        control_task.abort();
+        let _ = control_task.await;
+        g.cfg.control.remove();
+        g.cfg.listeners.clear();
+        for waiter in g.stop_waiters.drain(..) {
+            let _ = waiter.send(Response::Stopped { code });
+        }
+        let control = g
+            .pressure
+            .caps()
+            .find(|(name, _)| *name == "control")
+            .map(|(_, c)| Arc::clone(c));
+        if let Some(control) = control {
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.closed()).await;
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        if let Some(task) = watch_task {
+            task.abort();
+        }
+        info!(code, "stopped");
+        ExitCode::from(code)
     }
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    if let Some(task) = watch_task {
-        task.abort();
-    }
-    info!(code, "stopped");
-    Ok(ExitCode::from(code))
 }
 
 /// Inodes of baton's listening sockets (to tell them from an app's own).
@@ -621,20 +678,7 @@ impl Guardian {
                     pid,
                     signal,
                     cause: SignalCause::Retire,
-                } => {
-                    // Its successor takes the traffic first.
-                    self.cut_over();
-                    let handover_us = self.event_at.elapsed().as_micros() as u64;
-                    let cx = Cx {
-                        cfg: &self.cfg,
-                        children: &mut self.children,
-                        events: &self.events,
-                    };
-                    let mut none = Handles::default();
-                    let handles = self.handles.get_mut(&generation).unwrap_or(&mut none);
-                    self.launch
-                        .drain(cx, generation, pid, signal, handles, handover_us);
-                }
+                } => self.retire(generation, pid, signal),
                 Action::Signal {
                     generation,
                     pid,
@@ -656,57 +700,76 @@ impl Guardian {
                         warn!(generation, pid, error = %e, "cannot kill the process group");
                     }
                 }
-                Action::Report { waiters, outcome } => {
-                    let mut response = report::response(&outcome);
-                    match (&outcome, &mut response) {
-                        (
-                            Outcome::Reloaded {
-                                generation,
-                                pid,
-                                ready_after,
-                            },
-                            _,
-                        ) => {
-                            self.cut_over();
-                            let inherited = Arc::clone(&self.listener_inodes);
-                            let cx = Cx {
-                                cfg: &self.cfg,
-                                children: &mut self.children,
-                                events: &self.events,
-                            };
-                            self.launch.serving(cx, *generation, *pid, &inherited);
-                            self.systemd.serving(*generation);
-                            if let Ok(mut m) = self.metrics.lock() {
-                                m.ready(*ready_after);
-                            }
-                        }
-                        (
-                            Outcome::RolledBack {
-                                serving, reason, ..
-                            },
-                            Response::RolledBack { message, .. },
-                        ) => {
-                            let hint = self.failed_hint.take().or_else(|| {
-                                let serving = (*serving)?;
-                                let pid = self.pid_of(serving)?;
-                                let handles = self.handles.get(&serving)?;
-                                self.launch.reload_hint(serving, pid, handles)
-                            });
-                            if let Some(hint) = hint {
-                                warn!("hint: {hint}");
-                                message.push_str("; ");
-                                message.push_str(&hint);
-                            }
-                            self.systemd.rolled_back(*serving, &reason.to_string());
-                        }
-                        _ => {}
-                    }
-                    for waiter in waiters {
-                        let _ = waiter.send(response.clone());
-                    }
-                }
+                Action::Report { waiters, outcome } => self.report(waiters, &outcome),
                 Action::Exit { code } => self.exit = Some(code),
             }
+        }
+    }
+
+    /// Generation `generation` was retired by its successor: the successor
+    /// takes the traffic first, then the old one is asked to drain.
+    fn retire(&mut self, generation: u64, pid: i32, signal: Signal) {
+        self.cut_over();
+        let handover_us = self.event_at.elapsed().as_micros() as u64;
+        let cx = Cx {
+            cfg: &self.cfg,
+            children: &mut self.children,
+            events: &self.events,
+        };
+        let mut none = Handles::default();
+        let handles = self.handles.get_mut(&generation).unwrap_or(&mut none);
+        self.launch
+            .drain(cx, generation, pid, signal, handles, handover_us);
+    }
+
+    /// A reload ended: its effects, then the answer to whoever asked.
+    fn report(&mut self, waiters: Vec<Waiter>, outcome: &Outcome) {
+        let mut response = report::response(outcome);
+        match (outcome, &mut response) {
+            (
+                Outcome::Reloaded {
+                    generation,
+                    pid,
+                    ready_after,
+                },
+                _,
+            ) => {
+                self.cut_over();
+                let inherited = Arc::clone(&self.listener_inodes);
+                let cx = Cx {
+                    cfg: &self.cfg,
+                    children: &mut self.children,
+                    events: &self.events,
+                };
+                self.launch.serving(cx, *generation, *pid, &inherited);
+                self.systemd.serving(*generation);
+                if let Ok(mut m) = self.metrics.lock() {
+                    m.ready(*ready_after);
+                }
+            }
+            (
+                Outcome::RolledBack {
+                    serving, reason, ..
+                },
+                Response::RolledBack { message, .. },
+            ) => {
+                let hint = self.failed_hint.take().or_else(|| {
+                    let serving = (*serving)?;
+                    let pid = self.pid_of(serving)?;
+                    let handles = self.handles.get(&serving)?;
+                    self.launch.reload_hint(serving, pid, handles)
+                });
+                if let Some(hint) = hint {
+                    warn!("hint: {hint}");
+                    message.push_str("; ");
+                    message.push_str(&hint);
+                }
+                self.systemd.rolled_back(*serving, &reason.to_string());
+            }
+            _ => {}
+        }
+        for waiter in waiters {
+            let _ = waiter.send(response.clone());
         }
     }
 

@@ -19,6 +19,7 @@
 //! single-threaded. They talk through [`Proxy`] (shared, lock-light) and the
 //! guardian's event channel (drained upstreams).
 
+pub mod body;
 pub mod http;
 pub mod tcp;
 pub mod upstream;

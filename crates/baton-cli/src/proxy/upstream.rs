@@ -29,7 +29,7 @@ pub const POOL_IDLE: Duration = Duration::from_secs(15);
 
 /// The body sent to a generation: the client's (bounded by a stall
 /// timeout), or none (a replay).
-pub type UpBody = Either<super::http::Bounded<hyper::body::Incoming>, Empty<Bytes>>;
+pub type UpBody = Either<super::body::Bounded<hyper::body::Incoming>, Empty<Bytes>>;
 
 /// A client connection to a generation: the request sender, and the task
 /// that drives the connection, which is stopped (closing the socket) when

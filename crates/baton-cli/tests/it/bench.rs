@@ -13,10 +13,16 @@ use std::time::Duration;
 use support::{Baton, LONG, baton, pid_gone, wait_until};
 
 fn bench_json(args: &[&str]) -> serde_json::Value {
+    bench_json_exiting(args, 0)
+}
+
+/// `baton bench --json ARGS`, which must exit with `code` (1 when nothing
+/// answered).
+fn bench_json_exiting(args: &[&str], code: i32) -> serde_json::Value {
     let mut all = vec!["bench", "--json"];
     all.extend_from_slice(args);
     let out = baton(&all);
-    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.code, Some(code), "{out:?}");
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
 }
 
@@ -198,7 +204,8 @@ fn read_request(stream: &mut std::net::TcpStream) {
 fn only_kind(url: &str, extra: &[&str], kind: &str) {
     let mut args = vec!["--url", url, "-c", "2", "-d", "500ms"];
     args.extend_from_slice(extra);
-    let run = bench_json(&args);
+    // Every request fails: baton bench says nothing answered (exit 1).
+    let run = bench_json_exiting(&args, 1);
     let kinds = failures(&run);
     assert!(!kinds.is_empty(), "{run}");
     assert!(
@@ -254,16 +261,54 @@ fn no_answer_in_time_is_counted_as_timeout() {
 }
 
 #[test]
-fn bad_bench_input_is_a_clear_error() {
+fn bad_bench_input_is_a_usage_error() {
     let out = baton(&["bench", "--url", "https://example.com/"]);
-    assert_eq!(out.code, Some(1));
+    assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
         out.stderr.contains("expected http://HOST:PORT/PATH"),
         "{}",
         out.stderr
     );
+    let out = baton(&["bench", "--url", "notaurl"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
     let out = baton(&["bench", "--url", "http://127.0.0.1:1/", "--reload-at", "1s"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("need a trigger"), "{}", out.stderr);
+}
+
+#[test]
+fn a_run_where_nothing_answered_fails() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let out = baton(&["bench", "--url", &url, "-c", "2", "-d", "300ms"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("nothing answered"), "{}", out.stderr);
+}
+
+#[test]
+fn without_a_url_it_loads_the_baton_it_is_pointed_at() {
+    let b = Baton::serving(&[], &[]);
+    let control = b.control.to_str().expect("utf-8").to_owned();
+    let run = bench_json(&[
+        "--control",
+        &control,
+        "-c",
+        "2",
+        "-d",
+        "500ms",
+        "--reload-at",
+        "200ms",
+    ]);
+    assert_eq!(
+        run["setup"]["url"],
+        format!("http://127.0.0.1:{}/", b.port())
+    );
+    assert!(run["summary"]["ok"].as_u64() > Some(0), "{run}");
+    assert_eq!(run["summary"]["failed"], 0, "{run}");
 }
 
 #[test]

@@ -52,9 +52,10 @@ fn baton_raises_its_descriptor_limit_and_apps_get_the_original() {
 
 #[test]
 fn thousands_of_idle_clients_on_the_port_and_the_control_socket_lock_nobody_out() {
-    if support::in_own_network(
-        "thousands_of_idle_clients_on_the_port_and_the_control_socket_lock_nobody_out",
-    ) {
+    if support::in_own_network(concat!(
+        module_path!(),
+        "::thousands_of_idle_clients_on_the_port_and_the_control_socket_lock_nobody_out"
+    )) {
         return;
     }
     // Soft limit 1 024 (systemd's default), hard 16 384: 3 000 idle clients
@@ -97,9 +98,10 @@ fn thousands_of_idle_clients_on_the_port_and_the_control_socket_lock_nobody_out(
 
 #[test]
 fn with_no_descriptors_to_spare_idle_clients_cannot_stop_service_or_restarts() {
-    if support::in_own_network(
-        "with_no_descriptors_to_spare_idle_clients_cannot_stop_service_or_restarts",
-    ) {
+    if support::in_own_network(concat!(
+        module_path!(),
+        "::with_no_descriptors_to_spare_idle_clients_cannot_stop_service_or_restarts"
+    )) {
         return;
     }
     // Hard limit 1 024: nothing to raise. 1 500 idle clients are more than
@@ -136,9 +138,10 @@ fn with_no_descriptors_to_spare_idle_clients_cannot_stop_service_or_restarts() {
 
 #[test]
 fn slowloris_clients_are_cut_at_the_header_timeout_and_others_are_served() {
-    if support::in_own_network(
-        "slowloris_clients_are_cut_at_the_header_timeout_and_others_are_served",
-    ) {
+    if support::in_own_network(concat!(
+        module_path!(),
+        "::slowloris_clients_are_cut_at_the_header_timeout_and_others_are_served"
+    )) {
         return;
     }
     let b = Baton::behind_proxy("http", &["--header-timeout", "2s"], &[]);
@@ -509,9 +512,10 @@ fn an_upload_slower_than_the_upstream_timeout_is_answered() {
 
 #[test]
 fn an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop() {
-    if support::in_own_network(
-        "an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop",
-    ) {
+    if support::in_own_network(concat!(
+        module_path!(),
+        "::an_app_that_shuts_its_listener_at_every_exit_does_not_cause_a_reload_loop"
+    )) {
         return;
     }
     let b = Baton::builder()

@@ -283,3 +283,65 @@ fn a_long_lived_connection_does_not_hold_the_stop_signal_past_half_the_stop_time
     assert!(!b.has_event("kill", 1));
     drop(pinned);
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+#[test]
+fn an_app_on_the_wrong_port_gets_proxy_advice_once() {
+    // Python's http.server told to bind a fixed port, not $PORT, as a new
+    // user would: proxy-mode advice, once, never socket-passing advice.
+    let python = "/usr/bin/python3";
+    if !support::peer_at(python, "python3") {
+        return;
+    }
+    let port = free_port().to_string();
+    let mut b = Baton::builder()
+        .run_args(["--proxy", "http", "--listen", "127.0.0.1:0"])
+        .run_args(["--health-timeout", "3s"])
+        .command([python, "-m", "http.server", &port, "--bind", "127.0.0.1"])
+        .start();
+    // Never healthy on its private port: the first generation fails.
+    assert_eq!(b.wait_exit(LONG).code(), Some(1), "{}", b.dump());
+    let lines = b.lines();
+    let advice: Vec<&String> = lines
+        .iter()
+        .filter(|l| support::is_event(l, "listens"))
+        .collect();
+    assert_eq!(advice.len(), 1, "{advice:#?}");
+    assert!(
+        advice[0].contains(&format!("127.0.0.1:{port}")),
+        "{advice:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("LISTEN_FDS")),
+        "socket-passing advice in proxy mode:\n{}",
+        b.dump()
+    );
+    let rollback = b.wait_for_event("rollback", 1);
+    assert!(rollback.contains("127.0.0.1:$PORT"), "{rollback}");
+}
+
+#[test]
+fn a_first_generation_that_binds_its_own_port_is_pointed_to_proxy_mode() {
+    // Socket mode: an app that ignores LISTEN_FDS and never notifies.
+    let python = "/usr/bin/python3";
+    if !support::peer_at(python, "python3") {
+        return;
+    }
+    let port = free_port().to_string();
+    let mut b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--ready-timeout", "2s"])
+        .command([python, "-m", "http.server", &port, "--bind", "127.0.0.1"])
+        .start();
+    assert_eq!(b.wait_exit(LONG).code(), Some(1), "{}", b.dump());
+    b.wait_for_event("rollback", 1);
+    let hint = b.wait_for("the hint", |l| support::is_event(l, "hint"), LONG);
+    assert!(hint.contains(&format!("127.0.0.1:{port}")), "{hint}");
+    assert!(hint.contains("--proxy http"), "{hint}");
+}

@@ -257,3 +257,34 @@ fn huge_durations_and_connection_caps_are_refused_at_parse_time() {
         assert_startup_error(&out, needle);
     }
 }
+
+#[test]
+fn a_directory_where_a_socket_file_belongs_gets_advice_that_fits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let out = baton(&["run", "--listen", &format!("unix:{d}"), "--", "true"]);
+    assert_startup_error(
+        &out,
+        "it is a directory; give the path of a socket file in it",
+    );
+    let out = baton(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        d,
+        "--",
+        "true",
+    ]);
+    assert_startup_error(
+        &out,
+        "it is a directory; --control takes the path of a socket file",
+    );
+}
+
+#[test]
+fn a_mistyped_option_is_a_usage_error_not_the_command() {
+    let out = baton(&["run", "--lisen", "127.0.0.1:0", "--", "true"]);
+    assert_startup_error(&out, "unexpected argument '--lisen'");
+    assert!(out.stderr.contains("--listen"), "{}", out.stderr);
+}

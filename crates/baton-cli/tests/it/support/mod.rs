@@ -540,8 +540,17 @@ pub struct Output {
 
 /// Runs `baton <args>` to completion (killing it after `timeout`).
 pub fn run(args: &[OsString], timeout: Duration) -> Output {
+    // `baton run` without --control or --name would use the default path,
+    // named after the command: tests running at once would share it.
+    let own = tempfile::tempdir().expect("tempdir");
+    let mut args = args.to_vec();
+    let named = args.iter().any(|a| a == "--control" || a == "--name");
+    if args.first().is_some_and(|a| a == "run") && !named {
+        args.insert(1, own.path().join("control.sock").into());
+        args.insert(1, "--control".into());
+    }
     let mut child = Command::new(exe())
-        .args(args)
+        .args(&args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1112,7 +1121,10 @@ pub fn in_own_network(path: &str) -> bool {
     const INSIDE: &str = "BATON_TEST_NETNS";
     // `it::endurance::name` (module_path! of the test) is `endurance::name`
     // to the test harness.
-    let name = path.split_once("::").map_or(path, |(_, rest)| rest);
+    let name = path
+        .split_once("::")
+        .map(|(_, rest)| rest)
+        .expect("a test's full path: concat!(module_path!(), \"::name\")");
     if std::env::var_os(INSIDE).is_some() || !rustix::process::geteuid().is_root() {
         return false;
     }
