@@ -35,10 +35,7 @@ fn under_systemd_socket_activate_it_serves_on_the_activated_socket() {
         return;
     }
     // A port for systemd-socket-activate to bind (it takes no port 0).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = support::free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.args(["-l", &addr, "--fdname=http", APP, "--listen", "127.0.0.1:1"]);

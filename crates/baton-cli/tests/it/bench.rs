@@ -73,10 +73,7 @@ fn a_clean_run_counts_no_failure_and_reloads_under_baton_lose_nothing() {
 #[test]
 fn a_server_down_for_a_second_shows_a_second_of_refusals() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     let pidfile = dir.path().join("pid");
     let exe = support::exe();
     let start = format!(
@@ -217,10 +214,7 @@ fn only_kind(url: &str, extra: &[&str], kind: &str) {
 
 #[test]
 fn a_refused_connection_is_counted_as_refused() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     only_kind(&format!("http://127.0.0.1:{port}/"), &[], "refused");
 }
 
@@ -279,10 +273,7 @@ fn bad_bench_input_is_a_usage_error() {
 #[test]
 fn a_run_where_nothing_answered_fails() {
     // A port nothing listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     let url = format!("http://127.0.0.1:{port}/");
     let out = baton(&["bench", "--url", &url, "-c", "2", "-d", "300ms"]);
     assert_eq!(out.code, Some(1), "{out:?}");

@@ -79,10 +79,7 @@ fn a_slow_gin_request_finishes_across_a_reload() {
 #[test]
 fn an_unmodified_gin_app_is_detected_and_the_reload_says_why_it_failed() {
     let Some((_, plain)) = binaries() else { return };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     // `r.Run()` binds $PORT itself (on every interface); it never reads
     // LISTEN_FDS or notifies, hence --ready delay.
     let b = Baton::builder()

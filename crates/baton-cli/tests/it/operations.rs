@@ -110,10 +110,7 @@ fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
     if !support::peer("systemd-socket-activate", "systemd") {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let control = dir.path().join("control.sock");
     let mut cmd = Command::new("systemd-socket-activate");
@@ -154,10 +151,7 @@ fn under_systemd_socket_activation_baton_uses_the_passed_socket() {
 
 #[test]
 fn metrics_count_reloads_exits_and_durations() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     let b = Baton::serving(&["--metrics", &format!("127.0.0.1:{port}")], &[]);
     assert_eq!(b.ctl(&["reload"]).code, Some(0));
     b.wait_for_event("exit", 1);

@@ -140,10 +140,7 @@ fn http_upgrades_are_spliced() {
 
 #[test]
 fn a_broken_upstream_response_closes_the_client_connection_and_is_counted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = support::free_port();
     let b = behind("http", &["--metrics", &format!("127.0.0.1:{port}")], &[]);
     let got = exchange(b.port(), "GET /broken HTTP/1.1\r\nHost: x\r\n\r\n", b"");
     let text = String::from_utf8_lossy(&got);
@@ -159,10 +156,7 @@ fn a_broken_upstream_response_closes_the_client_connection_and_is_counted() {
 
 #[test]
 fn an_app_that_ignores_port_is_rolled_back_with_a_clear_reason() {
-    let other = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let other = support::free_port();
     let builder = Baton::builder();
     let faults = builder.dir().join("faults");
     let b = builder
@@ -284,14 +278,6 @@ fn a_long_lived_connection_does_not_hold_the_stop_signal_past_half_the_stop_time
     drop(pinned);
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 #[test]
 fn an_app_on_the_wrong_port_gets_proxy_advice_once() {
     // Python's http.server told to bind a fixed port, not $PORT, as a new
@@ -300,7 +286,7 @@ fn an_app_on_the_wrong_port_gets_proxy_advice_once() {
     if !support::peer_at(python, "python3") {
         return;
     }
-    let port = free_port().to_string();
+    let port = support::free_port().to_string();
     let mut b = Baton::builder()
         .run_args(["--proxy", "http", "--listen", "127.0.0.1:0"])
         .run_args(["--health-timeout", "3s"])
@@ -334,7 +320,7 @@ fn a_first_generation_that_binds_its_own_port_is_pointed_to_proxy_mode() {
     if !support::peer_at(python, "python3") {
         return;
     }
-    let port = free_port().to_string();
+    let port = support::free_port().to_string();
     let mut b = Baton::builder()
         .run_args(["--listen", "127.0.0.1:0", "--ready-timeout", "2s"])
         .command([python, "-m", "http.server", &port, "--bind", "127.0.0.1"])

@@ -1162,3 +1162,11 @@ pub fn in_own_network(path: &str) -> bool {
     eprintln!("{}", text.trim_end());
     true
 }
+
+/// A loopback port nothing listens on now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
