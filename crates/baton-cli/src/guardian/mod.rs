@@ -26,7 +26,9 @@ pub mod children;
 pub mod diagnose;
 pub mod generation;
 pub mod launch;
+mod listeners;
 pub mod metrics;
+mod notify;
 mod output;
 pub mod policy;
 mod pressure;
@@ -48,7 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{ListenerCheck, RunConfig};
+use crate::config::RunConfig;
 use crate::control::proto::{Request, Response};
 use crate::control::server::ControlRequest;
 use crate::exit::ExitStatus;
@@ -97,10 +99,6 @@ pub enum Event {
 
 /// How often the guardian looks at its listeners and reports pressure.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-
-/// Notifications queued from the sockets' readers to the loop, at most; a
-/// reader waits (and the datagrams wait in its socket) beyond that.
-const NOTIFY_QUEUE: usize = 256;
 
 /// Runs the guardian until every generation is gone after a stop (or the
 /// first generation never became ready), and returns baton's exit code.
@@ -195,7 +193,7 @@ impl Running {
             m.control = Some(control_connections);
             m.nofile_limit = cfg.nofile.soft;
         }
-        let (notify_tx, notify_rx) = mpsc::channel(NOTIFY_QUEUE);
+        let (notify_tx, notify_rx) = mpsc::channel(notify::QUEUE);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = Instant::now();
@@ -358,34 +356,6 @@ impl Signals {
             usr1: signal(SignalKind::user_defined1())?,
             winch: signal(SignalKind::window_change())?,
         })
-    }
-}
-
-/// Who may speak for a generation on its notify socket. Checked by the
-/// socket's reader, so that a flood from elsewhere never reaches the loop.
-#[derive(Debug, Clone, Copy)]
-struct NotifyFilter {
-    /// The uid the app runs as.
-    app_uid: u32,
-    /// `--notify-access main`.
-    main_only: bool,
-    /// The generation's main process.
-    pid: i32,
-}
-
-impl NotifyFilter {
-    fn check(&self, datagram: &Datagram) -> Result<(), &'static str> {
-        // Anyone on the machine can find an abstract socket: only the app's
-        // own user (or root) may speak for a generation.
-        if !matches!(datagram.uid, Some(uid) if uid == self.app_uid || uid == 0) {
-            return Err("from another user");
-        }
-        if self.main_only && datagram.pid != Some(self.pid) {
-            return Err(
-                "from a process other than the generation's main one (--notify-access main)",
-            );
-        }
-        Ok(())
     }
 }
 
@@ -798,42 +768,20 @@ impl Guardian {
         Ok((launched.process, launched.route))
     }
 
-    /// Passes `generation`'s notifications to the loop, once they passed
-    /// the checks of [`NotifyFilter`]; the rest are only counted.
-    fn read_notifications(&self, generation: u64, pid: i32, notify: NotifySocket) -> AbortHandle {
-        let to_loop = self.notify_tx.clone();
-        let filter = NotifyFilter {
+    /// Passes `generation`'s notifications to the loop (see `notify`).
+    fn read_notifications(&self, generation: u64, pid: i32, socket: NotifySocket) -> AbortHandle {
+        let filter = notify::Filter {
             app_uid: self.app_uid,
             main_only: self.cfg.notify_access == NotifyAccess::Main,
             pid,
         };
-        let rejected = Arc::clone(&self.rejected);
-        tokio::spawn(async move {
-            loop {
-                match notify.recv().await {
-                    Ok(datagram) => {
-                        if let Err(why) = filter.check(&datagram) {
-                            rejected.note(format!(
-                                "generation {generation}: {why} (sender pid {}, uid {})",
-                                datagram.pid.unwrap_or(0),
-                                datagram
-                                    .uid
-                                    .map_or_else(|| "?".to_owned(), |u| u.to_string()),
-                            ));
-                            continue;
-                        }
-                        if to_loop.send((generation, datagram)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(generation, error = %e, "the notification socket failed");
-                        break;
-                    }
-                }
-            }
-        })
-        .abort_handle()
+        notify::read(
+            generation,
+            socket,
+            filter,
+            self.notify_tx.clone(),
+            Arc::clone(&self.rejected),
+        )
     }
 
     /// Runs the `--ready exec:` command for a starting generation.
@@ -890,6 +838,32 @@ impl Guardian {
         }
     }
 
+    /// Makes sure every listener still listens, where generations hold them
+    /// (and may shut them down). `exited` is the generation that just
+    /// exited, the likely culprit.
+    fn check_listeners(&mut self, exited: Option<(u64, i32)>) {
+        if !self.launch.shares_listeners() {
+            return;
+        }
+        let alive: Vec<(u64, i32)> = self
+            .policy
+            .generations()
+            .map(|g| (g.id, g.pid().unwrap_or_default()))
+            .collect();
+        let checked = listeners::check(&mut self.cfg.listeners, exited, &alive);
+        self.listener_rearms += checked.rearmed;
+        if checked.replaced {
+            self.listener_inodes = listener_inodes(&self.cfg);
+            // A Unix socket was replaced: the serving generation holds the
+            // dead one, and only a new generation can serve the new one.
+            // (A TCP socket listens again for everyone: no reload, or an app
+            // that shuts its listener at every exit would reload forever.)
+            if self.policy.serving().is_some() && !self.policy.is_stopping() {
+                self.trigger(Trigger::Listener, None);
+            }
+        }
+    }
+
     /// Once a second: listeners, pressure summaries, metrics.
     fn housekeeping(&mut self) {
         self.check_listeners(None);
@@ -908,64 +882,6 @@ impl Guardian {
             m.listener_rearms = self.listener_rearms;
             if let Some(n) = descriptors {
                 m.descriptors = n;
-            }
-        }
-    }
-
-    /// Makes sure every listener still listens, where generations hold them
-    /// (and may shut them down). `exited` is the generation that just
-    /// exited, the likely culprit.
-    fn check_listeners(&mut self, exited: Option<(u64, i32)>) {
-        if !self.launch.shares_listeners() {
-            return;
-        }
-        let mut replaced = false;
-        for l in &mut self.cfg.listeners {
-            let check = l.ensure_listening();
-            if matches!(check, Ok(ListenerCheck::Listening)) {
-                l.broken_reported = false;
-                continue;
-            }
-            let by = match exited {
-                Some((generation, pid)) => {
-                    format!("generation {generation} (pid {pid}), as it exited")
-                }
-                None => {
-                    let alive: Vec<String> = self
-                        .policy
-                        .generations()
-                        .map(|g| format!("{} (pid {})", g.id, g.pid().unwrap_or_default()))
-                        .collect();
-                    format!("one of generations {}", alive.join(", "))
-                }
-            };
-            match check {
-                Ok(ListenerCheck::Listening) => {}
-                Ok(how) => {
-                    self.listener_rearms += 1;
-                    l.broken_reported = false;
-                    let generation = exited.map_or(0, |(g, _)| g);
-                    warn!(addr = %l.local, generation, by = %by,
-                        how = if how == ListenerCheck::Replaced { "replaced by a new socket, for new generations" } else { "listening again" },
-                        "listener shut down by the app (shutdown(2) on an inherited socket); re-armed");
-                    replaced |= how == ListenerCheck::Replaced;
-                }
-                Err(e) if !l.broken_reported => {
-                    l.broken_reported = true;
-                    warn!(addr = %l.local, by = %by, error = %e,
-                        "listener shut down by the app, and it cannot listen again");
-                }
-                Err(_) => {}
-            }
-        }
-        if replaced {
-            self.listener_inodes = listener_inodes(&self.cfg);
-            // A Unix socket was replaced: the serving generation holds the
-            // dead one, and only a new generation can serve the new one.
-            // (A TCP socket listens again for everyone: no reload, or an app
-            // that shuts its listener at every exit would reload forever.)
-            if self.policy.serving().is_some() && !self.policy.is_stopping() {
-                self.trigger(Trigger::Listener, None);
             }
         }
     }
