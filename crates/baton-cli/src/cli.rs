@@ -49,6 +49,13 @@ pub enum Command {
     /// Send a signal to the serving generation (no reload), e.g. for apps
     /// that reread their configuration on SIGUSR1.
     Signal(SignalArgs),
+    /// Replace the running baton with a new binary in place: same pid,
+    /// same listeners, the serving generation untouched.
+    Upgrade(UpgradeArgs),
+    /// Run by `baton upgrade` in the candidate binary: does it take the
+    /// running baton's state?
+    #[command(name = "upgrade-check", hide = true)]
+    UpgradeCheck(UpgradeCheckArgs),
     /// Load a service while reloading it; count every failed request.
     Bench(crate::bench::BenchArgs),
     /// Hot reload against cold restart, side by side, on the embedded app.
@@ -255,6 +262,44 @@ pub struct StopArgs {
     /// --stop-timeout each, then SIGKILL) [default: 2m].
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2m")]
     pub timeout: Duration,
+}
+
+/// `baton upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub target: ControlArgs,
+
+    /// The new binary [default: the path the running baton was started
+    /// from, read again now: install the new baton there, then upgrade].
+    #[arg(long, value_name = "PATH", conflicts_with = "check")]
+    pub binary: Option<PathBuf>,
+
+    /// Only check that PATH would take over (it runs, is a baton, and reads
+    /// the running baton's state); change nothing.
+    #[arg(long, value_name = "PATH")]
+    pub check: Option<PathBuf>,
+
+    /// How long to wait for the upgrade (in proxy mode client connections
+    /// finish first, for up to --stop-timeout) [default: 2m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2m")]
+    pub timeout: Duration,
+
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `baton upgrade-check`.
+#[derive(Debug, Args)]
+pub struct UpgradeCheckArgs {
+    /// The descriptor holding the handover.
+    #[arg(long, value_name = "FD")]
+    pub state_fd: i32,
+
+    /// The descriptor to answer on.
+    #[arg(long, value_name = "FD")]
+    pub answer_fd: i32,
 }
 
 /// `baton status`.

@@ -107,6 +107,11 @@ pub struct RunConfig {
     pub proxy: Option<ProxyConfig>,
     /// The descriptor limit, raised at start; children get the original.
     pub nofile: crate::sys::limits::Nofile,
+    /// The path baton was started from (the default for `baton upgrade`:
+    /// re-read then, so that a new binary installed there is taken).
+    pub exe: PathBuf,
+    /// baton's command line, for the image an upgrade starts.
+    pub argv: Vec<OsString>,
 }
 
 /// `--proxy` and its options.
@@ -159,6 +164,19 @@ pub enum ListenerCheck {
 }
 
 impl BoundListener {
+    /// What an upgrade hands over of it (its descriptor by number).
+    pub fn handover(&self) -> crate::guardian::handover::Listener {
+        use std::os::fd::AsRawFd;
+        crate::guardian::handover::Listener {
+            fd: self.fd.as_raw_fd(),
+            name: self.name.clone(),
+            local: self.local.clone(),
+            server_starter_key: self.server_starter_key.clone(),
+            tcp: self.tcp,
+            unix_path: self.unix_path.clone(),
+        }
+    }
+
     /// Makes sure the socket still listens, after an app may have shut it
     /// down: a TCP socket listens again; a Unix socket cannot, so a new one
     /// is bound to the same path.
@@ -225,11 +243,19 @@ impl RunConfig {
     /// everything up, or says what is wrong. `inherited` are sockets passed
     /// to baton itself (systemd socket activation); they are used instead of
     /// binding where a `--listen` matches them, and passed on otherwise.
+    ///
+    /// With `handover` (this image was started by `baton upgrade`), the
+    /// control socket, listeners and metrics endpoint are the previous
+    /// image's, by descriptor number, and nothing is bound.
     pub fn from_args(
         args: RunArgs,
         inherited: baton::Listeners,
+        handover: Option<&crate::guardian::handover::Handover>,
     ) -> Result<RunConfig, StartupError> {
-        let nofile = crate::sys::limits::raise_nofile();
+        let nofile = match handover {
+            Some(h) => h.nofile,
+            None => crate::sys::limits::raise_nofile(),
+        };
         let (first, _) = args.command.split_first().ok_or_else(|| {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
@@ -266,18 +292,24 @@ impl RunConfig {
             Some(path) => path,
             None => control::default_path(&name),
         };
-        let control = bind_control(&control_path)?;
-        let listeners = listeners(&args.listen, inherited)?;
-        let metrics = args
-            .metrics
-            .map(|addr| {
-                std::net::TcpListener::bind(addr).map_err(|source| StartupError::Bind {
-                    addr: format!("{addr} (--metrics)"),
-                    hint: bind_hint(&ListenAddr::Ip(addr), &source),
-                    error: source,
-                })
-            })
-            .transpose()?;
+        let (control, listeners, metrics) = match handover {
+            Some(h) => handed_over(h, control_path)?,
+            None => {
+                let control = bind_control(&control_path)?;
+                let listeners = listeners(&args.listen, inherited)?;
+                let metrics = args
+                    .metrics
+                    .map(|addr| {
+                        std::net::TcpListener::bind(addr).map_err(|source| StartupError::Bind {
+                            addr: format!("{addr} (--metrics)"),
+                            hint: bind_hint(&ListenAddr::Ip(addr), &source),
+                            error: source,
+                        })
+                    })
+                    .transpose()?;
+                (control, listeners, metrics)
+            }
+        };
 
         if args.proxy.is_none()
             && (args.health.is_some()
@@ -402,6 +434,14 @@ impl RunConfig {
             log_prefix: args.log_prefix,
             proxy,
             nofile,
+            exe: match handover {
+                Some(h) => h.exe.clone(),
+                None => std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+            },
+            argv: match handover {
+                Some(h) => h.argv.clone(),
+                None => std::env::args_os().collect(),
+            },
         })
     }
 }
@@ -450,6 +490,58 @@ fn max_connections(
         ))),
         None => Ok(allowed.min(MAX_CONNECTIONS_DEFAULT_CEILING)),
     }
+}
+
+/// The control socket, listeners and metrics endpoint a previous image
+/// handed over.
+fn handed_over(
+    h: &crate::guardian::handover::Handover,
+    control_path: PathBuf,
+) -> Result<
+    (
+        ControlSocket,
+        Vec<BoundListener>,
+        Option<std::net::TcpListener>,
+    ),
+    StartupError,
+> {
+    use crate::sys::exec::take_fd;
+    let lost = |what: &str, e: io::Error| {
+        StartupError::Invalid(format!("the upgrade handed over no usable {what}: {e}"))
+    };
+    let control = ControlSocket {
+        listener: Some(
+            take_fd(h.control_fd)
+                .map(std::os::unix::net::UnixListener::from)
+                .map_err(|e| lost("control socket", e))?,
+        ),
+        path: control_path,
+        removed: false,
+    };
+    let listeners = h
+        .listeners
+        .iter()
+        .map(|l| {
+            Ok(BoundListener {
+                name: l.name.clone(),
+                fd: take_fd(l.fd).map_err(|e| lost("listener", e))?,
+                local: l.local.clone(),
+                server_starter_key: l.server_starter_key.clone(),
+                tcp: l.tcp,
+                broken_reported: false,
+                unix_path: l.unix_path.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, StartupError>>()?;
+    let metrics = h
+        .metrics_fd
+        .map(|fd| {
+            take_fd(fd)
+                .map(std::net::TcpListener::from)
+                .map_err(|e| lost("metrics listener", e))
+        })
+        .transpose()?;
+    Ok((control, listeners, metrics))
 }
 
 /// The listeners: for each `--listen`, an inherited socket with its name or
@@ -536,7 +628,8 @@ fn same_address(addr: &ListenAddr, local: &str) -> bool {
 /// baton's environment without the variables baton sets per generation;
 /// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
 fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
-    const OURS: [&str; 6] = [
+    const OURS: [&str; 7] = [
+        crate::guardian::handover::ENV,
         vars::LISTEN_FDS,
         vars::LISTEN_PID,
         vars::LISTEN_FDNAMES,

@@ -141,3 +141,14 @@ pub enum ControlError {
         error: io::Error,
     },
 }
+
+impl ControlError {
+    /// Whether baton did not answer within the client's timeout (it may
+    /// still be working on the request).
+    pub fn timed_out(&self) -> bool {
+        matches!(self, ControlError::Io { error, .. } if matches!(
+            error.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ))
+    }
+}

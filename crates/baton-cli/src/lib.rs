@@ -41,7 +41,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             init_logging(cli.log_level.as_deref().or(file_level.as_deref()))?;
             // Validate and set up everything before starting anything.
-            let cfg = config::RunConfig::from_args(args, inherited)?;
+            // Started by `baton upgrade`: the previous image's state.
+            let handover = guardian::handover::take_from_env()?;
+            let cfg = config::RunConfig::from_args(args, inherited, handover.as_ref())?;
             // One thread for the loop; the guardian never blocks a pool
             // thread, so the pool is bounded to a single thread.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -49,12 +51,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .max_blocking_threads(1)
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(guardian::run(cfg))
+            runtime.block_on(guardian::run(cfg, handover))
         }
         Command::Reload(args) => control::client::reload(&args.target.target(), args.json),
         Command::Status(args) => control::client::status(&args.target.target(), args.json),
         Command::Stop(args) => control::client::stop(&args.target.target(), args.timeout),
         Command::Signal(args) => control::client::signal(&args.target.target(), args.signal),
+        Command::Upgrade(args) => control::client::upgrade(
+            &args.target.target(),
+            args.check.as_deref().or(args.binary.as_deref()),
+            args.check.is_some(),
+            args.timeout,
+            args.json,
+        ),
+        Command::UpgradeCheck(args) => guardian::upgrade::check(args.state_fd, args.answer_fd),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::app::run(args),

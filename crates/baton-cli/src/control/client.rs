@@ -193,12 +193,7 @@ pub fn stop(target: &Target<'_>, timeout: Duration) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         Ok(other) => unexpected(other),
-        Err(ControlError::Io { error, .. })
-            if matches!(
-                error.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(e) if e.timed_out() => {
             anyhow::bail!(
                 "baton at {} has not stopped within {} (its --stop-timeout may be longer: pass \
                  --timeout); it goes on stopping",
@@ -207,6 +202,65 @@ pub fn stop(target: &Target<'_>, timeout: Duration) -> anyhow::Result<ExitCode> 
             )
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `baton upgrade`: 0 once the new image serves (or, with `check_only`,
+/// the candidate accepts), 1 if the upgrade was refused or failed (the
+/// running baton goes on unchanged).
+pub fn upgrade(
+    target: &Target<'_>,
+    binary: Option<&Path>,
+    check_only: bool,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let request = Request::Upgrade {
+        binary: binary.map(Path::to_owned),
+        check_only,
+    };
+    let response = match call(&path, &request, Some(timeout)) {
+        Err(e) if e.timed_out() => {
+            anyhow::bail!(
+                "no answer from baton at {} within {}; see its log",
+                path.display(),
+                humantime::format_duration(timeout)
+            )
+        }
+        other => other?,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&response)?);
+    }
+    match response {
+        Response::Upgraded {
+            from,
+            to,
+            pid,
+            took_ms,
+        } => {
+            if !json {
+                println!(
+                    "upgraded: baton {from} -> {to} (pid {pid}), serving again after {took_ms} ms"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::UpgradeChecked { binary, version } => {
+            if !json {
+                println!(
+                    "{}: baton {version}, takes over the running baton's state",
+                    binary.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error { message } => {
+            eprintln!("baton: {message}");
+            Ok(ExitCode::from(1))
+        }
+        other => unexpected(other),
     }
 }
 

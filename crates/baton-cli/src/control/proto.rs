@@ -20,6 +20,14 @@ pub enum Request {
         /// The signal number.
         signal: i32,
     },
+    /// Replace baton's image with `binary` (default: the path baton was
+    /// started from) in place, or only check that it would take over.
+    Upgrade {
+        /// The new binary.
+        binary: Option<std::path::PathBuf>,
+        /// Only run the candidate's check.
+        check_only: bool,
+    },
 }
 
 /// What baton answers.
@@ -64,6 +72,24 @@ pub enum Response {
         /// Its pid.
         pid: i32,
     },
+    /// The new image serves (answered by it).
+    Upgraded {
+        /// The version before.
+        from: String,
+        /// The version now.
+        to: String,
+        /// baton's pid (the same).
+        pid: u32,
+        /// From the request to the new image serving the control socket.
+        took_ms: u64,
+    },
+    /// The candidate binary accepts baton's state.
+    UpgradeChecked {
+        /// The binary.
+        binary: std::path::PathBuf,
+        /// Its version.
+        version: String,
+    },
     /// The request could not be understood.
     Error {
         /// What was wrong.
@@ -103,6 +129,15 @@ pub struct Status {
     /// What baton's own limits and checks did.
     #[serde(default)]
     pub guard: Guard,
+    /// baton's own version.
+    #[serde(default)]
+    pub version: String,
+    /// In-place upgrades since baton first started.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// How long ago the last upgrade was, if any.
+    #[serde(default)]
+    pub upgraded_ms_ago: Option<u64>,
 }
 
 /// baton's own resources, and what its limits and checks turned away.

@@ -28,6 +28,9 @@ pub struct ControlRequest {
     pub request: Request,
     /// The answer's way back.
     pub reply: oneshot::Sender<Response>,
+    /// For an upgrade: the client's connection itself, which the loop
+    /// answers (and hands to the new image, which answers it then).
+    pub conn: Option<std::os::unix::net::UnixStream>,
 }
 
 /// The longest request line accepted.
@@ -98,16 +101,41 @@ async fn handle(
     let Stream::Unix(stream) = stream else {
         return Ok(());
     };
-    let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read.take(MAX_LINE));
-    tokio::time::timeout_at(deadline, reader.read_line(&mut line))
-        .await
-        .map_err(|_| timed_out())??;
-    let response = match serde_json::from_str::<Request>(line.trim()) {
+    let mut reader = BufReader::new(stream);
+    {
+        let mut limited = (&mut reader).take(MAX_LINE);
+        tokio::time::timeout_at(deadline, limited.read_line(&mut line))
+            .await
+            .map_err(|_| timed_out())??;
+    }
+    let parsed = serde_json::from_str::<Request>(line.trim());
+    if let Ok(request @ Request::Upgrade { .. }) = parsed {
+        // The loop answers this one on the connection itself. A request
+        // line is all the client sends, so nothing is left in the buffer.
+        let conn = reader.into_inner().into_std()?;
+        conn.set_nonblocking(false)?;
+        let (reply, _) = oneshot::channel();
+        let _ = to_loop.send(ControlRequest {
+            request,
+            reply,
+            conn: Some(conn),
+        });
+        return Ok(());
+    }
+    let (read, mut write) = reader.into_inner().into_split();
+    drop(read);
+    let response = match parsed {
         Ok(request) => {
             let (reply, answer) = oneshot::channel();
-            if to_loop.send(ControlRequest { request, reply }).is_err() {
+            if to_loop
+                .send(ControlRequest {
+                    request,
+                    reply,
+                    conn: None,
+                })
+                .is_err()
+            {
                 return Ok(());
             }
             match answer.await {

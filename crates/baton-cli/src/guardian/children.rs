@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use tracing::debug;
@@ -25,6 +25,8 @@ pub enum Owner {
     Generation(u64),
     /// The `--ready exec:` check of a generation.
     Check(u64),
+    /// A candidate binary checking baton's state before an upgrade.
+    UpgradeCheck,
 }
 
 /// A child that exited, and whose it was.
@@ -77,7 +79,7 @@ impl Children {
         env: &[(OsString, OsString)],
         fds: &[BorrowedFd<'_>],
         listen_pid: bool,
-    ) -> std::io::Result<Process> {
+    ) -> std::io::Result<(Process, Option<(OwnedFd, OwnedFd)>)> {
         let pipes = if self.log_prefix {
             Some(output::pipes(&self.name, generation)?)
         } else {
@@ -94,13 +96,15 @@ impl Children {
             user: self.ids.as_ref(),
             nofile: Some(self.nofile),
         })?;
-        // The child has its copies; ours must go, or the copying never ends.
-        drop(pipes);
+        // The child has its copies of the write ends; ours must go, or the
+        // copying never ends.
+        let readers = pipes.map(|p| p.readers);
         self.pids.insert(pid, Owner::Generation(generation));
-        Ok(Process {
+        let process = Process {
             pid,
             start_time: sys::inspect::start_time(pid),
-        })
+        };
+        Ok((process, readers))
     }
 
     /// Runs `--ready exec:` `command` for generation `generation`, as the
@@ -127,6 +131,37 @@ impl Children {
         Ok(pid)
     }
 
+    /// Runs a helper of baton's own (not the app: no `--user`, no output
+    /// prefix) as `owner`, with `fds` as its fds 3, 4, ….
+    pub fn start_helper(
+        &mut self,
+        owner: Owner,
+        program: &std::path::Path,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+        fds: &[BorrowedFd<'_>],
+    ) -> std::io::Result<i32> {
+        let pid = sys::spawn::spawn(&sys::spawn::Command {
+            program,
+            args,
+            env,
+            fds,
+            listen_pid: false,
+            stdout: None,
+            stderr: None,
+            user: None,
+            nofile: None,
+        })?;
+        self.pids.insert(pid, owner);
+        Ok(pid)
+    }
+
+    /// Counts generation `generation`'s process `pid` as a child (handed
+    /// over by a previous image of baton, whose children are ours).
+    pub fn adopt(&mut self, pid: i32, generation: u64) {
+        self.pids.insert(pid, Owner::Generation(generation));
+    }
+
     /// Reaps every child that has exited. A generation's leftovers are
     /// swept first (SIGKILL to its process group) while its exited leader
     /// is still an unreaped zombie: until then the group id cannot belong to
@@ -142,7 +177,7 @@ impl Children {
             .map(|(pid, status)| {
                 let owner = self.pids.remove(&pid);
                 if owner.is_none() {
-                    debug!(pid, status = status.word(), "reaped an orphan");
+                    debug!(pid, status = %status.word(), "reaped an orphan");
                 }
                 Exit { pid, owner, status }
             })

@@ -158,6 +158,12 @@ pub struct Handles {
     pub pending_stop: Option<Signal>,
     /// Its last `STATUS=`.
     pub status: Option<String>,
+    /// A second descriptor of its notification socket, and the socket's
+    /// address (handed over by an upgrade).
+    pub notify: Option<(std::os::fd::OwnedFd, String)>,
+    /// Second descriptors of the read ends of its `--log-prefix` pipes
+    /// (stdout, stderr), handed over by an upgrade.
+    pub log_readers: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
 }
 
 impl Drop for Handles {
@@ -172,7 +178,7 @@ impl Drop for Handles {
 }
 
 /// Instants as nanoseconds of `CLOCK_MONOTONIC`, for serde.
-mod stamp {
+pub(crate) mod stamp {
     use std::time::Instant;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -199,6 +205,23 @@ mod stamp {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
             Ok(Option::<u64>::deserialize(d)?.map(crate::sys::clock::instant))
+        }
+    }
+
+    pub mod vec {
+        use std::time::Instant;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(at: &[Instant], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(at.iter().map(|a| crate::sys::clock::monotonic_ns(*a)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Instant>, D::Error> {
+            Ok(Vec::<u64>::deserialize(d)?
+                .into_iter()
+                .map(crate::sys::clock::instant)
+                .collect())
         }
     }
 }

@@ -14,7 +14,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,27 @@ pub trait Launch: std::fmt::Debug {
 
     /// baton is stopping: stop taking new clients.
     fn stop(&mut self) {}
+
+    /// Before an upgrade's exec: what must finish first, as a future that
+    /// completes once it has (proxy mode: client connections drain while
+    /// new ones wait in the accept queue); `None`: nothing.
+    fn quiesce(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        None
+    }
+
+    /// The upgrade was abandoned after [`Launch::quiesce`]: serve again.
+    fn resume(&mut self, cfg: &RunConfig) -> anyhow::Result<()> {
+        let _ = cfg;
+        Ok(())
+    }
+
+    /// A generation handed over by a previous image: rebuild what reaches
+    /// it (proxy mode: its upstream).
+    fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {
+        let _ = (cx, id, route, handles);
+    }
 }
 
 /// The environment every generation gets: baton's own, minus the
@@ -169,10 +190,11 @@ impl Launch for Sockets {
         set(vars::LISTEN_FDNAMES, names.join(":"));
         set(vars::SERVER_STARTER_PORT, starter.join(";"));
         let fds: Vec<_> = cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        let process = cx.children.start(id, &cfg.args, &env, &fds, true)?;
+        let (process, log_readers) = cx.children.start(id, &cfg.args, &env, &fds, true)?;
         drop(fds);
         log_spawn(&cx, id, process.pid, None, since);
         let mut handles = Handles::default();
+        handles.log_readers = log_readers;
         // READY=1 counts in every mode; a delay or a check is an
         // alternative for apps that cannot send it.
         match &cfg.ready {
@@ -267,6 +289,17 @@ impl Launch for Sockets {
     }
 }
 
+/// Copies of `cfg`'s listeners for the proxy, each with whether it is a
+/// Unix socket.
+fn proxy_listeners(cfg: &RunConfig) -> anyhow::Result<Vec<(OwnedFd, bool)>> {
+    use anyhow::Context;
+    cfg.listeners
+        .iter()
+        .map(|l| Ok((l.fd.try_clone()?, l.local.starts_with("unix:"))))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("duplicating the listeners for the proxy")
+}
+
 /// Proxy mode: a private port per generation behind baton's proxy.
 #[derive(Debug)]
 pub struct Proxied {
@@ -281,12 +314,7 @@ impl Proxied {
     pub fn start(cfg: &RunConfig, proxy_cfg: &ProxyConfig) -> anyhow::Result<Proxied> {
         use anyhow::Context;
         let proxy = crate::proxy::Proxy::new(cfg.policy.ready_timeout, proxy_cfg.limits.clone());
-        let fds = cfg
-            .listeners
-            .iter()
-            .map(|l| Ok((l.fd.try_clone()?, l.local.starts_with("unix:"))))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("duplicating the listeners for the proxy")?;
+        let fds = proxy_listeners(cfg)?;
         let handle =
             crate::proxy::start(proxy_cfg.mode, fds, Arc::clone(&proxy), proxy_cfg.threads)
                 .context("starting the proxy")?;
@@ -334,7 +362,7 @@ impl Launch for Proxied {
                 _ => a.clone(),
             })
             .collect();
-        let process = cx.children.start(id, &args, &env, &[], false)?;
+        let (process, log_readers) = cx.children.start(id, &args, &env, &[], false)?;
         let pid = process.pid;
         log_spawn(&cx, id, pid, Some(port), since);
         let events = cx.events.clone();
@@ -379,6 +407,7 @@ impl Launch for Proxied {
             &[Source::Health]
         };
         let mut handles = Handles::default();
+        handles.log_readers = log_readers;
         handles.tasks.push(checker.abort_handle());
         handles.gate = Gate::all(needed);
         handles.upstream = Some(upstream);
@@ -490,5 +519,41 @@ impl Launch for Proxied {
 
     fn stop(&mut self) {
         self.handle.stop();
+    }
+
+    fn quiesce(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        self.handle.stop();
+        Some(Box::pin(self.handle.finished()))
+    }
+
+    fn resume(&mut self, cfg: &RunConfig) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let fds = proxy_listeners(cfg)?;
+        self.handle = crate::proxy::start(
+            self.cfg.mode,
+            fds,
+            Arc::clone(&self.proxy),
+            self.cfg.threads,
+        )
+        .context("starting the proxy again")?;
+        info!("proxy: serving again");
+        Ok(())
+    }
+
+    fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {
+        let Route::Private { port } = route else {
+            return;
+        };
+        let events = cx.events.clone();
+        handles.upstream = Some(crate::proxy::Upstream::new(
+            id,
+            crate::proxy::private_addr(port),
+            self.cfg.limits.pool_idle(),
+            Box::new(move |g| {
+                let _ = events.send(Event::Drained(g));
+            }),
+        ));
     }
 }

@@ -25,6 +25,7 @@
 pub mod children;
 pub mod diagnose;
 pub mod generation;
+pub mod handover;
 pub mod launch;
 mod listeners;
 pub mod metrics;
@@ -35,10 +36,12 @@ mod pressure;
 pub mod readiness;
 mod report;
 mod systemd;
+pub mod upgrade;
 mod watch;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +98,9 @@ pub enum Event {
     /// Proxy mode: nothing is in flight any more to a retired generation
     /// (or half its stop timeout passed).
     Drained(u64),
+    /// Before an upgrade: what had to finish first did (true), or did not
+    /// within the stop timeout (false).
+    Quiesced(bool),
 }
 
 /// How often the guardian looks at its listeners and reports pressure.
@@ -102,8 +108,11 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// Runs the guardian until every generation is gone after a stop (or the
 /// first generation never became ready), and returns baton's exit code.
-pub async fn run(cfg: RunConfig) -> anyhow::Result<ExitCode> {
-    let mut running = Running::start(cfg)?;
+///
+/// With `handover`, this image was started by `baton upgrade`: it goes on
+/// from the previous image's state instead of starting generation 1.
+pub async fn run(cfg: RunConfig, handover: Option<handover::Handover>) -> anyhow::Result<ExitCode> {
+    let mut running = Running::start(cfg, handover)?;
     running.serve().await;
     Ok(running.finish().await)
 }
@@ -124,20 +133,16 @@ struct Running {
 impl Running {
     /// Sets up everything the loop waits on (signals first, so that no
     /// SIGCHLD is missed) and starts generation 1.
-    fn start(mut cfg: RunConfig) -> anyhow::Result<Running> {
+    fn start(mut cfg: RunConfig, handover: Option<handover::Handover>) -> anyhow::Result<Running> {
         let signals = Signals::new().context("installing signal handlers")?;
         if let Err(e) = sys::reaper::become_subreaper() {
             warn!(error = %e, "cannot become a child subreaper; orphans of the app will go to init");
         }
-        let control = cfg
-            .control
-            .listener
-            .take()
-            .context("the control socket")
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(tokio::net::UnixListener::from_std(l)?)
-            })
+        let control = cfg.control.listener.take().context("the control socket")?;
+        // A second descriptor of it, for an upgrade to hand over.
+        let control_fd = OwnedFd::from(control.try_clone().context("the control socket")?);
+        control.set_nonblocking(true)?;
+        let control = tokio::net::UnixListener::from_std(control)
             .context("registering the control socket")?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let control_connections =
@@ -187,7 +192,9 @@ impl Running {
                 Box::new(proxied)
             }
         };
-        let rejected = Arc::new(pressure::Rejected::default());
+        let rejected = Arc::new(pressure::Rejected::starting_at(
+            handover.as_ref().map_or(0, |h| h.notify_rejected),
+        ));
         let pressure = pressure::Pressure::new(Arc::clone(&rejected), caps);
         if let Ok(mut m) = metrics.lock() {
             m.control = Some(control_connections);
@@ -197,14 +204,22 @@ impl Running {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = Instant::now();
+        let policy = match &handover {
+            Some(h) => Policy::restore(cfg.policy.clone(), h.policy.clone()),
+            None => Policy::new(cfg.policy.clone()),
+        };
         let mut g = Guardian {
+            control_fd,
+            upgrade: None,
+            upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
+            upgraded_at: handover.as_ref().map(|_| now),
             listener_inodes: listener_inodes(&cfg),
             app_uid: cfg
                 .user
                 .as_ref()
                 .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid),
             children: Children::new(&cfg),
-            policy: Policy::new(cfg.policy.clone()),
+            policy,
             cfg,
             launch,
             handles: BTreeMap::new(),
@@ -213,20 +228,27 @@ impl Running {
             rejected,
             pressure,
             status_log: pressure::Throttle::new(20, pressure::INTERVAL),
-            listener_rearms: 0,
+            listener_rearms: handover.as_ref().map_or(0, |h| h.listener_rearms),
             failed_hint: None,
             metrics,
-            systemd: systemd::Systemd::default(),
+            systemd: systemd::Systemd::resume(handover.as_ref().is_some_and(|h| h.systemd_ready)),
             stop_waiters: Vec::new(),
-            started: now,
+            started: handover
+                .as_ref()
+                .map_or(now, |h| sys::clock::instant(h.started_ns)),
             event_at: now,
             exit: None,
         };
-        // Children that exited before the handler was installed are reaped
-        // on the first SIGCHLD or here.
-        g.reap();
-        let start = g.policy.start(now);
-        g.apply(start);
+        match handover {
+            Some(h) => g.resume(h),
+            None => {
+                // Children that exited before the handler was installed are
+                // reaped on the first SIGCHLD or here.
+                g.reap();
+                let start = g.policy.start(now);
+                g.apply(start);
+            }
+        }
         Ok(Running {
             g,
             signals,
@@ -361,6 +383,15 @@ impl Signals {
 
 struct Guardian {
     cfg: RunConfig,
+    /// A second descriptor of the control socket's listener, for an
+    /// upgrade to hand over.
+    control_fd: OwnedFd,
+    /// The upgrade under way, if any.
+    upgrade: Option<upgrade::Upgrade>,
+    /// In-place upgrades since baton first started.
+    upgrades: u64,
+    /// When this image took over.
+    upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
     policy: Policy<Waiter>,
     /// How generations reach clients.
@@ -490,6 +521,8 @@ impl Guardian {
                 let counters = report::Counters {
                     notify_rejected: self.rejected.count(),
                     listener_rearms: self.listener_rearms,
+                    upgrades: self.upgrades,
+                    upgraded_at: self.upgraded_at,
                 };
                 let status = report::status(
                     &self.cfg,
@@ -499,6 +532,11 @@ impl Guardian {
                     self.started,
                 );
                 let _ = req.reply.send(Response::Status(Box::new(status)));
+            }
+            Request::Upgrade { binary, check_only } => {
+                if let Some(conn) = req.conn {
+                    self.upgrade_begin(conn, binary, check_only);
+                }
             }
             Request::Stop => {
                 // Answered once every generation is gone (see `run`).
@@ -538,6 +576,7 @@ impl Guardian {
                 }
             }
             Event::Watched => self.trigger(Trigger::Watch, None),
+            Event::Quiesced(done) => self.upgrade_quiesced(done),
             Event::SelfBound { generation, addrs } => {
                 let pid = self.pid_of(generation).unwrap_or_default();
                 if let Some(handles) = self.handles.get_mut(&generation) {
@@ -594,6 +633,7 @@ impl Guardian {
                 Some(Owner::Check(generation)) => {
                     self.check_done(generation, exit.pid, exit.status);
                 }
+                Some(Owner::UpgradeCheck) => self.upgrade_checked(exit.pid, exit.status),
                 None => {}
             }
         }
@@ -759,6 +799,11 @@ impl Guardian {
         };
         let launched = self.launch.launch(cx, generation)?;
         let mut handles = launched.handles;
+        handles.notify = launched
+            .notify
+            .dup()
+            .ok()
+            .map(|fd| (fd, launched.notify.address.clone()));
         handles.tasks.push(self.read_notifications(
             generation,
             launched.process.pid,
@@ -827,7 +872,7 @@ impl Guardian {
         } else if self.policy.state(generation) == Some(State::Starting) {
             debug!(
                 generation,
-                status = status.word(),
+                status = %status.word(),
                 "the readiness check failed; trying again"
             );
             handles.tasks.push(readiness::after(
@@ -884,5 +929,334 @@ impl Guardian {
                 m.descriptors = n;
             }
         }
+    }
+
+    /// `baton upgrade`: refuses at once what cannot be done, else starts
+    /// the candidate's check.
+    fn upgrade_begin(
+        &mut self,
+        conn: std::os::unix::net::UnixStream,
+        binary: Option<std::path::PathBuf>,
+        check_only: bool,
+    ) {
+        let mut up = upgrade::Upgrade {
+            conn,
+            binary: binary.unwrap_or_else(|| self.cfg.exe.clone()),
+            check_only,
+            check: None,
+            version: None,
+            began: Instant::now(),
+        };
+        let started = (|| {
+            if self.upgrade.is_some() {
+                return Err("an upgrade is already under way".to_owned());
+            }
+            up.binary = upgrade::candidate(&up.binary)?;
+            let (state, _) = self.handover(None)?;
+            let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
+            let (answer, answer_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| e.to_string())?;
+            let args: Vec<std::ffi::OsString> = vec![
+                up.binary.clone().into(),
+                "upgrade-check".into(),
+                "--state-fd".into(),
+                "3".into(),
+                "--answer-fd".into(),
+                "4".into(),
+            ];
+            let pid = self
+                .children
+                .start_helper(
+                    Owner::UpgradeCheck,
+                    &up.binary,
+                    &args,
+                    &self.cfg.base_env,
+                    &[memfd.as_fd(), answer_tx.as_fd()],
+                )
+                .map_err(|e| format!("{} could not be started: {e}", up.binary.display()))?;
+            up.check = Some((pid, answer));
+            Ok(())
+        })();
+        match started {
+            Ok(()) => {
+                info!(binary = %up.binary.display(), "upgrade: checking the new binary");
+                self.upgrade = Some(up);
+            }
+            Err(why) => {
+                warn!(binary = %up.binary.display(), "upgrade refused: {why}");
+                up.answer(&Response::Error {
+                    message: format!("upgrade refused: {why}; baton goes on unchanged"),
+                });
+            }
+        }
+    }
+
+    /// The candidate's check ended.
+    fn upgrade_checked(&mut self, pid: i32, status: ExitStatus) {
+        let Some(mut up) = self.upgrade.take() else {
+            return;
+        };
+        let Some((check, answer)) = up.check.take().filter(|(p, _)| *p == pid) else {
+            self.upgrade = Some(up);
+            return;
+        };
+        let _ = check;
+        let verdict = upgrade::read_answer(answer).and_then(|version| {
+            if status.success() {
+                Ok(version)
+            } else {
+                Err(format!("its check {status}"))
+            }
+        });
+        let version = match verdict {
+            Ok(version) => version,
+            Err(why) => {
+                let message = format!(
+                    "the new binary {} cannot take over: {why}; baton goes on unchanged",
+                    up.binary.display()
+                );
+                warn!("upgrade refused: {message}");
+                up.answer(&Response::Error { message });
+                return;
+            }
+        };
+        if up.check_only {
+            info!(binary = %up.binary.display(), version = %version, "upgrade check passed");
+            up.answer(&Response::UpgradeChecked {
+                binary: up.binary.clone(),
+                version,
+            });
+            return;
+        }
+        up.version = Some(version);
+        self.upgrade = Some(up);
+        match self.launch.quiesce() {
+            None => self.upgrade_exec(),
+            Some(done) => {
+                info!("upgrade: waiting for client connections to finish; new ones wait");
+                let events = self.events.clone();
+                let limit = self.cfg.policy.stop_timeout;
+                tokio::spawn(async move {
+                    let finished = tokio::time::timeout(limit, done).await.is_ok();
+                    let _ = events.send(Event::Quiesced(finished));
+                });
+            }
+        }
+    }
+
+    /// What had to finish before an upgrade did, or not.
+    fn upgrade_quiesced(&mut self, finished: bool) {
+        if finished {
+            self.upgrade_exec();
+            return;
+        }
+        let Some(mut up) = self.upgrade.take() else {
+            return;
+        };
+        let message = format!(
+            "client connections did not finish within --stop-timeout ({}); upgrade abandoned, \
+             nothing cut, baton goes on unchanged",
+            humantime::format_duration(self.cfg.policy.stop_timeout)
+        );
+        warn!("upgrade: {message}");
+        if let Err(e) = self.launch.resume(&self.cfg) {
+            warn!(error = %format!("{e:#}"), "the proxy could not serve again");
+        }
+        up.answer(&Response::Error { message });
+    }
+
+    /// Replaces this image with the checked binary. Returns only if that
+    /// failed (the client is told, and baton goes on).
+    fn upgrade_exec(&mut self) {
+        let Some(mut up) = self.upgrade.take() else {
+            return;
+        };
+        let failed = (|| -> Result<(), String> {
+            let (state, fds) = self.handover(Some((up.conn.as_raw_fd(), up.began)))?;
+            let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
+            let mut keep = fds;
+            keep.push(memfd.as_fd());
+            keep.push(up.conn.as_fd());
+            upgrade::set_inheritable(&keep, true).map_err(|e| e.to_string())?;
+            let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+                .filter(|(k, _)| k != handover::ENV)
+                .collect();
+            env.push((handover::ENV.into(), memfd.as_raw_fd().to_string().into()));
+            info!(
+                binary = %up.binary.display(),
+                to = up.version.as_deref().unwrap_or("?"),
+                "upgrade: handing over"
+            );
+            let error = sys::exec::exec(&up.binary, &self.cfg.argv, &env);
+            let _ = upgrade::set_inheritable(&keep, false);
+            Err(format!("execve of {} failed: {error}", up.binary.display()))
+        })();
+        if let Err(why) = failed {
+            warn!("upgrade failed: {why}; baton goes on unchanged");
+            if let Err(e) = self.launch.resume(&self.cfg) {
+                warn!(error = %format!("{e:#}"), "the proxy could not serve again");
+            }
+            up.answer(&Response::Error {
+                message: format!("upgrade failed: {why}; baton goes on unchanged"),
+            });
+        }
+    }
+
+    /// What the next image needs, and the descriptors it names. `reply` is
+    /// the upgrade client's connection and when it asked.
+    fn handover(
+        &self,
+        reply: Option<(std::os::fd::RawFd, Instant)>,
+    ) -> Result<(handover::Handover, Vec<std::os::fd::BorrowedFd<'_>>), String> {
+        let policy = self.policy.snapshot()?;
+        let mut fds = Vec::new();
+        let listeners = self
+            .cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                fds.push(l.fd.as_fd());
+                l.handover()
+            })
+            .collect();
+        fds.push(self.control_fd.as_fd());
+        let metrics_fd = self.cfg.metrics.as_ref().map(|m| {
+            fds.push(m.as_fd());
+            m.as_raw_fd()
+        });
+        let generations = self
+            .handles
+            .iter()
+            .map(|(id, h)| handover::GenerationFds {
+                id: *id,
+                notify: h.notify.as_ref().map(|(fd, address)| {
+                    fds.push(fd.as_fd());
+                    (fd.as_raw_fd(), address.clone())
+                }),
+                log_readers: h.log_readers.as_ref().map(|(out, err)| {
+                    fds.push(out.as_fd());
+                    fds.push(err.as_fd());
+                    (out.as_raw_fd(), err.as_raw_fd())
+                }),
+                self_bound: h.self_bound.clone(),
+            })
+            .collect();
+        let state = handover::Handover {
+            version: handover::VERSION,
+            from: handover::baton_version().to_owned(),
+            exe: self.cfg.exe.clone(),
+            argv: self.cfg.argv.clone(),
+            listeners,
+            control_fd: self.control_fd.as_raw_fd(),
+            metrics_fd,
+            policy,
+            generations,
+            nofile: self.cfg.nofile,
+            listener_rearms: self.listener_rearms,
+            notify_rejected: self.rejected.count(),
+            upgrades: self.upgrades + 1,
+            upgrade_began_ns: sys::clock::monotonic_ns(reply.map_or_else(Instant::now, |r| r.1)),
+            started_ns: sys::clock::monotonic_ns(self.started),
+            reply_fd: reply.map(|r| r.0),
+            systemd_ready: self.systemd.is_ready(),
+        };
+        Ok((state, fds))
+    }
+
+    /// The new image's first steps after `baton upgrade`: the previous
+    /// image's generations are ours (their processes are still this pid's
+    /// children), their notification sockets and output pipes are read
+    /// again, and the client is told.
+    fn resume(&mut self, h: handover::Handover) {
+        for g in self.policy.generations() {
+            if let Some(pid) = g.pid() {
+                self.children.adopt(pid, g.id);
+            }
+        }
+        let routes: BTreeMap<u64, (generation::Route, i32)> = self
+            .policy
+            .generations()
+            .map(|g| (g.id, (g.route, g.pid().unwrap_or_default())))
+            .collect();
+        for fds in &h.generations {
+            let Some(&(route, pid)) = routes.get(&fds.id) else {
+                continue;
+            };
+            let mut handles = Handles::default();
+            handles.self_bound = fds.self_bound.clone();
+            if let Some((fd, address)) = &fds.notify {
+                match sys::exec::take_fd(*fd)
+                    .and_then(|fd| NotifySocket::from_fd(fd, address.clone()))
+                {
+                    Ok(socket) => {
+                        handles.notify = socket.dup().ok().map(|d| (d, address.clone()));
+                        handles
+                            .tasks
+                            .push(self.read_notifications(fds.id, pid, socket));
+                    }
+                    Err(e) => {
+                        warn!(generation = fds.id, error = %e, "its notification socket was not handed over")
+                    }
+                }
+            }
+            if let Some((out, err)) = fds.log_readers {
+                let taken = sys::exec::take_fd(out).and_then(|o| Ok((o, sys::exec::take_fd(err)?)));
+                match taken {
+                    Ok((out, err)) => {
+                        handles.log_readers =
+                            out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
+                        if let Err(e) = output::resume(&self.cfg.name, fds.id, out, err) {
+                            warn!(generation = fds.id, error = %e, "its output cannot be copied");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(generation = fds.id, error = %e, "its output pipes were not handed over")
+                    }
+                }
+            }
+            let cx = Cx {
+                cfg: &self.cfg,
+                children: &mut self.children,
+                events: &self.events,
+            };
+            self.launch.adopt(cx, fds.id, route, &mut handles);
+            self.handles.insert(fds.id, handles);
+        }
+        self.cut_over();
+        let took_ms =
+            sys::clock::monotonic_ns(Instant::now()).saturating_sub(h.upgrade_began_ns) / 1_000_000;
+        info!(
+            from = %h.from,
+            to = handover::baton_version(),
+            upgrades = h.upgrades,
+            took_ms,
+            generations = self.handles.len(),
+            "upgraded: this image took over"
+        );
+        if let Some(fd) = h.reply_fd {
+            match sys::exec::take_fd(fd) {
+                Ok(fd) => {
+                    let mut conn = std::os::unix::net::UnixStream::from(fd);
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+                    let answer = Response::Upgraded {
+                        from: h.from.clone(),
+                        to: handover::baton_version().to_owned(),
+                        pid: std::process::id(),
+                        took_ms,
+                    };
+                    if let Ok(mut line) = serde_json::to_string(&answer) {
+                        line.push('\n');
+                        let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
+                    }
+                }
+                Err(e) => warn!(error = %e, "the upgrade's client connection was not handed over"),
+            }
+        }
+        // The signals blocked for the exec: what arrived meanwhile is
+        // delivered now, to the handlers installed above.
+        sys::exec::unblock_signals();
+        self.reap();
     }
 }

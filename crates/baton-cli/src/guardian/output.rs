@@ -17,18 +17,34 @@ pub struct Pipes {
     pub stdout: OwnedFd,
     /// Becomes the child's fd 2.
     pub stderr: OwnedFd,
+    /// Second descriptors of the read ends (stdout, stderr), so that an
+    /// upgraded baton can go on copying.
+    pub readers: (OwnedFd, OwnedFd),
 }
 
 /// Creates the pipes and starts copying their lines, prefixed, to baton's
 /// own stdout and stderr. The copying ends when every writer has closed
 /// (the generation and anything it started).
 pub fn pipes(name: &str, generation: u64) -> io::Result<Pipes> {
-    let prefix = format!("[{name} gen {generation}] ");
     let (out_read, stdout) = pipe()?;
     let (err_read, stderr) = pipe()?;
-    copy(out_read, prefix.clone(), false)?;
-    copy(err_read, prefix, true)?;
-    Ok(Pipes { stdout, stderr })
+    let readers = (out_read.try_clone()?, err_read.try_clone()?);
+    resume(name, generation, out_read, err_read)?;
+    Ok(Pipes {
+        stdout,
+        stderr,
+        readers,
+    })
+}
+
+/// Copies a generation's output from the read ends `stdout` and `stderr`
+/// (new, or handed over by a previous image).
+pub fn resume(name: &str, generation: u64, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<()> {
+    let prefix = format!("[{name} gen {generation}] ");
+    rustix::fs::fcntl_setfl(&stdout, OFlags::NONBLOCK)?;
+    rustix::fs::fcntl_setfl(&stderr, OFlags::NONBLOCK)?;
+    copy(stdout, prefix.clone(), false)?;
+    copy(stderr, prefix, true)
 }
 
 /// A close-on-exec pipe whose read end is non-blocking (for tokio); the

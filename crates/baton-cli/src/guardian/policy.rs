@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use super::generation::{Generation, Process, Route, State};
@@ -40,7 +40,7 @@ fn log_exit(g: &Generation, status: ExitStatus, lived: Duration) {
         info!(
             generation = id,
             pid,
-            status = status.word(),
+            status = %status.word(),
             "exit: generation {id} {status}"
         );
     } else {
@@ -48,7 +48,7 @@ fn log_exit(g: &Generation, status: ExitStatus, lived: Duration) {
         info!(
             generation = id,
             pid,
-            status = status.word(),
+            status = %status.word(),
             drain_ms,
             "exit: generation {id} {status}"
         );
@@ -195,7 +195,7 @@ pub enum Action<W> {
 }
 
 /// Counters for `baton status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
     /// Reloads that put a new generation in service.
     pub reloads_ok: u64,
@@ -254,6 +254,30 @@ pub struct Policy<W> {
 
 type Actions<W> = Vec<Action<W>>;
 
+/// The policy's state between events, when no reload is under way and
+/// baton is not stopping: what an upgraded or adopting baton starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The live generations.
+    pub generations: Vec<Generation>,
+    /// The number the next generation gets.
+    pub next_id: u64,
+    /// The generation serving.
+    pub serving: Option<u64>,
+    /// When a crashed generation's replacement starts.
+    #[serde(with = "super::generation::stamp::option")]
+    pub restart_at: Option<Instant>,
+    /// Consecutive failures (for the restart delay).
+    pub failures: u32,
+    /// Whether a generation was ever ready.
+    pub ever_ready: bool,
+    /// Recent crash restarts (for the start limit).
+    #[serde(with = "super::generation::stamp::vec")]
+    pub recent_restarts: Vec<Instant>,
+    /// The counters.
+    pub stats: Stats,
+}
+
 impl<W> Policy<W> {
     /// A policy with nothing started yet.
     pub fn new(cfg: PolicyConfig) -> Policy<W> {
@@ -271,6 +295,49 @@ impl<W> Policy<W> {
             recent_restarts: VecDeque::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// The state to hand over, or why it cannot be now (a reload under way,
+    /// baton stopping).
+    pub fn snapshot(&self) -> Result<Snapshot, String> {
+        if let Some(f) = &self.in_flight {
+            return Err(format!(
+                "a reload is under way (generation {} is starting); try again once it is done",
+                f.generation
+            ));
+        }
+        if self.stopping.is_some() {
+            return Err("baton is stopping".to_owned());
+        }
+        Ok(Snapshot {
+            generations: self.gens.values().cloned().collect(),
+            next_id: self.next_id,
+            serving: self.serving,
+            restart_at: self.restart_at,
+            failures: self.failures,
+            ever_ready: self.ever_ready,
+            recent_restarts: self.recent_restarts.iter().copied().collect(),
+            stats: self.stats.clone(),
+        })
+    }
+
+    /// A policy that goes on from `snapshot` (handed over by a previous
+    /// baton) with the knobs of `cfg`.
+    pub fn restore(cfg: PolicyConfig, snapshot: Snapshot) -> Policy<W> {
+        let mut p = Policy::new(cfg);
+        p.gens = snapshot
+            .generations
+            .into_iter()
+            .map(|g| (g.id, g))
+            .collect();
+        p.next_id = snapshot.next_id;
+        p.serving = snapshot.serving;
+        p.restart_at = snapshot.restart_at;
+        p.failures = snapshot.failures;
+        p.ever_ready = snapshot.ever_ready;
+        p.recent_restarts = snapshot.recent_restarts.into_iter().collect();
+        p.stats = snapshot.stats;
+        p
     }
 
     /// Starts generation 1.
@@ -449,7 +516,7 @@ impl<W> Policy<W> {
                     warn!(
                         generation = id,
                         pid,
-                        status = status.word(),
+                        status = %status.word(),
                         starting = next.generation,
                         "exit: the serving generation {status}; its successor is already starting"
                     );
@@ -457,7 +524,7 @@ impl<W> Policy<W> {
                     warn!(
                         generation = id,
                         pid,
-                        status = status.word(),
+                        status = %status.word(),
                         restart = self.cfg.restart.as_str(),
                         "exit: the serving generation {status} and is not restarted (--restart); stopping"
                     );
@@ -468,7 +535,7 @@ impl<W> Policy<W> {
                             warn!(
                                 generation = id,
                                 pid,
-                                status = status.word(),
+                                status = %status.word(),
                                 restart_in_ms = delay.as_millis() as u64,
                                 "exit: the serving generation {status}; the listeners stay open and a new generation starts soon"
                             )
@@ -477,7 +544,7 @@ impl<W> Policy<W> {
                             warn!(
                                 generation = id,
                                 pid,
-                                status = status.word(),
+                                status = %status.word(),
                                 "exit: the serving generation {status}"
                             );
                             actions.extend(self.shut_down(now, Some(1)));

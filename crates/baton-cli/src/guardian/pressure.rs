@@ -28,6 +28,14 @@ pub struct Rejected {
 }
 
 impl Rejected {
+    /// Counting from `count` (handed over by an upgrade).
+    pub fn starting_at(count: u64) -> Rejected {
+        Rejected {
+            count: AtomicU64::new(count),
+            last: Mutex::new(None),
+        }
+    }
+
     /// Counts one refused datagram; `what` describes it.
     pub fn note(&self, what: String) {
         self.count.fetch_add(1, Ordering::Relaxed);

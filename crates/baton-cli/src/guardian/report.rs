@@ -21,6 +21,10 @@ pub struct Counters {
     pub notify_rejected: u64,
     /// Listeners found shut down and re-armed.
     pub listener_rearms: u64,
+    /// In-place upgrades.
+    pub upgrades: u64,
+    /// When the last one was.
+    pub upgraded_at: Option<Instant>,
 }
 
 /// The `status` document.
@@ -70,6 +74,11 @@ pub fn status<W>(
         restarts: stats.restarts,
         last_reload: stats.last_reload.clone(),
         guard: guard(cfg, pressure, counters),
+        version: super::handover::baton_version().to_owned(),
+        upgrades: counters.upgrades,
+        upgraded_ms_ago: counters
+            .upgraded_at
+            .map(|at| now.saturating_duration_since(at).as_millis() as u64),
     }
 }
 

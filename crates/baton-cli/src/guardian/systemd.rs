@@ -16,6 +16,19 @@ pub struct Systemd {
 }
 
 impl Systemd {
+    /// Whether systemd was told READY=1.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Goes on from what a previous image told systemd.
+    pub fn resume(ready: bool) -> Systemd {
+        Systemd {
+            ready,
+            ..Systemd::default()
+        }
+    }
+
     fn send(&self, state: &str) {
         match baton::notify(state) {
             Ok(true) => debug!(state = %state.replace('\n', " "), "notified the service manager"),

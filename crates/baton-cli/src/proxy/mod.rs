@@ -265,16 +265,38 @@ pub struct Counters {
     pub open_streams: std::sync::atomic::AtomicUsize,
 }
 
-/// The proxy's thread: stop it to drain client connections.
+/// The proxy's threads: stop them to drain client connections.
 #[derive(Debug)]
 pub struct Handle {
     stop: watch::Sender<bool>,
+    /// Threads still running, and the news when one ends.
+    alive: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
 }
 
 impl Handle {
-    /// Stops accepting and drains client connections (HTTP: lame duck).
+    /// Stops accepting and drains client connections (HTTP: lame duck);
+    /// nothing is cut: each thread ends once its connections have.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Completes once every thread has ended (after [`Handle::stop`]).
+    pub fn finished(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let alive = Arc::clone(&self.alive);
+        async move { wait_ended(&alive).await }
+    }
+}
+
+async fn wait_ended(alive: &(std::sync::atomic::AtomicUsize, tokio::sync::Notify)) {
+    let (alive, ended) = alive;
+    loop {
+        let news = ended.notified();
+        tokio::pin!(news);
+        news.as_mut().enable();
+        if alive.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
+        news.await;
     }
 }
 
@@ -313,9 +335,12 @@ pub fn start(
     proxy: Arc<Proxy>,
     threads: usize,
 ) -> std::io::Result<Handle> {
-    let drain = proxy.limits.serve.drain;
     let (stop, stopped) = watch::channel(false);
     let n = *THREADS.get_or_init(|| threads.max(1));
+    let alive = Arc::new((
+        std::sync::atomic::AtomicUsize::new(n),
+        tokio::sync::Notify::new(),
+    ));
     for index in 0..n {
         let mine = listeners
             .iter()
@@ -325,6 +350,7 @@ pub fn start(
             .enable_all()
             .build()?;
         let (proxy, mut stopped) = (Arc::clone(&proxy), stopped.clone());
+        let alive = Arc::clone(&alive);
         std::thread::Builder::new()
             .name(format!("baton-proxy-{index}"))
             .spawn(move || {
@@ -348,27 +374,33 @@ pub fn start(
                             let stop = async move {
                                 let _ = stopped.wait_for(|s| *s).await;
                             };
-                            let options = proxy.limits.serve.clone();
+                            // Nothing is cut here: a stopping baton exits
+                            // (cutting what is left) once its generations
+                            // are gone, and an upgrade waits for the drain.
+                            let mut options = proxy.limits.serve.clone();
+                            options.drain.deadline = crate::spec::MAX_DURATION;
                             let _ =
                                 baton::serve::serve_with(listeners, service, stop, options).await;
                             sweeper.abort();
                         }
                         Mode::Tcp => tcp::serve(listeners, Arc::clone(&proxy), stopped).await,
                     }
-                    // Relays and spliced upgrades run as their own tasks: give
-                    // them the drain deadline before the runtime goes.
+                    // Relays and spliced upgrades run as their own tasks:
+                    // they end before the runtime goes.
                     let open = || {
                         proxy
                             .counters
                             .open_streams
                             .load(std::sync::atomic::Ordering::SeqCst)
                     };
-                    let deadline = tokio::time::Instant::now() + drain.deadline;
-                    while open() > 0 && tokio::time::Instant::now() < deadline {
+                    while open() > 0 {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 });
+                let (count, ended) = &*alive;
+                count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                ended.notify_waiters();
             })?;
     }
-    Ok(Handle { stop })
+    Ok(Handle { stop, alive })
 }

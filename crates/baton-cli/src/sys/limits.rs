@@ -23,7 +23,7 @@ pub const CONTROL_CONNECTIONS: usize = 64;
 pub const METRICS_CONNECTIONS: usize = 16;
 
 /// The limit as baton found it and as it is now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nofile {
     /// The soft limit baton was started with (restored for children);
     /// `u64::MAX` for unlimited.

@@ -8,6 +8,7 @@
 //! async-signal-safe calls.
 
 pub mod clock;
+pub mod exec;
 pub mod inspect;
 pub mod limits;
 pub mod memory;

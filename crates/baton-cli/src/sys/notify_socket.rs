@@ -48,14 +48,36 @@ impl NotifySocket {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         let name = format!("baton/{}/{generation}/{nonce:08x}", std::process::id());
+        NotifySocket::bind_name(&name)
+    }
+
+    /// Binds the abstract socket `@name` (again, after a baton that had it
+    /// died: generations keep sending to the name they were given).
+    pub fn bind_name(name: &str) -> io::Result<NotifySocket> {
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let socket = UnixDatagram::bind_addr(&addr)?;
+        NotifySocket::from_std(socket, format!("@{name}"))
+    }
+
+    fn from_std(socket: UnixDatagram, address: String) -> io::Result<NotifySocket> {
         rustix::net::sockopt::set_socket_passcred(&socket, true)?;
         socket.set_nonblocking(true)?;
         Ok(NotifySocket {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
-            address: format!("@{name}"),
+            address,
         })
+    }
+
+    /// The socket behind `fd` (handed over by a previous image), whose
+    /// address is `address`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, address: String) -> io::Result<NotifySocket> {
+        NotifySocket::from_std(UnixDatagram::from(fd), address)
+    }
+
+    /// A second descriptor for this socket (to hand over).
+    pub fn dup(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd().try_clone_to_owned()
     }
 
     /// Waits for the next datagram. Any fds sent along (`FDSTORE=1`) are

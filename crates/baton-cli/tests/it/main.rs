@@ -20,3 +20,4 @@ mod startup_errors;
 mod stop;
 mod storm;
 mod supervise;
+mod upgrade;

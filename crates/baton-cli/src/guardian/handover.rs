@@ -1,0 +1,133 @@
+//! What one baton image hands to the next one (`baton upgrade`): the
+//! guardian's state, versioned and serialized, with the numbers of the
+//! descriptors it keeps open across `execve`. The new image reads it from
+//! a memfd named by [`ENV`].
+//!
+//! Invariant: a handover is written only between events, with no reload
+//! under way and baton not stopping ([`super::policy::Policy::snapshot`]):
+//! every generation is serving or draining, and every descriptor named
+//! here is open and inheritable at the moment of the exec.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::Snapshot;
+use crate::sys::limits::Nofile;
+
+/// The version of the handover format this baton writes and reads.
+pub const VERSION: u32 = 1;
+
+/// The environment variable naming the memfd that holds the handover.
+pub const ENV: &str = "BATON_UPGRADE_STATE";
+
+/// baton's version.
+pub fn baton_version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// A listener, by descriptor number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listener {
+    /// Its descriptor in baton.
+    pub fd: RawFd,
+    /// Its name in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// The bound address, as shown.
+    pub local: String,
+    /// Its key in `SERVER_STARTER_PORT`.
+    pub server_starter_key: String,
+    /// The TCP address it is bound to.
+    pub tcp: Option<SocketAddr>,
+    /// The socket file baton made, if any.
+    pub unix_path: Option<PathBuf>,
+}
+
+/// A live generation's descriptors in baton.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationFds {
+    /// The generation.
+    pub id: u64,
+    /// Its notification socket, and the socket's address.
+    pub notify: Option<(RawFd, String)>,
+    /// The read ends of its `--log-prefix` pipes (stdout, stderr).
+    pub log_readers: Option<(RawFd, RawFd)>,
+    /// Ports it was seen listening on by itself.
+    pub self_bound: Vec<SocketAddr>,
+}
+
+/// The handover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Handover {
+    /// [`VERSION`] of the baton that wrote it.
+    pub version: u32,
+    /// That baton's version.
+    pub from: String,
+    /// The path baton was first started from.
+    pub exe: PathBuf,
+    /// baton's command line, kept for the next upgrade.
+    pub argv: Vec<OsString>,
+    /// The listeners.
+    pub listeners: Vec<Listener>,
+    /// The control socket's listener.
+    pub control_fd: RawFd,
+    /// The metrics endpoint's listener.
+    pub metrics_fd: Option<RawFd>,
+    /// The policy's state.
+    pub policy: Snapshot,
+    /// The live generations' descriptors.
+    pub generations: Vec<GenerationFds>,
+    /// The descriptor limit baton found at its first start.
+    pub nofile: Nofile,
+    /// Listeners re-armed so far.
+    pub listener_rearms: u64,
+    /// Notifications refused so far.
+    pub notify_rejected: u64,
+    /// Upgrades so far, this one included.
+    pub upgrades: u64,
+    /// When this upgrade began (`CLOCK_MONOTONIC` nanoseconds).
+    pub upgrade_began_ns: u64,
+    /// When baton first started (`CLOCK_MONOTONIC` nanoseconds).
+    pub started_ns: u64,
+    /// The `baton upgrade` client's connection, answered by the new image.
+    pub reply_fd: Option<RawFd>,
+    /// Whether systemd has been told READY=1.
+    pub systemd_ready: bool,
+}
+
+/// Why a handover cannot be read.
+pub fn check_version(h: &Handover) -> Result<(), String> {
+    if h.version == VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "handover version {} (from baton {}); this baton {} reads version {VERSION}",
+            h.version,
+            h.from,
+            baton_version()
+        ))
+    }
+}
+
+/// The handover this image was started with, if it was started by an
+/// upgrade: read from the memfd named in [`ENV`] (and the memfd closed).
+pub fn take_from_env() -> anyhow::Result<Option<Handover>> {
+    use anyhow::Context;
+    let Some(raw) = std::env::var_os(ENV) else {
+        return Ok(None);
+    };
+    let fd: RawFd = raw
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{ENV}={raw:?}: not a descriptor number"))?;
+    let bytes = crate::sys::exec::take_fd(fd)
+        .and_then(crate::sys::exec::read_all)
+        .with_context(|| format!("reading the handed-over state ({ENV}={fd})"))?;
+    let handover: Handover =
+        serde_json::from_slice(&bytes).context("the handed-over state is not readable")?;
+    check_version(&handover).map_err(anyhow::Error::msg)?;
+    Ok(Some(handover))
+}

@@ -1,0 +1,140 @@
+//! `baton upgrade`: replacing baton's image in place, and the check of a
+//! candidate binary that comes first.
+//!
+//! The steps, each of which either goes on or leaves the running baton as
+//! it was (nothing is half upgraded):
+//!
+//! 1. refused outright during a reload or a stop;
+//! 2. the candidate runs as a child (`upgrade-check`) with the handover on
+//!    its fd 3, and must answer "ok" on its fd 4 and exit 0: a binary that
+//!    is not baton, cannot run, or does not read this handover version
+//!    fails here;
+//! 3. what cannot be handed over is finished first (proxy mode: client
+//!    connections drain while new ones wait in the accept queue; if they
+//!    do not within the stop timeout, the upgrade is abandoned and the
+//!    proxy serves again, nothing cut);
+//! 4. the handover is written again (the state may have moved), its
+//!    descriptors made inheritable, every signal blocked, and `execve`:
+//!    the new image answers the client. If `execve` fails, the flags are
+//!    put back and the client is told.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::control::proto::Response;
+
+/// The answer a candidate writes on its fd 4 when it accepts the handover.
+pub const ACCEPTED: &str = "baton-upgrade-check ok";
+
+/// An upgrade under way.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// The `baton upgrade` client's connection.
+    pub conn: UnixStream,
+    /// The candidate binary.
+    pub binary: PathBuf,
+    /// Only check it.
+    pub check_only: bool,
+    /// The check's pid, and the read end of its answer pipe.
+    pub check: Option<(i32, OwnedFd)>,
+    /// Its version, once checked.
+    pub version: Option<String>,
+    /// When it was asked for.
+    pub began: Instant,
+}
+
+impl Upgrade {
+    /// Answers the client (its connection is closed with the upgrade).
+    pub fn answer(&mut self, response: &Response) {
+        let _ = self.conn.set_write_timeout(Some(Duration::from_secs(5)));
+        if let Ok(mut line) = serde_json::to_string(response) {
+            line.push('\n');
+            let _ = self.conn.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// The binary `binary` names, as an absolute path that exists and can be
+/// executed.
+pub fn candidate(binary: &Path) -> Result<PathBuf, String> {
+    let path = if binary.is_absolute() {
+        binary.to_owned()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("resolving {}: {e}", binary.display()))?
+            .join(binary)
+    };
+    match rustix::fs::access(&path, rustix::fs::Access::EXEC_OK) {
+        Ok(()) if path.is_file() => Ok(path),
+        Ok(()) => Err(format!("{} is not a file", path.display())),
+        Err(e) => Err(format!(
+            "{} cannot be executed: {}",
+            path.display(),
+            std::io::Error::from(e)
+        )),
+    }
+}
+
+/// Reads a finished check's answer: the candidate's version, or why it is
+/// refused.
+pub fn read_answer(answer: OwnedFd) -> Result<String, String> {
+    let mut text = String::new();
+    let mut file = std::fs::File::from(answer);
+    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+    let line = text.lines().next().unwrap_or_default();
+    match line.strip_prefix(ACCEPTED) {
+        Some(rest) => Ok(rest
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("version="))
+            .unwrap_or("?")
+            .to_owned()),
+        None if line.is_empty() => Err("it gave no answer (is it a baton?)".to_owned()),
+        None => Err(format!("it refused: {line}")),
+    }
+}
+
+/// Makes `fds` inheritable across `execve` (or, with `inherit` false,
+/// close-on-exec again); returns the first error.
+pub fn set_inheritable(fds: &[BorrowedFd<'_>], inherit: bool) -> std::io::Result<()> {
+    for fd in fds {
+        crate::sys::exec::set_inheritable(fd.as_fd(), inherit)?;
+    }
+    Ok(())
+}
+
+/// `baton upgrade-check`: run by the baton that wants to hand over, in the
+/// candidate binary; reads the handover from `state_fd` and says on
+/// `answer_fd` whether this binary takes it.
+pub fn check(state_fd: i32, answer_fd: i32) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context;
+    let mut answer =
+        std::fs::File::from(crate::sys::exec::take_fd(answer_fd).context("the answer descriptor")?);
+    let state = crate::sys::exec::take_fd(state_fd)
+        .and_then(crate::sys::exec::read_all)
+        .context("the state descriptor")?;
+    let verdict = serde_json::from_slice::<super::handover::Handover>(&state)
+        .map_err(|e| format!("the handover is not readable: {e}"))
+        .and_then(|h| super::handover::check_version(&h));
+    match verdict {
+        Ok(()) => {
+            writeln!(
+                answer,
+                "{ACCEPTED} version={}",
+                super::handover::baton_version()
+            )?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            writeln!(answer, "{why}")?;
+            Ok(std::process::ExitCode::from(3))
+        }
+    }
+}
+
+/// The raw descriptor numbers of `fds`.
+pub fn raw(fds: &[BorrowedFd<'_>]) -> Vec<i32> {
+    fds.iter().map(AsRawFd::as_raw_fd).collect()
+}
