@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::spec::{
-    ListenSpec, NotifyAccess, ReadyMode, RestartMode, Signal, StartLimit, UserSpec, parse_duration,
-    parse_timeout,
+    ListenSpec, NotifyAccess, Orphans, ReadyMode, RestartMode, Signal, StartLimit, UserSpec,
+    parse_duration, parse_timeout,
 };
 
 const EXIT_CODES: &str = "\
@@ -56,6 +56,10 @@ pub enum Command {
     /// running baton's state?
     #[command(name = "upgrade-check", hide = true)]
     UpgradeCheck(UpgradeCheckArgs),
+    /// Started by `baton run`: holds its listeners for the next `baton run`
+    /// if baton is killed.
+    #[command(hide = true)]
+    Keeper(KeeperArgs),
     /// Load a service while reloading it; count every failed request.
     Bench(crate::bench::BenchArgs),
     /// Hot reload against cold restart, side by side, on the embedded app.
@@ -119,6 +123,13 @@ pub struct RunArgs {
     /// app) or main (only the process baton started) [default: all].
     #[arg(long, value_enum, value_name = "WHO")]
     pub notify_access: Option<NotifyAccess>,
+
+    /// What a baton that is killed (or crashes) leaves behind: keep (the
+    /// serving generation goes on serving, and the next `baton run` with
+    /// the same control socket adopts it) or stop (every generation gets
+    /// SIGTERM when baton dies) [default: keep].
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub orphans: Option<Orphans>,
 
     /// When the serving generation exits on its own: never (baton exits with
     /// its status), on-failure (restart unless it exited 0) or always
@@ -300,6 +311,18 @@ pub struct UpgradeCheckArgs {
     /// The descriptor to answer on.
     #[arg(long, value_name = "FD")]
     pub answer_fd: i32,
+}
+
+/// `baton keeper`.
+#[derive(Debug, Args)]
+pub struct KeeperArgs {
+    /// How many listeners it holds (fds 4, 5, …; fd 3 is its socket).
+    #[arg(long, value_name = "N")]
+    pub listeners: usize,
+
+    /// baton's state file.
+    #[arg(long, value_name = "PATH")]
+    pub state: PathBuf,
 }
 
 /// `baton status`.

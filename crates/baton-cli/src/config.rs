@@ -89,6 +89,8 @@ pub struct RunConfig {
     pub ready: ReadyMode,
     /// Who may report readiness.
     pub notify_access: NotifyAccess,
+    /// What a dead baton leaves behind.
+    pub orphans: crate::spec::Orphans,
     /// Timeouts, signals and backoff.
     pub policy: PolicyConfig,
     /// The service's name.
@@ -112,6 +114,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// baton's command line, for the image an upgrade starts.
     pub argv: Vec<OsString>,
+    /// The state of a baton that died, whose service this one adopts.
+    pub adopt: Option<crate::guardian::state::State>,
 }
 
 /// `--proxy` and its options.
@@ -292,11 +296,42 @@ impl RunConfig {
             Some(path) => path,
             None => control::default_path(&name),
         };
-        let (control, listeners, metrics) = match handover {
-            Some(h) => handed_over(h, control_path)?,
+        let (control, listeners, metrics, adopt) = match handover {
+            Some(h) => {
+                let (control, listeners, metrics) = handed_over(h, control_path)?;
+                (control, listeners, metrics, None)
+            }
             None => {
                 let control = bind_control(&control_path)?;
-                let listeners = listeners(&args.listen, inherited)?;
+                // What a baton that died here left: its listeners (from its
+                // keeper) are used like sockets passed to baton.
+                let found = crate::guardian::orphans::find(&control_path, &args.listen)?;
+                let mut inherited = inherited;
+                let mut adopt = None;
+                let mut unix_paths = Vec::new();
+                if let Some(found) = found {
+                    if let Some(fds) = found.listeners {
+                        unix_paths = found
+                            .state
+                            .listeners
+                            .iter()
+                            .map(|l| (l.local.clone(), l.unix_path.clone()))
+                            .collect();
+                        inherited.extend(baton::Listeners::from_fds(
+                            fds.into_iter()
+                                .zip(found.state.listeners.iter().map(|l| l.name.clone())),
+                        ));
+                    }
+                    adopt = found.adopt.then_some(found.state);
+                }
+                let mut listeners = listeners(&args.listen, inherited)?;
+                // Socket files the dead baton made are this one's to remove.
+                for l in &mut listeners {
+                    if let Some((_, path)) = unix_paths.iter().find(|(local, _)| *local == l.local)
+                    {
+                        l.unix_path.clone_from(path);
+                    }
+                }
                 let metrics = args
                     .metrics
                     .map(|addr| {
@@ -307,7 +342,7 @@ impl RunConfig {
                         })
                     })
                     .transpose()?;
-                (control, listeners, metrics)
+                (control, listeners, metrics, adopt)
             }
         };
 
@@ -425,6 +460,7 @@ impl RunConfig {
             base_env: base_env(user.as_ref()),
             ready,
             notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
+            orphans: args.orphans.unwrap_or_default(),
             policy,
             name,
             control,
@@ -442,6 +478,7 @@ impl RunConfig {
                 Some(h) => h.argv.clone(),
                 None => std::env::args_os().collect(),
             },
+            adopt,
         })
     }
 }
@@ -614,7 +651,7 @@ fn adopt(name: &str, listener: baton::Listener) -> Result<BoundListener, Startup
 
 /// Whether a `--listen` address is the address `local` an inherited socket
 /// is bound to.
-fn same_address(addr: &ListenAddr, local: &str) -> bool {
+pub(crate) fn same_address(addr: &ListenAddr, local: &str) -> bool {
     match addr {
         ListenAddr::Ip(a) => local.parse::<SocketAddr>().is_ok_and(|l| l == *a),
         ListenAddr::AnyHost(port) => local

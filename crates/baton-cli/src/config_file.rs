@@ -37,6 +37,7 @@ struct Raw {
     name: Option<String>,
     control: Option<PathBuf>,
     notify_access: Option<NotifyAccess>,
+    orphans: Option<spec::Orphans>,
     restart: Option<Spanned<String>>,
     restart_delay: Option<Spanned<String>>,
     restart_delay_max: Option<Spanned<String>>,
@@ -124,6 +125,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         name: raw.name,
         control: raw.control,
         notify_access: raw.notify_access,
+        orphans: raw.orphans,
         restart: field!("restart", raw.restart, spec::RestartMode::from_str),
         restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
         restart_delay_max: field!(
@@ -181,6 +183,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         name: cli.name.or(file.name),
         control: cli.control.or(file.control),
         notify_access: cli.notify_access.or(file.notify_access),
+        orphans: cli.orphans.or(file.orphans),
         restart: cli.restart.or(file.restart),
         restart_delay: cli.restart_delay.or(file.restart_delay),
         restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),

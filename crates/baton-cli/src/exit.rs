@@ -12,6 +12,10 @@ pub enum ExitStatus {
     Exited(i32),
     /// It was killed by this signal.
     Signaled(i32),
+    /// It is gone, and how is not known: it was adopted from a baton that
+    /// died, so it is not this baton's child and its status went to
+    /// whoever reaped it.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -20,6 +24,7 @@ impl ExitStatus {
         match self {
             ExitStatus::Exited(code) => (code & 0xff) as u8,
             ExitStatus::Signaled(sig) => (128 + sig).clamp(0, 255) as u8,
+            ExitStatus::Unknown => 1,
         }
     }
 
@@ -39,6 +44,7 @@ impl ExitStatus {
                 Some(s) => s.to_string(),
                 None => format!("signal-{sig}"),
             },
+            ExitStatus::Unknown => "unknown".to_owned(),
         }
     }
 }
@@ -53,6 +59,9 @@ impl fmt::Display for ExitStatus {
                 Some(s) => write!(f, "was killed by signal {sig} ({s})"),
                 None => write!(f, "was killed by signal {sig}"),
             },
+            ExitStatus::Unknown => {
+                f.write_str("exited (how is unknown: it was adopted, not started, by this baton)")
+            }
         }
     }
 }

@@ -360,6 +360,19 @@ pub enum NotifyAccess {
     Main,
 }
 
+/// What a baton that dies without stopping leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Orphans {
+    /// The serving generation goes on serving, for the next `baton run`
+    /// with the same control socket to adopt.
+    #[default]
+    Keep,
+    /// Every generation gets SIGTERM when baton dies (a parent-death
+    /// signal).
+    Stop,
+}
+
 /// The longest duration any option accepts: a day. Every deadline baton
 /// computes is "now + at most this", which can never overflow a clock, and
 /// no wait longer than a day makes sense for a restart.

@@ -13,7 +13,7 @@
 //!   names the culprit, never a panic.
 
 use std::net::{TcpListener, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,6 +132,29 @@ impl Listeners {
             }
         }
         Ok(Listeners { slots, names })
+    }
+
+    /// Sockets received some other way (over a Unix socket with
+    /// `SCM_RIGHTS`, say), with their names, as if inherited in this order.
+    /// They are checked when taken, like inherited ones.
+    pub fn from_fds(fds: impl IntoIterator<Item = (OwnedFd, String)>) -> Listeners {
+        let mut slots = Vec::new();
+        let mut names = Vec::new();
+        for (fd, name) in fds {
+            names.push(name.clone());
+            slots.push(Some(Inherited {
+                raw: fd.as_raw_fd(),
+                fd,
+                name,
+            }));
+        }
+        Listeners { slots, names }
+    }
+
+    /// Puts `other`'s sockets after these.
+    pub fn extend(&mut self, other: Listeners) {
+        self.slots.extend(other.slots);
+        self.names.extend(other.names);
     }
 
     /// How many inherited sockets have not been taken yet.

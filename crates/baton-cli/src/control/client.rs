@@ -147,11 +147,32 @@ fn describe(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} (baton pid {}, up {} s)",
+        "{} (baton {} pid {}, up {} s)",
         status.name,
+        status.version,
         status.pid,
         status.uptime_ms / 1000
     );
+    if let Some(ago) = status.upgraded_ms_ago {
+        let _ = writeln!(
+            out,
+            "upgraded in place {} time(s), last {} s ago",
+            status.upgrades,
+            ago / 1000
+        );
+    }
+    if let Some(from) = status.adopted_from {
+        let _ = writeln!(
+            out,
+            "adopted the service of baton pid {from}, which died (adopted processes' exit status is not known)"
+        );
+    }
+    if let Some(keeper) = status.keeper_pid {
+        let _ = writeln!(
+            out,
+            "keeper:  pid {keeper} holds the listeners in case baton dies"
+        );
+    }
     let _ = writeln!(out, "command: {}", status.command.join(" "));
     for l in &status.listeners {
         let _ = writeln!(out, "listen:  fd {} {} ({})", l.fd, l.addr, l.name);

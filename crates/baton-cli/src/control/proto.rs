@@ -138,6 +138,12 @@ pub struct Status {
     /// How long ago the last upgrade was, if any.
     #[serde(default)]
     pub upgraded_ms_ago: Option<u64>,
+    /// The descriptor keeper's pid (`--orphans keep`).
+    #[serde(default)]
+    pub keeper_pid: Option<i32>,
+    /// The pid of the baton that died, whose service this one adopted.
+    #[serde(default)]
+    pub adopted_from: Option<i32>,
 }
 
 /// baton's own resources, and what its limits and checks turned away.

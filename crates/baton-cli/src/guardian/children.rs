@@ -27,6 +27,8 @@ pub enum Owner {
     Check(u64),
     /// A candidate binary checking baton's state before an upgrade.
     UpgradeCheck,
+    /// The descriptor keeper (`--orphans keep`).
+    Keeper,
 }
 
 /// A child that exited, and whose it was.
@@ -50,6 +52,10 @@ pub struct Children {
     ids: Option<sys::spawn::Ids>,
     /// The descriptor limit children get (baton's original one).
     nofile: (u64, u64),
+    /// Whether generations die with baton (`--orphans stop`).
+    parent_death: bool,
+    /// Adopted processes (not our children), watched through pidfds.
+    watched: std::collections::HashSet<i32>,
 }
 
 impl Children {
@@ -66,6 +72,8 @@ impl Children {
                 groups: u.groups.clone(),
             }),
             nofile: (cfg.nofile.original_soft, cfg.nofile.hard),
+            parent_death: cfg.orphans == crate::spec::Orphans::Stop,
+            watched: std::collections::HashSet::new(),
         }
     }
 
@@ -95,6 +103,7 @@ impl Children {
             stderr: pipes.as_ref().map(|p| p.stderr.as_fd()),
             user: self.ids.as_ref(),
             nofile: Some(self.nofile),
+            parent_death: self.parent_death,
         })?;
         // The child has its copies of the write ends; ours must go, or the
         // copying never ends.
@@ -126,13 +135,15 @@ impl Children {
             stderr: None,
             user: self.ids.as_ref(),
             nofile: Some(self.nofile),
+            parent_death: true,
         })?;
         self.pids.insert(pid, Owner::Check(generation));
         Ok(pid)
     }
 
     /// Runs a helper of baton's own (not the app: no `--user`, no output
-    /// prefix) as `owner`, with `fds` as its fds 3, 4, ….
+    /// prefix) as `owner`, with `fds` as its fds 3, 4, …; it dies with
+    /// baton unless it is the keeper.
     pub fn start_helper(
         &mut self,
         owner: Owner,
@@ -151,15 +162,50 @@ impl Children {
             stderr: None,
             user: None,
             nofile: None,
+            parent_death: owner != Owner::Keeper,
         })?;
         self.pids.insert(pid, owner);
         Ok(pid)
     }
 
-    /// Counts generation `generation`'s process `pid` as a child (handed
-    /// over by a previous image of baton, whose children are ours).
-    pub fn adopt(&mut self, pid: i32, generation: u64) {
+    /// Counts `pid` as a child of `owner` (handed over by a previous image
+    /// of baton, whose children are ours).
+    pub fn adopt(&mut self, pid: i32, owner: Owner) {
+        self.pids.insert(pid, owner);
+    }
+
+    /// Watches generation `generation`'s process `process`, which is not
+    /// our child (adopted from a baton that died): `gone(pid)` is sent when
+    /// it exits. Fails if the process is gone already (or its pid is
+    /// another process's now).
+    pub fn watch(
+        &mut self,
+        process: Process,
+        generation: u64,
+        events: &tokio::sync::mpsc::UnboundedSender<super::Event>,
+    ) -> std::io::Result<()> {
+        let pidfd = sys::fdpass::pidfd(process.pid, process.start_time)?;
+        let pidfd = sys::fdpass::register_readable(pidfd)?;
+        let events = events.clone();
+        let pid = process.pid;
+        tokio::spawn(async move {
+            // Readable once the process has exited; an error means the
+            // same for our purpose (nothing more can be known of it).
+            let _ = pidfd.readable().await;
+            let _ = events.send(super::Event::Gone(pid));
+        });
         self.pids.insert(pid, Owner::Generation(generation));
+        self.watched.insert(pid);
+        Ok(())
+    }
+
+    /// A watched process that exited (see [`Children::watch`]).
+    pub fn gone(&mut self, pid: i32) -> Option<Exit> {
+        self.watched.remove(&pid).then(|| Exit {
+            pid,
+            owner: self.pids.remove(&pid),
+            status: ExitStatus::Unknown,
+        })
     }
 
     /// Reaps every child that has exited. A generation's leftovers are

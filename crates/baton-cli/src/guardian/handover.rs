@@ -96,6 +96,8 @@ pub struct Handover {
     pub reply_fd: Option<RawFd>,
     /// Whether systemd has been told READY=1.
     pub systemd_ready: bool,
+    /// The descriptor keeper (`--orphans keep`), a child of this pid.
+    pub keeper: Option<super::generation::Process>,
 }
 
 /// Why a handover cannot be read.

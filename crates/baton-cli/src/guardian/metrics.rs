@@ -68,6 +68,7 @@ impl Metrics {
         let label = match status {
             ExitStatus::Exited(code) => format!("exit_{code}"),
             ExitStatus::Signaled(sig) => format!("signal_{sig}"),
+            ExitStatus::Unknown => "unknown".to_owned(),
         };
         *self.exits.entry(label).or_default() += 1;
     }

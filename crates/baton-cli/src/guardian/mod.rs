@@ -26,15 +26,18 @@ pub mod children;
 pub mod diagnose;
 pub mod generation;
 pub mod handover;
+pub mod keeper;
 pub mod launch;
 mod listeners;
 pub mod metrics;
 mod notify;
+pub mod orphans;
 mod output;
 pub mod policy;
 mod pressure;
 pub mod readiness;
 mod report;
+pub mod state;
 mod systemd;
 pub mod upgrade;
 mod watch;
@@ -101,6 +104,8 @@ pub enum Event {
     /// Before an upgrade: what had to finish first did (true), or did not
     /// within the stop timeout (false).
     Quiesced(bool),
+    /// An adopted process (not our child) exited.
+    Gone(i32),
 }
 
 /// How often the guardian looks at its listeners and reports pressure.
@@ -208,7 +213,10 @@ impl Running {
             Some(h) => Policy::restore(cfg.policy.clone(), h.policy.clone()),
             None => Policy::new(cfg.policy.clone()),
         };
+        let keeper = handover.as_ref().and_then(|h| h.keeper);
+        let adopt = cfg.adopt.take();
         let mut g = Guardian {
+            orphans: orphans::Orphans::new(&cfg, keeper),
             control_fd,
             upgrade: None,
             upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
@@ -239,14 +247,20 @@ impl Running {
             event_at: now,
             exit: None,
         };
-        match handover {
-            Some(h) => g.resume(h),
-            None => {
+        match (handover, adopt) {
+            (Some(h), _) => g.resume(h),
+            (None, adopt) => {
                 // Children that exited before the handler was installed are
                 // reaped on the first SIGCHLD or here.
                 g.reap();
-                let start = g.policy.start(now);
-                g.apply(start);
+                g.orphans.start_keeper(&g.cfg, &mut g.children);
+                match adopt {
+                    Some(s) => g.adopt(s),
+                    None => {
+                        let start = g.policy.start(now);
+                        g.apply(start);
+                    }
+                }
             }
         }
         Ok(Running {
@@ -320,6 +334,7 @@ impl Running {
         control_task.abort();
         let _ = control_task.await;
         g.cfg.control.remove();
+        g.orphans.finish();
         g.cfg.listeners.clear();
         for waiter in g.stop_waiters.drain(..) {
             let _ = waiter.send(Response::Stopped { code });
@@ -390,6 +405,8 @@ struct Guardian {
     upgrade: Option<upgrade::Upgrade>,
     /// In-place upgrades since baton first started.
     upgrades: u64,
+    /// The state file and the descriptor keeper (`--orphans keep`).
+    orphans: orphans::Orphans,
     /// When this image took over.
     upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
@@ -504,6 +521,13 @@ impl Guardian {
             self.systemd.stopping();
             self.launch.stop();
         }
+        let notify: Vec<(u64, String)> = self
+            .handles
+            .iter()
+            .filter_map(|(id, h)| Some((*id, h.notify.as_ref()?.1.clone())))
+            .collect();
+        self.orphans
+            .record(&self.cfg, &self.policy.record(), &notify);
         if let Ok(mut m) = self.metrics.lock() {
             let stats = self.policy.stats();
             m.reloads_ok = stats.reloads_ok;
@@ -523,6 +547,8 @@ impl Guardian {
                     listener_rearms: self.listener_rearms,
                     upgrades: self.upgrades,
                     upgraded_at: self.upgraded_at,
+                    keeper: self.orphans.keeper().map(|k| k.pid),
+                    adopted_from: self.orphans.adopted_from,
                 };
                 let status = report::status(
                     &self.cfg,
@@ -577,6 +603,11 @@ impl Guardian {
             }
             Event::Watched => self.trigger(Trigger::Watch, None),
             Event::Quiesced(done) => self.upgrade_quiesced(done),
+            Event::Gone(pid) => {
+                if let Some(exit) = self.children.gone(pid) {
+                    self.exited(exit);
+                }
+            }
             Event::SelfBound { generation, addrs } => {
                 let pid = self.pid_of(generation).unwrap_or_default();
                 if let Some(handles) = self.handles.get_mut(&generation) {
@@ -610,6 +641,13 @@ impl Guardian {
     /// Reaps every exited child and routes each exit to its owner.
     fn reap(&mut self) {
         for exit in self.children.reap() {
+            self.exited(exit);
+        }
+    }
+
+    /// A child (or an adopted process) exited.
+    fn exited(&mut self, exit: children::Exit) {
+        {
             self.event_at = Instant::now();
             match exit.owner {
                 Some(Owner::Generation(generation)) => {
@@ -634,6 +672,11 @@ impl Guardian {
                     self.check_done(generation, exit.pid, exit.status);
                 }
                 Some(Owner::UpgradeCheck) => self.upgrade_checked(exit.pid, exit.status),
+                Some(Owner::Keeper) => {
+                    let stopping = self.policy.is_stopping();
+                    self.orphans
+                        .keeper_exited(&self.cfg, &mut self.children, exit, stopping);
+                }
                 None => {}
             }
         }
@@ -1161,6 +1204,7 @@ impl Guardian {
             started_ns: sys::clock::monotonic_ns(self.started),
             reply_fd: reply.map(|r| r.0),
             systemd_ready: self.systemd.is_ready(),
+            keeper: self.orphans.keeper(),
         };
         Ok((state, fds))
     }
@@ -1172,8 +1216,11 @@ impl Guardian {
     fn resume(&mut self, h: handover::Handover) {
         for g in self.policy.generations() {
             if let Some(pid) = g.pid() {
-                self.children.adopt(pid, g.id);
+                self.children.adopt(pid, Owner::Generation(g.id));
             }
+        }
+        if let Some(k) = h.keeper {
+            self.children.adopt(k.pid, Owner::Keeper);
         }
         let routes: BTreeMap<u64, (generation::Route, i32)> = self
             .policy

@@ -309,7 +309,13 @@ impl<W> Policy<W> {
         if self.stopping.is_some() {
             return Err("baton is stopping".to_owned());
         }
-        Ok(Snapshot {
+        Ok(self.record())
+    }
+
+    /// The state as it is now, reload or not (for the state file: a
+    /// generation still starting is listed as such).
+    pub fn record(&self) -> Snapshot {
+        Snapshot {
             generations: self.gens.values().cloned().collect(),
             next_id: self.next_id,
             serving: self.serving,
@@ -318,7 +324,7 @@ impl<W> Policy<W> {
             ever_ready: self.ever_ready,
             recent_restarts: self.recent_restarts.iter().copied().collect(),
             stats: self.stats.clone(),
-        })
+        }
     }
 
     /// A policy that goes on from `snapshot` (handed over by a previous
@@ -479,6 +485,9 @@ impl<W> Policy<W> {
             match status {
                 ExitStatus::Exited(0) => {}
                 ExitStatus::Signaled(sig) if sig == stop_signal => {}
+                // An adopted generation asked to stop: it is gone, and
+                // nothing says it failed.
+                ExitStatus::Unknown => {}
                 ExitStatus::Signaled(9) if g.state == State::Killed => stopping.killed = true,
                 _ => {
                     if stopping.failed.is_none() || stopping.serving == Some(id) {

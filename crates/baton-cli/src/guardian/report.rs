@@ -25,6 +25,10 @@ pub struct Counters {
     pub upgrades: u64,
     /// When the last one was.
     pub upgraded_at: Option<Instant>,
+    /// The descriptor keeper's pid.
+    pub keeper: Option<i32>,
+    /// The pid of the baton that died, whose service this one adopted.
+    pub adopted_from: Option<i32>,
 }
 
 /// The `status` document.
@@ -76,6 +80,8 @@ pub fn status<W>(
         guard: guard(cfg, pressure, counters),
         version: super::handover::baton_version().to_owned(),
         upgrades: counters.upgrades,
+        keeper_pid: counters.keeper,
+        adopted_from: counters.adopted_from,
         upgraded_ms_ago: counters
             .upgraded_at
             .map(|at| now.saturating_duration_since(at).as_millis() as u64),

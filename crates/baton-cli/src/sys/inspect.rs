@@ -33,11 +33,29 @@ pub fn inode(fd: &OwnedFd) -> Option<u64> {
 /// When process `pid` started, in clock ticks after boot (field 22 of
 /// `/proc/<pid>/stat`): with the pid, it names one process for good.
 pub fn start_time(pid: i32) -> Option<u64> {
+    stat(pid).map(|(_, start)| start)
+}
+
+/// Whether process `pid` runs and is the one that started at `start_time`
+/// (`None`: any): not gone, not a zombie, not a later process that reuses
+/// the pid.
+pub fn alive(pid: i32, start_time: Option<u64>) -> bool {
+    pid > 0
+        && stat(pid).is_some_and(|(state, start)| {
+            !matches!(state, 'Z' | 'X') && start_time.is_none_or(|s| s == start)
+        })
+}
+
+/// The state letter and start time of process `pid`.
+fn stat(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count
-    // from the last ')'. Field 3 is the first after it.
+    // from the last ')'. Field 3 (the state) is the first after it.
     let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 /// TCP addresses process `pid` listens on through sockets other than

@@ -9,6 +9,7 @@
 
 pub mod clock;
 pub mod exec;
+pub mod fdpass;
 pub mod inspect;
 pub mod limits;
 pub mod memory;

@@ -12,8 +12,10 @@
 //!
 //! 1. `setpgid(0, 0)`: its own process group, so a whole generation can be
 //!    signalled at once and a terminal's Ctrl-C reaches only baton;
-//! 2. `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the app is asked to stop
-//!    rather than left holding the ports;
+//! 2. with `parent_death`, `PR_SET_PDEATHSIG(SIGTERM)`: if baton dies, the
+//!    child is asked to stop (`--orphans stop`, and baton's short-lived
+//!    helpers); without it, a generation outlives a killed baton and goes
+//!    on serving (`--orphans keep`);
 //! 3. every signal disposition back to default (the signal mask, emptied
 //!    last, stays full until then: the parent blocks all signals across
 //!    `fork`, so none can run baton's handlers in the child), so
@@ -28,7 +30,8 @@
 //! 6. the descriptor limit baton was started with (baton raised its own;
 //!    see [`super::limits`]);
 //! 7. with `--user`: supplementary groups, group, user (raw system calls),
-//!    and the parent-death signal again (a credential change clears it);
+//!    and the parent-death signal again if asked (a credential change
+//!    clears it);
 //! 8. `LISTEN_PID` digits, the signal mask emptied, then `execve`.
 //!
 //! A failure at any step is reported to the parent as an errno over a
@@ -79,6 +82,8 @@ pub struct Command<'a> {
     /// The child's `RLIMIT_NOFILE` as (soft, hard), `u64::MAX` for
     /// unlimited (else baton's own).
     pub nofile: Option<(u64, u64)>,
+    /// Whether the child gets SIGTERM when baton dies.
+    pub parent_death: bool,
 }
 
 /// The ids a child switches to before `exec`.
@@ -173,6 +178,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         floor,
         report: report_tx_high.as_raw_fd(),
         parent,
+        parent_death: cmd.parent_death,
     };
 
     // Block every signal across the fork (as posix_spawn does): until the
@@ -247,6 +253,7 @@ struct Child<'a> {
     floor: RawFd,
     report: RawFd,
     parent: i32,
+    parent_death: bool,
 }
 
 impl Child<'_> {
@@ -266,9 +273,12 @@ impl Child<'_> {
             if libc::setpgid(0, 0) != 0 {
                 self.fail();
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            if self.parent_death {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            }
             if libc::getppid() != self.parent {
-                // baton died before the prctl took effect.
+                // baton died before the child could start (or before the
+                // prctl took effect): nobody would know of this process.
                 libc::_exit(1);
             }
 
@@ -335,9 +345,11 @@ impl Child<'_> {
                     self.fail();
                 }
                 // Changing credentials clears the parent-death signal.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
-                if libc::getppid() != self.parent {
-                    libc::_exit(1);
+                if self.parent_death {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                    if libc::getppid() != self.parent {
+                        libc::_exit(1);
+                    }
                 }
             }
 

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod adopt;
 mod bench;
 mod demo;
 mod endurance;

@@ -199,6 +199,7 @@ pub struct BatonBuilder {
     wrapper: Option<String>,
     env: Vec<(OsString, OsString)>,
     dir: tempfile::TempDir,
+    control: Option<PathBuf>,
 }
 
 impl BatonBuilder {
@@ -250,9 +251,19 @@ impl BatonBuilder {
         self.dir.path()
     }
 
+    /// Uses this control socket (another baton's, say) instead of one in
+    /// the per-test directory.
+    pub fn control(mut self, path: &Path) -> Self {
+        self.control = Some(path.to_owned());
+        self
+    }
+
     /// Starts baton.
     pub fn start(self) -> Baton {
-        let control = self.dir.path().join("control.sock");
+        let control = self
+            .control
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("control.sock"));
         let mut argv: Vec<OsString> = vec![
             exe().into(),
             "run".into(),
@@ -308,6 +319,7 @@ impl Baton {
             wrapper: None,
             env: Vec::new(),
             dir: tempfile::tempdir().expect("tempdir"),
+            control: None,
         }
     }
 

@@ -1,0 +1,406 @@
+//! `--orphans keep`: a baton that is killed leaves its service serving, and
+//! the next `baton run` with the same control socket adopts it.
+//!
+//! While baton runs it keeps two things next to its control socket: the
+//! state file ([`super::state`]), rewritten whenever its state changes, and
+//! a descriptor keeper ([`super::keeper`]) holding copies of the listeners.
+//! A new `baton run` that finds a state file whose baton is gone
+//! ([`find`], before it binds anything) takes the listeners back from the
+//! keeper (they must be the ones it was asked for), and then
+//! ([`Guardian::adopt`]) watches the processes still alive through pidfds
+//! (they are not its children, so their exit status is unknown), listens
+//! again on their notification sockets, and goes on as if it had started
+//! them: the serving generation serves on, and the next reload replaces it
+//! with the usual handover. A generation that was starting or draining
+//! when baton died is stopped.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::children::{Children, Exit, Owner};
+use super::generation::{Handles, Process, State as GenState};
+use super::policy::{Policy, Snapshot};
+use super::state::{self, State};
+use super::{Guardian, keeper};
+use crate::config::RunConfig;
+use crate::error::StartupError;
+use crate::spec::{ListenSpec, Orphans as Mode};
+use crate::sys;
+use crate::sys::notify_socket::NotifySocket;
+
+/// How many times a keeper that exits on its own is started again.
+const KEEPER_RESTARTS: u32 = 5;
+
+/// The state file and the keeper of a running baton.
+#[derive(Debug)]
+pub struct Orphans {
+    keep: bool,
+    state_path: PathBuf,
+    keeper_path: PathBuf,
+    keeper: Option<Process>,
+    keeper_restarts: u32,
+    written: Vec<u8>,
+    write_failed: bool,
+    /// The pid of the baton that died, whose service this one adopted.
+    pub adopted_from: Option<i32>,
+}
+
+impl Orphans {
+    /// For `cfg`; `keeper` was started by a previous image (an upgrade).
+    pub fn new(cfg: &RunConfig, keeper: Option<Process>) -> Orphans {
+        Orphans {
+            keep: cfg.orphans == Mode::Keep,
+            state_path: state::path(&cfg.control.path),
+            keeper_path: state::keeper_path(&cfg.control.path),
+            keeper,
+            keeper_restarts: 0,
+            written: Vec::new(),
+            write_failed: false,
+            adopted_from: None,
+        }
+    }
+
+    /// The keeper, if one runs.
+    pub fn keeper(&self) -> Option<Process> {
+        self.keeper
+    }
+
+    /// Starts the keeper (with `--orphans keep`). A keeper that cannot be
+    /// started costs only the adoption after a crash: baton goes on.
+    pub fn start_keeper(&mut self, cfg: &RunConfig, children: &mut Children) {
+        if !self.keep {
+            return;
+        }
+        match self.spawn_keeper(cfg, children) {
+            Ok(p) => {
+                info!(pid = p.pid, path = %self.keeper_path.display(), "keeper: holding the listeners in case baton dies");
+                self.keeper = Some(p);
+            }
+            Err(e) => warn!(
+                error = %e,
+                "keeper: not started; if baton is killed, the next `baton run` cannot adopt the service"
+            ),
+        }
+    }
+
+    fn spawn_keeper(&self, cfg: &RunConfig, children: &mut Children) -> io::Result<Process> {
+        // A keeper socket left here belongs to a keeper that is gone or
+        // that handed its listeners to this baton (and exits).
+        let _ = std::fs::remove_file(&self.keeper_path);
+        let socket = std::os::unix::net::UnixListener::bind(&self.keeper_path)?;
+        std::fs::set_permissions(&self.keeper_path, std::fs::Permissions::from_mode(0o600))?;
+        let mut fds = vec![socket.as_fd()];
+        fds.extend(cfg.listeners.iter().map(|l| l.fd.as_fd()));
+        let args: Vec<std::ffi::OsString> = vec![
+            "baton".into(),
+            "keeper".into(),
+            "--listeners".into(),
+            cfg.listeners.len().to_string().into(),
+            "--state".into(),
+            self.state_path.clone().into(),
+        ];
+        // The running image, even if its file was replaced since.
+        let pid = children.start_helper(
+            Owner::Keeper,
+            Path::new("/proc/self/exe"),
+            &args,
+            &cfg.base_env,
+            &fds,
+        )?;
+        Ok(Process {
+            pid,
+            start_time: sys::inspect::start_time(pid),
+        })
+    }
+
+    /// The keeper exited: started again unless baton is stopping.
+    pub fn keeper_exited(
+        &mut self,
+        cfg: &RunConfig,
+        children: &mut Children,
+        exit: Exit,
+        stopping: bool,
+    ) {
+        if self.keeper.map(|k| k.pid) != Some(exit.pid) {
+            return;
+        }
+        self.keeper = None;
+        if stopping {
+            return;
+        }
+        self.keeper_restarts += 1;
+        if self.keeper_restarts > KEEPER_RESTARTS {
+            warn!(pid = exit.pid, status = %exit.status.word(), "keeper: exited again; not started any more");
+            return;
+        }
+        warn!(pid = exit.pid, status = %exit.status.word(), "keeper: exited; starting another");
+        self.start_keeper(cfg, children);
+    }
+
+    /// Rewrites the state file if the state changed.
+    pub fn record(&mut self, cfg: &RunConfig, policy: &Snapshot, handles: &[(u64, String)]) {
+        if !self.keep {
+            return;
+        }
+        let me = std::process::id() as i32;
+        let s = State {
+            version: state::VERSION,
+            baton: Process {
+                pid: me,
+                start_time: sys::inspect::start_time(me),
+            },
+            baton_version: super::handover::baton_version().to_owned(),
+            keeper: self.keeper,
+            name: cfg.name.clone(),
+            listeners: cfg.listeners.iter().map(|l| l.handover()).collect(),
+            proxied: cfg.proxy.is_some(),
+            generations: policy.generations.clone(),
+            serving: policy.serving,
+            next_id: policy.next_id,
+            stats: policy.stats.clone(),
+            notify: handles
+                .iter()
+                .map(|(generation, address)| state::Notify {
+                    generation: *generation,
+                    address: address.clone(),
+                })
+                .collect(),
+        };
+        let Ok(bytes) = serde_json::to_vec(&s) else {
+            return;
+        };
+        if bytes == self.written {
+            return;
+        }
+        match state::write(&self.state_path, &s) {
+            Ok(()) => {
+                self.written = bytes;
+                self.write_failed = false;
+            }
+            Err(e) if !self.write_failed => {
+                self.write_failed = true;
+                warn!(path = %self.state_path.display(), error = %e, "state file not written; a killed baton's service could not be adopted");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// baton stopped: the keeper exits and the files go (nothing is left
+    /// to adopt).
+    pub fn finish(&mut self) {
+        if let Some(k) = self.keeper.take()
+            && keeper::quit(&self.keeper_path).is_err()
+            && sys::inspect::alive(k.pid, k.start_time)
+        {
+            let _ = sys::signal::send(k.pid, crate::spec::Signal::TERM);
+        }
+        state::remove(&self.state_path);
+        let _ = std::fs::remove_file(&self.keeper_path);
+    }
+}
+
+/// What a new `baton run` found of a baton that died.
+#[derive(Debug)]
+pub struct Found {
+    /// Its state.
+    pub state: State,
+    /// The listeners taken back from its keeper (in the state's order).
+    pub listeners: Option<Vec<OwnedFd>>,
+    /// Whether something of it still runs, to adopt.
+    pub adopt: bool,
+}
+
+/// Looks for a baton that died, before `baton run` binds its listeners
+/// (`specs`). `Ok(None)`: nothing of one here. An error leaves everything
+/// as it was (the keeper keeps its listeners, the service its processes).
+pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, StartupError> {
+    let path = state::path(control);
+    let s = match state::read(&path) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            warn!("ignoring a state file that cannot be read: {e}");
+            state::remove(&path);
+            return Ok(None);
+        }
+    };
+    if sys::inspect::alive(s.baton.pid, s.baton.start_time) {
+        return Err(StartupError::Invalid(format!(
+            "baton pid {} (which wrote {}) still runs but does not answer on {}; stop it first",
+            s.baton.pid,
+            path.display(),
+            control.display()
+        )));
+    }
+    let live: Vec<(u64, Process)> = s
+        .processes()
+        .filter(|(_, p)| sys::inspect::alive(p.pid, p.start_time))
+        .collect();
+    let matches = same_listeners(specs, &s);
+    if let (Some(&(generation, p)), Err(why)) = (live.first(), &matches) {
+        return Err(StartupError::Invalid(format!(
+            "generation {generation} (pid {}) of the baton that died (pid {}) still runs, and {why}: \
+             run with the same --listen to adopt it, or stop it first",
+            p.pid, s.baton.pid
+        )));
+    }
+    let keeper_path = state::keeper_path(control);
+    let listeners = match keeper::take(&keeper_path) {
+        Ok(fds) if fds.len() == s.listeners.len() && matches.is_ok() => Some(fds),
+        Ok(_) => None,
+        Err(e) => {
+            if !live.is_empty() && !s.proxied {
+                return Err(StartupError::Invalid(format!(
+                    "generation {} (pid {}) of the baton that died (pid {}) still runs and holds the \
+                     listeners, but they cannot be taken back from its keeper ({}: {e}): stop it first",
+                    live[0].0,
+                    live[0].1.pid,
+                    s.baton.pid,
+                    keeper_path.display()
+                )));
+            }
+            None
+        }
+    };
+    if live.is_empty() {
+        info!(
+            pid = s.baton.pid,
+            "a previous baton died and nothing of its service runs: starting fresh"
+        );
+    }
+    Ok(Some(Found {
+        adopt: !live.is_empty(),
+        state: s,
+        listeners,
+    }))
+}
+
+/// Whether `specs` ask for exactly the listeners of `s`.
+fn same_listeners(specs: &[ListenSpec], s: &State) -> Result<(), String> {
+    let had: Vec<&str> = s.listeners.iter().map(|l| l.local.as_str()).collect();
+    let same = specs.len() == had.len()
+        && specs.iter().all(|spec| {
+            had.iter()
+                .any(|local| crate::config::same_address(&spec.addr, local))
+        });
+    if same {
+        Ok(())
+    } else {
+        let asked: Vec<String> = specs.iter().map(|s| s.addr.to_string()).collect();
+        Err(format!(
+            "it listens on {} but this `baton run` asks for {}",
+            had.join(", "),
+            if asked.is_empty() {
+                "nothing".to_owned()
+            } else {
+                asked.join(", ")
+            }
+        ))
+    }
+}
+
+impl Guardian {
+    /// Goes on from the state of a baton that died: what still runs of it
+    /// is watched and kept (the serving generation) or stopped (the rest);
+    /// if nothing serves, generation `next_id` starts as usual.
+    pub(super) fn adopt(&mut self, s: State) {
+        let now = Instant::now();
+        self.orphans.adopted_from = Some(s.baton.pid);
+        let stop_deadline = Some(now + self.cfg.policy.stop_timeout);
+        let mut kept = Vec::new();
+        for mut g in s.generations {
+            g.processes
+                .retain(|p| sys::inspect::alive(p.pid, p.start_time));
+            let Some(&main) = g.processes.first() else {
+                continue;
+            };
+            let serving = s.serving == Some(g.id) && g.state == GenState::Serving;
+            if !serving {
+                if !matches!(g.state, GenState::Draining | GenState::Killed) {
+                    let _ = sys::signal::send_group(main.pid, self.cfg.policy.stop_signal);
+                }
+                warn!(generation = g.id, pid = main.pid, state = %g.state, "a generation of the baton that died was not serving: stopping it");
+                g.enter(GenState::Draining, now, stop_deadline);
+            }
+            if let Err(e) = self.children.watch(main, g.id, &self.events) {
+                warn!(generation = g.id, pid = main.pid, error = %e, "gone before it could be watched");
+                continue;
+            }
+            kept.push(g);
+        }
+        let serving = kept
+            .iter()
+            .find(|g| g.state == GenState::Serving)
+            .map(|g| (g.id, g.pid().unwrap_or_default(), g.route));
+        self.policy = Policy::restore(
+            self.cfg.policy.clone(),
+            Snapshot {
+                generations: kept.clone(),
+                next_id: s.next_id,
+                serving: serving.map(|(id, _, _)| id),
+                restart_at: None,
+                failures: 0,
+                ever_ready: serving.is_some(),
+                recent_restarts: Vec::new(),
+                stats: s.stats,
+            },
+        );
+        for g in &kept {
+            let mut handles = Handles::default();
+            if let Some(n) = s.notify.iter().find(|n| n.generation == g.id) {
+                match NotifySocket::bind_name(&n.address) {
+                    Ok(socket) => {
+                        handles.notify = socket.dup().ok().map(|d| (d, n.address.clone()));
+                        let pid = g.pid().unwrap_or_default();
+                        handles
+                            .tasks
+                            .push(self.read_notifications(g.id, pid, socket));
+                    }
+                    Err(e) => {
+                        warn!(generation = g.id, error = %e, "its notification socket cannot be bound again")
+                    }
+                }
+            }
+            let cx = super::launch::Cx {
+                cfg: &self.cfg,
+                children: &mut self.children,
+                events: &self.events,
+            };
+            self.launch.adopt(cx, g.id, g.route, &mut handles);
+            self.handles.insert(g.id, handles);
+        }
+        match serving {
+            Some((id, pid, _)) => {
+                let addrs: Vec<&str> = self
+                    .cfg
+                    .listeners
+                    .iter()
+                    .map(|l| l.local.as_str())
+                    .collect();
+                info!(
+                    generation = id,
+                    pid,
+                    from = s.baton.pid,
+                    addr = %addrs.join(","),
+                    "adopted generation {id} (pid {pid}) serving {}; its exit status will not be known",
+                    addrs.join(", ")
+                );
+                self.cut_over();
+                self.systemd.serving(id);
+            }
+            None => {
+                info!(
+                    from = s.baton.pid,
+                    "nothing of the baton that died serves any more: starting a new generation"
+                );
+                let start = self.policy.start(now);
+                self.apply(start);
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! A baton that is killed leaves its service serving (`--orphans keep`, the
+//! default), and the next `baton run` with the same control socket adopts
+//! it; with `--orphans stop` the service dies with baton.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use rustix::process::Signal;
+
+use crate::support;
+
+use support::{Baton, LONG, Load, get, pid_gone, wait_until};
+
+/// `status --json` of the baton at `control`, or `None` while none answers.
+fn status_at(control: &Path) -> Option<serde_json::Value> {
+    let out = support::run(
+        &[
+            "status".into(),
+            "--json".into(),
+            "--control".into(),
+            control.into(),
+        ],
+        LONG,
+    );
+    (out.code == Some(0)).then(|| serde_json::from_str(&out.stdout).expect("status JSON"))
+}
+
+/// A second `baton run` on `first`'s control socket and port.
+fn second_baton(first: &Baton, port: u16, run_args: &[&str]) -> Baton {
+    let proxied = run_args.contains(&"--proxy");
+    Baton::builder()
+        .control(&first.control)
+        .run_args(["--listen", &format!("127.0.0.1:{port}")])
+        .run_args(run_args.iter().copied())
+        .app_args(if proxied {
+            &["--listen", "127.0.0.1:{port}"][..]
+        } else {
+            &[]
+        })
+        .start()
+}
+
+/// Waits until the baton at `b`'s control socket has adopted the service of
+/// the baton `from`; returns its status.
+fn wait_adopted(b: &Baton, from: u32) -> serde_json::Value {
+    let mut status = None;
+    wait_until("the new baton adopted the service", LONG, || {
+        status = status_at(&b.control).filter(|s| s["adopted_from"] == from);
+        status.is_some()
+    });
+    status.expect("status")
+}
+
+/// Kills `b` with SIGKILL, once its state (written before it answers)
+/// shows a generation serving, and waits for it to be gone.
+fn kill(b: &mut Baton) {
+    wait_until("a generation serves", LONG, || {
+        b.status_json()["serving"].is_u64()
+    });
+    b.signal(Signal::KILL);
+    b.wait_exit(LONG);
+}
+
+#[test]
+fn a_killed_baton_leaves_the_app_serving_and_the_next_baton_adopts_it() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let load = Load::start(port, 16, 1_000_000, Duration::from_secs(120));
+    wait_until("the load was answered", LONG, || load.has_seen(app));
+    kill(&mut first);
+    // Nothing serves on baton's behalf: the app does, on its own.
+    let at_kill = load.ok.load(Relaxed);
+    wait_until("500 more requests answered", LONG, || {
+        load.ok.load(Relaxed) >= at_kill + 500
+    });
+    assert!(!pid_gone(app), "the app outlived baton");
+
+    let second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["serving"], 1, "{status}");
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    assert!(status["keeper_pid"].as_u64().is_some(), "{status}");
+    // The next reload replaces the adopted generation as usual.
+    let (code, json) = second.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", second.dump());
+    assert_eq!(json["generation"], 2, "{json}");
+    wait_until("the adopted generation drained and exited", LONG, || {
+        pid_gone(app)
+    });
+    let status = second.status_json();
+    assert_eq!(status["generations"].as_array().map(Vec::len), Some(1));
+    let (ok, failures, _) = load.finish();
+    support::assert_no_failures(ok, &failures);
+    eprintln!("SIGKILL of baton, adoption and a reload: {ok} requests, 0 failed");
+}
+
+#[test]
+fn with_orphans_stop_the_app_dies_with_baton() {
+    let mut b = Baton::serving(&["--orphans", "stop"], &[]);
+    let app = b.gen_pid(1);
+    assert!(b.status_json()["keeper_pid"].is_null());
+    kill(&mut b);
+    wait_until("the app got SIGTERM and exited", LONG, || pid_gone(app));
+}
+
+#[test]
+fn when_nothing_is_left_the_keeper_lets_go_and_the_next_baton_starts_fresh() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let keeper = first.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper") as u32;
+    kill(&mut first);
+    support::send(app, Signal::KILL);
+    wait_until("the keeper exited on its own", LONG, || pid_gone(keeper));
+
+    let second = second_baton(&first, port, &[]);
+    second.wait_for_event("ready", 1);
+    let status = second.status_json();
+    assert!(status["adopted_from"].is_null(), "{status}");
+    let reply = get(port, "/", LONG).expect("served");
+    assert_ne!(reply.pid, Some(app));
+}
+
+#[test]
+fn other_listeners_are_refused_and_nothing_is_lost() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    let other = format!("127.0.0.1:{}", support::free_port());
+    let out = support::run(
+        &[
+            "run".into(),
+            "--control".into(),
+            first.control.clone().into(),
+            "--listen".into(),
+            other.into(),
+            "--".into(),
+            support::exe().into(),
+            "demo-app".into(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("run with the same --listen"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert_eq!(get(port, "/", LONG).expect("served").pid, Some(app));
+    // The keeper still holds the listeners: the right command adopts.
+    let second = second_baton(&first, port, &[]);
+    wait_adopted(&second, first.pid());
+}
+
+#[test]
+fn in_proxy_mode_clients_wait_in_the_backlog_until_the_next_baton() {
+    let mut first = Baton::behind_proxy("http", &[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    // Nobody accepts now; the keeper holds the public listener, so this
+    // client is queued, not refused.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let second = second_baton(&first, port, &["--proxy", "http"]);
+    wait_adopted(&second, first.pid());
+    client.set_read_timeout(Some(LONG)).expect("timeout");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).expect("answer");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        second.dump()
+    );
+    assert!(
+        answer.contains(&format!("(pid {app})")),
+        "the adopted app answered: {answer}"
+    );
+}
+
+#[test]
+fn an_upgraded_baton_keeps_its_keeper_and_can_still_be_adopted() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let keeper = first.status_json()["keeper_pid"].clone();
+    assert!(keeper.is_u64());
+    let out = first.ctl(&["upgrade"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(first.status_json()["keeper_pid"], keeper);
+    kill(&mut first);
+    let second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+}
+
+#[test]
+fn the_keeper_shrugs_off_bad_clients_and_is_replaced_if_killed() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let keeper_path = first.control.with_file_name("control.keeper.sock");
+    let keeper = first.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper") as u32;
+    // Garbage, a line far too long, and a client that says nothing: each
+    // gets an error or is dropped, and the keeper goes on.
+    for request in [&b"give me everything\n"[..], &[b'x'; 10_000][..], b""] {
+        let mut conn = UnixStream::connect(&keeper_path).expect("connect to the keeper");
+        conn.write_all(request).expect("write");
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        assert!(!answer.starts_with("ok"), "{answer}");
+    }
+    assert!(!pid_gone(keeper));
+    // A keeper that dies is replaced.
+    support::send(keeper, Signal::KILL);
+    let mut replaced = None;
+    wait_until("another keeper started", LONG, || {
+        replaced = first.status_json()["keeper_pid"]
+            .as_u64()
+            .filter(|&p| p != u64::from(keeper));
+        replaced.is_some()
+    });
+    // And the new one works.
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    let second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+}
