@@ -3,6 +3,7 @@
 //! every listener are bound. Any failure here is a [`StartupError`] (exit 2)
 //! and nothing has been spawned; what was already bound is released.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -613,7 +614,19 @@ fn listeners(
             None => out.push(bind_listener(spec)?),
         }
     }
-    out.extend(adopted.into_iter().flatten());
+    // The rest is passed on, except second descriptors of a socket already
+    // taken (systemd's descriptor store and baton's keeper may both hold
+    // one).
+    let taken: HashSet<u64> = out
+        .iter()
+        .filter_map(|l| crate::sys::inspect::inode(&l.fd))
+        .collect();
+    out.extend(
+        adopted
+            .into_iter()
+            .flatten()
+            .filter(|l| crate::sys::inspect::inode(&l.fd).is_none_or(|i| !taken.contains(&i))),
+    );
     if out.is_empty() {
         return Err(StartupError::Invalid(
             "nothing to listen on: give --listen ADDR (or listen = [...] in --config, or sockets from systemd)".into(),

@@ -253,6 +253,7 @@ impl Running {
                 // Children that exited before the handler was installed are
                 // reaped on the first SIGCHLD or here.
                 g.reap();
+                g.systemd.store(&g.cfg.listeners);
                 g.orphans.start_keeper(&g.cfg, &mut g.children);
                 match adopt {
                     Some(s) => g.adopt(s),

@@ -4,6 +4,16 @@
 //! reload, STOPPING=1 when stopping. MAINPID stays baton's own pid, so
 //! systemd keeps watching baton, not a generation. Without `NOTIFY_SOCKET`
 //! in baton's environment every call is a no-op.
+//!
+//! At start baton also hands its listeners to systemd's file-descriptor
+//! store (`FDSTORE=1` with `FDNAME=`, the descriptors attached), so that a
+//! baton that dies or is restarted (`systemctl restart`) does not close
+//! them: systemd keeps them open, clients wait in their backlog, and the
+//! next baton gets them back in `LISTEN_FDS` (matched to its `--listen`
+//! by name or address). The unit must allow it (`FileDescriptorStoreMax=`);
+//! otherwise systemd drops them and nothing changes.
+
+use std::os::fd::AsFd;
 
 use tracing::debug;
 
@@ -77,6 +87,26 @@ impl Systemd {
             None => format!("last reload rolled back: {why}"),
         };
         self.send(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
+    }
+
+    /// Hands `listeners` to the file-descriptor store, one datagram each.
+    pub fn store(&self, listeners: &[crate::config::BoundListener]) {
+        let Some(target) = std::env::var_os(baton::vars::NOTIFY_SOCKET) else {
+            return;
+        };
+        let target = target.to_string_lossy();
+        for l in listeners {
+            let text = format!("FDSTORE=1\nFDNAME={}", l.name);
+            match crate::sys::fdpass::send_datagram(&target, text.as_bytes(), &[l.fd.as_fd()]) {
+                Ok(()) => {
+                    debug!(addr = %l.local, name = %l.name, "listener handed to the service manager's descriptor store")
+                }
+                Err(e) => {
+                    debug!(addr = %l.local, error = %e, "cannot hand the listener to the service manager");
+                    return;
+                }
+            }
+        }
     }
 
     /// baton is stopping.

@@ -18,6 +18,54 @@ pub const MAX_FDS: usize = 64;
 /// Sends `text` with `fds` attached. The text must fit one write (it is a
 /// short line).
 pub fn send(stream: &UnixStream, text: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let sent = with_rights(fds, |control| {
+        rustix::net::sendmsg(
+            stream.as_fd(),
+            &[io::IoSlice::new(text)],
+            control,
+            SendFlags::NOSIGNAL,
+        )
+    })?;
+    if sent != text.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "the message was cut short",
+        ));
+    }
+    Ok(())
+}
+
+/// Sends one datagram, `text` with `fds` attached, to the Unix socket
+/// `target` (`/path` or `@abstract`), from an unbound socket: how
+/// descriptors go to systemd's file-descriptor store (`FDSTORE=1`).
+pub fn send_datagram(target: &str, text: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let addr = match target.strip_prefix('@') {
+        Some(name) => rustix::net::SocketAddrUnix::new_abstract_name(name.as_bytes())?,
+        None => rustix::net::SocketAddrUnix::new(target)?,
+    };
+    let socket = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    with_rights(fds, |control| {
+        rustix::net::sendmsg_addr(
+            &socket,
+            &addr,
+            &[io::IoSlice::new(text)],
+            control,
+            SendFlags::NOSIGNAL,
+        )
+    })?;
+    Ok(())
+}
+
+/// Runs `send` with a control buffer carrying `fds` (`SCM_RIGHTS`).
+fn with_rights(
+    fds: &[BorrowedFd<'_>],
+    send: impl FnOnce(&mut SendAncillaryBuffer<'_, '_, '_>) -> rustix::io::Result<usize>,
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -29,19 +77,7 @@ pub fn send(stream: &UnixStream, text: &[u8], fds: &[BorrowedFd<'_>]) -> io::Res
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("the descriptors do not fit the message"));
     }
-    let sent = rustix::net::sendmsg(
-        stream.as_fd(),
-        &[io::IoSlice::new(text)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?;
-    if sent != text.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "the message was cut short",
-        ));
-    }
-    Ok(())
+    Ok(send(&mut control)?)
 }
 
 /// Receives one message of at most `max` bytes and the descriptors that

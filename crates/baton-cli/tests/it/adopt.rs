@@ -54,6 +54,23 @@ fn wait_adopted(b: &Baton, from: u32) -> serde_json::Value {
     status.expect("status")
 }
 
+/// A connection to `port` with a request sent, while nothing accepts.
+fn queued_request(port: u16) -> std::net::TcpStream {
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    client
+}
+
+/// The whole answer on `client`.
+fn answer_to(mut client: std::net::TcpStream) -> String {
+    client.set_read_timeout(Some(LONG)).expect("timeout");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).expect("answer");
+    answer
+}
+
 /// Kills `b` with SIGKILL, once its state (written before it answers)
 /// shows a generation serving, and waits for it to be gone.
 fn kill(b: &mut Baton) {
@@ -168,15 +185,10 @@ fn in_proxy_mode_clients_wait_in_the_backlog_until_the_next_baton() {
     kill(&mut first);
     // Nobody accepts now; the keeper holds the public listener, so this
     // client is queued, not refused.
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .expect("write");
+    let client = queued_request(port);
     let second = second_baton(&first, port, &["--proxy", "http"]);
     wait_adopted(&second, first.pid());
-    client.set_read_timeout(Some(LONG)).expect("timeout");
-    let mut answer = String::new();
-    client.read_to_string(&mut answer).expect("answer");
+    let answer = answer_to(client);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "{answer}\n{}",
@@ -238,4 +250,134 @@ fn the_keeper_shrugs_off_bad_clients_and_is_replaced_if_killed() {
     let second = second_baton(&first, port, &[]);
     let status = wait_adopted(&second, first.pid());
     assert_eq!(status["generations"][0]["pid"], app, "{status}");
+}
+
+/// A stand-in for systemd: the datagram socket named by NOTIFY_SOCKET.
+fn fake_manager(dir: &Path) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    manager.set_read_timeout(Some(LONG)).expect("timeout");
+    (manager, path)
+}
+
+/// The listener baton handed to `manager`'s descriptor store, checked to
+/// be the one on `port`.
+fn stored_listener(manager: &std::os::unix::net::UnixDatagram, port: u16) -> std::os::fd::OwnedFd {
+    let stored = loop {
+        let (text, fds) = recv_with_fds(manager);
+        if text.starts_with("FDSTORE=1") {
+            assert_eq!(text, "FDSTORE=1\nFDNAME=web");
+            assert_eq!(fds.len(), 1, "one descriptor with it");
+            break fds.into_iter().next().expect("fd");
+        }
+        assert!(fds.is_empty(), "{text}");
+    };
+    let local = rustix::net::getsockname(&stored).expect("getsockname");
+    let local = std::net::SocketAddr::try_from(local).expect("an IP address");
+    assert_eq!(local, format!("127.0.0.1:{port}").parse().expect("addr"));
+    stored
+}
+
+/// A baton started as systemd starts one again: `stored` in LISTEN_FDS.
+fn restarted_by_systemd(stored: &std::os::fd::OwnedFd, port: u16, control: Option<&Path>) -> Baton {
+    use std::os::fd::AsFd;
+    let mut b = Baton::builder()
+        .stdin(stored.as_fd().try_clone_to_owned().expect("dup"))
+        .via_shell("exec 3<&0 0</dev/null; export LISTEN_FDS=1 LISTEN_FDNAMES=web LISTEN_PID=$$")
+        .run_args(["--listen", &format!("web=127.0.0.1:{port}")]);
+    if let Some(control) = control {
+        b = b.control(control);
+    }
+    b.start()
+}
+
+/// baton run with NOTIFY_SOCKET naming a stand-in for systemd (with
+/// `run_args`), and the listener it handed to the descriptor store; the
+/// baton has been killed.
+struct UnderSystemd {
+    _dir: tempfile::TempDir,
+    first: Baton,
+    port: u16,
+    app: u32,
+    stored: std::os::fd::OwnedFd,
+}
+
+fn killed_under_systemd(run_args: &[&str]) -> UnderSystemd {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (manager, notify_path) = fake_manager(dir.path());
+    let mut first = Baton::builder()
+        .env("NOTIFY_SOCKET", &notify_path)
+        .run_args(["--listen", "web=127.0.0.1:0"])
+        .run_args(run_args.iter().copied())
+        .start();
+    first.wait_for_event("ready", 1);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let stored = stored_listener(&manager, port);
+    kill(&mut first);
+    UnderSystemd {
+        _dir: dir,
+        first,
+        port,
+        app,
+        stored,
+    }
+}
+
+#[test]
+fn under_systemd_the_listeners_go_to_the_descriptor_store_and_come_back() {
+    // As under systemd's default KillMode, the app dies with baton.
+    let s = killed_under_systemd(&["--orphans", "stop"]);
+    wait_until("the app died with baton", LONG, || pid_gone(s.app));
+    // Nothing runs, but the listener lives on in the store: a client is
+    // queued, not refused. (Binding the port again would fail: the stored
+    // socket holds it.)
+    let client = queued_request(s.port);
+    let second = restarted_by_systemd(&s.stored, s.port, None);
+    second.wait_for_event("ready", 1);
+    let answer = answer_to(client);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        second.dump()
+    );
+}
+
+#[test]
+fn a_listener_both_stored_and_kept_is_used_once_on_adoption() {
+    // KillMode=process: the app and the keeper outlive baton, and systemd
+    // also passes the stored listener back.
+    let s = killed_under_systemd(&[]);
+    let second = restarted_by_systemd(&s.stored, s.port, Some(&s.first.control));
+    let status = wait_adopted(&second, s.first.pid());
+    assert_eq!(status["generations"][0]["pid"], s.app, "{status}");
+    assert_eq!(
+        status["listeners"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    let (code, json) = second.reload_json();
+    assert_eq!(code, Some(0), "{json}");
+}
+
+/// One datagram and the descriptors that came with it.
+fn recv_with_fds(socket: &std::os::unix::net::UnixDatagram) -> (String, Vec<std::os::fd::OwnedFd>) {
+    use std::mem::MaybeUninit;
+    let mut buf = [0u8; 4096];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        socket,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )
+    .expect("a datagram from baton");
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    (String::from_utf8_lossy(&buf[..msg.bytes]).into_owned(), fds)
 }

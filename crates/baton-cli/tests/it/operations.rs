@@ -64,11 +64,17 @@ fn a_bad_config_file_names_the_line() {
     }
 }
 
-/// Datagrams baton sends to a fake service manager.
+/// Datagrams baton sends to a fake service manager, but for the
+/// descriptor-store ones (see `adopt.rs`).
 fn next_message(socket: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).expect("a notification from baton");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification from baton");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if !text.starts_with("FDSTORE=1") {
+            return text;
+        }
+    }
 }
 
 #[test]

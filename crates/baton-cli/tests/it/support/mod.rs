@@ -200,6 +200,7 @@ pub struct BatonBuilder {
     env: Vec<(OsString, OsString)>,
     dir: tempfile::TempDir,
     control: Option<PathBuf>,
+    stdin: Option<std::os::fd::OwnedFd>,
 }
 
 impl BatonBuilder {
@@ -258,6 +259,13 @@ impl BatonBuilder {
         self
     }
 
+    /// Gives baton `fd` as its stdin (a way to hand it a descriptor, which
+    /// a `via_shell` script can move elsewhere).
+    pub fn stdin(mut self, fd: std::os::fd::OwnedFd) -> Self {
+        self.stdin = Some(fd);
+        self
+    }
+
     /// Starts baton.
     pub fn start(self) -> Baton {
         let control = self
@@ -297,7 +305,7 @@ impl BatonBuilder {
         cmd.env("BATON_INSTANCE", &instance);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env_remove("RUST_LOG")
-            .stdin(Stdio::null())
+            .stdin(self.stdin.map_or_else(Stdio::null, Stdio::from))
             .stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         Baton {
@@ -320,6 +328,7 @@ impl Baton {
             env: Vec::new(),
             dir: tempfile::tempdir().expect("tempdir"),
             control: None,
+            stdin: None,
         }
     }
 
