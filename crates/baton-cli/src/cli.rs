@@ -323,6 +323,10 @@ pub struct KeeperArgs {
     /// baton's state file.
     #[arg(long, value_name = "PATH")]
     pub state: PathBuf,
+
+    /// The service's name (to prefix the output it copies).
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
 }
 
 /// `baton status`.

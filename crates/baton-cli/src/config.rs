@@ -115,8 +115,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// baton's command line, for the image an upgrade starts.
     pub argv: Vec<OsString>,
-    /// The state of a baton that died, whose service this one adopts.
-    pub adopt: Option<crate::guardian::state::State>,
+    /// The service of a baton that died, which this one adopts.
+    pub adopt: Option<crate::guardian::orphans::Adoption>,
 }
 
 /// `--proxy` and its options.
@@ -323,7 +323,10 @@ impl RunConfig {
                                 .zip(found.state.listeners.iter().map(|l| l.name.clone())),
                         ));
                     }
-                    adopt = found.adopt.then_some(found.state);
+                    adopt = found.adopt.then_some(crate::guardian::orphans::Adoption {
+                        state: found.state,
+                        logs: found.logs,
+                    });
                 }
                 let mut listeners = listeners(&args.listen, inherited)?;
                 // Socket files the dead baton made are this one's to remove.

@@ -657,6 +657,9 @@ impl Guardian {
                     {
                         self.failed_hint = self.launch.failure_hint(generation, exit.pid, handles);
                     }
+                    if self.cfg.log_prefix {
+                        self.orphans.release(generation);
+                    }
                     if let Some(handles) = self.handles.remove(&generation)
                         && let Ok(mut m) = self.metrics.lock()
                     {
@@ -677,6 +680,12 @@ impl Guardian {
                     let stopping = self.policy.is_stopping();
                     self.orphans
                         .keeper_exited(&self.cfg, &mut self.children, exit, stopping);
+                    // A new keeper holds the live generations' output too.
+                    for (id, h) in &self.handles {
+                        if let Some(readers) = &h.log_readers {
+                            self.orphans.hold(*id, readers);
+                        }
+                    }
                 }
                 None => {}
             }
@@ -853,6 +862,9 @@ impl Guardian {
             launched.process.pid,
             launched.notify,
         ));
+        if let Some(readers) = &handles.log_readers {
+            self.orphans.hold(generation, readers);
+        }
         self.handles.insert(generation, handles);
         Ok((launched.process, launched.route))
     }

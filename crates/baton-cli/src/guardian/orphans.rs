@@ -103,6 +103,8 @@ impl Orphans {
             cfg.listeners.len().to_string().into(),
             "--state".into(),
             self.state_path.clone().into(),
+            "--name".into(),
+            cfg.name.clone().into(),
         ];
         // The running image, even if its file was replaced since.
         let pid = children.start_helper(
@@ -116,6 +118,29 @@ impl Orphans {
             pid,
             start_time: sys::inspect::start_time(pid),
         })
+    }
+
+    /// Gives the keeper generation `generation`'s output pipes (read ends),
+    /// for it to copy if baton dies.
+    pub fn hold(&self, generation: u64, readers: &(OwnedFd, OwnedFd)) {
+        if self.keeper.is_none() {
+            return;
+        }
+        if let Err(e) = keeper::hold(
+            &self.keeper_path,
+            generation,
+            readers.0.as_fd(),
+            readers.1.as_fd(),
+        ) {
+            warn!(generation, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+        }
+    }
+
+    /// Generation `generation` is gone: the keeper lets its pipes go.
+    pub fn release(&self, generation: u64) {
+        if self.keeper.is_some() {
+            let _ = keeper::release(&self.keeper_path, generation);
+        }
     }
 
     /// The keeper exited: started again unless baton is stopping.
@@ -211,8 +236,19 @@ pub struct Found {
     pub state: State,
     /// The listeners taken back from its keeper (in the state's order).
     pub listeners: Option<Vec<OwnedFd>>,
+    /// The generations' output pipes its keeper held.
+    pub logs: Vec<(u64, OwnedFd, OwnedFd)>,
     /// Whether something of it still runs, to adopt.
     pub adopt: bool,
+}
+
+/// The service of a baton that died, to adopt.
+#[derive(Debug)]
+pub struct Adoption {
+    /// Its state.
+    pub state: State,
+    /// The generations' output pipes (stdout's and stderr's read ends).
+    pub logs: Vec<(u64, OwnedFd, OwnedFd)>,
 }
 
 /// Looks for a baton that died, before `baton run` binds its listeners
@@ -250,9 +286,13 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
         )));
     }
     let keeper_path = state::keeper_path(control);
+    let mut logs = Vec::new();
     let listeners = match keeper::take(&keeper_path) {
-        Ok(fds) if fds.len() == s.listeners.len() && matches.is_ok() => Some(fds),
-        Ok(_) => None,
+        Ok(taken) => {
+            logs = taken.logs;
+            (taken.listeners.len() == s.listeners.len() && matches.is_ok())
+                .then_some(taken.listeners)
+        }
         Err(e) => {
             if !live.is_empty() && !s.proxied {
                 return Err(StartupError::Invalid(format!(
@@ -277,6 +317,7 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
         adopt: !live.is_empty(),
         state: s,
         listeners,
+        logs,
     }))
 }
 
@@ -308,7 +349,8 @@ impl Guardian {
     /// Goes on from the state of a baton that died: what still runs of it
     /// is watched and kept (the serving generation) or stopped (the rest);
     /// if nothing serves, generation `next_id` starts as usual.
-    pub(super) fn adopt(&mut self, s: State) {
+    pub(super) fn adopt(&mut self, adoption: Adoption) {
+        let Adoption { state: s, mut logs } = adoption;
         let now = Instant::now();
         self.orphans.adopted_from = Some(s.baton.pid);
         let stop_deadline = Some(now + self.cfg.policy.stop_timeout);
@@ -364,6 +406,16 @@ impl Guardian {
                     Err(e) => {
                         warn!(generation = g.id, error = %e, "its notification socket cannot be bound again")
                     }
+                }
+            }
+            if let Some(i) = logs.iter().position(|(id, _, _)| *id == g.id) {
+                let (_, out, err) = logs.swap_remove(i);
+                handles.log_readers = out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
+                if let Err(e) = super::output::resume(&self.cfg.name, g.id, out, err) {
+                    warn!(generation = g.id, error = %e, "its output cannot be copied");
+                }
+                if let Some(readers) = &handles.log_readers {
+                    self.orphans.hold(g.id, readers);
                 }
             }
             let cx = super::launch::Cx {

@@ -381,3 +381,36 @@ fn recv_with_fds(socket: &std::os::unix::net::UnixDatagram) -> (String, Vec<std:
     }
     (String::from_utf8_lossy(&buf[..msg.bytes]).into_owned(), fds)
 }
+
+#[test]
+fn with_log_prefix_the_keeper_copies_the_output_until_the_next_baton() {
+    let mut first = Baton::serving(&["--log-prefix"], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    // Each request writes a line to the app's stderr, a pipe whose reader
+    // (baton) is gone: more than a pipe holds (64 KiB), so the keeper must
+    // both hold the pipe (else SIGPIPE) and empty it (else the app blocks).
+    for i in 0..2_000 {
+        let reply = get(port, "/slow?ms=0", LONG)
+            .unwrap_or_else(|e| panic!("request {i} after baton died: {e}"));
+        assert_eq!(reply.pid, Some(app));
+    }
+    let copied = |b: &Baton| {
+        b.lines()
+            .iter()
+            .filter(|l| l.contains(" gen 1] demo-app: pid"))
+            .count()
+    };
+    wait_until("the keeper copied the app's output", LONG, || {
+        copied(&first) >= 2_000
+    });
+    let second = second_baton(&first, port, &[]);
+    wait_adopted(&second, first.pid());
+    get(port, "/slow?ms=0", LONG).expect("served");
+    wait_until(
+        "the new baton copies the adopted app's output",
+        LONG,
+        || copied(&second) >= 1,
+    );
+}
