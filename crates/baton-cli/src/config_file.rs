@@ -230,6 +230,7 @@ stop-timeout = "5s"
 name = "api"
 control = "/run/api.sock"
 notify-access = "main"
+orphans = "stop"
 restart = "always"
 restart-delay = "1s"
 restart-delay-max = "1m"
@@ -252,6 +253,7 @@ upstream-timeout = "2m"
         assert_eq!(a.ready_timeout, Some(Duration::from_secs(20)));
         assert_eq!(a.stop_signal, Some(spec::Signal::INT));
         assert_eq!(a.notify_access, Some(NotifyAccess::Main));
+        assert_eq!(a.orphans, Some(spec::Orphans::Stop));
         assert_eq!(a.restart, Some(spec::RestartMode::Always));
         assert_eq!(
             a.start_limit,

@@ -49,6 +49,8 @@ fn bad_duration_and_signal_and_ready_mode() {
     assert_startup_error(&out, "invalid signal \"TERMINATE\"");
     let out = baton(&["run", "--listen", ":0", "--ready", "http", "--", "true"]);
     assert_startup_error(&out, "invalid readiness mode \"http\"");
+    let out = baton(&["run", "--listen", ":0", "--orphans", "maybe", "--", "true"]);
+    assert_startup_error(&out, "invalid value 'maybe' for '--orphans <WHAT>'");
 }
 
 #[test]
