@@ -414,3 +414,26 @@ fn with_log_prefix_the_keeper_copies_the_output_until_the_next_baton() {
         || copied(&second) >= 1,
     );
 }
+
+#[test]
+fn killed_and_adopted_again_and_again_the_app_and_one_keeper_remain() {
+    let mut b = Baton::serving(&[], &[]);
+    let port = b.port();
+    let app = b.gen_pid(1);
+    let mut dead = Vec::new();
+    for round in 1..=5 {
+        let keeper = b.status_json()["keeper_pid"].as_u64().expect("a keeper") as u32;
+        kill(&mut b);
+        let next = second_baton(&b, port, &[]);
+        let status = wait_adopted(&next, b.pid());
+        assert_eq!(
+            status["generations"][0]["pid"], app,
+            "round {round}: {status}"
+        );
+        wait_until("the old keeper handed over and exited", LONG, || {
+            pid_gone(keeper)
+        });
+        dead.push(std::mem::replace(&mut b, next));
+    }
+    assert_eq!(get(port, "/", LONG).expect("served").pid, Some(app));
+}

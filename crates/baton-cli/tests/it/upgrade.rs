@@ -158,3 +158,44 @@ fn an_upgrade_during_a_reload_is_refused() {
     );
     assert_eq!(reload.join().expect("reload").code, Some(0));
 }
+
+#[test]
+fn in_proxy_mode_a_request_longer_than_the_stop_timeout_abandons_the_upgrade_and_is_not_cut() {
+    let b = Baton::behind_proxy("http", &["--stop-timeout", "1s"], &[]);
+    let port = b.port();
+    let (slow, app) = support::slow_request(&b, 3000);
+    let out = b.ctl(&["upgrade"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("upgrade abandoned"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("baton goes on unchanged"),
+        "{}",
+        out.stderr
+    );
+    let reply = slow
+        .join()
+        .expect("the request's thread")
+        .expect("the slow request");
+    assert_eq!(reply.status, 200);
+    // The proxy serves again, nothing changed.
+    assert_eq!(get(port, "/", LONG).expect("served").pid, Some(app));
+    assert_eq!(b.status_json()["upgrades"], 0);
+}
+
+#[test]
+fn upgrades_leave_no_descriptor_behind() {
+    let b = Baton::serving(&["--log-prefix"], &[]);
+    let baton = b.pid();
+    let keeper = b.status_json()["keeper_pid"].clone();
+    // Counted between requests (a client's connection is open only while
+    // it is answered).
+    let before = support::fd_count(baton);
+    for n in 1..=20 {
+        let (code, json) = upgrade(&b, &[]);
+        assert_eq!(code, Some(0), "upgrade {n}: {json}");
+    }
+    support::wait_until("baton holds as many descriptors as before", LONG, || {
+        support::fd_count(baton) <= before
+    });
+    assert_eq!(b.status_json()["keeper_pid"], keeper, "the same keeper");
+}

@@ -1036,6 +1036,15 @@ pub fn assert_no_failures(ok: u64, failures: &[String]) {
 /// logged that the request arrived, and returns the request's outcome and
 /// generation 1's pid.
 pub fn slow_request_across_a_reload(b: &Baton, ms: u64) -> (Result<Reply, String>, u32) {
+    let (slow, old) = slow_request(b, ms);
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    (slow.join().expect("the request's thread"), old)
+}
+
+/// Starts a `ms`-long request to generation 1 and waits until it arrived;
+/// returns its thread and generation 1's pid.
+pub fn slow_request(b: &Baton, ms: u64) -> (std::thread::JoinHandle<Result<Reply, String>>, u32) {
     let (port, old) = (b.port(), b.gen_pid(1));
     let slow = std::thread::spawn(move || get(port, &format!("/slow?ms={ms}"), LONG));
     let started = format!("pid {old} started a {ms} ms request");
@@ -1044,9 +1053,7 @@ pub fn slow_request_across_a_reload(b: &Baton, ms: u64) -> (Result<Reply, String
         |l| l.contains(&started),
         LONG,
     );
-    let out = b.ctl(&["reload"]);
-    assert_eq!(out.code, Some(0), "{out:?}");
-    (slow.join().expect("the request's thread"), old)
+    (slow, old)
 }
 
 /// Raises this test process's soft descriptor limit to its hard limit (the
