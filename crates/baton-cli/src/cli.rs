@@ -42,6 +42,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Reload a running service and wait for the outcome (exit 1 on rollback).
     Reload(ReloadArgs),
+    /// Go back to the release that served before the current one, with the
+    /// usual handover (exit 0 done, 1 it failed and the current one serves
+    /// on, 2 no previous release).
+    Rollback(ReloadArgs),
     /// Show a running service's generations and reloads.
     Status(StatusArgs),
     /// Stop a running service gracefully, and wait until it has stopped.
@@ -130,6 +134,14 @@ pub struct RunArgs {
     /// SIGTERM when baton dies) [default: keep].
     #[arg(long, value_enum, value_name = "WHAT")]
     pub orphans: Option<Orphans>,
+
+    /// The app's working directory, resolved through symlinks at each
+    /// start, so that a deploy that switches `current -> releases/v2` is
+    /// picked up by the next reload, and a rollback runs in the directory
+    /// the previous release ran in [default: the directory baton was
+    /// started in, as the shell named it ($PWD)].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
 
     /// When the serving generation exits on its own: never (baton exits with
     /// its status), on-failure (restart unless it exited 0) or always

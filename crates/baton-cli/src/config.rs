@@ -92,6 +92,8 @@ pub struct RunConfig {
     pub notify_access: NotifyAccess,
     /// What a dead baton leaves behind.
     pub orphans: crate::spec::Orphans,
+    /// The app's working directory, as given (resolved at each start).
+    pub workdir: PathBuf,
     /// Timeouts, signals and backoff.
     pub policy: PolicyConfig,
     /// The service's name.
@@ -264,7 +266,22 @@ impl RunConfig {
         let (first, _) = args.command.split_first().ok_or_else(|| {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
-        let program = resolve_command(first)?;
+        let workdir = match args.workdir {
+            Some(dir) => {
+                let meta = std::fs::metadata(&dir).map_err(|e| {
+                    StartupError::Invalid(format!("--workdir {}: {e}", dir.display()))
+                })?;
+                if !meta.is_dir() {
+                    return Err(StartupError::Invalid(format!(
+                        "--workdir {}: not a directory",
+                        dir.display()
+                    )));
+                }
+                std::path::absolute(&dir).unwrap_or(dir)
+            }
+            None => default_workdir(),
+        };
+        let program = resolve_command(first, &workdir)?;
         let name = match args.name {
             Some(name) => name,
             None => Path::new(first)
@@ -465,6 +482,7 @@ impl RunConfig {
             ready,
             notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
             orphans: args.orphans.unwrap_or_default(),
+            workdir,
             policy,
             name,
             control,
@@ -678,6 +696,24 @@ pub(crate) fn same_address(addr: &ListenAddr, local: &str) -> bool {
     }
 }
 
+/// The directory baton was started in, as the shell named it (`$PWD`, which
+/// may go through a `current` symlink) when that names the same directory;
+/// else the resolved one.
+fn default_workdir() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let same = |a: &Path, b: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    };
+    match std::env::var_os("PWD").map(PathBuf::from) {
+        Some(pwd) if pwd.is_absolute() && same(&pwd, &cwd) => pwd,
+        _ => cwd,
+    }
+}
+
 /// baton's environment without the variables baton sets per generation;
 /// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
 fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
@@ -705,13 +741,14 @@ fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsSt
 
 /// Finds the executable the way `execvp` would, so that a typo is reported
 /// now rather than by every generation.
-pub fn resolve_command(command: &OsString) -> Result<PathBuf, StartupError> {
+pub fn resolve_command(command: &OsString, workdir: &Path) -> Result<PathBuf, StartupError> {
     let text = command.to_string_lossy().into_owned();
     if text.is_empty() {
         return Err(StartupError::Invalid("the command is empty".into()));
     }
     let candidates: Vec<PathBuf> = if text.contains('/') {
-        vec![PathBuf::from(command)]
+        // A relative path is the app's, from its working directory.
+        vec![workdir.join(command)]
     } else {
         let path =
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());

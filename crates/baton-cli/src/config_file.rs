@@ -38,6 +38,7 @@ struct Raw {
     control: Option<PathBuf>,
     notify_access: Option<NotifyAccess>,
     orphans: Option<spec::Orphans>,
+    workdir: Option<PathBuf>,
     restart: Option<Spanned<String>>,
     restart_delay: Option<Spanned<String>>,
     restart_delay_max: Option<Spanned<String>>,
@@ -126,6 +127,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         control: raw.control,
         notify_access: raw.notify_access,
         orphans: raw.orphans,
+        workdir: raw.workdir,
         restart: field!("restart", raw.restart, spec::RestartMode::from_str),
         restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
         restart_delay_max: field!(
@@ -184,6 +186,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         control: cli.control.or(file.control),
         notify_access: cli.notify_access.or(file.notify_access),
         orphans: cli.orphans.or(file.orphans),
+        workdir: cli.workdir.or(file.workdir),
         restart: cli.restart.or(file.restart),
         restart_delay: cli.restart_delay.or(file.restart_delay),
         restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),
@@ -231,6 +234,7 @@ name = "api"
 control = "/run/api.sock"
 notify-access = "main"
 orphans = "stop"
+workdir = "/srv/app/current"
 restart = "always"
 restart-delay = "1s"
 restart-delay-max = "1m"
@@ -254,6 +258,7 @@ upstream-timeout = "2m"
         assert_eq!(a.stop_signal, Some(spec::Signal::INT));
         assert_eq!(a.notify_access, Some(NotifyAccess::Main));
         assert_eq!(a.orphans, Some(spec::Orphans::Stop));
+        assert_eq!(a.workdir.as_deref(), Some(Path::new("/srv/app/current")));
         assert_eq!(a.restart, Some(spec::RestartMode::Always));
         assert_eq!(
             a.start_limit,

@@ -53,7 +53,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("starting the runtime")?;
             runtime.block_on(guardian::run(cfg, handover))
         }
-        Command::Reload(args) => control::client::reload(&args.target.target(), args.json),
+        Command::Reload(args) => control::client::reload(&args.target.target(), args.json, false),
+        Command::Rollback(args) => control::client::reload(&args.target.target(), args.json, true),
         Command::Status(args) => control::client::status(&args.target.target(), args.json),
         Command::Stop(args) => control::client::stop(&args.target.target(), args.timeout),
         Command::Signal(args) => control::client::signal(&args.target.target(), args.signal),

@@ -95,13 +95,18 @@ pub fn call(
 }
 
 /// `baton reload`: 0 when the new generation serves, 1 on a rollback.
-pub fn reload(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
+pub fn reload(target: &Target<'_>, json: bool, rollback: bool) -> anyhow::Result<ExitCode> {
     let path = locate(target)?;
-    let response = call(&path, &Request::Reload, None)?;
+    let request = if rollback {
+        Request::Rollback
+    } else {
+        Request::Reload
+    };
+    let response = call(&path, &request, None)?;
     if json
         && matches!(
             response,
-            Response::Reloaded { .. } | Response::RolledBack { .. }
+            Response::Reloaded { .. } | Response::RolledBack { .. } | Response::NoPrevious { .. }
         )
     {
         println!("{}", serde_json::to_string(&response)?);
@@ -113,15 +118,24 @@ pub fn reload(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
             ready_ms,
         } => {
             if !json {
+                let verb = if rollback { "rolled back" } else { "reloaded" };
                 println!(
-                    "reloaded: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms"
+                    "{verb}: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms"
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
         Response::RolledBack { message, .. } => {
-            eprintln!("baton: reload rolled back: {message}");
+            if rollback {
+                eprintln!("baton: rollback failed: {message}");
+            } else {
+                eprintln!("baton: reload rolled back: {message}");
+            }
             Ok(ExitCode::from(1))
+        }
+        Response::NoPrevious { message } => {
+            eprintln!("baton: {message}");
+            Ok(ExitCode::from(2))
         }
         other => unexpected(other),
     }
@@ -182,12 +196,26 @@ fn describe(status: &Status) -> String {
         let ready = g
             .ready_ms
             .map_or_else(String::new, |ms| format!(", ready after {ms} ms"));
+        let release = g
+            .release
+            .map_or_else(String::new, |r| format!(", release {r}"));
         let _ = writeln!(
             out,
-            "generation {}: pid {pid}, {}, started {} s ago{ready}",
+            "generation {}: pid {pid}, {}, started {} s ago{ready}{release}",
             g.generation,
             g.state,
             g.age_ms / 1000
+        );
+    }
+    for r in &status.releases {
+        let _ = writeln!(
+            out,
+            "release {} ({}): {} {} in {}",
+            r.id,
+            r.role,
+            r.program.display(),
+            r.hash,
+            r.cwd.display()
         );
     }
     let _ = writeln!(

@@ -11,6 +11,9 @@ use crate::error::RollbackReason;
 pub enum Request {
     /// Start a new generation and answer with the outcome.
     Reload,
+    /// Start a new generation from the previous release, and answer with
+    /// the outcome.
+    Rollback,
     /// Describe the service.
     Status,
     /// Stop gracefully; answered once every generation is gone.
@@ -90,6 +93,11 @@ pub enum Response {
         /// Its version.
         version: String,
     },
+    /// `rollback`: there is no previous release to go back to.
+    NoPrevious {
+        /// Why, in words.
+        message: String,
+    },
     /// The request could not be understood.
     Error {
         /// What was wrong.
@@ -144,6 +152,9 @@ pub struct Status {
     /// The pid of the baton that died, whose service this one adopted.
     #[serde(default)]
     pub adopted_from: Option<i32>,
+    /// The releases kept for a rollback, the current one last.
+    #[serde(default)]
+    pub releases: Vec<ReleaseInfo>,
 }
 
 /// baton's own resources, and what its limits and checks turned away.
@@ -207,4 +218,22 @@ pub struct GenerationInfo {
     pub age_ms: u64,
     /// How long it took to become ready.
     pub ready_ms: Option<u64>,
+    /// The release it runs.
+    #[serde(default)]
+    pub release: Option<u64>,
+}
+
+/// A release baton keeps (`status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    /// Its number.
+    pub id: u64,
+    /// current, previous, older, or pending (not served yet).
+    pub role: String,
+    /// The executable's path when it was started.
+    pub program: std::path::PathBuf,
+    /// A short hash of the executable's contents.
+    pub hash: String,
+    /// The working directory, resolved.
+    pub cwd: std::path::PathBuf,
 }

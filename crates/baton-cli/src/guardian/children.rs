@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
 
 use tracing::debug;
 
@@ -46,7 +45,6 @@ pub struct Exit {
 #[derive(Debug)]
 pub struct Children {
     pids: HashMap<i32, Owner>,
-    program: PathBuf,
     name: String,
     log_prefix: bool,
     ids: Option<sys::spawn::Ids>,
@@ -63,7 +61,6 @@ impl Children {
     pub fn new(cfg: &RunConfig) -> Children {
         Children {
             pids: HashMap::new(),
-            program: cfg.program.clone(),
             name: cfg.name.clone(),
             log_prefix: cfg.log_prefix,
             ids: cfg.user.as_ref().map(|u| sys::spawn::Ids {
@@ -83,6 +80,7 @@ impl Children {
     pub fn start(
         &mut self,
         generation: u64,
+        release: &super::release::Release,
         args: &[OsString],
         env: &[(OsString, OsString)],
         fds: &[BorrowedFd<'_>],
@@ -94,7 +92,7 @@ impl Children {
             None
         };
         let pid = sys::spawn::spawn(&sys::spawn::Command {
-            program: &self.program,
+            program: &release.info.program,
             args,
             env,
             fds,
@@ -104,6 +102,8 @@ impl Children {
             user: self.ids.as_ref(),
             nofile: Some(self.nofile),
             parent_death: self.parent_death,
+            exe: Some(release.exe.as_fd()),
+            cwd: Some(&release.info.cwd),
         })?;
         // The child has its copies of the write ends; ours must go, or the
         // copying never ends.
@@ -136,6 +136,8 @@ impl Children {
             user: self.ids.as_ref(),
             nofile: Some(self.nofile),
             parent_death: true,
+            exe: None,
+            cwd: None,
         })?;
         self.pids.insert(pid, Owner::Check(generation));
         Ok(pid)
@@ -163,6 +165,8 @@ impl Children {
             user: None,
             nofile: None,
             parent_death: owner != Owner::Keeper,
+            exe: None,
+            cwd: None,
         })?;
         self.pids.insert(pid, owner);
         Ok(pid)

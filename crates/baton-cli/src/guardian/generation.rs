@@ -108,6 +108,9 @@ pub struct Generation {
     /// after SIGKILL.
     #[serde(with = "stamp::option")]
     pub deadline: Option<Instant>,
+    /// The release it runs (see `release.rs`), once spawned.
+    #[serde(default)]
+    pub release: Option<u64>,
 }
 
 impl Generation {
@@ -122,6 +125,7 @@ impl Generation {
             state_since: now,
             ready_after: None,
             deadline,
+            release: None,
         }
     }
 

@@ -98,6 +98,13 @@ pub struct Handover {
     pub systemd_ready: bool,
     /// The descriptor keeper (`--orphans keep`), a child of this pid.
     pub keeper: Option<super::generation::Process>,
+    /// The releases kept, served ones first (oldest first), each with its
+    /// executable's descriptor.
+    pub releases: Vec<(super::release::Info, RawFd)>,
+    /// How many of `releases` served (the rest are pending).
+    pub releases_served: usize,
+    /// The next release number.
+    pub release_next_id: u64,
 }
 
 /// Why a handover cannot be read.

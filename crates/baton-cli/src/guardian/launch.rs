@@ -27,6 +27,7 @@ use super::children::Children;
 use super::diagnose;
 use super::generation::{Handles, Process, Route};
 use super::readiness::{self, Gate, Source};
+use super::release::Release;
 use crate::config::{ProxyConfig, RunConfig};
 use crate::spec::{ReadyMode, Signal};
 use crate::sys;
@@ -58,9 +59,9 @@ pub struct Cx<'a> {
 
 /// How generations reach clients.
 pub trait Launch: std::fmt::Debug {
-    /// Starts generation `id`: its process, environment, route and
-    /// readiness sources.
-    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched>;
+    /// Starts generation `id` from `release`: its process, environment,
+    /// route and readiness sources.
+    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched>;
 
     /// New traffic goes to `serving` (its number and handles) from now on;
     /// `None`: to nobody (it waits).
@@ -167,7 +168,7 @@ fn log_spawn(cx: &Cx<'_>, id: u64, pid: i32, port: Option<u16>, since: Instant) 
 pub struct Sockets;
 
 impl Launch for Sockets {
-    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched> {
+    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched> {
         let since = Instant::now();
         let cfg = cx.cfg;
         let notify = NotifySocket::bind(id)?;
@@ -190,7 +191,9 @@ impl Launch for Sockets {
         set(vars::LISTEN_FDNAMES, names.join(":"));
         set(vars::SERVER_STARTER_PORT, starter.join(";"));
         let fds: Vec<_> = cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        let (process, log_readers) = cx.children.start(id, &cfg.args, &env, &fds, true)?;
+        let (process, log_readers) = cx
+            .children
+            .start(id, release, &cfg.args, &env, &fds, true)?;
         drop(fds);
         log_spawn(&cx, id, process.pid, None, since);
         let mut handles = Handles::default();
@@ -343,7 +346,7 @@ impl Proxied {
 }
 
 impl Launch for Proxied {
-    fn launch(&mut self, cx: Cx<'_>, id: u64) -> std::io::Result<Launched> {
+    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched> {
         let since = Instant::now();
         let cfg = cx.cfg;
         let port = crate::proxy::private_port()?;
@@ -362,7 +365,7 @@ impl Launch for Proxied {
                 _ => a.clone(),
             })
             .collect();
-        let (process, log_readers) = cx.children.start(id, &args, &env, &[], false)?;
+        let (process, log_readers) = cx.children.start(id, release, &args, &env, &[], false)?;
         let pid = process.pid;
         log_spawn(&cx, id, pid, Some(port), since);
         let events = cx.events.clone();

@@ -36,6 +36,7 @@ mod output;
 pub mod policy;
 mod pressure;
 pub mod readiness;
+pub mod release;
 mod report;
 pub mod state;
 mod systemd;
@@ -217,6 +218,7 @@ impl Running {
         let adopt = cfg.adopt.take();
         let mut g = Guardian {
             orphans: orphans::Orphans::new(&cfg, keeper),
+            releases: release::Releases::default(),
             control_fd,
             upgrade: None,
             upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
@@ -408,6 +410,8 @@ struct Guardian {
     upgrades: u64,
     /// The state file and the descriptor keeper (`--orphans keep`).
     orphans: orphans::Orphans,
+    /// The releases kept for a rollback.
+    releases: release::Releases,
     /// When this image took over.
     upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
@@ -460,6 +464,36 @@ impl Guardian {
         self.event_at = Instant::now();
         let actions = self.policy.stop(self.event_at, why);
         self.apply(actions);
+    }
+
+    /// `baton rollback`: the previous release, with the usual handover, if
+    /// there is one and it can be reproduced; refused during a reload.
+    fn rollback(&mut self, reply: Waiter) {
+        let refused = if let Err(why) = self.policy.snapshot() {
+            Some(Response::Error { message: why })
+        } else {
+            match self.releases.previous() {
+                None => Some(Response::NoPrevious {
+                    message: "no previous release to go back to (baton keeps the releases that \
+                              served since it started)"
+                        .to_owned(),
+                }),
+                Some(r) => release::check(r).err().map(|why| Response::Error {
+                    message: format!(
+                        "the previous release cannot be run as it ran: {why}; nothing changed"
+                    ),
+                }),
+            }
+        };
+        match refused {
+            Some(answer) => {
+                if let Response::Error { message } | Response::NoPrevious { message } = &answer {
+                    warn!("rollback refused: {message}");
+                }
+                let _ = reply.send(answer);
+            }
+            None => self.trigger(Trigger::Rollback, Some(reply)),
+        }
     }
 
     /// The policy's deadlines. Before a starting generation may be timed
@@ -542,6 +576,7 @@ impl Guardian {
     fn control(&mut self, req: ControlRequest) {
         match req.request {
             Request::Reload => self.trigger(Trigger::Control, Some(req.reply)),
+            Request::Rollback => self.rollback(req.reply),
             Request::Status => {
                 let counters = report::Counters {
                     notify_rejected: self.rejected.count(),
@@ -550,6 +585,7 @@ impl Guardian {
                     upgraded_at: self.upgraded_at,
                     keeper: self.orphans.keeper().map(|k| k.pid),
                     adopted_from: self.orphans.adopted_from,
+                    releases: self.releases.describe(),
                 };
                 let status = report::status(
                     &self.cfg,
@@ -724,9 +760,12 @@ impl Guardian {
         let mut queue = VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::Spawn { generation } => match self.spawn(generation) {
-                    Ok((process, route)) => {
-                        self.policy.spawned(generation, process, route);
+                Action::Spawn {
+                    generation,
+                    previous,
+                } => match self.spawn(generation, previous) {
+                    Ok((process, route, release)) => {
+                        self.policy.spawned(generation, process, route, release);
                         if self.policy.serving().is_some() {
                             self.systemd.reloading(generation);
                         }
@@ -788,6 +827,15 @@ impl Guardian {
     /// A reload ended: its effects, then the answer to whoever asked.
     fn report(&mut self, waiters: Vec<Waiter>, outcome: &Outcome) {
         let mut response = report::response(outcome);
+        if let Outcome::Reloaded { generation, .. } = outcome
+            && let Some(release) = self
+                .policy
+                .generations()
+                .find(|g| g.id == *generation)
+                .and_then(|g| g.release)
+        {
+            self.releases.served(release);
+        }
         match (outcome, &mut response) {
             (
                 Outcome::Reloaded {
@@ -841,16 +889,40 @@ impl Guardian {
     fn spawn(
         &mut self,
         generation: u64,
-    ) -> std::io::Result<(generation::Process, generation::Route)> {
+        previous: bool,
+    ) -> std::io::Result<(generation::Process, generation::Route, u64)> {
         if self.launch.shares_listeners() {
             self.check_listeners(None);
+        }
+        let release = if previous {
+            self.releases.previous().cloned().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no previous release is kept")
+            })?
+        } else {
+            self.releases.resolve(
+                &self.cfg.program,
+                &self.cfg.workdir,
+                &self.cfg.args,
+                self.cfg.base_env.len(),
+                self.cfg.user.as_ref().map(|u| u.name.as_str()),
+            )?
+        };
+        if previous {
+            info!(
+                generation,
+                release = release.info.id,
+                program = %release.info.program.display(),
+                hash = %release.info.hash,
+                cwd = %release.info.cwd.display(),
+                "starting the previous release"
+            );
         }
         let cx = Cx {
             cfg: &self.cfg,
             children: &mut self.children,
             events: &self.events,
         };
-        let launched = self.launch.launch(cx, generation)?;
+        let launched = self.launch.launch(cx, generation, &release)?;
         let mut handles = launched.handles;
         handles.notify = launched
             .notify
@@ -866,7 +938,7 @@ impl Guardian {
             self.orphans.hold(generation, readers);
         }
         self.handles.insert(generation, handles);
-        Ok((launched.process, launched.route))
+        Ok((launched.process, launched.route, release.info.id))
     }
 
     /// Passes `generation`'s notifications to the loop (see `notify`).
@@ -1218,6 +1290,16 @@ impl Guardian {
             reply_fd: reply.map(|r| r.0),
             systemd_ready: self.systemd.is_ready(),
             keeper: self.orphans.keeper(),
+            releases: self
+                .releases
+                .all()
+                .map(|r| {
+                    fds.push(r.exe.as_fd());
+                    (r.info.clone(), r.exe.as_raw_fd())
+                })
+                .collect(),
+            releases_served: self.releases.served_count(),
+            release_next_id: self.releases.next_id(),
         };
         Ok((state, fds))
     }
@@ -1227,6 +1309,18 @@ impl Guardian {
     /// children), their notification sockets and output pipes are read
     /// again, and the client is told.
     fn resume(&mut self, h: handover::Handover) {
+        let mut releases = Vec::new();
+        for (info, fd) in &h.releases {
+            match sys::exec::take_fd(*fd) {
+                Ok(exe) => releases.push(release::Release {
+                    info: info.clone(),
+                    exe: Arc::new(exe),
+                }),
+                Err(e) => warn!(release = info.id, error = %e, "a release was not handed over"),
+            }
+        }
+        let served = h.releases_served.min(releases.len());
+        self.releases = release::Releases::restore(releases, served, h.release_next_id);
         for g in self.policy.generations() {
             if let Some(pid) = g.pid() {
                 self.children.adopt(pid, Owner::Generation(g.id));

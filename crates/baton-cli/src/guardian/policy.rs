@@ -71,6 +71,23 @@ pub enum Trigger {
     Listener,
     /// The serving generation died and is being replaced.
     Restart,
+    /// `baton rollback`: the previous release again.
+    Rollback,
+}
+
+impl Trigger {
+    /// Whether someone asked for it (a reload or a rollback), as opposed to
+    /// baton's own start and crash restarts: counted in `reloads_*`.
+    pub fn requested(self) -> bool {
+        matches!(
+            self,
+            Trigger::Signal(_)
+                | Trigger::Control
+                | Trigger::Watch
+                | Trigger::Listener
+                | Trigger::Rollback
+        )
+    }
 }
 
 impl fmt::Display for Trigger {
@@ -82,6 +99,7 @@ impl fmt::Display for Trigger {
             Trigger::Watch => write!(f, "watch"),
             Trigger::Listener => write!(f, "listener"),
             Trigger::Restart => write!(f, "restart"),
+            Trigger::Rollback => write!(f, "rollback"),
         }
     }
 }
@@ -161,6 +179,9 @@ pub enum Action<W> {
     Spawn {
         /// The generation to start.
         generation: u64,
+        /// From the release that served before the current one (else from
+        /// the command as it is now).
+        previous: bool,
     },
     /// Send `signal` to the generation's main process.
     Signal {
@@ -380,11 +401,13 @@ impl<W> Policy<W> {
         self.begin(now, waiter.into_iter().collect(), trigger)
     }
 
-    /// Generation `id` was spawned as `process`, reached by `route`.
-    pub fn spawned(&mut self, id: u64, process: Process, route: Route) {
+    /// Generation `id` was spawned as `process` from release `release`,
+    /// reached by `route`.
+    pub fn spawned(&mut self, id: u64, process: Process, route: Route, release: u64) {
         if let Some(g) = self.gens.get_mut(&id) {
             g.processes = vec![process];
             g.route = route;
+            g.release = Some(release);
         }
     }
 
@@ -442,10 +465,7 @@ impl<W> Policy<W> {
         let Some(done) = self.in_flight.take() else {
             return actions;
         };
-        if matches!(
-            done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
-        ) {
+        if done.trigger.requested() {
             self.stats.reloads_ok += 1;
             self.stats.last_reload = Some(format!(
                 "generation {id} (pid {pid}) ready after {} ms",
@@ -723,7 +743,10 @@ impl<W> Policy<W> {
         if trigger != Trigger::Start {
             info!(generation = id, %trigger, serving = self.serving, "reload");
         }
-        vec![Action::Spawn { generation: id }]
+        vec![Action::Spawn {
+            generation: id,
+            previous: trigger == Trigger::Rollback,
+        }]
     }
 
     /// The in-flight generation `id` failed before it was ready.
@@ -738,10 +761,7 @@ impl<W> Policy<W> {
             return Vec::new();
         };
         let mut actions = Vec::new();
-        if matches!(
-            done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
-        ) {
+        if done.trigger.requested() {
             self.stats.reloads_failed += 1;
         }
         let outcome = Outcome::RolledBack {
@@ -757,10 +777,7 @@ impl<W> Policy<W> {
             serving = self.serving,
             "rollback: {message}"
         );
-        if matches!(
-            done.trigger,
-            Trigger::Signal(_) | Trigger::Control | Trigger::Watch | Trigger::Listener
-        ) {
+        if done.trigger.requested() {
             self.stats.last_reload = Some(format!("rolled back: {message}"));
         }
         actions.push(Action::Report {
@@ -908,6 +925,7 @@ mod tests {
                 start_time: None,
             },
             Route::Sockets,
+            1,
         );
     }
 
@@ -928,7 +946,7 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Spawn { generation } => Some(*generation),
+                Action::Spawn { generation, .. } => Some(*generation),
                 _ => None,
             })
             .collect()
@@ -963,7 +981,13 @@ mod tests {
         let t0 = Instant::now();
         let mut p = serving(t0);
         let a = p.trigger(t0 + 100 * MS, Trigger::Control, Some(7));
-        assert_eq!(a, vec![Action::Spawn { generation: 2 }]);
+        assert_eq!(
+            a,
+            vec![Action::Spawn {
+                generation: 2,
+                previous: false
+            }]
+        );
         spawn_as(&mut p, 2, 200);
         // Time passes within the ready timeout: nothing happens to gen 1.
         assert!(p.tick(t0 + 900 * MS).is_empty());

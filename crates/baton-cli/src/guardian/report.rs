@@ -15,7 +15,7 @@ use crate::control::proto::{
 use crate::sys;
 
 /// Counters the guardian keeps besides the policy's.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Counters {
     /// Notifications the readers refused.
     pub notify_rejected: u64,
@@ -29,6 +29,8 @@ pub struct Counters {
     pub keeper: Option<i32>,
     /// The pid of the baton that died, whose service this one adopted.
     pub adopted_from: Option<i32>,
+    /// The releases kept.
+    pub releases: Vec<crate::control::proto::ReleaseInfo>,
 }
 
 /// The `status` document.
@@ -68,6 +70,7 @@ pub fn status<W>(
                 state: g.state.as_str().to_owned(),
                 age_ms: now.saturating_duration_since(g.spawned_at).as_millis() as u64,
                 ready_ms: g.ready_after.map(|d| d.as_millis() as u64),
+                release: g.release,
             })
             .collect(),
         serving: policy.serving(),
@@ -77,11 +80,12 @@ pub fn status<W>(
         reloads_failed: stats.reloads_failed,
         restarts: stats.restarts,
         last_reload: stats.last_reload.clone(),
-        guard: guard(cfg, pressure, counters),
+        guard: guard(cfg, pressure, &counters),
         version: super::handover::baton_version().to_owned(),
         upgrades: counters.upgrades,
         keeper_pid: counters.keeper,
         adopted_from: counters.adopted_from,
+        releases: counters.releases.clone(),
         upgraded_ms_ago: counters
             .upgraded_at
             .map(|at| now.saturating_duration_since(at).as_millis() as u64),
@@ -89,7 +93,7 @@ pub fn status<W>(
 }
 
 /// What `status` says of baton's own limits.
-fn guard(cfg: &RunConfig, pressure: &Pressure, counters: Counters) -> Guard {
+fn guard(cfg: &RunConfig, pressure: &Pressure, counters: &Counters) -> Guard {
     let connections = pressure
         .caps()
         .map(|(socket, c): (&str, &std::sync::Arc<Connections>)| {

@@ -32,7 +32,13 @@
 //! 7. with `--user`: supplementary groups, group, user (raw system calls),
 //!    and the parent-death signal again if asked (a credential change
 //!    clears it);
-//! 8. `LISTEN_PID` digits, the signal mask emptied, then `execve`.
+//! 8. with a working directory, `chdir` to it;
+//! 9. `LISTEN_PID` digits, the signal mask emptied, then the exec: of the
+//!    held executable (`execveat(fd, "", AT_EMPTY_PATH)`: the very file
+//!    baton opened, even if the path now names another), falling back to
+//!    `execve` of the path when that fails with ENOENT (a `#!` script run
+//!    through a close-on-exec descriptor cannot be reopened by its
+//!    interpreter).
 //!
 //! A failure at any step is reported to the parent as an errno over a
 //! close-on-exec pipe (whose write end is kept above the fd range of step 4):
@@ -84,6 +90,10 @@ pub struct Command<'a> {
     pub nofile: Option<(u64, u64)>,
     /// Whether the child gets SIGTERM when baton dies.
     pub parent_death: bool,
+    /// The executable, held open (else `program` is executed by path).
+    pub exe: Option<BorrowedFd<'a>>,
+    /// The working directory (else baton's).
+    pub cwd: Option<&'a Path>,
 }
 
 /// The ids a child switches to before `exec`.
@@ -110,6 +120,12 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
     };
     let path = CString::new(cmd.program.as_os_str().as_bytes())
         .map_err(|_| nul_err("the command path"))?;
+    let cwd = cmd
+        .cwd
+        .map(|d| {
+            CString::new(d.as_os_str().as_bytes()).map_err(|_| nul_err("the working directory"))
+        })
+        .transpose()?;
     let args: Vec<CString> = cmd
         .args
         .iter()
@@ -153,9 +169,14 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
     let floor = 3 + RawFd::try_from(cmd.fds.len()).map_err(io::Error::other)?;
 
     let (report_rx, report_tx) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
-    // Keep the write end out of the range the listeners are dup'ed onto.
+    // Keep the write end (and the executable's descriptor) out of the range
+    // the listeners are dup'ed onto.
     let report_tx_high = rustix::io::fcntl_dupfd_cloexec(&report_tx, floor)?;
     drop(report_tx);
+    let exe_high = cmd
+        .exe
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, floor))
+        .transpose()?;
 
     let parent = rustix::process::getpid().as_raw_nonzero().get();
     let child = Child {
@@ -179,6 +200,8 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         report: report_tx_high.as_raw_fd(),
         parent,
         parent_death: cmd.parent_death,
+        exe: exe_high.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        cwd: cwd.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
     };
 
     // Block every signal across the fork (as posix_spawn does): until the
@@ -219,7 +242,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
     drop(report_tx_high);
     // Keep everything the child pointed into alive until it has exec'd.
     let _keep = (
-        &path, &args, &env, &argv, &envp, &pid_slot, &scratch, &mapping,
+        &path, &args, &env, &argv, &envp, &pid_slot, &scratch, &mapping, &cwd, &exe_high,
     );
     let mut errno = [0u8; 4];
     let mut got = 0;
@@ -254,6 +277,10 @@ struct Child<'a> {
     report: RawFd,
     parent: i32,
     parent_death: bool,
+    /// The executable's descriptor (above `floor`), or -1.
+    exe: RawFd,
+    /// The working directory, or null.
+    cwd: *const c_char,
 }
 
 impl Child<'_> {
@@ -353,6 +380,9 @@ impl Child<'_> {
                 }
             }
 
+            if !self.cwd.is_null() && libc::chdir(self.cwd) != 0 {
+                self.fail();
+            }
             if !self.pid_digits.is_null() {
                 write_decimal(libc::getpid() as u32, self.pid_digits);
             }
@@ -361,6 +391,20 @@ impl Child<'_> {
             libc::sigemptyset(&mut empty);
             if libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()) != 0 {
                 self.fail();
+            }
+            if self.exe >= 0 {
+                let empty = c"".as_ptr();
+                libc::syscall(
+                    libc::SYS_execveat,
+                    self.exe,
+                    empty,
+                    self.argv,
+                    self.envp,
+                    libc::AT_EMPTY_PATH,
+                );
+                if *libc::__errno_location() != libc::ENOENT {
+                    self.fail();
+                }
             }
             libc::execve(self.path, self.argv, self.envp);
             self.fail()

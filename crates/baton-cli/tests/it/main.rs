@@ -14,6 +14,7 @@ mod leaks;
 mod notify;
 mod operations;
 mod proxy;
+mod releases;
 mod reload;
 mod restart;
 mod rollback;

@@ -1,0 +1,373 @@
+//! Releases: what a generation runs, recorded at spawn so that an earlier
+//! one can be run again after a deploy replaced it (`baton rollback`, a
+//! failed bake).
+//!
+//! A release is the executable itself, held open by an `O_PATH`
+//! descriptor (a deploy that renames a new file over the path does not
+//! touch the inode baton holds, and the generation is started from that
+//! descriptor, so what is held is exactly what ran), a short hash of its
+//! contents, the working directory resolved through symlinks (a
+//! `current -> releases/v2` switch is captured, and interpreted apps,
+//! whose executable is the interpreter, are told apart by it), the
+//! argument vector, the environment and the user.
+//!
+//! baton keeps the releases that served most recently ([`KEEP`]): the
+//! current one and the ones before it, a descriptor and a few kilobytes
+//! each. A release is run again only if it can be reproduced: its file
+//! still has the contents it had (nobody wrote into the inode) and its
+//! working directory is still the same directory.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// How many releases that served are kept (the current one included).
+pub const KEEP: usize = 3;
+
+/// What identifies a file or directory: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+/// A release's description (serializable; the descriptor is kept apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// 1, 2, … in order of first use.
+    pub id: u64,
+    /// The executable's path when it was started.
+    pub program: PathBuf,
+    /// The executable's file.
+    pub file: FileId,
+    /// Its size and modification time (seconds, nanoseconds).
+    pub size: u64,
+    /// Modification time.
+    pub mtime: (i64, i64),
+    /// The first 12 hex digits of the FNV-1a 64 hash of its contents.
+    pub hash: String,
+    /// The working directory, resolved.
+    pub cwd: PathBuf,
+    /// Its identity.
+    pub cwd_file: FileId,
+    /// The argument vector.
+    pub args: Vec<String>,
+    /// How many environment variables it had (their values stay private).
+    pub env_vars: usize,
+    /// Who it runs as.
+    pub user: Option<String>,
+}
+
+/// A release: its description and the executable, held.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The description.
+    pub info: Info,
+    /// The executable, opened `O_PATH`.
+    pub exe: Arc<OwnedFd>,
+}
+
+/// The releases baton keeps.
+#[derive(Debug, Default)]
+pub struct Releases {
+    /// Releases that served, oldest first; the last is the current one.
+    served: VecDeque<Release>,
+    /// Releases of generations that have not served yet.
+    pending: Vec<Release>,
+    next_id: u64,
+}
+
+impl Releases {
+    /// The release to start now from `program` in `workdir`: a new one, or
+    /// a known one if nothing changed.
+    pub fn resolve(
+        &mut self,
+        program: &Path,
+        workdir: &Path,
+        args: &[OsString],
+        env_vars: usize,
+        user: Option<&str>,
+    ) -> std::io::Result<Release> {
+        let cwd = std::fs::canonicalize(workdir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("the working directory {}: {e}", workdir.display()),
+            )
+        })?;
+        let cwd_meta = std::fs::metadata(&cwd)?;
+        let exe = rustix::fs::open(
+            program,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let st = rustix::fs::fstat(&exe)?;
+        let file = FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        let size = st.st_size as u64;
+        let mtime = (st.st_mtime, st.st_mtime_nsec as i64);
+        let cwd_file = FileId {
+            dev: cwd_meta.dev(),
+            ino: cwd_meta.ino(),
+        };
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let same = |r: &&Release| {
+            r.info.file == file
+                && r.info.size == size
+                && r.info.mtime == mtime
+                && r.info.cwd == cwd
+                && r.info.cwd_file == cwd_file
+                && r.info.args == args
+                && r.info.user.as_deref() == user
+        };
+        if let Some(known) = self.served.iter().chain(self.pending.iter()).find(same) {
+            return Ok(known.clone());
+        }
+        // One generation starts at a time: a release still pending belongs
+        // to one that failed.
+        self.pending.clear();
+        self.next_id += 1;
+        let release = Release {
+            info: Info {
+                id: self.next_id,
+                program: program.to_owned(),
+                file,
+                size,
+                mtime,
+                hash: hash(&exe)?,
+                cwd,
+                cwd_file,
+                args,
+                env_vars,
+                user: user.map(str::to_owned),
+            },
+            exe: Arc::new(exe),
+        };
+        self.pending.push(release.clone());
+        Ok(release)
+    }
+
+    /// `release` now serves: it becomes the current one, and the oldest
+    /// beyond [`KEEP`] are let go.
+    pub fn served(&mut self, id: u64) {
+        let release = match self.pending.iter().position(|r| r.info.id == id) {
+            Some(i) => self.pending.swap_remove(i),
+            None => match self.served.iter().position(|r| r.info.id == id) {
+                Some(i) => match self.served.remove(i) {
+                    Some(r) => r,
+                    None => return,
+                },
+                None => return,
+            },
+        };
+        self.served.push_back(release);
+        while self.served.len() > KEEP {
+            self.served.pop_front();
+        }
+    }
+
+    /// The release that served before the current one.
+    pub fn previous(&self) -> Option<&Release> {
+        self.served.iter().rev().nth(1)
+    }
+
+    /// The release serving now.
+    pub fn current(&self) -> Option<&Release> {
+        self.served.back()
+    }
+
+    /// The release with this id, if kept.
+    pub fn get(&self, id: u64) -> Option<&Release> {
+        self.served
+            .iter()
+            .chain(self.pending.iter())
+            .find(|r| r.info.id == id)
+    }
+
+    /// The kept releases as `status` shows them.
+    pub fn describe(&self) -> Vec<crate::control::proto::ReleaseInfo> {
+        let served = self.served.len();
+        let role = |i: usize| match served - i {
+            1 => "current",
+            2 => "previous",
+            _ => "older",
+        };
+        self.served
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (role(i), r))
+            .chain(self.pending.iter().map(|r| ("pending", r)))
+            .map(|(role, r)| crate::control::proto::ReleaseInfo {
+                id: r.info.id,
+                role: role.to_owned(),
+                program: r.info.program.clone(),
+                hash: r.info.hash.clone(),
+                cwd: r.info.cwd.clone(),
+            })
+            .collect()
+    }
+
+    /// Every kept release (served, oldest first; then pending), for a
+    /// handover.
+    pub fn all(&self) -> impl Iterator<Item = &Release> {
+        self.served.iter().chain(self.pending.iter())
+    }
+
+    /// How many releases served.
+    pub fn served_count(&self) -> usize {
+        self.served.len()
+    }
+
+    /// Releases handed over by a previous image: `all` as [`Releases::all`]
+    /// listed them, of which the first `served` served.
+    pub fn restore(mut all: Vec<Release>, served: usize, next_id: u64) -> Releases {
+        let pending = all.split_off(served.min(all.len()));
+        Releases {
+            served: all.into(),
+            pending,
+            next_id,
+        }
+    }
+
+    /// The next id to give.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+}
+
+/// Whether `release` can still be run as it ran: its file's contents and
+/// its working directory are what they were.
+pub fn check(release: &Release) -> Result<(), String> {
+    let i = &release.info;
+    let now = hash(&release.exe).map_err(|e| format!("reading {}: {e}", i.program.display()))?;
+    if now != i.hash {
+        return Err(format!(
+            "release {} ({}, {}) was changed in place since it ran (its contents hash to {now} now)",
+            i.id,
+            i.program.display(),
+            i.hash
+        ));
+    }
+    match std::fs::metadata(&i.cwd) {
+        Ok(m) if m.dev() == i.cwd_file.dev && m.ino() == i.cwd_file.ino => Ok(()),
+        Ok(_) => Err(format!(
+            "release {}'s working directory {} is another directory now",
+            i.id,
+            i.cwd.display()
+        )),
+        Err(e) => Err(format!(
+            "release {}'s working directory {}: {e}",
+            i.id,
+            i.cwd.display()
+        )),
+    }
+}
+
+/// The first 12 hex digits of the FNV-1a 64 hash of the file's contents
+/// (stable across builds and versions of baton, unlike std's hasher).
+fn hash(exe: &OwnedFd) -> std::io::Result<String> {
+    // An O_PATH descriptor cannot be read; reopen it through /proc.
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(exe));
+    let mut file = std::fs::File::open(path)?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(format!("{h:016x}")[..12].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a");
+        std::fs::write(&p, b"a").expect("write");
+        let fd = rustix::fs::open(
+            &p,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open");
+        assert_eq!(hash(&fd).expect("hash"), "af63dc4c8601");
+    }
+
+    #[test]
+    fn a_replaced_file_is_a_new_release_and_the_old_one_stays_runnable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("app");
+        std::fs::write(&exe, b"v1").expect("write");
+        let mut r = Releases::default();
+        let v1 = r.resolve(&exe, dir.path(), &[], 0, None).expect("v1");
+        r.served(v1.info.id);
+        assert_eq!(
+            r.resolve(&exe, dir.path(), &[], 0, None)
+                .expect("same")
+                .info
+                .id,
+            v1.info.id,
+            "nothing changed: the same release"
+        );
+        // A deploy renames a new file over the path.
+        let tmp = dir.path().join("app.new");
+        std::fs::write(&tmp, b"v2 longer").expect("write");
+        std::fs::rename(&tmp, &exe).expect("rename");
+        let v2 = r.resolve(&exe, dir.path(), &[], 0, None).expect("v2");
+        assert_ne!(v2.info.id, v1.info.id);
+        assert_ne!(v2.info.hash, v1.info.hash);
+        r.served(v2.info.id);
+        let previous = r.previous().expect("a previous release");
+        assert_eq!(previous.info.id, v1.info.id);
+        assert_eq!(check(previous), Ok(()));
+        // Only KEEP releases are kept.
+        for n in 3..=6 {
+            let tmp = dir.path().join("app.new");
+            std::fs::write(&tmp, format!("v{n}")).expect("write");
+            std::fs::rename(&tmp, &exe).expect("rename");
+            let v = r.resolve(&exe, dir.path(), &[], 0, None).expect("v");
+            r.served(v.info.id);
+        }
+        assert_eq!(r.all().count(), KEEP);
+    }
+
+    #[test]
+    fn a_release_changed_in_place_or_without_its_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("v1");
+        std::fs::create_dir(&work).expect("mkdir");
+        let exe = dir.path().join("app");
+        std::fs::write(&exe, b"v1").expect("write");
+        let mut r = Releases::default();
+        let v1 = r.resolve(&exe, &work, &[], 0, None).expect("v1");
+        std::fs::write(&exe, b"v1 patched").expect("write in place");
+        assert!(check(&v1).unwrap_err().contains("changed in place"));
+        std::fs::write(&exe, b"v1").expect("write back");
+        assert_eq!(check(&v1), Ok(()));
+        std::fs::remove_dir(&work).expect("rmdir");
+        assert!(check(&v1).unwrap_err().contains("working directory"));
+    }
+}
