@@ -143,6 +143,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
 
+    /// After a reload's cutover, keep the new release on probation this
+    /// long: if it exits (for any reason) meanwhile, or in proxy mode
+    /// answers clearly worse than the previous one, baton reverts to the
+    /// previous release at once; `baton reload` waits through the bake and
+    /// exits 0 only if the release passed it [default: no bake].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub bake: Option<std::time::Duration>,
+
     /// When the serving generation exits on its own: never (baton exits with
     /// its status), on-failure (restart unless it exited 0) or always
     /// [default: on-failure].

@@ -44,6 +44,12 @@ pub struct PolicyConfig {
     pub restart: RestartMode,
     /// At most this many crash restarts within an interval.
     pub start_limit: StartLimit,
+    /// `--bake`: how long a new release is on probation after cutover.
+    pub bake: Option<Duration>,
+    /// During a bake, keep the previous generation running (proxy mode:
+    /// it takes no new traffic, or its canary share, and a revert is a
+    /// switch back to it).
+    pub keep_warm: bool,
 }
 
 /// `now + d`, for deadlines. Durations are capped at parse time
@@ -71,6 +77,8 @@ impl Default for PolicyConfig {
                 burst: 5,
                 interval: Duration::from_secs(10),
             },
+            bake: None,
+            keep_warm: false,
         }
     }
 }
@@ -472,6 +480,8 @@ impl RunConfig {
             restart_delay_max: args.restart_delay_max.unwrap_or(defaults.restart_delay_max),
             start_limit: args.start_limit.unwrap_or(defaults.start_limit),
             not_ready_hint,
+            bake: args.bake.filter(|d| !d.is_zero()),
+            keep_warm: proxy.is_some(),
             ..defaults
         };
         Ok(RunConfig {

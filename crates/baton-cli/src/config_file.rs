@@ -39,6 +39,7 @@ struct Raw {
     notify_access: Option<NotifyAccess>,
     orphans: Option<spec::Orphans>,
     workdir: Option<PathBuf>,
+    bake: Option<Spanned<String>>,
     restart: Option<Spanned<String>>,
     restart_delay: Option<Spanned<String>>,
     restart_delay_max: Option<Spanned<String>>,
@@ -128,6 +129,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         notify_access: raw.notify_access,
         orphans: raw.orphans,
         workdir: raw.workdir,
+        bake: field!("bake", raw.bake, spec::parse_duration),
         restart: field!("restart", raw.restart, spec::RestartMode::from_str),
         restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
         restart_delay_max: field!(
@@ -187,6 +189,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         notify_access: cli.notify_access.or(file.notify_access),
         orphans: cli.orphans.or(file.orphans),
         workdir: cli.workdir.or(file.workdir),
+        bake: cli.bake.or(file.bake),
         restart: cli.restart.or(file.restart),
         restart_delay: cli.restart_delay.or(file.restart_delay),
         restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),
@@ -235,6 +238,7 @@ control = "/run/api.sock"
 notify-access = "main"
 orphans = "stop"
 workdir = "/srv/app/current"
+bake = "5s"
 restart = "always"
 restart-delay = "1s"
 restart-delay-max = "1m"
@@ -259,6 +263,7 @@ upstream-timeout = "2m"
         assert_eq!(a.notify_access, Some(NotifyAccess::Main));
         assert_eq!(a.orphans, Some(spec::Orphans::Stop));
         assert_eq!(a.workdir.as_deref(), Some(Path::new("/srv/app/current")));
+        assert_eq!(a.bake, Some(Duration::from_secs(5)));
         assert_eq!(a.restart, Some(spec::RestartMode::Always));
         assert_eq!(
             a.start_limit,

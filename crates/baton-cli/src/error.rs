@@ -114,6 +114,15 @@ pub enum RollbackReason {
     /// baton began to stop before the reload finished.
     #[error("was abandoned because baton is stopping")]
     Stopping,
+    /// It served, then failed during its bake (`--bake`), and the release
+    /// before it serves again.
+    #[error("failed during its bake and was reverted: {why}")]
+    Reverted {
+        /// `exited` or `error_rate`.
+        cause: String,
+        /// What happened, in words.
+        why: String,
+    },
 }
 
 /// Talking to a running baton over its control socket failed.

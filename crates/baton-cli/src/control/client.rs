@@ -214,7 +214,7 @@ fn describe(status: &Status) -> String {
             r.id,
             r.role,
             r.program.display(),
-            r.hash,
+            r.hash.as_deref().unwrap_or("(hashing)"),
             r.cwd.display()
         );
     }

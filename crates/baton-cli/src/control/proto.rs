@@ -155,6 +155,12 @@ pub struct Status {
     /// The releases kept for a rollback, the current one last.
     #[serde(default)]
     pub releases: Vec<ReleaseInfo>,
+    /// Releases reverted during their bake (`--bake`), by cause.
+    #[serde(default)]
+    pub reverts: crate::guardian::policy::Reverts,
+    /// The generation on probation (`--bake`), if any.
+    #[serde(default)]
+    pub baking: Option<u64>,
 }
 
 /// baton's own resources, and what its limits and checks turned away.
@@ -232,8 +238,9 @@ pub struct ReleaseInfo {
     pub role: String,
     /// The executable's path when it was started.
     pub program: std::path::PathBuf,
-    /// A short hash of the executable's contents.
-    pub hash: String,
+    /// A short hash of the executable's contents (`null` while it is
+    /// being computed, just after a new release started).
+    pub hash: Option<String>,
     /// The working directory, resolved.
     pub cwd: std::path::PathBuf,
 }

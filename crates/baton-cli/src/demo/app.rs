@@ -88,6 +88,16 @@ pub struct Faults {
     /// every process that holds it.
     #[arg(long)]
     pub shutdown_listeners: bool,
+
+    /// Exit with code 1 this long after reporting ready (a release that
+    /// crashes soon after a deploy).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub crash_after: Option<Duration>,
+
+    /// Answer every request of `/` with this HTTP status (a release that
+    /// serves errors).
+    #[arg(long, value_name = "CODE")]
+    pub status: Option<u16>,
 }
 
 #[derive(Debug, Parser)]
@@ -118,6 +128,8 @@ impl Faults {
             ignore_term: more.ignore_term || self.ignore_term,
             bind: more.bind.or(self.bind),
             shutdown_listeners: more.shutdown_listeners || self.shutdown_listeners,
+            crash_after: more.crash_after.or(self.crash_after),
+            status: more.status.or(self.status),
         })
     }
 }
@@ -296,7 +308,19 @@ async fn serve(
         }
         let _ = baton::stopping();
     };
+    if let Some(after) = faults.crash_after {
+        let pid = report.pid;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            eprintln!("demo-app: pid {pid} crashes now (--crash-after)");
+            std::process::exit(1);
+        });
+    }
     let app = Arc::new(App {
+        status: faults
+            .status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::OK),
         pid: report.pid,
         generation: report.generation.clone().unwrap_or_default(),
         report: serde_json::to_string(&report)?,
@@ -358,6 +382,8 @@ impl hyper::body::Body for Broken {
 }
 
 struct App {
+    /// What `/` answers.
+    status: StatusCode,
     pid: u32,
     generation: String,
     report: String,
@@ -374,6 +400,7 @@ impl App {
                 })
                 .and_then(|v| v.parse::<u64>().ok())
         };
+        let req_path_is_root = req.uri().path() == "/";
         let body = match req.uri().path() {
             "/" => format!(
                 "hello from generation {} (pid {})\n",
@@ -449,7 +476,12 @@ impl App {
                 return self.respond(StatusCode::NOT_FOUND, "not found\n".to_owned());
             }
         };
-        self.respond(StatusCode::OK, body)
+        let status = if req_path_is_root {
+            self.status
+        } else {
+            StatusCode::OK
+        };
+        self.respond(status, body)
     }
 
     fn respond(&self, status: StatusCode, body: String) -> Response<AppBody> {

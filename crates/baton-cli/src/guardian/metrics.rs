@@ -23,6 +23,8 @@ pub struct Metrics {
     pub reloads_rolled_back: u64,
     /// Replacements of generations that died while serving.
     pub restarts: u64,
+    /// Releases reverted during their bake, by cause.
+    pub reverts: crate::guardian::policy::Reverts,
     /// The generation serving now (0: none).
     pub generation: u64,
     /// Live generations (serving, starting, draining).
@@ -93,6 +95,18 @@ impl Metrics {
                 (
                     "{outcome=\"rolled_back\"}".into(),
                     self.reloads_rolled_back.to_string(),
+                ),
+            ],
+        );
+        metric(
+            "baton_reverts_total",
+            "counter",
+            "Releases reverted during their bake, by cause.",
+            &[
+                ("{cause=\"exited\"}".into(), self.reverts.exited.to_string()),
+                (
+                    "{cause=\"error_rate\"}".into(),
+                    self.reverts.error_rate.to_string(),
                 ),
             ],
         );

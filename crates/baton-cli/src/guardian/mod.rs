@@ -568,6 +568,7 @@ impl Guardian {
             m.reloads_ok = stats.reloads_ok;
             m.reloads_rolled_back = stats.reloads_failed;
             m.restarts = stats.restarts;
+            m.reverts = stats.reverts;
             m.generation = self.policy.serving().unwrap_or(0);
             m.generations_alive = self.policy.generations().count() as u64;
         }
@@ -762,8 +763,8 @@ impl Guardian {
             match action {
                 Action::Spawn {
                     generation,
-                    previous,
-                } => match self.spawn(generation, previous) {
+                    release,
+                } => match self.spawn(generation, release) {
                     Ok((process, route, release)) => {
                         self.policy.spawned(generation, process, route, release);
                         if self.policy.serving().is_some() {
@@ -889,30 +890,45 @@ impl Guardian {
     fn spawn(
         &mut self,
         generation: u64,
-        previous: bool,
+        pick: policy::Pick,
     ) -> std::io::Result<(generation::Process, generation::Route, u64)> {
         if self.launch.shares_listeners() {
             self.check_listeners(None);
         }
-        let release = if previous {
-            self.releases.previous().cloned().ok_or_else(|| {
+        let kept = match pick {
+            policy::Pick::Command => None,
+            policy::Pick::Previous => Some(self.releases.previous().cloned().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no previous release is kept")
-            })?
-        } else {
-            self.releases.resolve(
+            })?),
+            policy::Pick::Current => match self.releases.current() {
+                Some(r) => match release::check(r) {
+                    Ok(()) => Some(r.clone()),
+                    Err(why) => {
+                        warn!(
+                            "the release that last served cannot be run as it ran ({why}); starting the command as it is now"
+                        );
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        let release = match kept {
+            Some(r) => r,
+            None => self.releases.resolve(
                 &self.cfg.program,
                 &self.cfg.workdir,
                 &self.cfg.args,
                 self.cfg.base_env.len(),
                 self.cfg.user.as_ref().map(|u| u.name.as_str()),
-            )?
+            )?,
         };
-        if previous {
+        if pick == policy::Pick::Previous {
             info!(
                 generation,
                 release = release.info.id,
                 program = %release.info.program.display(),
-                hash = %release.info.hash,
+                hash = %release.describe().hash.unwrap_or_default(),
                 cwd = %release.info.cwd.display(),
                 "starting the previous release"
             );
@@ -1295,7 +1311,7 @@ impl Guardian {
                 .all()
                 .map(|r| {
                     fds.push(r.exe.as_fd());
-                    (r.info.clone(), r.exe.as_raw_fd())
+                    (r.describe(), r.exe.as_raw_fd())
                 })
                 .collect(),
             releases_served: self.releases.served_count(),
@@ -1312,10 +1328,7 @@ impl Guardian {
         let mut releases = Vec::new();
         for (info, fd) in &h.releases {
             match sys::exec::take_fd(*fd) {
-                Ok(exe) => releases.push(release::Release {
-                    info: info.clone(),
-                    exe: Arc::new(exe),
-                }),
+                Ok(exe) => releases.push(release::Release::handed_over(info.clone(), exe)),
                 Err(e) => warn!(release = info.id, error = %e, "a release was not handed over"),
             }
         }

@@ -73,6 +73,8 @@ pub enum Trigger {
     Restart,
     /// `baton rollback`: the previous release again.
     Rollback,
+    /// A release failed its bake: the one before it again.
+    Revert,
 }
 
 impl Trigger {
@@ -100,6 +102,7 @@ impl fmt::Display for Trigger {
             Trigger::Listener => write!(f, "listener"),
             Trigger::Restart => write!(f, "restart"),
             Trigger::Rollback => write!(f, "rollback"),
+            Trigger::Revert => write!(f, "revert"),
         }
     }
 }
@@ -163,6 +166,18 @@ impl Outcome {
     }
 }
 
+/// Which release a new generation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The command as it is now (a deploy's new file, `current` switched).
+    Command,
+    /// The release that last passed (served, and its bake if any): what a
+    /// failed bake reverts to.
+    Current,
+    /// The one before it (`baton rollback`).
+    Previous,
+}
+
 /// Why a signal is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalCause {
@@ -179,9 +194,8 @@ pub enum Action<W> {
     Spawn {
         /// The generation to start.
         generation: u64,
-        /// From the release that served before the current one (else from
-        /// the command as it is now).
-        previous: bool,
+        /// Which release it runs.
+        release: Pick,
     },
     /// Send `signal` to the generation's main process.
     Signal {
@@ -226,6 +240,18 @@ pub struct Stats {
     pub restarts: u64,
     /// The last reload's outcome, in words.
     pub last_reload: Option<String>,
+    /// Releases reverted during their bake, by cause.
+    #[serde(default)]
+    pub reverts: Reverts,
+}
+
+/// Reverts by cause (`--bake`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reverts {
+    /// The release on probation exited.
+    pub exited: u64,
+    /// It answered clearly worse than the previous one (proxy http).
+    pub error_rate: u64,
 }
 
 #[derive(Debug)]
@@ -233,6 +259,20 @@ struct InFlight<W> {
     generation: u64,
     waiters: Vec<W>,
     trigger: Trigger,
+}
+
+/// A release on probation after its cutover (`--bake`).
+#[derive(Debug)]
+struct Baking<W> {
+    /// The new generation.
+    generation: u64,
+    /// Who asked for the reload: told once the bake is over.
+    waiters: Vec<W>,
+    trigger: Trigger,
+    /// When it became ready.
+    ready_after: Duration,
+    /// The previous generation, kept running meanwhile (proxy mode).
+    standby: Option<u64>,
 }
 
 /// A stop in progress, and what baton's exit code will be. For a requested
@@ -263,6 +303,7 @@ pub struct Policy<W> {
     next_id: u64,
     serving: Option<u64>,
     in_flight: Option<InFlight<W>>,
+    baking: Option<Baking<W>>,
     queued: Option<(Vec<W>, Trigger)>,
     restart_at: Option<Instant>,
     failures: u32,
@@ -308,6 +349,7 @@ impl<W> Policy<W> {
             next_id: 1,
             serving: None,
             in_flight: None,
+            baking: None,
             queued: None,
             restart_at: None,
             failures: 0,
@@ -325,6 +367,12 @@ impl<W> Policy<W> {
             return Err(format!(
                 "a reload is under way (generation {} is starting); try again once it is done",
                 f.generation
+            ));
+        }
+        if let Some(b) = &self.baking {
+            return Err(format!(
+                "generation {} is baking (--bake); try again once its bake is over",
+                b.generation
             ));
         }
         if self.stopping.is_some() {
@@ -388,13 +436,18 @@ impl<W> Policy<W> {
                 None => Vec::new(),
             };
         }
-        if let Some(in_flight) = &self.in_flight {
+        let busy = self
+            .in_flight
+            .as_ref()
+            .map(|f| f.generation)
+            .or(self.baking.as_ref().map(|b| b.generation));
+        if let Some(busy) = busy {
             let queued = self.queued.get_or_insert_with(|| (Vec::new(), trigger));
             queued.0.extend(waiter);
             debug!(
                 %trigger,
-                starting = in_flight.generation,
-                "reload coalesced: it will follow the one in progress"
+                busy,
+                "reload coalesced: it will follow the one in progress (or baking)"
             );
             return Vec::new();
         }
@@ -445,26 +498,57 @@ impl<W> Policy<W> {
             "ready"
         );
 
+        let done = self.in_flight.take();
+        // A requested reload that replaces a serving generation is baked
+        // (a rollback goes back to a release that already passed).
+        let bake = self.cfg.bake.filter(|_| {
+            self.serving.is_some()
+                && done
+                    .as_ref()
+                    .is_some_and(|d| d.trigger.requested() && d.trigger != Trigger::Rollback)
+        });
         let mut actions = Vec::new();
+        let mut standby = None;
         if let Some(old_id) = self.serving.replace(id)
             && let Some(old) = self.gens.get_mut(&old_id)
             && old.state == State::Serving
         {
-            old.state = State::Draining;
-            old.state_since = now;
-            old.deadline = Some(later(now, self.cfg.stop_timeout));
-            if let Some(old_pid) = old.pid() {
-                actions.push(Action::Signal {
-                    generation: old_id,
-                    pid: old_pid,
-                    signal: self.cfg.stop_signal,
-                    cause: SignalCause::Retire,
-                });
+            if bake.is_some() && self.cfg.keep_warm {
+                old.enter(State::Ready, now, None);
+                standby = Some(old_id);
+            } else {
+                actions.extend(self.retire(now, old_id));
             }
         }
-        let Some(done) = self.in_flight.take() else {
+        if let (Some(bake), Some(done)) = (bake, &done)
+            && let Some(g) = self.gens.get_mut(&id)
+        {
+            g.enter(State::Baking, now, Some(later(now, bake)));
+            info!(
+                generation = id,
+                pid,
+                bake_ms = bake.as_millis() as u64,
+                standby,
+                "bake: generation {id} serves on probation"
+            );
+            self.baking = Some(Baking {
+                generation: id,
+                waiters: Vec::new(),
+                trigger: done.trigger,
+                ready_after,
+                standby,
+            });
+        }
+        let Some(done) = done else {
             return actions;
         };
+        if let Some(b) = &mut self.baking
+            && b.generation == id
+        {
+            // Told once the bake is over.
+            b.waiters = done.waiters;
+            return actions;
+        }
         if done.trigger.requested() {
             self.stats.reloads_ok += 1;
             self.stats.last_reload = Some(format!(
@@ -484,6 +568,125 @@ impl<W> Policy<W> {
             actions.extend(self.begin(now, waiters, trigger));
         }
         actions
+    }
+
+    /// The release on probation passed its bake: it serves alone, the
+    /// generation kept warm is retired, and whoever asked is told.
+    fn pass_bake(&mut self, now: Instant) -> Actions<W> {
+        let Some(b) = self.baking.take() else {
+            return Vec::new();
+        };
+        let id = b.generation;
+        let mut actions = Vec::new();
+        let mut pid = 0;
+        if let Some(g) = self.gens.get_mut(&id) {
+            g.enter(State::Serving, now, None);
+            pid = g.pid().unwrap_or_default();
+        }
+        info!(generation = id, pid, "bake passed: generation {id} serves");
+        if let Some(old_id) = b.standby
+            && self.state(old_id) == Some(State::Ready)
+        {
+            actions.extend(self.retire(now, old_id));
+        }
+        if b.trigger.requested() {
+            self.stats.reloads_ok += 1;
+            self.stats.last_reload = Some(format!(
+                "generation {id} (pid {pid}) ready after {} ms, passed its bake",
+                b.ready_after.as_millis()
+            ));
+        }
+        actions.push(Action::Report {
+            waiters: b.waiters,
+            outcome: Outcome::Reloaded {
+                generation: id,
+                pid,
+                ready_after: b.ready_after,
+            },
+        });
+        if let Some((waiters, trigger)) = self.queued.take() {
+            actions.extend(self.begin(now, waiters, trigger));
+        }
+        actions
+    }
+
+    /// The release on probation failed (`cause`: `exited`, `error_rate`):
+    /// the previous release serves again, at once from the generation kept
+    /// warm (proxy mode) or from a new generation of it (sockets mode,
+    /// clients wait in the accept queue).
+    pub fn revert(&mut self, now: Instant, cause: &str, why: String) -> Actions<W> {
+        let Some(b) = self.baking.take() else {
+            return Vec::new();
+        };
+        let id = b.generation;
+        let pid = self.gens.get(&id).and_then(Generation::pid);
+        let mut actions: Actions<W> = self.retire(now, id).into_iter().collect();
+        self.serving = None;
+        if let Some(old_id) = b.standby
+            && let Some(old) = self.gens.get_mut(&old_id)
+            && old.state == State::Ready
+        {
+            old.enter(State::Serving, now, None);
+            self.serving = Some(old_id);
+        }
+        if b.trigger.requested() {
+            self.stats.reloads_failed += 1;
+        }
+        match cause {
+            "error_rate" => self.stats.reverts.error_rate += 1,
+            _ => self.stats.reverts.exited += 1,
+        }
+        let outcome = Outcome::RolledBack {
+            generation: Some(id),
+            pid,
+            reason: RollbackReason::Reverted {
+                cause: cause.to_owned(),
+                why,
+            },
+            serving: self.serving,
+        };
+        let message = outcome.message();
+        error!(
+            generation = id,
+            pid,
+            cause,
+            serving = self.serving,
+            "revert: {message}"
+        );
+        self.stats.last_reload = Some(format!("reverted: {message}"));
+        actions.push(Action::Report {
+            waiters: b.waiters,
+            outcome,
+        });
+        if self.serving.is_none() {
+            // Sockets mode: the previous release starts again.
+            actions.extend(self.begin(now, Vec::new(), Trigger::Revert));
+        } else if let Some((waiters, trigger)) = self.queued.take() {
+            actions.extend(self.begin(now, waiters, trigger));
+        }
+        actions
+    }
+
+    /// Asks generation `id` to drain (its successor serves): the stop
+    /// signal, and the stop timeout from now.
+    fn retire(&mut self, now: Instant, id: u64) -> Option<Action<W>> {
+        let g = self.gens.get_mut(&id)?;
+        g.enter(
+            State::Draining,
+            now,
+            Some(later(now, self.cfg.stop_timeout)),
+        );
+        Some(Action::Signal {
+            generation: id,
+            pid: g.pid()?,
+            signal: self.cfg.stop_signal,
+            cause: SignalCause::Retire,
+        })
+    }
+
+    /// The generation on probation, and the one kept warm beside it.
+    pub fn baking(&self) -> Option<(u64, Option<u64>)> {
+        self.baking.as_ref().map(|b| (b.generation, b.standby))
     }
 
     /// Generation `id`'s main process exited.
@@ -529,9 +732,27 @@ impl<W> Policy<W> {
                 let reason = RollbackReason::Exited { status };
                 actions.extend(self.fail_in_flight(now, id, Some(pid), reason));
             }
-            // (Ready and Baking are not entered yet: a generation serves
-            // as soon as it is ready.)
-            State::Ready | State::Baking | State::Serving => {
+            State::Baking => {
+                let why = format!(
+                    "generation {id} (pid {pid}) {status} {} ms after its cutover",
+                    lived.as_millis()
+                );
+                actions.extend(self.revert(now, "exited", why));
+            }
+            State::Ready => {
+                warn!(
+                    generation = id,
+                    pid,
+                    status = %status.word(),
+                    "exit: generation {id}, kept warm during a bake, {status}; a revert would now start it again"
+                );
+                if let Some(b) = &mut self.baking
+                    && b.standby == Some(id)
+                {
+                    b.standby = None;
+                }
+            }
+            State::Serving => {
                 self.serving = None;
                 if lived >= self.cfg.stable_after {
                     self.failures = 0;
@@ -644,7 +865,8 @@ impl<W> Policy<W> {
                         });
                     }
                 }
-                State::Ready | State::Baking | State::Serving => {}
+                State::Baking => actions.extend(self.pass_bake(now)),
+                State::Ready | State::Serving => {}
             }
         }
         if self.restart_at.is_some_and(|t| t <= now)
@@ -743,9 +965,16 @@ impl<W> Policy<W> {
         if trigger != Trigger::Start {
             info!(generation = id, %trigger, serving = self.serving, "reload");
         }
+        let release = match trigger {
+            Trigger::Rollback => Pick::Previous,
+            // A crash restart runs what last passed, not a file a deploy
+            // put at the path since (that takes a reload).
+            Trigger::Revert | Trigger::Restart => Pick::Current,
+            _ => Pick::Command,
+        };
         vec![Action::Spawn {
             generation: id,
-            previous: trigger == Trigger::Rollback,
+            release,
         }]
     }
 
@@ -867,6 +1096,12 @@ impl<W> Policy<W> {
                 outcome: stopping(Some(f.generation)),
             });
         }
+        if let Some(b) = self.baking.take() {
+            actions.push(Action::Report {
+                waiters: b.waiters,
+                outcome: stopping(Some(b.generation)),
+            });
+        }
         if let Some((waiters, _)) = self.queued.take() {
             actions.push(Action::Report {
                 waiters,
@@ -874,8 +1109,10 @@ impl<W> Policy<W> {
             });
         }
         for g in self.gens.values_mut() {
-            if matches!(g.state, State::Starting | State::Serving)
-                && let Some(pid) = g.pid()
+            if matches!(
+                g.state,
+                State::Starting | State::Ready | State::Baking | State::Serving
+            ) && let Some(pid) = g.pid()
             {
                 g.state = State::Draining;
                 g.state_since = now;
@@ -985,7 +1222,7 @@ mod tests {
             a,
             vec![Action::Spawn {
                 generation: 2,
-                previous: false
+                release: Pick::Command
             }]
         );
         spawn_as(&mut p, 2, 200);
@@ -1390,5 +1627,115 @@ mod tests {
         let later = at + 6000 * MS;
         p.exited(later, 2, ExitStatus::Exited(1));
         assert_eq!(p.next_deadline(), Some(later + 100 * MS));
+    }
+
+    /// A policy with `--bake 5s` (and `keep_warm` for proxy mode), generation
+    /// 1 serving, and generation 2 ready at t0+200ms after a reload asked
+    /// by waiter 7.
+    fn baking(t0: Instant, keep_warm: bool) -> (P, Actions<u32>) {
+        let mut p = P::new(PolicyConfig {
+            bake: Some(5000 * MS),
+            keep_warm,
+            ..cfg()
+        });
+        p.start(t0);
+        spawn_as(&mut p, 1, 100);
+        p.ready(t0 + 10 * MS, 1);
+        p.trigger(t0 + 100 * MS, Trigger::Control, Some(7));
+        spawn_as(&mut p, 2, 200);
+        let a = p.ready(t0 + 200 * MS, 2);
+        (p, a)
+    }
+
+    #[test]
+    fn a_baked_release_is_reported_only_when_its_bake_is_over() {
+        let t0 = Instant::now();
+        let (mut p, a) = baking(t0, false);
+        // Sockets mode: the old generation is retired at once; nobody is
+        // told yet.
+        assert!(reports(a).is_empty());
+        assert_eq!(p.state(2), Some(State::Baking));
+        assert_eq!(p.state(1), Some(State::Draining));
+        assert!(p.snapshot().is_err(), "no upgrade during a bake");
+        // A reload asked during the bake waits for it.
+        assert!(
+            p.trigger(t0 + 300 * MS, Trigger::Control, Some(8))
+                .is_empty()
+        );
+        let a = p.tick(t0 + 5200 * MS);
+        assert_eq!(p.state(2), Some(State::Serving));
+        let spawned = spawns(&a);
+        let r = reports(a);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, vec![7]);
+        assert!(matches!(r[0].1, Outcome::Reloaded { generation: 2, .. }));
+        assert_eq!(spawned, vec![3], "the queued reload starts");
+        assert_eq!(p.stats().reloads_ok, 1);
+    }
+
+    #[test]
+    fn a_release_that_exits_during_its_bake_is_reverted_to_the_previous_one() {
+        let t0 = Instant::now();
+        let (mut p, _) = baking(t0, false);
+        // Even a clean exit counts.
+        let a = p.exited(t0 + 2200 * MS, 2, ExitStatus::Exited(0));
+        assert!(a.contains(&Action::Spawn {
+            generation: 3,
+            release: Pick::Current
+        }));
+        let r = reports(a);
+        assert_eq!(r[0].0, vec![7]);
+        assert!(matches!(
+            &r[0].1,
+            Outcome::RolledBack {
+                generation: Some(2),
+                reason: RollbackReason::Reverted { cause, .. },
+                serving: None,
+                ..
+            } if cause == "exited"
+        ));
+        assert_eq!(p.stats().reloads_failed, 1);
+        // The revert generation is not baked.
+        spawn_as(&mut p, 3, 300);
+        p.ready(t0 + 2400 * MS, 3);
+        assert_eq!(p.state(3), Some(State::Serving));
+        assert_eq!(p.serving(), Some(3));
+    }
+
+    #[test]
+    fn in_proxy_mode_the_old_generation_is_kept_warm_and_a_revert_switches_back() {
+        let t0 = Instant::now();
+        let (mut p, a) = baking(t0, true);
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Signal { .. })),
+            "{a:?}"
+        );
+        assert_eq!(p.state(1), Some(State::Ready));
+        assert_eq!(p.baking(), Some((2, Some(1))));
+        let a = p.revert(t0 + 1000 * MS, "error_rate", "500s".into());
+        assert_eq!(p.serving(), Some(1));
+        assert_eq!(p.state(1), Some(State::Serving));
+        assert_eq!(p.state(2), Some(State::Draining));
+        assert!(spawns(&a).is_empty(), "no restart: a switch back");
+        assert!(a.iter().any(|x| matches!(
+            x,
+            Action::Signal {
+                generation: 2,
+                cause: SignalCause::Retire,
+                ..
+            }
+        )));
+        // Passed instead: the warm one drains.
+        let (mut p, _) = baking(t0, true);
+        let a = p.tick(t0 + 5200 * MS);
+        assert_eq!(p.state(1), Some(State::Draining));
+        assert!(a.iter().any(|x| matches!(
+            x,
+            Action::Signal {
+                generation: 1,
+                cause: SignalCause::Retire,
+                ..
+            }
+        )));
     }
 }

@@ -86,6 +86,8 @@ pub fn status<W>(
         keeper_pid: counters.keeper,
         adopted_from: counters.adopted_from,
         releases: counters.releases.clone(),
+        reverts: stats.reverts,
+        baking: policy.baking().map(|(g, _)| g),
         upgraded_ms_ago: counters
             .upgraded_at
             .map(|at| now.saturating_duration_since(at).as_millis() as u64),

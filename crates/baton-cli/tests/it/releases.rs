@@ -10,6 +10,16 @@ use crate::support;
 
 use support::{Baton, LONG, Load, get};
 
+/// Load from 16 clients, each opening a new connection per request, once
+/// it has been answered.
+fn load(b: &Baton) -> Load {
+    let load = Load::start(b.port(), 16, 1_000_000, Duration::from_secs(120));
+    support::wait_until("the load was answered", LONG, || {
+        load.ok.load(std::sync::atomic::Ordering::Relaxed) > 100
+    });
+    load
+}
+
 /// A deploy layout: `app` (a copy of baton), `releases/v1`, `releases/v2`,
 /// and `current -> releases/v1`.
 struct Layout {
@@ -48,10 +58,22 @@ impl Layout {
 
     /// baton running `app demo-app` in `current`.
     fn baton(&self) -> Baton {
+        self.baton_with(&[])
+    }
+
+    /// The same with more `baton run` options; the app reads faults from
+    /// `faults` in its release directory.
+    fn baton_with(&self, run_args: &[&str]) -> Baton {
         let b = Baton::builder()
             .run_args(["--listen", "127.0.0.1:0", "--workdir"])
             .run_args([self.path("current")])
-            .command([self.path("app").into_os_string(), "demo-app".into()])
+            .run_args(run_args.iter().copied())
+            .command([
+                self.path("app").into_os_string(),
+                "demo-app".into(),
+                "--faults-file".into(),
+                "faults".into(),
+            ])
             .start();
         b.wait_for_event("ready", 1);
         b
@@ -65,20 +87,26 @@ fn rollback(b: &Baton) -> (Option<i32>, serde_json::Value) {
     (out.code, json)
 }
 
-/// The serving generation's release, from `status --json`.
+/// The serving generation's release, from `status --json`, once its hash
+/// is known.
 fn serving_release(b: &Baton) -> serde_json::Value {
-    let status = b.status_json();
-    let serving = status["serving"].clone();
-    let release = status["generations"]
-        .as_array()
-        .and_then(|gs| gs.iter().find(|g| g["generation"] == serving))
-        .map(|g| g["release"].clone())
-        .expect("the serving generation");
-    status["releases"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["id"] == release))
-        .cloned()
-        .expect("its release")
+    let mut found = serde_json::Value::Null;
+    support::wait_until("the release's hash is known", LONG, || {
+        let status = b.status_json();
+        let serving = status["serving"].clone();
+        let release = status["generations"]
+            .as_array()
+            .and_then(|gs| gs.iter().find(|g| g["generation"] == serving))
+            .map(|g| g["release"].clone())
+            .expect("the serving generation");
+        found = status["releases"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["id"] == release))
+            .cloned()
+            .expect("its release");
+        found["hash"].is_string()
+    });
+    found
 }
 
 fn link(path: String) -> PathBuf {
@@ -105,10 +133,7 @@ fn rollback_runs_the_previous_release_although_its_file_was_replaced_and_loses_n
     );
     assert_ne!(v2["hash"], v1["hash"], "a new executable");
 
-    let load = Load::start(b.port(), 16, 1_000_000, Duration::from_secs(120));
-    support::wait_until("the load was answered", LONG, || {
-        load.ok.load(std::sync::atomic::Ordering::Relaxed) > 100
-    });
+    let load = load(&b);
     let (code, json) = rollback(&b);
     assert_eq!(code, Some(0), "{json}\n{}", b.dump());
     assert_eq!(json["result"], "reloaded", "{json}");
@@ -161,18 +186,19 @@ fn a_previous_release_changed_in_place_or_without_its_directory_is_refused() {
     assert_eq!(code, Some(0), "{json}");
     let serving = b.gen_pid(2);
 
+    // Its working directory is gone.
+    let v1 = layout.path("releases/v1");
+    std::fs::rename(&v1, layout.path("v1.moved")).expect("move away");
+    let out = b.ctl(&["rollback"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("working directory"), "{}", out.stderr);
+    std::fs::rename(layout.path("v1.moved"), &v1).expect("move back");
+
     // Written into in place: the same inode, other contents.
     std::fs::write(&script, format!("{text}# patched\n")).expect("write in place");
     let out = b.ctl(&["rollback"]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("changed in place"), "{}", out.stderr);
-    std::fs::write(&script, &text).expect("restore");
-
-    // Its working directory is gone.
-    std::fs::remove_dir(layout.path("releases/v1")).expect("rmdir");
-    let out = b.ctl(&["rollback"]);
-    assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("working directory"), "{}", out.stderr);
     assert_eq!(get(b.port(), "/", LONG).expect("served").pid, Some(serving));
     assert_eq!(b.status_json()["serving"], 2);
 }
@@ -203,4 +229,65 @@ fn a_relative_command_is_found_in_the_working_directory() {
     b.wait_for_event("ready", 1);
     let pid = b.gen_pid(1);
     assert!(link(format!("/proc/{pid}/exe")).ends_with("releases/v1/app"));
+}
+
+#[test]
+fn a_release_that_crashes_during_its_bake_is_reverted_to_the_previous_one() {
+    let layout = Layout::new();
+    std::fs::write(layout.path("releases/v2/faults"), "--crash-after 2s").expect("faults");
+    let b = layout.baton_with(&["--bake", "5s"]);
+    let v1 = serving_release(&b);
+    let load = load(&b);
+    layout.deploy_v2();
+    // The reload waits through the bake, and says how it ended.
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}\n{}", b.dump());
+    assert_eq!(json["result"], "rolled_back", "{json}");
+    assert_eq!(json["reason"]["kind"], "reverted", "{json}");
+    assert_eq!(json["reason"]["cause"], "exited", "{json}");
+    // The previous release serves again, although `app` is the new file.
+    support::wait_until("the previous release serves again", LONG, || {
+        b.status_json()["serving"].as_u64() == Some(3)
+    });
+    let back = serving_release(&b);
+    assert_eq!(back["id"], v1["id"], "{back}");
+    let pid = b.gen_pid(3);
+    assert!(link(format!("/proc/{pid}/cwd")).ends_with("releases/v1"));
+    let (ok, failures, _) = load.finish();
+    // Only requests in flight in the crashing process fail: at most one per
+    // client.
+    assert!(
+        failures.len() <= 16,
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!(
+        "bake revert: {ok} requests, {} failed (in flight in the crashing process)",
+        failures.len()
+    );
+    let status = b.status_json();
+    assert_eq!(status["reloads_failed"], 1, "{status}");
+    assert_eq!(status["reverts"]["exited"], 1, "{status}");
+}
+
+#[test]
+fn a_healthy_release_passes_its_bake_and_rollback_then_loses_nothing() {
+    let layout = Layout::new();
+    let b = layout.baton_with(&["--bake", "1s"]);
+    let v1 = serving_release(&b);
+    layout.deploy_v2();
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", b.dump());
+    assert_eq!(json["result"], "reloaded", "{json}");
+    let status = b.status_json();
+    assert_eq!(status["reloads_ok"], 1, "{status}");
+    assert_eq!(status["generations"].as_array().map(Vec::len), Some(1));
+    let load = load(&b);
+    let (code, json) = rollback(&b);
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(serving_release(&b)["id"], v1["id"]);
+    let (ok, failures, _) = load.finish();
+    support::assert_no_failures(ok, &failures);
 }
