@@ -245,6 +245,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub upstream_timeout: Option<Duration>,
 
+    /// Proxy mode, with --bake: during the bake the new release gets this
+    /// share of requests (tcp: connections), the previous one the rest;
+    /// `10,50` steps from 10 % to 50 % halfway [default: all of them].
+    #[arg(long, value_name = "PERCENT[,PERCENT...]")]
+    pub canary: Option<crate::spec::Canary>,
+
+    /// Proxy mode (http), with --bake: revert at once when the new
+    /// release's share of failed answers (5xx, no answer, timeouts) is
+    /// clearly above this per cent and above the previous release's
+    /// [default: 5].
+    #[arg(long, value_name = "PERCENT", value_parser = crate::spec::parse_rate)]
+    pub max_error_rate: Option<f64>,
+
     /// The command to run, and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -144,6 +144,11 @@ pub struct ProxyConfig {
     pub require_notify: bool,
     /// Timeouts and the connection cap.
     pub limits: crate::proxy::Limits,
+    /// `--canary`: the new release's share during a bake, in steps (empty:
+    /// all of it).
+    pub canary: Vec<u8>,
+    /// `--max-error-rate`, as a fraction (HTTP mode, during a bake).
+    pub max_error_rate: f64,
 }
 
 /// A listening socket baton owns.
@@ -400,6 +405,24 @@ impl RunConfig {
                     .into(),
             ));
         }
+        if (args.canary.is_some() || args.max_error_rate.is_some()) && args.bake.is_none() {
+            return Err(StartupError::Invalid(
+                "--canary and --max-error-rate judge a release during its bake: give --bake DURATION too"
+                    .into(),
+            ));
+        }
+        if args.canary.is_some() && args.proxy.is_none() {
+            return Err(StartupError::Invalid(
+                "--canary splits traffic between two generations, which only the proxy can do: give \
+                 --proxy http|tcp too"
+                    .into(),
+            ));
+        }
+        if args.max_error_rate.is_some() && args.proxy != Some(crate::proxy::Mode::Http) {
+            return Err(StartupError::Invalid(
+                "--max-error-rate judges HTTP answers: it needs --proxy http".into(),
+            ));
+        }
         if args.proxy_threads == Some(0) || args.proxy_threads.is_some_and(|n| n > 1024) {
             return Err(StartupError::Invalid(
                 "--proxy-threads: expected 1 to 1024".into(),
@@ -446,6 +469,8 @@ impl RunConfig {
                         serve,
                         upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
                     },
+                    canary: args.canary.clone().map(|c| c.0).unwrap_or_default(),
+                    max_error_rate: args.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE) / 100.0,
                 })
             })
             .transpose()?;
@@ -515,6 +540,8 @@ impl RunConfig {
     }
 }
 
+/// `--max-error-rate` by default, per cent.
+pub const DEFAULT_MAX_ERROR_RATE: f64 = 5.0;
 /// `--header-timeout` by default: within nginx's and HAProxy's usual range.
 pub const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// `--idle-timeout` by default (nginx's keepalive_timeout is 75 s).

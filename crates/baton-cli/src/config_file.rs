@@ -59,6 +59,36 @@ struct Raw {
     header_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     upstream_timeout: Option<Spanned<String>>,
+    canary: Option<Spanned<Loose>>,
+    max_error_rate: Option<Spanned<Loose>>,
+}
+
+/// A value written as a string or as a number (`canary = 10`,
+/// `max-error-rate = 2.5`, `canary = "10,50"`).
+#[derive(Debug)]
+struct Loose(String);
+
+impl Loose {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Any {
+            Text(String),
+            Int(i64),
+            Float(f64),
+        }
+        Ok(Loose(match Any::deserialize(d)? {
+            Any::Text(s) => s,
+            Any::Int(i) => i.to_string(),
+            Any::Float(f) => f.to_string(),
+        }))
+    }
 }
 
 /// The file's settings, parsed.
@@ -85,12 +115,12 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         let line = e.span().map_or(1, |s| line_of(s.start));
         StartupError::Invalid(format!("{}:{line}: {}", path.display(), e.message().trim()))
     })?;
-    let value = |key: &str, v: &Spanned<String>, parsed: Result<(), String>| {
+    let value = |key: &str, span: std::ops::Range<usize>, parsed: Result<(), String>| {
         parsed.map_err(|message| {
             StartupError::Invalid(format!(
                 "{}:{}: {key}: {message}",
                 path.display(),
-                line_of(v.span().start)
+                line_of(span.start)
             ))
         })
     };
@@ -100,7 +130,11 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
             match &$raw {
                 Some(v) => {
                     let mut out = None;
-                    value($key, v, $parse(v.get_ref().as_str()).map(|p| out = Some(p)))?;
+                    value(
+                        $key,
+                        v.span(),
+                        $parse(v.get_ref().as_str()).map(|p| out = Some(p)),
+                    )?;
                     out
                 }
                 None => None,
@@ -112,7 +146,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         let mut parsed = None;
         value(
             "listen",
-            v,
+            v.span(),
             ListenSpec::from_str(v.get_ref()).map(|p| parsed = Some(p)),
         )?;
         listen.extend(parsed);
@@ -163,6 +197,8 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
             raw.upstream_timeout,
             spec::parse_timeout
         ),
+        canary: field!("canary", raw.canary, spec::Canary::from_str),
+        max_error_rate: field!("max-error-rate", raw.max_error_rate, spec::parse_rate),
     };
     Ok(FileSettings {
         args,
@@ -212,6 +248,8 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         header_timeout: cli.header_timeout.or(file.header_timeout),
         idle_timeout: cli.idle_timeout.or(file.idle_timeout),
         upstream_timeout: cli.upstream_timeout.or(file.upstream_timeout),
+        canary: cli.canary.or(file.canary),
+        max_error_rate: cli.max_error_rate.or(file.max_error_rate),
     }
 }
 
@@ -253,6 +291,8 @@ max-connections = 5000
 header-timeout = "5s"
 idle-timeout = "30s"
 upstream-timeout = "2m"
+canary = "10,50"
+max-error-rate = 2.5
 "#,
         )
         .expect("valid");
@@ -280,6 +320,8 @@ upstream-timeout = "2m"
         assert_eq!(a.header_timeout, Some(Duration::from_secs(5)));
         assert_eq!(a.idle_timeout, Some(Duration::from_secs(30)));
         assert_eq!(a.upstream_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(a.canary, Some(spec::Canary(vec![10, 50])));
+        assert_eq!(a.max_error_rate, Some(2.5));
         let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("longer than 0"), "{err}");
     }

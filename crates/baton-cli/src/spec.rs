@@ -373,6 +373,42 @@ pub enum Orphans {
     Stop,
 }
 
+/// `--canary 10` or `--canary 10,50`: the share of requests (or, in tcp
+/// mode, connections) a release on probation gets, in steps that split the
+/// bake evenly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canary(pub Vec<u8>);
+
+impl FromStr for Canary {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let steps: Result<Vec<u8>, _> = s
+            .split(',')
+            .map(|p| match p.trim().trim_end_matches('%').parse::<u8>() {
+                Ok(n) if (1..=100).contains(&n) => Ok(n),
+                _ => Err(()),
+            })
+            .collect();
+        match steps {
+            Ok(steps) if !steps.is_empty() && steps.len() <= 10 => Ok(Canary(steps)),
+            _ => Err(format!(
+                "invalid canary {s:?}: expected per cents from 1 to 100, like 10 or 10,50 (at most 10 steps)"
+            )),
+        }
+    }
+}
+
+/// `--max-error-rate 5`: a per cent above 0 and at most 100.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 100.0 => Ok(r),
+        _ => Err(format!(
+            "invalid rate {s:?}: expected a per cent above 0 and at most 100, like 5 or 0.5"
+        )),
+    }
+}
+
 /// The longest duration any option accepts: a day. Every deadline baton
 /// computes is "now + at most this", which can never overflow a clock, and
 /// no wait longer than a day makes sense for a restart.

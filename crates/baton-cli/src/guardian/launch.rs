@@ -143,6 +143,24 @@ pub trait Launch: std::fmt::Debug {
     fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {
         let _ = (cx, id, route, handles);
     }
+
+    /// A release is on probation (`--bake`), or none is (`None`): proxy
+    /// mode splits traffic with the generation kept warm (`--canary`) and
+    /// judges the new one's answers (`--max-error-rate`).
+    fn probation(&mut self, bake: Option<Probation<'_>>, events: &UnboundedSender<Event>) {
+        let _ = (bake, events);
+    }
+}
+
+/// A release on probation, as [`Launch::probation`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Probation<'a> {
+    /// The new generation and its handles.
+    pub new: (u64, &'a Handles),
+    /// The generation kept warm, if any.
+    pub old: Option<(u64, &'a Handles)>,
+    /// How far into the bake (0..1).
+    pub progress: f64,
 }
 
 /// The environment every generation gets: baton's own, minus the
@@ -306,6 +324,8 @@ fn proxy_listeners(cfg: &RunConfig) -> anyhow::Result<Vec<(OwnedFd, bool)>> {
 /// Proxy mode: a private port per generation behind baton's proxy.
 #[derive(Debug)]
 pub struct Proxied {
+    /// The generation whose answers are being judged, if any.
+    judged: Option<Arc<crate::proxy::Upstream>>,
     cfg: ProxyConfig,
     stop_timeout: Duration,
     proxy: Arc<crate::proxy::Proxy>,
@@ -332,6 +352,7 @@ impl Proxied {
             "proxy"
         );
         Ok(Proxied {
+            judged: None,
             cfg: proxy_cfg.clone(),
             stop_timeout: cfg.policy.stop_timeout,
             proxy,
@@ -543,6 +564,48 @@ impl Launch for Proxied {
         .context("starting the proxy again")?;
         info!("proxy: serving again");
         Ok(())
+    }
+
+    fn probation(&mut self, bake: Option<Probation<'_>>, events: &UnboundedSender<Event>) {
+        let new = bake.and_then(|b| Some((b, b.new.1.upstream.clone()?)));
+        let Some((bake, new)) = new else {
+            // No probation (any more): no split, nobody judged.
+            if let Some(judged) = self.judged.take() {
+                judged.set_judge(None);
+                self.proxy.split(None, 100);
+            }
+            return;
+        };
+        let old = bake.old.and_then(|(_, h)| h.upstream.clone());
+        let canary = !self.cfg.canary.is_empty() && old.is_some();
+        if canary {
+            let steps = self.cfg.canary.len();
+            let step = ((bake.progress * steps as f64) as usize).min(steps - 1);
+            self.proxy.split(old.clone(), self.cfg.canary[step]);
+        }
+        if self.judged.as_ref().is_some_and(|j| Arc::ptr_eq(j, &new)) {
+            return;
+        }
+        if self.cfg.mode == crate::proxy::Mode::Http {
+            use crate::proxy::upstream::{Baseline, Judge};
+            // With a canary, against the previous release over the same
+            // window; without, against its record before the cutover.
+            let baseline = match &old {
+                Some(old) if canary => Baseline::Beside(Arc::clone(old), old.tally()),
+                Some(old) => Baseline::Before(old.tally()),
+                None => Baseline::Before((0, 0)),
+            };
+            let events = events.clone();
+            new.set_judge(Some(Judge {
+                baseline,
+                since: new.tally(),
+                max_rate: self.cfg.max_error_rate,
+                on_worse: Box::new(move |generation, why| {
+                    let _ = events.send(Event::Worse { generation, why });
+                }),
+            }));
+        }
+        self.judged = Some(new);
     }
 
     fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {

@@ -107,6 +107,14 @@ pub enum Event {
     Quiesced(bool),
     /// An adopted process (not our child) exited.
     Gone(i32),
+    /// Proxy mode: the release on probation answers clearly worse than the
+    /// previous one.
+    Worse {
+        /// The generation.
+        generation: u64,
+        /// The evidence.
+        why: String,
+    },
 }
 
 /// How often the guardian looks at its listeners and reports pressure.
@@ -552,6 +560,17 @@ impl Guardian {
     /// Refreshes what `/metrics`, the launch strategy and systemd see.
     fn publish(&mut self) {
         self.cut_over();
+        let bake = self.policy.baking().and_then(|(new, old)| {
+            let g = self.policy.generations().find(|g| g.id == new)?;
+            let total = self.cfg.policy.bake?;
+            let elapsed = Instant::now().saturating_duration_since(g.state_since);
+            Some(launch::Probation {
+                new: (new, self.handles.get(&new)?),
+                old: old.and_then(|o| Some((o, self.handles.get(&o)?))),
+                progress: elapsed.as_secs_f64() / total.as_secs_f64().max(1e-9),
+            })
+        });
+        self.launch.probation(bake, &self.events);
         if self.policy.is_stopping() {
             self.systemd.stopping();
             self.launch.stop();
@@ -644,6 +663,12 @@ impl Guardian {
             Event::Gone(pid) => {
                 if let Some(exit) = self.children.gone(pid) {
                     self.exited(exit);
+                }
+            }
+            Event::Worse { generation, why } => {
+                if self.policy.baking().map(|(g, _)| g) == Some(generation) {
+                    let actions = self.policy.revert(self.event_at, "error_rate", why);
+                    self.apply(actions);
                 }
             }
             Event::SelfBound { generation, addrs } => {

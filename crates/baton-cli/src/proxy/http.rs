@@ -119,6 +119,7 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                         "generation {} at {}: {e}",
                         upstream.generation, upstream.addr
                     );
+                    upstream.record(true);
                     proxy
                         .counters
                         .upstream_errors
@@ -153,6 +154,7 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
             // is never sent again. Dropping the connection closes it.
             Err(_) => {
                 drop(conn);
+                upstream.record(true);
                 proxy
                     .counters
                     .upstream_timeouts
@@ -173,6 +175,7 @@ async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<Pro
                 };
                 let Some(next_req) = again.filter(|_| !send_retried) else {
                     let why = format!("generation {}: {}", upstream.generation, e.error());
+                    upstream.record(true);
                     proxy
                         .counters
                         .upstream_errors
@@ -251,6 +254,7 @@ async fn respond(
     proxy: Arc<Proxy>,
 ) -> Response<ProxyBody> {
     let generation = upstream.generation;
+    upstream.record(response.status().is_server_error());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_side) = client_side
     {

@@ -80,6 +80,12 @@ impl Mode {
 #[derive(Debug)]
 pub struct Proxy {
     current: watch::Sender<Option<Arc<Upstream>>>,
+    /// A canary split (`--canary`): the previous generation, kept warm,
+    /// and the share of new requests (per cent) the current one gets; 100:
+    /// no split.
+    split: std::sync::RwLock<Option<Arc<Upstream>>>,
+    split_percent: std::sync::atomic::AtomicU8,
+    split_count: std::sync::atomic::AtomicU64,
     /// How long a request waits for a generation when none can take it.
     pub wait: Duration,
     /// Timeouts and caps.
@@ -93,6 +99,9 @@ impl Proxy {
     pub fn new(wait: Duration, limits: Limits) -> Arc<Proxy> {
         Arc::new(Proxy {
             current: watch::Sender::new(None),
+            split: std::sync::RwLock::new(None),
+            split_percent: std::sync::atomic::AtomicU8::new(100),
+            split_count: std::sync::atomic::AtomicU64::new(0),
             wait,
             limits,
             counters: Counters::default(),
@@ -114,9 +123,44 @@ impl Proxy {
         self.current.send_replace(upstream);
     }
 
+    /// Splits new traffic: `percent` to the current generation, the rest
+    /// to `other` (`None`, or 100: no split).
+    pub fn split(&self, other: Option<Arc<Upstream>>, percent: u8) {
+        use std::sync::atomic::Ordering;
+        let percent = if other.is_some() {
+            percent.min(100)
+        } else {
+            100
+        };
+        if let Ok(mut slot) = self.split.write() {
+            *slot = other;
+        }
+        self.split_percent.store(percent, Ordering::SeqCst);
+    }
+
+    /// The other side of a canary split, for this request, if it is its
+    /// turn: requests are counted out, so the shares are exact.
+    fn split_turn(&self) -> Option<Arc<Upstream>> {
+        use std::sync::atomic::Ordering;
+        let percent = u64::from(self.split_percent.load(Ordering::Relaxed));
+        if percent >= 100 {
+            return None;
+        }
+        let n = self.split_count.fetch_add(1, Ordering::Relaxed);
+        if n % 100 < percent {
+            return None;
+        }
+        self.split.read().ok()?.clone()
+    }
+
     /// The current generation, counted as in flight; waits for one when
     /// there is none. Never a retired one (see [`Upstream::enter_if_open`]).
     pub async fn acquire(&self) -> Option<(Arc<Upstream>, upstream::Active)> {
+        if let Some(other) = self.split_turn()
+            && let Some(active) = other.enter_if_open()
+        {
+            return Some((other, active));
+        }
         let mut failed: Option<Arc<Upstream>> = None;
         for _ in 0..8 {
             let candidate = match (self.current(), &failed) {

@@ -11,7 +11,7 @@
 //! descriptors) nobody will use.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,96 @@ impl Drop for UpConn {
 /// Called with the generation number when a retired upstream is drained.
 pub type OnDrained = Box<dyn Fn(u64) + Send + Sync>;
 
+/// Called with the generation number and why, once, when a release on
+/// probation answers clearly worse than its baseline.
+pub type OnWorse = Box<dyn Fn(u64, String) + Send + Sync>;
+
+/// Answers counted so far: (all, failed).
+pub type Tally = (u64, u64);
+
+/// What a release on probation is compared with.
+#[derive(Debug)]
+pub enum Baseline {
+    /// The previous generation's failure rate before the cutover.
+    Before(Tally),
+    /// The previous generation over the same window (a canary split): its
+    /// tally now minus its tally at the start of the bake.
+    Beside(Arc<Upstream>, Tally),
+}
+
+/// Judges a release on probation by its answers (`--max-error-rate`).
+pub struct Judge {
+    /// What it is compared with.
+    pub baseline: Baseline,
+    /// Its own tally at the start of the bake.
+    pub since: Tally,
+    /// The failure rate it must stay under (0..1).
+    pub max_rate: f64,
+    /// Told once when it fails.
+    pub on_worse: OnWorse,
+}
+
+impl std::fmt::Debug for Judge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Judge")
+            .field("baseline", &self.baseline)
+            .field("since", &self.since)
+            .field("max_rate", &self.max_rate)
+            .finish()
+    }
+}
+
+/// Fewest answers a verdict rests on.
+pub const MIN_ANSWERS: u64 = 20;
+
+/// The z score of a one-sided 99.5 % bound.
+const Z: f64 = 2.576;
+
+/// Wilson score interval of `failed` out of `all`: (lower, upper).
+pub fn wilson(failed: u64, all: u64) -> (f64, f64) {
+    if all == 0 {
+        return (0.0, 1.0);
+    }
+    let n = all as f64;
+    let p = failed as f64 / n;
+    let z2 = Z * Z;
+    let center = p + z2 / (2.0 * n);
+    let spread = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    let denom = 1.0 + z2 / n;
+    (
+        ((center - spread) / denom).max(0.0),
+        ((center + spread) / denom).min(1.0),
+    )
+}
+
+/// Whether `new` failed clearly more than `max_rate` and than `base`: the
+/// lower bound of its Wilson interval is above both the limit and the upper
+/// bound of the baseline's (a baseline with too few answers counts as 0).
+/// `None`: not enough answers yet, or not worse.
+pub fn clearly_worse(new: Tally, base: Tally, max_rate: f64) -> Option<String> {
+    let (all, failed) = new;
+    if all < MIN_ANSWERS {
+        return None;
+    }
+    let (lower, _) = wilson(failed, all);
+    let base_upper = if base.0 >= MIN_ANSWERS {
+        wilson(base.1, base.0).1
+    } else {
+        0.0
+    };
+    (lower > max_rate && lower > base_upper).then(|| {
+        format!(
+            "{failed} of {all} answers failed ({:.1} %, at least {:.1} % with 99.5 % confidence), \
+             against at most {:.1} % allowed (--max-error-rate) and {} of {} for the previous release",
+            100.0 * failed as f64 / all as f64,
+            100.0 * lower,
+            100.0 * max_rate,
+            base.1,
+            base.0
+        )
+    })
+}
+
 /// A generation behind the proxy.
 pub struct Upstream {
     /// Its generation number.
@@ -79,6 +169,14 @@ pub struct Upstream {
     /// How long a pooled connection may stay unused.
     pool_idle: Duration,
     on_drained: OnDrained,
+    /// Answers relayed (HTTP): all, and failed (5xx, no answer, timeout).
+    answers: AtomicU64,
+    failures: AtomicU64,
+    /// Set while it is on probation.
+    judge: Mutex<Option<Judge>>,
+    judged: AtomicBool,
+    /// When its first failed answer on probation came.
+    first_failure: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -126,7 +224,75 @@ impl Upstream {
                 .collect(),
             pool_idle,
             on_drained,
+            answers: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            judge: Mutex::new(None),
+            judged: AtomicBool::new(false),
+            first_failure: Mutex::new(None),
         })
+    }
+
+    /// Answers so far: (all, failed).
+    pub fn tally(&self) -> Tally {
+        (
+            self.answers.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts one answer (HTTP); judges it if it is on probation.
+    pub fn record(&self, failed: bool) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            if self.judged.load(Ordering::Relaxed) {
+                self.judge_now();
+            }
+        }
+    }
+
+    /// Puts it on probation (or, with `None`, ends it).
+    pub fn set_judge(&self, judge: Option<Judge>) {
+        if let Ok(mut first) = self.first_failure.lock() {
+            *first = None;
+        }
+        if let Ok(mut slot) = self.judge.lock() {
+            self.judged.store(judge.is_some(), Ordering::SeqCst);
+            *slot = judge;
+        }
+    }
+
+    fn judge_now(&self) {
+        let Ok(mut slot) = self.judge.lock() else {
+            return;
+        };
+        let Some(judge) = slot.as_ref() else {
+            return;
+        };
+        let (all, failed) = self.tally();
+        let new = (all - judge.since.0, failed - judge.since.1);
+        let base = match &judge.baseline {
+            Baseline::Before(t) => *t,
+            Baseline::Beside(old, at) => {
+                let (a, f) = old.tally();
+                (a.saturating_sub(at.0), f.saturating_sub(at.1))
+            }
+        };
+        let now = Instant::now();
+        let first = self
+            .first_failure
+            .lock()
+            .map(|mut f| *f.get_or_insert(now))
+            .unwrap_or(now);
+        if let Some(why) = clearly_worse(new, base, judge.max_rate) {
+            let why = format!(
+                "{why}; decided {} ms after its first failed answer",
+                now.duration_since(first).as_millis()
+            );
+            (judge.on_worse)(self.generation, why);
+            self.judged.store(false, Ordering::SeqCst);
+            *slot = None;
+        }
     }
 
     /// Counts something in flight until the guard is dropped.
@@ -246,6 +412,50 @@ mod tests {
         assert_eq!(reported.load(Ordering::SeqCst), 7);
         drop(u.enter());
         assert_eq!(reported.load(Ordering::SeqCst), 7, "reported once");
+    }
+
+    #[test]
+    fn a_release_is_judged_worse_only_on_clear_evidence() {
+        let limit = 0.05;
+        // Too few answers: no verdict.
+        assert!(clearly_worse((19, 19), (0, 0), limit).is_none());
+        // Everything fails: a verdict after 20 answers.
+        assert!(clearly_worse((20, 20), (1000, 0), limit).is_some());
+        // 10 % of 100 is not clearly above 5 %.
+        assert!(clearly_worse((100, 10), (1000, 0), limit).is_none());
+        // 10 % of 2 000 is.
+        assert!(clearly_worse((2000, 200), (10_000, 0), limit).is_some());
+        // Not if the previous release failed as often.
+        assert!(clearly_worse((2000, 200), (10_000, 1000), limit).is_none());
+        // A steady 4 % never trips a 5 % limit, however long it runs.
+        assert!(clearly_worse((1_000_000, 40_000), (0, 0), limit).is_none());
+        let (lo, hi) = wilson(0, 0);
+        assert!(lo == 0.0 && hi == 1.0);
+    }
+
+    #[test]
+    fn a_failing_upstream_on_probation_is_reported_once() {
+        let told = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&told);
+        let u = Upstream::new(
+            3,
+            "127.0.0.1:1".parse().unwrap(),
+            POOL_IDLE,
+            Box::new(|_| {}),
+        );
+        u.record(false);
+        u.set_judge(Some(Judge {
+            baseline: Baseline::Before((100, 0)),
+            since: u.tally(),
+            max_rate: 0.05,
+            on_worse: Box::new(move |g, _| {
+                seen.fetch_add(g, Ordering::SeqCst);
+            }),
+        }));
+        for _ in 0..100 {
+            u.record(true);
+        }
+        assert_eq!(told.load(Ordering::SeqCst), 3, "once");
     }
 
     #[test]

@@ -80,6 +80,28 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// baton --proxy http in front of `demo-app` in `current` (faults from
+    /// `faults` in the release directory), with these options.
+    fn behind_proxy(&self, run_args: &[&str]) -> Baton {
+        let b = Baton::builder()
+            .run_args(["--proxy", "http", "--listen", "127.0.0.1:0", "--workdir"])
+            .run_args([self.path("current")])
+            .run_args(run_args.iter().copied())
+            .app_args(["--listen", "127.0.0.1:{port}", "--faults-file", "faults"])
+            .start();
+        b.wait_for_event("ready", 1);
+        b
+    }
+
+    /// Points `current` at `v2` (the same executable, another directory).
+    fn switch_to_v2(&self) {
+        let link = self.path("current.new");
+        std::os::unix::fs::symlink("releases/v2", &link).expect("symlink");
+        std::fs::rename(&link, self.path("current")).expect("switch current");
+    }
+}
+
 /// `baton rollback --json`: exit code and answer.
 fn rollback(b: &Baton) -> (Option<i32>, serde_json::Value) {
     let out = b.ctl(&["rollback", "--json"]);
@@ -290,4 +312,73 @@ fn a_healthy_release_passes_its_bake_and_rollback_then_loses_nothing() {
     assert_eq!(serving_release(&b)["id"], v1["id"]);
     let (ok, failures, _) = load.finish();
     support::assert_no_failures(ok, &failures);
+}
+
+#[test]
+fn a_canary_answering_500_is_judged_by_its_answers_and_reverted_before_the_bake_ends() {
+    let layout = Layout::new();
+    std::fs::write(layout.path("releases/v2/faults"), "--status 500").expect("faults");
+    let b = layout.behind_proxy(&["--bake", "60s", "--canary", "10"]);
+    let old = b.gen_pid(1);
+    // A 10 s load that spans the deploy.
+    let load = Load::start(b.port(), 16, 1_000_000, Duration::from_secs(10));
+    support::wait_until("the load was answered", LONG, || load.has_seen(old));
+    layout.switch_to_v2();
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}\n{}", b.dump());
+    assert_eq!(json["reason"]["kind"], "reverted", "{json}");
+    assert_eq!(json["reason"]["cause"], "error_rate", "{json}");
+    // Decided long before the 60 s bake could end, and the generation
+    // that never stopped serves again.
+    let status = b.status_json();
+    assert_eq!(status["serving"], 1, "{status}");
+    assert_eq!(status["reverts"]["error_rate"], 1, "{status}");
+    assert_eq!(get(b.port(), "/", LONG).expect("served").pid, Some(old));
+    let (ok, failures, _) = load.finish_when_done();
+    let all = ok + failures.len() as u64;
+    assert!(
+        failures.len() as u64 * 100 <= 3 * all,
+        "{} of {all} failed",
+        failures.len()
+    );
+    eprintln!(
+        "canary revert: {all} requests over 10 s, {} failed ({:.3} %); {}",
+        failures.len(),
+        100.0 * failures.len() as f64 / all as f64,
+        json["reason"]["why"]
+    );
+}
+
+#[test]
+fn in_proxy_mode_a_release_that_crashes_during_its_bake_is_switched_back_at_once() {
+    let layout = Layout::new();
+    std::fs::write(layout.path("releases/v2/faults"), "--crash-after 1s").expect("faults");
+    let b = layout.behind_proxy(&["--bake", "30s"]);
+    let old = b.gen_pid(1);
+    layout.switch_to_v2();
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}");
+    assert_eq!(json["reason"]["cause"], "exited", "{json}");
+    // The old generation was kept warm: no new one was started.
+    let status = b.status_json();
+    assert_eq!(status["serving"], 1, "{status}");
+    assert_eq!(get(b.port(), "/", LONG).expect("served").pid, Some(old));
+    assert_eq!(b.count_events("spawn"), 2, "{}", b.dump());
+}
+
+#[test]
+fn a_canary_that_passes_its_bake_takes_all_traffic_and_the_old_generation_drains() {
+    let layout = Layout::new();
+    let b = layout.behind_proxy(&["--bake", "1s", "--canary", "50"]);
+    let old = b.gen_pid(1);
+    layout.switch_to_v2();
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", b.dump());
+    let new = b.gen_pid(2);
+    support::wait_until("the old generation drained and exited", LONG, || {
+        support::pid_gone(old)
+    });
+    for _ in 0..20 {
+        assert_eq!(get(b.port(), "/", LONG).expect("served").pid, Some(new));
+    }
 }

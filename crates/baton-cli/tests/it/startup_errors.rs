@@ -290,3 +290,29 @@ fn a_mistyped_option_is_a_usage_error_not_the_command() {
     assert_startup_error(&out, "unexpected argument '--lisen'");
     assert!(out.stderr.contains("--listen"), "{}", out.stderr);
 }
+
+#[test]
+fn canary_and_error_rate_need_a_bake_and_the_proxy() {
+    for (args, expected) in [
+        (&["--proxy", "http", "--canary", "10"][..], "give --bake"),
+        (&["--bake", "5s", "--canary", "10"][..], "give --proxy"),
+        (
+            &["--proxy", "tcp", "--bake", "5s", "--max-error-rate", "5"][..],
+            "--proxy http",
+        ),
+        (
+            &["--proxy", "http", "--bake", "5s", "--canary", "0"][..],
+            "invalid canary",
+        ),
+        (
+            &["--proxy", "http", "--bake", "5s", "--max-error-rate", "200"][..],
+            "invalid rate",
+        ),
+    ] {
+        let mut all = vec!["run", "--listen", ":0"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "true"]);
+        let out = baton(&all);
+        assert_startup_error(&out, expected);
+    }
+}
