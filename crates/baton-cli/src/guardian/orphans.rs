@@ -361,8 +361,13 @@ impl Guardian {
             let Some(&main) = g.processes.first() else {
                 continue;
             };
-            let serving = s.serving == Some(g.id) && g.state == GenState::Serving;
-            if !serving {
+            // A release on probation serves: its bake ends with the baton
+            // that ran it, and it is kept.
+            let serving =
+                s.serving == Some(g.id) && matches!(g.state, GenState::Serving | GenState::Baking);
+            if serving {
+                g.enter(GenState::Serving, now, None);
+            } else {
                 if !matches!(g.state, GenState::Draining | GenState::Killed) {
                     let _ = sys::signal::send_group(main.pid, self.cfg.policy.stop_signal);
                 }

@@ -108,8 +108,9 @@ fn a_killed_baton_leaves_the_app_serving_and_the_next_baton_adopts_it() {
     wait_until("the adopted generation drained and exited", LONG, || {
         pid_gone(app)
     });
-    let status = second.status_json();
-    assert_eq!(status["generations"].as_array().map(Vec::len), Some(1));
+    wait_until("baton saw it exit (its pidfd)", LONG, || {
+        second.status_json()["generations"].as_array().map(Vec::len) == Some(1)
+    });
     let (ok, failures, _) = load.finish();
     support::assert_no_failures(ok, &failures);
     eprintln!("SIGKILL of baton, adoption and a reload: {ok} requests, 0 failed");
@@ -436,4 +437,25 @@ fn killed_and_adopted_again_and_again_the_app_and_one_keeper_remain() {
         dead.push(std::mem::replace(&mut b, next));
     }
     assert_eq!(get(port, "/", LONG).expect("served").pid, Some(app));
+}
+
+#[test]
+fn a_release_on_probation_when_baton_dies_is_adopted_as_serving() {
+    let mut first = Baton::serving(&["--bake", "60s"], &[]);
+    let port = first.port();
+    // The reload waits through the bake: ask without waiting.
+    first.signal(Signal::HUP);
+    let mut baking = None;
+    wait_until("generation 2 is on probation", LONG, || {
+        baking = first.status_json()["baking"].as_u64();
+        baking == Some(2)
+    });
+    let new = first.gen_pid(2);
+    first.signal(Signal::KILL);
+    first.wait_exit(LONG);
+    let second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["serving"], 2, "{status}");
+    assert!(status["baking"].is_null(), "{status}");
+    assert_eq!(get(port, "/", LONG).expect("served").pid, Some(new));
 }
