@@ -3,7 +3,6 @@
 //! in `config.rs`.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -151,6 +150,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub bake: Option<std::time::Duration>,
 
+    /// On SIGTERM (or `baton stop`), first turn /readyz to 503 and keep
+    /// serving this long, so that load balancers and Kubernetes stop
+    /// sending before anything closes; a second request skips the rest
+    /// [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_delay: Option<std::time::Duration>,
+
     /// When the serving generation exits on its own: never (baton exits with
     /// its status), on-failure (restart unless it exited 0) or always
     /// [default: on-failure].
@@ -177,9 +183,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "USER[:GROUP]")]
     pub user: Option<UserSpec>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve baton's admin endpoint on ADDR (IP:PORT, or :PORT for every
+    /// interface): Prometheus metrics at /metrics, liveness at /healthz and
+    /// readiness at /readyz.
     #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    pub metrics: Option<crate::spec::AdminAddr>,
 
     /// Reload when this file (typically the app's binary) is replaced or
     /// rewritten; waits until it has stopped changing.

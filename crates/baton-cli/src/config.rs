@@ -102,6 +102,9 @@ pub struct RunConfig {
     pub orphans: crate::spec::Orphans,
     /// The app's working directory, as given (resolved at each start).
     pub workdir: PathBuf,
+    /// `--shutdown-delay`: how long baton serves on, not ready, after a
+    /// stop request.
+    pub shutdown_delay: Option<Duration>,
     /// Timeouts, signals and backoff.
     pub policy: PolicyConfig,
     /// The service's name.
@@ -369,10 +372,20 @@ impl RunConfig {
                 let metrics = args
                     .metrics
                     .map(|addr| {
-                        std::net::TcpListener::bind(addr).map_err(|source| StartupError::Bind {
-                            addr: format!("{addr} (--metrics)"),
-                            hint: bind_hint(&ListenAddr::Ip(addr), &source),
-                            error: source,
+                        let (bound, as_listen) = match addr {
+                            crate::spec::AdminAddr::Ip(ip) => {
+                                (socket::bind_tcp(ip, false), ListenAddr::Ip(ip))
+                            }
+                            crate::spec::AdminAddr::AnyHost(port) => {
+                                (bind_any_host(port), ListenAddr::AnyHost(port))
+                            }
+                        };
+                        bound.map(std::net::TcpListener::from).map_err(|source| {
+                            StartupError::Bind {
+                                addr: format!("{addr} (--metrics)"),
+                                hint: bind_hint(&as_listen, &source),
+                                error: source,
+                            }
                         })
                     })
                     .transpose()?;
@@ -518,6 +531,7 @@ impl RunConfig {
             notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
             orphans: args.orphans.unwrap_or_default(),
             workdir,
+            shutdown_delay: args.shutdown_delay.filter(|d| !d.is_zero()),
             policy,
             name,
             control,
@@ -848,6 +862,18 @@ fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
     Ok(control)
 }
 
+/// Binds `port` on every interface: IPv6 and IPv4 at once, or IPv4 alone
+/// on a machine without IPv6.
+fn bind_any_host(port: u16) -> io::Result<OwnedFd> {
+    let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+    match socket::bind_tcp(v6, true) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            socket::bind_tcp((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false)
+        }
+        other => other,
+    }
+}
+
 fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
     let shown = spec.addr.to_string();
     let bind_err = |source: io::Error| {
@@ -874,16 +900,7 @@ fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
             )
         }
         ListenAddr::AnyHost(port) => {
-            let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, *port).into();
-            let fd = match socket::bind_tcp(v6, true) {
-                Ok(fd) => fd,
-                // No IPv6 on this machine: all IPv4 interfaces instead.
-                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-                    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, *port).into();
-                    socket::bind_tcp(v4, false).map_err(bind_err)?
-                }
-                Err(e) => return Err(bind_err(e)),
-            };
+            let fd = bind_any_host(*port).map_err(bind_err)?;
             let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
             (fd, local.to_string(), local.port().to_string(), None)
         }

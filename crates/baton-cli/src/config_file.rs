@@ -13,7 +13,6 @@
 //! ```
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -40,6 +39,7 @@ struct Raw {
     orphans: Option<spec::Orphans>,
     workdir: Option<PathBuf>,
     bake: Option<Spanned<String>>,
+    shutdown_delay: Option<Spanned<String>>,
     restart: Option<Spanned<String>>,
     restart_delay: Option<Spanned<String>>,
     restart_delay_max: Option<Spanned<String>>,
@@ -164,6 +164,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         orphans: raw.orphans,
         workdir: raw.workdir,
         bake: field!("bake", raw.bake, spec::parse_duration),
+        shutdown_delay: field!("shutdown-delay", raw.shutdown_delay, spec::parse_duration),
         restart: field!("restart", raw.restart, spec::RestartMode::from_str),
         restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
         restart_delay_max: field!(
@@ -173,9 +174,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         ),
         start_limit: field!("start-limit", raw.start_limit, spec::StartLimit::from_str),
         user: field!("user", raw.user, spec::UserSpec::from_str),
-        metrics: field!("metrics", raw.metrics, |s: &str| {
-            SocketAddr::from_str(s).map_err(|_| format!("invalid address {s:?}: expected IP:PORT"))
-        }),
+        metrics: field!("metrics", raw.metrics, spec::AdminAddr::from_str),
         watch: raw.watch,
         log_prefix: raw.log_prefix.unwrap_or(false),
         command: raw
@@ -226,6 +225,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         orphans: cli.orphans.or(file.orphans),
         workdir: cli.workdir.or(file.workdir),
         bake: cli.bake.or(file.bake),
+        shutdown_delay: cli.shutdown_delay.or(file.shutdown_delay),
         restart: cli.restart.or(file.restart),
         restart_delay: cli.restart_delay.or(file.restart_delay),
         restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),
@@ -277,6 +277,7 @@ notify-access = "main"
 orphans = "stop"
 workdir = "/srv/app/current"
 bake = "5s"
+shutdown-delay = "3s"
 restart = "always"
 restart-delay = "1s"
 restart-delay-max = "1m"
@@ -304,6 +305,7 @@ max-error-rate = 2.5
         assert_eq!(a.orphans, Some(spec::Orphans::Stop));
         assert_eq!(a.workdir.as_deref(), Some(Path::new("/srv/app/current")));
         assert_eq!(a.bake, Some(Duration::from_secs(5)));
+        assert_eq!(a.shutdown_delay, Some(Duration::from_secs(3)));
         assert_eq!(a.restart, Some(spec::RestartMode::Always));
         assert_eq!(
             a.start_limit,

@@ -373,6 +373,38 @@ pub enum Orphans {
     Stop,
 }
 
+/// `--metrics ADDR`: `127.0.0.1:9100`, `[::1]:9100`, or `:9100` (every
+/// interface, IPv6 and IPv4, as `--listen :PORT`), which a probe from
+/// outside the host (the kubelet) needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// One address.
+    Ip(SocketAddr),
+    /// Every interface.
+    AnyHost(u16),
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || format!("invalid address {s:?}: expected IP:PORT or :PORT");
+        match s.strip_prefix(':') {
+            Some(port) => port.parse().map(AdminAddr::AnyHost).map_err(|_| invalid()),
+            None => s.parse().map(AdminAddr::Ip).map_err(|_| invalid()),
+        }
+    }
+}
+
+impl fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddr::Ip(addr) => write!(f, "{addr}"),
+            AdminAddr::AnyHost(port) => write!(f, ":{port}"),
+        }
+    }
+}
+
 /// `--canary 10` or `--canary 10,50`: the share of requests (or, in tcp
 /// mode, connections) a release on probation gets, in steps that split the
 /// bake evenly.

@@ -181,6 +181,15 @@ fn describe(status: &Status) -> String {
             "adopted the service of baton pid {from}, which died (adopted processes' exit status is not known)"
         );
     }
+    if let Some(ms) = status.shutdown_in_ms {
+        let _ = writeln!(
+            out,
+            "shutting down: not ready (/readyz 503), stopping in {:.1} s (--shutdown-delay)",
+            ms as f64 / 1000.0
+        );
+    } else if let Some(why) = &status.not_ready {
+        let _ = writeln!(out, "not ready: {why}");
+    }
     if let Some(keeper) = status.keeper_pid {
         let _ = writeln!(
             out,

@@ -161,6 +161,15 @@ pub struct Status {
     /// The generation on probation (`--bake`), if any.
     #[serde(default)]
     pub baking: Option<u64>,
+    /// What `/readyz` answers: ready to take traffic.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why not, if not.
+    #[serde(default)]
+    pub not_ready: Option<String>,
+    /// Time left of the shutdown delay (`--shutdown-delay`), if one runs.
+    #[serde(default)]
+    pub shutdown_in_ms: Option<u64>,
 }
 
 /// baton's own resources, and what its limits and checks turned away.

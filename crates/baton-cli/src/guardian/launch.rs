@@ -123,6 +123,10 @@ pub trait Launch: std::fmt::Debug {
     /// baton is stopping: stop taking new clients.
     fn stop(&mut self) {}
 
+    /// baton is about to stop (`--shutdown-delay`): keep serving, but tell
+    /// keep-alive clients to go (proxy mode: `Connection: close`).
+    fn lame_duck(&mut self) {}
+
     /// Before an upgrade's exec: what must finish first, as a future that
     /// completes once it has (proxy mode: client connections drain while
     /// new ones wait in the accept queue); `None`: nothing.
@@ -543,6 +547,12 @@ impl Launch for Proxied {
 
     fn stop(&mut self) {
         self.handle.stop();
+    }
+
+    fn lame_duck(&mut self) {
+        self.proxy
+            .lame_duck
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn quiesce(

@@ -1,5 +1,16 @@
-//! `--metrics ADDR`: Prometheus text at `/metrics`. The event loop updates a
-//! shared snapshot after each event; a small HTTP task serves it.
+//! `--metrics ADDR`: baton's admin endpoint. Prometheus text at `/metrics`,
+//! and the probes of Kubernetes and load balancers:
+//!
+//! - `/healthz` (liveness): 200 whenever it answers. It is served by a task
+//!   of the guardian's own single-threaded runtime, so an answer means the
+//!   event loop runs; a crash backoff, a slow first start or a reload never
+//!   make it fail (a liveness failure gets the pod killed).
+//! - `/readyz` (readiness): 200 while a generation serves, every listener
+//!   listens and baton is not shutting down (which starts with
+//!   `--shutdown-delay`); 503 with the reason otherwise.
+//!
+//! The event loop updates a shared snapshot after each event; the task
+//! reads it under a short lock and never waits for a reload.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -17,6 +28,8 @@ use crate::exit::ExitStatus;
 /// What `/metrics` shows.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
+    /// Why `/readyz` says no (`None`: ready).
+    pub not_ready: Option<&'static str>,
     /// Reloads that put a new generation in service.
     pub reloads_ok: u64,
     /// Reloads that rolled back.
@@ -284,21 +297,28 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
         }
     };
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let body = if req.uri().path() == "/metrics" {
-            metrics.lock().map(|m| m.render()).ok()
-        } else {
-            None
+        let (status, body) = match req.uri().path() {
+            "/metrics" => match metrics.lock() {
+                Ok(m) => (StatusCode::OK, Bytes::from(m.render())),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+            },
+            "/healthz" => (StatusCode::OK, Bytes::from_static(b"ok\n")),
+            "/readyz" => match metrics.lock().map(|m| m.not_ready) {
+                Ok(None) => (StatusCode::OK, Bytes::from_static(b"ready\n")),
+                Ok(Some(why)) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from(format!("not ready: {why}\n")),
+                ),
+                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
+            },
+            _ => (
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(b"not found; try /metrics, /healthz or /readyz\n"),
+            ),
         };
         async move {
-            let mut res = match body {
-                Some(text) => Response::new(Full::new(Bytes::from(text))),
-                None => {
-                    let mut r =
-                        Response::new(Full::new(Bytes::from_static(b"not found; try /metrics\n")));
-                    *r.status_mut() = StatusCode::NOT_FOUND;
-                    r
-                }
-            };
+            let mut res = Response::new(Full::new(body));
+            *res.status_mut() = status;
             res.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

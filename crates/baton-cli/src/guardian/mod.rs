@@ -227,6 +227,7 @@ impl Running {
         let mut g = Guardian {
             orphans: orphans::Orphans::new(&cfg, keeper),
             releases: release::Releases::default(),
+            shutdown_at: None,
             control_fd,
             upgrade: None,
             upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
@@ -299,7 +300,7 @@ impl Running {
             ..
         } = self;
         while g.exit.is_none() {
-            let deadline = g.policy.next_deadline();
+            let deadline = g.next_deadline();
             let sleep = async {
                 match deadline {
                     Some(at) => {
@@ -420,6 +421,9 @@ struct Guardian {
     orphans: orphans::Orphans,
     /// The releases kept for a rollback.
     releases: release::Releases,
+    /// When the shutdown delay ends (`--shutdown-delay`), once a stop was
+    /// asked for.
+    shutdown_at: Option<Instant>,
     /// When this image took over.
     upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
@@ -464,14 +468,60 @@ struct Guardian {
 impl Guardian {
     fn trigger(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
         self.event_at = Instant::now();
+        if self.shutdown_at.is_some() {
+            // Shutting down (--shutdown-delay): no new generation.
+            info!(%trigger, "reload refused: baton is shutting down (--shutdown-delay)");
+            if let Some(waiter) = waiter {
+                let outcome = Outcome::RolledBack {
+                    generation: None,
+                    pid: None,
+                    reason: crate::error::RollbackReason::Stopping,
+                    serving: self.policy.serving(),
+                };
+                let _ = waiter.send(report::response(&outcome));
+            }
+            return;
+        }
         let actions = self.policy.trigger(self.event_at, trigger, waiter);
         self.apply(actions);
     }
 
+    /// A stop request (a signal, `baton stop`). With `--shutdown-delay`,
+    /// the first one only turns `/readyz` to 503 and keeps serving for the
+    /// delay (load balancers notice and move away); the stop proper
+    /// follows, or at once on a second request.
     fn stop(&mut self, why: &str) {
         self.event_at = Instant::now();
+        if let Some(delay) = self.cfg.shutdown_delay
+            && !self.policy.is_stopping()
+        {
+            if self.shutdown_at.take().is_none() {
+                self.shutdown_at = Some(crate::config::later(self.event_at, delay));
+                info!(
+                    reason = why,
+                    delay_ms = delay.as_millis() as u64,
+                    "shutdown: not ready any more (/readyz 503); serving on for {} before stopping",
+                    humantime::format_duration(delay)
+                );
+                self.systemd.stopping();
+                self.launch.lame_duck();
+                return;
+            }
+            info!(
+                reason = why,
+                "stop requested again: the rest of the shutdown delay is skipped"
+            );
+        }
         let actions = self.policy.stop(self.event_at, why);
         self.apply(actions);
+    }
+
+    /// The earliest moment `tick` has something to do.
+    fn next_deadline(&self) -> Option<Instant> {
+        match (self.policy.next_deadline(), self.shutdown_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// `baton rollback`: the previous release, with the usual handover, if
@@ -509,6 +559,13 @@ impl Guardian {
     fn tick(&mut self) {
         self.event_at = Instant::now();
         let now = self.event_at;
+        if self.shutdown_at.is_some_and(|at| at <= now) {
+            self.shutdown_at = None;
+            info!("shutdown: the delay is over; stopping");
+            let actions = self.policy.stop(now, "shutdown delay over");
+            self.apply(actions);
+            return;
+        }
         let timing_out = self
             .policy
             .generations()
@@ -582,7 +639,17 @@ impl Guardian {
             .collect();
         self.orphans
             .record(&self.cfg, &self.policy.record(), &notify);
+        let not_ready = if self.shutdown_at.is_some() || self.policy.is_stopping() {
+            Some("shutting down")
+        } else if self.policy.serving().is_none() {
+            Some("no generation serves")
+        } else if self.cfg.listeners.iter().any(|l| l.broken_reported) {
+            Some("a listener does not listen")
+        } else {
+            None
+        };
         if let Ok(mut m) = self.metrics.lock() {
+            m.not_ready = not_ready;
             let stats = self.policy.stats();
             m.reloads_ok = stats.reloads_ok;
             m.reloads_rolled_back = stats.reloads_failed;
@@ -606,6 +673,8 @@ impl Guardian {
                     keeper: self.orphans.keeper().map(|k| k.pid),
                     adopted_from: self.orphans.adopted_from,
                     releases: self.releases.describe(),
+                    not_ready: self.metrics.lock().ok().and_then(|m| m.not_ready),
+                    shutdown_at: self.shutdown_at,
                 };
                 let status = report::status(
                     &self.cfg,
@@ -1279,6 +1348,9 @@ impl Guardian {
         &self,
         reply: Option<(std::os::fd::RawFd, Instant)>,
     ) -> Result<(handover::Handover, Vec<std::os::fd::BorrowedFd<'_>>), String> {
+        if self.shutdown_at.is_some() {
+            return Err("baton is shutting down (--shutdown-delay)".to_owned());
+        }
         let policy = self.policy.snapshot()?;
         let mut fds = Vec::new();
         let listeners = self

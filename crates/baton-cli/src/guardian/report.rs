@@ -31,6 +31,10 @@ pub struct Counters {
     pub adopted_from: Option<i32>,
     /// The releases kept.
     pub releases: Vec<crate::control::proto::ReleaseInfo>,
+    /// Why `/readyz` says no (`None`: ready).
+    pub not_ready: Option<&'static str>,
+    /// When the shutdown delay ends, if one runs.
+    pub shutdown_at: Option<Instant>,
 }
 
 /// The `status` document.
@@ -87,6 +91,11 @@ pub fn status<W>(
         adopted_from: counters.adopted_from,
         releases: counters.releases.clone(),
         reverts: stats.reverts,
+        ready: counters.not_ready.is_none(),
+        not_ready: counters.not_ready.map(str::to_owned),
+        shutdown_in_ms: counters
+            .shutdown_at
+            .map(|at| at.saturating_duration_since(now).as_millis() as u64),
         baking: policy.baking().map(|(g, _)| g),
         upgraded_ms_ago: counters
             .upgraded_at

@@ -55,7 +55,17 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let proxy = Arc::clone(&self.proxy);
-        Box::pin(async move { Ok(forward(&proxy, req).await) })
+        Box::pin(async move {
+            let mut response = forward(&proxy, req).await;
+            if proxy.lame_duck.load(Ordering::Relaxed)
+                && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        })
     }
 }
 

@@ -92,6 +92,9 @@ pub struct Proxy {
     pub limits: Limits,
     /// For metrics.
     pub counters: Counters,
+    /// baton is about to stop (`--shutdown-delay`): answers carry
+    /// `Connection: close`, so keep-alive clients reconnect elsewhere.
+    pub lame_duck: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -105,6 +108,7 @@ impl Proxy {
             wait,
             limits,
             counters: Counters::default(),
+            lame_duck: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -10,6 +10,7 @@ mod demo;
 mod endurance;
 mod gin;
 mod inherit;
+mod kubernetes;
 mod leaks;
 mod notify;
 mod operations;
