@@ -157,6 +157,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_delay: Option<std::time::Duration>,
 
+    /// Worker processes per generation, each inheriting the listeners with
+    /// its own LISTEN_PID, notification socket and BATON_WORKER (0..N-1):
+    /// for one-core runtimes (Node.js, Python, Ruby). `auto`: one per CPU
+    /// available [default: 1].
+    #[arg(long, value_name = "N|auto")]
+    pub workers: Option<crate::spec::Workers>,
+
+    /// Replace a worker whose resident memory grows past SIZE (like 300M):
+    /// its successor starts first, then it is retired gracefully.
+    #[arg(long, value_name = "SIZE", value_parser = crate::spec::parse_size)]
+    pub max_rss: Option<u64>,
+
     /// When the serving generation exits on its own: never (baton exits with
     /// its status), on-failure (restart unless it exited 0) or always
     /// [default: on-failure].

@@ -105,6 +105,10 @@ pub struct RunConfig {
     /// `--shutdown-delay`: how long baton serves on, not ready, after a
     /// stop request.
     pub shutdown_delay: Option<Duration>,
+    /// `--workers`: processes per generation.
+    pub workers: usize,
+    /// `--max-rss`: bytes.
+    pub max_rss: Option<u64>,
     /// Timeouts, signals and backoff.
     pub policy: PolicyConfig,
     /// The service's name.
@@ -532,6 +536,8 @@ impl RunConfig {
             orphans: args.orphans.unwrap_or_default(),
             workdir,
             shutdown_delay: args.shutdown_delay.filter(|d| !d.is_zero()),
+            workers: args.workers.map_or(1, crate::spec::Workers::count),
+            max_rss: args.max_rss,
             policy,
             name,
             control,

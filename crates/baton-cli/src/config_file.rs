@@ -40,6 +40,8 @@ struct Raw {
     workdir: Option<PathBuf>,
     bake: Option<Spanned<String>>,
     shutdown_delay: Option<Spanned<String>>,
+    workers: Option<Spanned<Loose>>,
+    max_rss: Option<Spanned<String>>,
     restart: Option<Spanned<String>>,
     restart_delay: Option<Spanned<String>>,
     restart_delay_max: Option<Spanned<String>>,
@@ -165,6 +167,8 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         workdir: raw.workdir,
         bake: field!("bake", raw.bake, spec::parse_duration),
         shutdown_delay: field!("shutdown-delay", raw.shutdown_delay, spec::parse_duration),
+        workers: field!("workers", raw.workers, spec::Workers::from_str),
+        max_rss: field!("max-rss", raw.max_rss, spec::parse_size),
         restart: field!("restart", raw.restart, spec::RestartMode::from_str),
         restart_delay: field!("restart-delay", raw.restart_delay, spec::parse_duration),
         restart_delay_max: field!(
@@ -226,6 +230,8 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         workdir: cli.workdir.or(file.workdir),
         bake: cli.bake.or(file.bake),
         shutdown_delay: cli.shutdown_delay.or(file.shutdown_delay),
+        workers: cli.workers.or(file.workers),
+        max_rss: cli.max_rss.or(file.max_rss),
         restart: cli.restart.or(file.restart),
         restart_delay: cli.restart_delay.or(file.restart_delay),
         restart_delay_max: cli.restart_delay_max.or(file.restart_delay_max),
@@ -278,6 +284,8 @@ orphans = "stop"
 workdir = "/srv/app/current"
 bake = "5s"
 shutdown-delay = "3s"
+workers = 4
+max-rss = "300M"
 restart = "always"
 restart-delay = "1s"
 restart-delay-max = "1m"
@@ -306,6 +314,8 @@ max-error-rate = 2.5
         assert_eq!(a.workdir.as_deref(), Some(Path::new("/srv/app/current")));
         assert_eq!(a.bake, Some(Duration::from_secs(5)));
         assert_eq!(a.shutdown_delay, Some(Duration::from_secs(3)));
+        assert_eq!(a.workers, Some(spec::Workers::Count(4)));
+        assert_eq!(a.max_rss, Some(300 << 20));
         assert_eq!(a.restart, Some(spec::RestartMode::Always));
         assert_eq!(
             a.start_limit,

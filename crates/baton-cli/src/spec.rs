@@ -373,6 +373,71 @@ pub enum Orphans {
     Stop,
 }
 
+/// `--workers N` or `--workers auto` (the CPUs this process may use,
+/// respecting affinity and cgroup quotas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// This many.
+    Count(usize),
+    /// One per available CPU.
+    Auto,
+}
+
+/// The most workers a generation may have.
+pub const MAX_WORKERS: usize = 256;
+
+impl FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "auto" {
+            return Ok(Workers::Auto);
+        }
+        match s.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+            _ => Err(format!(
+                "invalid workers {s:?}: expected a number from 1 to {MAX_WORKERS}, or auto"
+            )),
+        }
+    }
+}
+
+impl Workers {
+    /// How many, on this machine.
+    pub fn count(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(MAX_WORKERS),
+        }
+    }
+}
+
+/// `--max-rss 300M`: a size in bytes, with K, M or G (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale: u64 = match unit.trim().to_ascii_uppercase().trim_end_matches('B') {
+        "" => 1,
+        "K" | "KI" => 1 << 10,
+        "M" | "MI" => 1 << 20,
+        "G" | "GI" => 1 << 30,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 && scale > 0 && n.checked_mul(scale).is_some_and(|b| b >= 1 << 20) => {
+            Ok(n * scale)
+        }
+        _ => Err(format!(
+            "invalid size {s:?}: expected at least 1M, like 300M or 2G"
+        )),
+    }
+}
+
 /// `--metrics ADDR`: `127.0.0.1:9100`, `[::1]:9100`, or `:9100` (every
 /// interface, IPv6 and IPv4, as `--listen :PORT`), which a probe from
 /// outside the host (the kubelet) needs.

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tracing::debug;
 
-use super::generation::Process;
+use super::generation::{Process, Slot};
 use super::output;
 use super::readiness;
 use crate::config::RunConfig;
@@ -20,10 +20,10 @@ use crate::sys;
 /// Who a child pid is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
-    /// The main process of a generation.
-    Generation(u64),
-    /// The `--ready exec:` check of a generation.
-    Check(u64),
+    /// A worker process of a generation.
+    Generation(Slot),
+    /// The `--ready exec:` check of a worker process.
+    Check(Slot),
     /// A candidate binary checking baton's state before an upgrade.
     UpgradeCheck,
     /// The descriptor keeper (`--orphans keep`).
@@ -79,7 +79,7 @@ impl Children {
     /// `--log-prefix` pipes if asked.
     pub fn start(
         &mut self,
-        generation: u64,
+        slot: Slot,
         release: &super::release::Release,
         args: &[OsString],
         env: &[(OsString, OsString)],
@@ -87,7 +87,7 @@ impl Children {
         listen_pid: bool,
     ) -> std::io::Result<(Process, Option<(OwnedFd, OwnedFd)>)> {
         let pipes = if self.log_prefix {
-            Some(output::pipes(&self.name, generation)?)
+            Some(output::pipes(&self.name, slot)?)
         } else {
             None
         };
@@ -108,7 +108,7 @@ impl Children {
         // The child has its copies of the write ends; ours must go, or the
         // copying never ends.
         let readers = pipes.map(|p| p.readers);
-        self.pids.insert(pid, Owner::Generation(generation));
+        self.pids.insert(pid, Owner::Generation(slot));
         let process = Process {
             pid,
             start_time: sys::inspect::start_time(pid),
@@ -120,7 +120,7 @@ impl Children {
     /// app's user.
     pub fn start_check(
         &mut self,
-        generation: u64,
+        slot: Slot,
         command: &str,
         env: &[(OsString, OsString)],
     ) -> std::io::Result<i32> {
@@ -139,7 +139,7 @@ impl Children {
             exe: None,
             cwd: None,
         })?;
-        self.pids.insert(pid, Owner::Check(generation));
+        self.pids.insert(pid, Owner::Check(slot));
         Ok(pid)
     }
 
@@ -185,7 +185,7 @@ impl Children {
     pub fn watch(
         &mut self,
         process: Process,
-        generation: u64,
+        slot: Slot,
         events: &tokio::sync::mpsc::UnboundedSender<super::Event>,
     ) -> std::io::Result<()> {
         let pidfd = sys::fdpass::pidfd(process.pid, process.start_time)?;
@@ -198,7 +198,7 @@ impl Children {
             let _ = pidfd.readable().await;
             let _ = events.send(super::Event::Gone(pid));
         });
-        self.pids.insert(pid, Owner::Generation(generation));
+        self.pids.insert(pid, Owner::Generation(slot));
         self.watched.insert(pid);
         Ok(())
     }

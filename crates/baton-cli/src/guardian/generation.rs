@@ -72,6 +72,81 @@ pub struct Process {
     pub start_time: Option<u64>,
 }
 
+/// One process of a generation's pool (`--workers`): the generation, the
+/// worker's index (0..N), and which start of that worker it is (0, then 1,
+/// 2, … for replacements). Runtime handles, events and children are keyed
+/// by it; the policy sees generations only.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Slot {
+    /// The generation.
+    pub generation: u64,
+    /// The worker's index.
+    pub worker: u32,
+    /// Which start of the worker.
+    pub incarnation: u32,
+}
+
+impl Slot {
+    /// Worker `worker`'s first process in generation `generation`.
+    pub fn new(generation: u64, worker: u32) -> Slot {
+        Slot {
+            generation,
+            worker,
+            incarnation: 0,
+        }
+    }
+
+    /// A short token for it: `3`, `3.w1`, `3.w1.2` (the keeper's key, and
+    /// output prefixes).
+    pub fn label(&self) -> String {
+        match (self.worker, self.incarnation) {
+            (0, 0) => self.generation.to_string(),
+            (w, 0) => format!("{}.w{w}", self.generation),
+            (w, n) => format!("{}.w{w}.{n}", self.generation),
+        }
+    }
+
+    /// Parses [`Slot::label`].
+    pub fn parse_label(label: &str) -> Option<Slot> {
+        let mut parts = label.split('.');
+        let generation = parts.next()?.parse().ok()?;
+        let worker = match parts.next() {
+            Some(w) => w.strip_prefix('w')?.parse().ok()?,
+            None => 0,
+        };
+        let incarnation = match parts.next() {
+            Some(n) => n.parse().ok()?,
+            None => 0,
+        };
+        parts.next().is_none().then_some(Slot {
+            generation,
+            worker,
+            incarnation,
+        })
+    }
+
+    /// Every slot of `generation`, in a map keyed by slots.
+    pub fn range(generation: u64) -> std::ops::RangeInclusive<Slot> {
+        Slot::new(generation, 0)..=Slot {
+            generation,
+            worker: u32::MAX,
+            incarnation: u32::MAX,
+        }
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.worker, self.incarnation) {
+            (0, 0) => write!(f, "{}", self.generation),
+            (w, 0) => write!(f, "{}/worker {w}", self.generation),
+            (w, n) => write!(f, "{}/worker {w} (start {})", self.generation, n + 1),
+        }
+    }
+}
+
 /// How clients reach a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -146,6 +221,19 @@ impl Generation {
 /// (tasks aborted) when the generation is gone.
 #[derive(Debug, Default)]
 pub struct Handles {
+    /// Its process's pid (0 until spawned).
+    pub pid: i32,
+    /// When its process started (`/proc` start time).
+    pub start_time: Option<u64>,
+    /// Whether it has said it is ready.
+    pub ready: bool,
+    /// It is being replaced (its successor is starting, or took over):
+    /// no new traffic, and its exit is no crash.
+    pub replaced: bool,
+    /// When it was started.
+    pub started_at: Option<Instant>,
+    /// How clients reach it.
+    pub route: Option<Route>,
     /// Tasks working for it (its notification reader, readiness checks).
     pub tasks: Vec<AbortHandle>,
     /// How it is judged ready.
@@ -168,6 +256,20 @@ pub struct Handles {
     /// Second descriptors of the read ends of its `--log-prefix` pipes
     /// (stdout, stderr), handed over by an upgrade.
     pub log_readers: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+}
+
+impl Handles {
+    /// The handles of a process already running (handed over by an
+    /// upgrade, or adopted), started at `now` as far as this baton knows.
+    pub fn running(process: Process, ready: bool, route: Option<Route>, now: Instant) -> Handles {
+        let mut h = Handles::default();
+        h.pid = process.pid;
+        h.start_time = process.start_time;
+        h.ready = ready;
+        h.started_at = Some(now);
+        h.route = route;
+        h
+    }
 }
 
 impl Drop for Handles {

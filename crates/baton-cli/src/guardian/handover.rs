@@ -46,11 +46,19 @@ pub struct Listener {
     pub unix_path: Option<PathBuf>,
 }
 
-/// A live generation's descriptors in baton.
+/// A live worker process's descriptors in baton.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationFds {
-    /// The generation.
-    pub id: u64,
+    /// The worker process.
+    pub slot: super::generation::Slot,
+    /// Its pid and start time.
+    pub process: super::generation::Process,
+    /// Whether it was ready, and whether it was being replaced.
+    pub ready: bool,
+    /// See [`super::generation::Handles::replaced`].
+    pub replaced: bool,
+    /// How clients reach it.
+    pub route: Option<super::generation::Route>,
     /// Its notification socket, and the socket's address.
     pub notify: Option<(RawFd, String)>,
     /// The read ends of its `--log-prefix` pipes (stdout, stderr).

@@ -11,9 +11,10 @@
 //! bound by baton, 0600 in a 0700 directory) and answers processes of its
 //! own user (or root) only, one short message each:
 //!
-//! - `hold G` with two descriptors: the read ends of generation G's stdout
-//!   and stderr pipes, answered `ok`; `drop G` forgets them;
-//! - `take`: answers `ok N logs G1,G2` with the N listeners and the held
+//! - `hold L` with two descriptors: the read ends of the stdout and stderr
+//!   pipes of the worker process labelled L (`3`, `3.w1`), answered `ok`;
+//!   `drop L` forgets them;
+//! - `take`: answers `ok N logs L1,L2` with the N listeners and the held
 //!   pipes attached (`SCM_RIGHTS`), then exits: the taker starts a keeper
 //!   of its own;
 //! - `quit`: answers `bye` and exits (baton stopped: nothing to keep).
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 
+use super::generation::Slot;
 use super::state;
 use crate::sys;
 
@@ -55,7 +57,7 @@ const MAX_HELD: usize = 16;
 
 /// A generation's output pipes, held.
 struct Held {
-    generation: u64,
+    label: String,
     /// stdout's read end (`None` once it reached end-of-file), whether the
     /// next byte starts a line.
     out: Option<(OwnedFd, bool)>,
@@ -108,7 +110,7 @@ pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<Ex
         }
         if orphaned && pipes_ready {
             for h in &mut held {
-                let prefix = format!("[{name} gen {}] ", h.generation);
+                let prefix = format!("[{name} gen {}] ", h.label);
                 copy(&mut h.out, &prefix, &mut std::io::stdout());
                 copy(&mut h.err, &prefix, &mut std::io::stderr());
             }
@@ -171,21 +173,27 @@ fn serve(conn: UnixStream, me: u32, fds: &[OwnedFd], held: &mut Vec<Held>) -> Op
     let reply = |text: &str| {
         let _ = (&conn).write_all(text.as_bytes());
     };
-    match (words.next(), words.next().map(str::parse::<u64>)) {
-        (Some("hold"), Some(Ok(generation))) if passed.len() == 2 && held.len() < MAX_HELD => {
+    let label = |w: Option<&str>| {
+        w.filter(|l| Slot::parse_label(l).is_some())
+            .map(str::to_owned)
+    };
+    match (words.next(), words.next()) {
+        (Some("hold"), w) if passed.len() == 2 && held.len() < MAX_HELD && label(w).is_some() => {
             let err = passed.pop()?;
             let out = passed.pop()?;
-            held.retain(|h| h.generation != generation);
+            let label = label(w)?;
+            held.retain(|h| h.label != label);
             held.push(Held {
-                generation,
+                label,
                 out: Some((out, true)),
                 err: Some((err, true)),
             });
             reply("ok\n");
             None
         }
-        (Some("drop"), Some(Ok(generation))) => {
-            held.retain(|h| h.generation != generation);
+        (Some("drop"), w) if label(w).is_some() => {
+            let label = label(w)?;
+            held.retain(|h| h.label != label);
             reply("ok\n");
             None
         }
@@ -196,7 +204,7 @@ fn serve(conn: UnixStream, me: u32, fds: &[OwnedFd], held: &mut Vec<Held>) -> Op
                 if let (Some((out, _)), Some((err, _))) = (&h.out, &h.err) {
                     all.push(out.as_fd());
                     all.push(err.as_fd());
-                    logs.push(h.generation.to_string());
+                    logs.push(h.label.clone());
                 }
             }
             let text = format!("ok {} logs {}\n", fds.len(), logs.join(","));
@@ -236,8 +244,8 @@ fn anything_to_adopt(path: &Path) -> bool {
 pub struct Taken {
     /// The listeners, in order.
     pub listeners: Vec<OwnedFd>,
-    /// Generations' output pipes (stdout's and stderr's read ends).
-    pub logs: Vec<(u64, OwnedFd, OwnedFd)>,
+    /// Worker processes' output pipes (stdout's and stderr's read ends).
+    pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
 }
 
 /// Asks the keeper at `path` for everything it holds; it exits once it has
@@ -258,14 +266,14 @@ pub fn take(path: &Path) -> std::io::Result<Taken> {
         return Err(bad());
     };
     let n: usize = n.parse().map_err(|_| bad())?;
-    let generations: Vec<u64> = words
+    let generations: Vec<Slot> = words
         .next()
         .unwrap_or_default()
         .split(',')
         .filter(|g| !g.is_empty())
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .map_err(|_| bad())?;
+        .map(Slot::parse_label)
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
     if fds.len() != n + 2 * generations.len() {
         return Err(bad());
     }
@@ -280,20 +288,20 @@ pub fn take(path: &Path) -> std::io::Result<Taken> {
     Ok(Taken { listeners, logs })
 }
 
-/// Gives the keeper at `path` generation `generation`'s output pipes.
+/// Gives the keeper at `path` worker process `slot`'s output pipes.
 pub fn hold(
     path: &Path,
-    generation: u64,
+    slot: Slot,
     out: BorrowedFd<'_>,
     err: BorrowedFd<'_>,
 ) -> std::io::Result<()> {
-    let conn = ask(path, &format!("hold {generation}"), &[out, err])?;
+    let conn = ask(path, &format!("hold {}", slot.label()), &[out, err])?;
     expect_ok(&conn)
 }
 
-/// Tells the keeper at `path` that generation `generation` is gone.
-pub fn release(path: &Path, generation: u64) -> std::io::Result<()> {
-    let conn = ask(path, &format!("drop {generation}"), &[])?;
+/// Tells the keeper at `path` that worker process `slot` is gone.
+pub fn release(path: &Path, slot: Slot) -> std::io::Result<()> {
+    let conn = ask(path, &format!("drop {}", slot.label()), &[])?;
     expect_ok(&conn)
 }
 

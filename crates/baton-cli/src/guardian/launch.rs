@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use super::Event;
 use super::children::Children;
 use super::diagnose;
-use super::generation::{Handles, Process, Route};
+use super::generation::{Handles, Process, Route, Slot};
 use super::readiness::{self, Gate, Source};
 use super::release::Release;
 use crate::config::{ProxyConfig, RunConfig};
@@ -59,13 +59,13 @@ pub struct Cx<'a> {
 
 /// How generations reach clients.
 pub trait Launch: std::fmt::Debug {
-    /// Starts generation `id` from `release`: its process, environment,
-    /// route and readiness sources.
-    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched>;
+    /// Starts worker process `slot` from `release`: its process,
+    /// environment, route and readiness sources.
+    fn launch(&mut self, cx: Cx<'_>, slot: Slot, release: &Release) -> std::io::Result<Launched>;
 
-    /// New traffic goes to `serving` (its number and handles) from now on;
-    /// `None`: to nobody (it waits).
-    fn cut_over(&mut self, serving: Option<(u64, &Handles)>);
+    /// New traffic goes to `serving` (the serving generation's worker
+    /// processes that are ready) from now on; empty: to nobody (it waits).
+    fn cut_over(&mut self, serving: &[&Handles]);
 
     /// Asks generation `id` (main process `pid`), retired by its successor,
     /// to drain with `signal`: now, or once its traffic is done (then the
@@ -73,7 +73,7 @@ pub trait Launch: std::fmt::Debug {
     fn drain(
         &mut self,
         cx: Cx<'_>,
-        id: u64,
+        slot: Slot,
         pid: i32,
         signal: Signal,
         handles: &mut Handles,
@@ -82,8 +82,8 @@ pub trait Launch: std::fmt::Debug {
 
     /// A retired generation's traffic is done (or half its stop timeout
     /// passed): sends the signal held back by [`Launch::drain`].
-    fn drained(&mut self, id: u64, pid: i32, handles: &mut Handles) {
-        let _ = (id, pid, handles);
+    fn drained(&mut self, slot: Slot, pid: i32, handles: &mut Handles) {
+        let _ = (slot, pid, handles);
     }
 
     /// Generation `id` (`pid`) serves now: look it over (a port of its own
@@ -91,30 +91,30 @@ pub trait Launch: std::fmt::Debug {
     fn serving(
         &mut self,
         cx: Cx<'_>,
-        id: u64,
+        slot: Slot,
         pid: i32,
         inherited: &std::collections::HashSet<u64>,
     ) {
-        let _ = (cx, id, pid, inherited);
+        let _ = (cx, slot, pid, inherited);
     }
 
     /// It was seen listening on `addrs` by itself: the warning to log, if
     /// any (once per generation).
     fn self_bound(
         &self,
-        id: u64,
+        slot: Slot,
         pid: i32,
         handles: &Handles,
         addrs: &[SocketAddr],
     ) -> Option<String>;
 
-    /// Why the starting generation `id` failed, as far as this strategy can
-    /// tell (looked at while its process is still there).
-    fn failure_hint(&self, id: u64, pid: i32, handles: &Handles) -> Option<String>;
+    /// Why the starting worker process `slot` failed, as far as this
+    /// strategy can tell (looked at while its process is still there).
+    fn failure_hint(&self, slot: Slot, pid: i32, handles: &Handles) -> Option<String>;
 
     /// Why a reload failed while `serving` (`pid`) serves, if its way of
     /// listening explains it.
-    fn reload_hint(&self, serving: u64, pid: i32, handles: &Handles) -> Option<String>;
+    fn reload_hint(&self, serving: Slot, pid: i32, handles: &Handles) -> Option<String>;
 
     /// Whether the generations hold baton's listening sockets (and so may
     /// shut them down).
@@ -144,8 +144,8 @@ pub trait Launch: std::fmt::Debug {
 
     /// A generation handed over by a previous image: rebuild what reaches
     /// it (proxy mode: its upstream).
-    fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {
-        let _ = (cx, id, route, handles);
+    fn adopt(&mut self, cx: Cx<'_>, slot: Slot, route: Route, handles: &mut Handles) {
+        let _ = (cx, slot, route, handles);
     }
 
     /// A release is on probation (`--bake`), or none is (`None`): proxy
@@ -157,30 +157,35 @@ pub trait Launch: std::fmt::Debug {
 }
 
 /// A release on probation, as [`Launch::probation`] sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Probation<'a> {
-    /// The new generation and its handles.
-    pub new: (u64, &'a Handles),
-    /// The generation kept warm, if any.
-    pub old: Option<(u64, &'a Handles)>,
+    /// The new generation's worker processes.
+    pub new: Vec<&'a Handles>,
+    /// The generation kept warm's, if any.
+    pub old: Vec<&'a Handles>,
     /// How far into the bake (0..1).
     pub progress: f64,
 }
 
 /// The environment every generation gets: baton's own, minus the
 /// protocol variables, plus its notification socket and number.
-fn base_env(cfg: &RunConfig, id: u64, notify: &NotifySocket) -> Vec<(OsString, OsString)> {
+fn base_env(cfg: &RunConfig, slot: Slot, notify: &NotifySocket) -> Vec<(OsString, OsString)> {
     let mut env = cfg.base_env.clone();
     env.push((vars::NOTIFY_SOCKET.into(), notify.address.clone().into()));
-    env.push((vars::BATON_GENERATION.into(), id.to_string().into()));
+    env.push((
+        vars::BATON_GENERATION.into(),
+        slot.generation.to_string().into(),
+    ));
+    env.push(("BATON_WORKER".into(), slot.worker.to_string().into()));
     env
 }
 
-fn log_spawn(cx: &Cx<'_>, id: u64, pid: i32, port: Option<u16>, since: Instant) {
+fn log_spawn(cx: &Cx<'_>, slot: Slot, pid: i32, port: Option<u16>, since: Instant) {
     let spawn_us = since.elapsed().as_micros() as u64;
+    let (generation, worker) = (slot.generation, slot.worker);
     match port {
-        Some(port) => info!(generation = id, pid, port, spawn_us, "spawn"),
-        None => info!(generation = id, pid, spawn_us, "spawn"),
+        Some(port) => info!(generation, worker, pid, port, spawn_us, "spawn"),
+        None => info!(generation, worker, pid, spawn_us, "spawn"),
     }
     let _ = cx;
 }
@@ -190,11 +195,11 @@ fn log_spawn(cx: &Cx<'_>, id: u64, pid: i32, port: Option<u16>, since: Instant) 
 pub struct Sockets;
 
 impl Launch for Sockets {
-    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched> {
+    fn launch(&mut self, cx: Cx<'_>, slot: Slot, release: &Release) -> std::io::Result<Launched> {
         let since = Instant::now();
         let cfg = cx.cfg;
-        let notify = NotifySocket::bind(id)?;
-        let mut env = base_env(cfg, id, &notify);
+        let notify = NotifySocket::bind(&slot.label())?;
+        let mut env = base_env(cfg, slot, &notify);
         let names: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
         let starter: Vec<String> = cfg
             .listeners
@@ -215,9 +220,9 @@ impl Launch for Sockets {
         let fds: Vec<_> = cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
         let (process, log_readers) = cx
             .children
-            .start(id, release, &cfg.args, &env, &fds, true)?;
+            .start(slot, release, &cfg.args, &env, &fds, true)?;
         drop(fds);
-        log_spawn(&cx, id, process.pid, None, since);
+        log_spawn(&cx, slot, process.pid, None, since);
         let mut handles = Handles::default();
         handles.log_readers = log_readers;
         // READY=1 counts in every mode; a delay or a check is an
@@ -229,7 +234,7 @@ impl Launch for Sockets {
                 handles.tasks.push(readiness::after(
                     *delay,
                     cx.events.clone(),
-                    Event::Ready(id, Source::Delay),
+                    Event::Ready(slot, Source::Delay),
                 ));
             }
             ReadyMode::Exec(_) => {
@@ -237,7 +242,7 @@ impl Launch for Sockets {
                 handles.tasks.push(readiness::after(
                     Duration::ZERO,
                     cx.events.clone(),
-                    Event::RunCheck(id),
+                    Event::RunCheck(slot),
                 ));
             }
         }
@@ -249,46 +254,44 @@ impl Launch for Sockets {
         })
     }
 
-    fn cut_over(&mut self, _serving: Option<(u64, &Handles)>) {
+    fn cut_over(&mut self, _serving: &[&Handles]) {
         // The kernel's accept queue: whoever accepts.
     }
 
     fn drain(
         &mut self,
         _cx: Cx<'_>,
-        id: u64,
+        slot: Slot,
         pid: i32,
         signal: Signal,
         handles: &mut Handles,
         handover_us: u64,
     ) {
+        let (generation, worker) = (slot.generation, slot.worker);
         if let Err(e) = sys::signal::send(pid, signal) {
-            warn!(generation = id, pid, %signal, error = %e, "cannot signal the generation");
+            warn!(generation, worker, pid, %signal, error = %e, "cannot signal the generation");
         }
-        info!(generation = id, pid, %signal, handover_us, "retire");
+        info!(generation, worker, pid, %signal, handover_us, "retire");
         handles.retired_at = Some(Instant::now());
     }
 
     fn serving(
         &mut self,
         cx: Cx<'_>,
-        id: u64,
+        slot: Slot,
         pid: i32,
         inherited: &std::collections::HashSet<u64>,
     ) {
         // Cheap enough to run on the loop (see `sys::inspect`), once.
         let addrs = sys::inspect::own_listeners(pid, inherited);
         if !addrs.is_empty() {
-            let _ = cx.events.send(Event::SelfBound {
-                generation: id,
-                addrs,
-            });
+            let _ = cx.events.send(Event::SelfBound { slot, addrs });
         }
     }
 
     fn self_bound(
         &self,
-        id: u64,
+        slot: Slot,
         pid: i32,
         handles: &Handles,
         addrs: &[SocketAddr],
@@ -296,17 +299,18 @@ impl Launch for Sockets {
         handles
             .self_bound
             .is_empty()
-            .then(|| diagnose::binds_own_port(id, pid, addrs))
+            .then(|| diagnose::binds_own_port(slot.generation, pid, addrs))
     }
 
-    fn failure_hint(&self, id: u64, pid: i32, _handles: &Handles) -> Option<String> {
+    fn failure_hint(&self, slot: Slot, pid: i32, _handles: &Handles) -> Option<String> {
         let addrs = sys::inspect::own_listeners(pid, &std::collections::HashSet::new());
-        (!addrs.is_empty()).then(|| diagnose::not_ready_binds_own_port(id, pid, &addrs))
+        (!addrs.is_empty())
+            .then(|| diagnose::not_ready_binds_own_port(slot.generation, pid, &addrs))
     }
 
-    fn reload_hint(&self, serving: u64, pid: i32, handles: &Handles) -> Option<String> {
+    fn reload_hint(&self, serving: Slot, pid: i32, handles: &Handles) -> Option<String> {
         (!handles.self_bound.is_empty())
-            .then(|| diagnose::binds_own_port(serving, pid, &handles.self_bound))
+            .then(|| diagnose::binds_own_port(serving.generation, pid, &handles.self_bound))
     }
 
     fn shares_listeners(&self) -> bool {
@@ -328,8 +332,8 @@ fn proxy_listeners(cfg: &RunConfig) -> anyhow::Result<Vec<(OwnedFd, bool)>> {
 /// Proxy mode: a private port per generation behind baton's proxy.
 #[derive(Debug)]
 pub struct Proxied {
-    /// The generation whose answers are being judged, if any.
-    judged: Option<Arc<crate::proxy::Upstream>>,
+    /// The worker processes whose answers are being judged.
+    judged: Vec<Arc<crate::proxy::Upstream>>,
     cfg: ProxyConfig,
     stop_timeout: Duration,
     proxy: Arc<crate::proxy::Proxy>,
@@ -356,12 +360,25 @@ impl Proxied {
             "proxy"
         );
         Ok(Proxied {
-            judged: None,
+            judged: Vec::new(),
             cfg: proxy_cfg.clone(),
             stop_timeout: cfg.policy.stop_timeout,
             proxy,
             handle,
         })
+    }
+
+    /// The proxy's view of worker process `slot` at `addr`.
+    fn upstream(&self, cx: &Cx<'_>, slot: Slot, addr: SocketAddr) -> Arc<crate::proxy::Upstream> {
+        let events = cx.events.clone();
+        crate::proxy::Upstream::new(
+            slot.generation,
+            addr,
+            self.cfg.limits.pool_idle(),
+            Box::new(move |_| {
+                let _ = events.send(Event::Drained(slot));
+            }),
+        )
     }
 
     /// The shared proxy (its counters and connection cap).
@@ -371,13 +388,13 @@ impl Proxied {
 }
 
 impl Launch for Proxied {
-    fn launch(&mut self, cx: Cx<'_>, id: u64, release: &Release) -> std::io::Result<Launched> {
+    fn launch(&mut self, cx: Cx<'_>, slot: Slot, release: &Release) -> std::io::Result<Launched> {
         let since = Instant::now();
         let cfg = cx.cfg;
         let port = crate::proxy::private_port()?;
         let addr = crate::proxy::private_addr(port);
-        let notify = NotifySocket::bind(id)?;
-        let mut env = base_env(cfg, id, &notify);
+        let notify = NotifySocket::bind(&slot.label())?;
+        let mut env = base_env(cfg, slot, &notify);
         env.retain(|(k, _)| k != self.cfg.port_env.as_str());
         env.push((self.cfg.port_env.clone().into(), port.to_string().into()));
         let args: Vec<OsString> = cfg
@@ -390,18 +407,10 @@ impl Launch for Proxied {
                 _ => a.clone(),
             })
             .collect();
-        let (process, log_readers) = cx.children.start(id, release, &args, &env, &[], false)?;
+        let (process, log_readers) = cx.children.start(slot, release, &args, &env, &[], false)?;
         let pid = process.pid;
-        log_spawn(&cx, id, pid, Some(port), since);
-        let events = cx.events.clone();
-        let upstream = crate::proxy::Upstream::new(
-            id,
-            addr,
-            self.cfg.limits.pool_idle(),
-            Box::new(move |g| {
-                let _ = events.send(Event::Drained(g));
-            }),
-        );
+        log_spawn(&cx, slot, pid, Some(port), since);
+        let upstream = self.upstream(&cx, slot, addr);
         // Check the private port until it answers; meanwhile, look for the
         // app listening somewhere else (ignoring $PORT).
         let events = cx.events.clone();
@@ -411,7 +420,7 @@ impl Launch for Proxied {
             loop {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 if health.passes(addr).await {
-                    let _ = events.send(Event::Ready(id, Source::Health));
+                    let _ = events.send(Event::Ready(slot, Source::Health));
                     return;
                 }
                 // At most twice a second, and only while it starts.
@@ -422,7 +431,7 @@ impl Launch for Proxied {
                         found.into_iter().filter(|a| a.port() != port).collect();
                     if !elsewhere.is_empty() {
                         let _ = events.send(Event::SelfBound {
-                            generation: id,
+                            slot,
                             addrs: elsewhere,
                         });
                     }
@@ -447,17 +456,19 @@ impl Launch for Proxied {
         })
     }
 
-    fn cut_over(&mut self, serving: Option<(u64, &Handles)>) {
-        let desired = serving.and_then(|(_, h)| h.upstream.clone());
-        let current = self.proxy.current();
-        let same = match (&desired, &current) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
+    fn cut_over(&mut self, serving: &[&Handles]) {
+        let desired: Vec<Arc<crate::proxy::Upstream>> =
+            serving.iter().filter_map(|h| h.upstream.clone()).collect();
+        let current = self.proxy.members();
+        let same = desired.len() == current.len()
+            && desired
+                .iter()
+                .zip(current.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
         if !same {
-            if let Some(up) = &desired {
-                info!(generation = up.generation, addr = %up.addr, "switch");
+            if let Some(up) = desired.first() {
+                let addrs: Vec<String> = desired.iter().map(|u| u.addr.to_string()).collect();
+                info!(generation = up.generation, addr = %addrs.join(","), "switch");
             }
             self.proxy.switch(desired);
         }
@@ -466,12 +477,13 @@ impl Launch for Proxied {
     fn drain(
         &mut self,
         cx: Cx<'_>,
-        id: u64,
+        slot: Slot,
         pid: i32,
         signal: Signal,
         handles: &mut Handles,
         handover_us: u64,
     ) {
+        let (generation, worker) = (slot.generation, slot.worker);
         // No new traffic; the stop signal once nothing is in flight, and
         // at half the stop timeout at the latest, so that a long-lived
         // stream cannot turn a graceful stop into a SIGKILL.
@@ -479,7 +491,8 @@ impl Launch for Proxied {
         handles.retired_at = Some(Instant::now());
         if let Some(upstream) = &handles.upstream {
             info!(
-                generation = id,
+                generation,
+                worker,
                 pid,
                 in_flight = upstream.active(),
                 handover_us,
@@ -488,34 +501,35 @@ impl Launch for Proxied {
             handles.tasks.push(readiness::after(
                 self.stop_timeout / 2,
                 cx.events.clone(),
-                Event::Drained(id),
+                Event::Drained(slot),
             ));
             upstream.retire();
         }
     }
 
-    fn drained(&mut self, id: u64, pid: i32, handles: &mut Handles) {
+    fn drained(&mut self, slot: Slot, pid: i32, handles: &mut Handles) {
         let Some(signal) = handles.pending_stop.take() else {
             return;
         };
+        let (generation, worker) = (slot.generation, slot.worker);
         let waited = handles
             .retired_at
             .map_or(0, |t| t.elapsed().as_millis() as u64);
         let in_flight = handles.upstream.as_ref().map_or(0, |u| u.active());
         if let Err(e) = sys::signal::send(pid, signal) {
-            warn!(generation = id, pid, %signal, error = %e, "cannot signal the generation");
+            warn!(generation, worker, pid, %signal, error = %e, "cannot signal the generation");
         }
         if in_flight == 0 {
-            info!(generation = id, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
+            info!(generation, worker, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
         } else {
-            warn!(generation = id, pid, %signal, in_flight, waited_ms = waited,
+            warn!(generation, worker, pid, %signal, in_flight, waited_ms = waited,
                 "retire: still busy at half the stop timeout; sending the stop signal anyway");
         }
     }
 
     fn self_bound(
         &self,
-        id: u64,
+        slot: Slot,
         _pid: i32,
         handles: &Handles,
         addrs: &[SocketAddr],
@@ -524,20 +538,20 @@ impl Launch for Proxied {
         handles
             .self_bound
             .is_empty()
-            .then(|| diagnose::proxy_port(id, &self.cfg.port_env, port, addrs))
+            .then(|| diagnose::proxy_port(slot.generation, &self.cfg.port_env, port, addrs))
     }
 
-    fn failure_hint(&self, id: u64, _pid: i32, handles: &Handles) -> Option<String> {
+    fn failure_hint(&self, slot: Slot, _pid: i32, handles: &Handles) -> Option<String> {
         let port = handles.upstream.as_ref()?.addr.port();
         Some(diagnose::proxy_port(
-            id,
+            slot.generation,
             &self.cfg.port_env,
             port,
             &handles.self_bound,
         ))
     }
 
-    fn reload_hint(&self, _serving: u64, _pid: i32, _handles: &Handles) -> Option<String> {
+    fn reload_hint(&self, _serving: Slot, _pid: i32, _handles: &Handles) -> Option<String> {
         None
     }
 
@@ -577,59 +591,59 @@ impl Launch for Proxied {
     }
 
     fn probation(&mut self, bake: Option<Probation<'_>>, events: &UnboundedSender<Event>) {
-        let new = bake.and_then(|b| Some((b, b.new.1.upstream.clone()?)));
-        let Some((bake, new)) = new else {
+        let upstreams = |hs: &[&Handles]| -> Vec<Arc<crate::proxy::Upstream>> {
+            hs.iter().filter_map(|h| h.upstream.clone()).collect()
+        };
+        let new = bake.as_ref().map(|b| upstreams(&b.new)).unwrap_or_default();
+        let Some(bake) = bake.filter(|_| !new.is_empty()) else {
             // No probation (any more): no split, nobody judged.
-            if let Some(judged) = self.judged.take() {
-                judged.set_judge(None);
-                self.proxy.split(None, 100);
+            if !self.judged.is_empty() {
+                for judged in self.judged.drain(..) {
+                    judged.set_judge(None);
+                }
+                self.proxy.split(Vec::new(), 100);
             }
             return;
         };
-        let old = bake.old.and_then(|(_, h)| h.upstream.clone());
-        let canary = !self.cfg.canary.is_empty() && old.is_some();
+        let old = upstreams(&bake.old);
+        let canary = !self.cfg.canary.is_empty() && !old.is_empty();
         if canary {
             let steps = self.cfg.canary.len();
             let step = ((bake.progress * steps as f64) as usize).min(steps - 1);
             self.proxy.split(old.clone(), self.cfg.canary[step]);
         }
-        if self.judged.as_ref().is_some_and(|j| Arc::ptr_eq(j, &new)) {
-            return;
-        }
+        let fresh: Vec<Arc<crate::proxy::Upstream>> = new
+            .into_iter()
+            .filter(|n| !self.judged.iter().any(|j| Arc::ptr_eq(j, n)))
+            .collect();
         if self.cfg.mode == crate::proxy::Mode::Http {
-            use crate::proxy::upstream::{Baseline, Judge};
-            // With a canary, against the previous release over the same
-            // window; without, against its record before the cutover.
-            let baseline = match &old {
-                Some(old) if canary => Baseline::Beside(Arc::clone(old), old.tally()),
-                Some(old) => Baseline::Before(old.tally()),
-                None => Baseline::Before((0, 0)),
-            };
-            let events = events.clone();
-            new.set_judge(Some(Judge {
-                baseline,
-                since: new.tally(),
-                max_rate: self.cfg.max_error_rate,
-                on_worse: Box::new(move |generation, why| {
-                    let _ = events.send(Event::Worse { generation, why });
-                }),
-            }));
+            use crate::proxy::upstream::{Baseline, Judge, tally_of};
+            for member in &fresh {
+                // With a canary, against the previous release over the same
+                // window; without, against its record before the cutover.
+                let baseline = if canary {
+                    Baseline::Beside(old.clone(), tally_of(&old))
+                } else {
+                    Baseline::Before(tally_of(&old))
+                };
+                let events = events.clone();
+                member.set_judge(Some(Judge {
+                    baseline,
+                    since: member.tally(),
+                    max_rate: self.cfg.max_error_rate,
+                    on_worse: Box::new(move |generation, why| {
+                        let _ = events.send(Event::Worse { generation, why });
+                    }),
+                }));
+            }
         }
-        self.judged = Some(new);
+        self.judged.extend(fresh);
     }
 
-    fn adopt(&mut self, cx: Cx<'_>, id: u64, route: Route, handles: &mut Handles) {
+    fn adopt(&mut self, cx: Cx<'_>, slot: Slot, route: Route, handles: &mut Handles) {
         let Route::Private { port } = route else {
             return;
         };
-        let events = cx.events.clone();
-        handles.upstream = Some(crate::proxy::Upstream::new(
-            id,
-            crate::proxy::private_addr(port),
-            self.cfg.limits.pool_idle(),
-            Box::new(move |g| {
-                let _ = events.send(Event::Drained(g));
-            }),
-        ));
+        handles.upstream = Some(self.upstream(&cx, slot, crate::proxy::private_addr(port)));
     }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub restarts: u64,
     /// Releases reverted during their bake, by cause.
     pub reverts: crate::guardian::policy::Reverts,
+    /// Workers replaced because they grew past `--max-rss`.
+    pub rss_replacements: u64,
     /// The generation serving now (0: none).
     pub generation: u64,
     /// Live generations (serving, starting, draining).
@@ -122,6 +124,15 @@ impl Metrics {
                     self.reverts.error_rate.to_string(),
                 ),
             ],
+        );
+        metric(
+            "baton_worker_replacements_total",
+            "counter",
+            "Workers replaced, by reason.",
+            &[(
+                "{reason=\"max-rss\"}".into(),
+                self.rss_replacements.to_string(),
+            )],
         );
         metric(
             "baton_restarts_total",

@@ -34,6 +34,7 @@ mod notify;
 pub mod orphans;
 mod output;
 pub mod policy;
+mod pool;
 mod pressure;
 pub mod readiness;
 pub mod release;
@@ -66,7 +67,7 @@ use crate::sys;
 use crate::sys::notify_socket::{Datagram, Fields, NotifySocket};
 
 use children::{Children, Owner};
-use generation::{Handles, State};
+use generation::{Handles, Slot, State};
 use launch::{Cx, Launch};
 use policy::{Action, Outcome, Policy, SignalCause, Trigger};
 use readiness::Source;
@@ -80,20 +81,20 @@ pub enum Event {
     /// A datagram arrived on a generation's notification socket (and
     /// passed its reader's checks).
     Notify {
-        /// The generation.
-        generation: u64,
+        /// The worker process.
+        slot: Slot,
         /// The datagram.
         datagram: Datagram,
     },
-    /// A source of readiness passed for a generation (a delay, a health
-    /// check).
-    Ready(u64, Source),
-    /// Time to run (again) the `--ready exec:` check of a generation.
-    RunCheck(u64),
-    /// A generation listens on these TCP addresses by itself.
+    /// A source of readiness passed for a worker process (a delay, a
+    /// health check).
+    Ready(Slot, Source),
+    /// Time to run (again) the `--ready exec:` check of a worker process.
+    RunCheck(Slot),
+    /// A worker process listens on these TCP addresses by itself.
     SelfBound {
-        /// The generation.
-        generation: u64,
+        /// The worker process.
+        slot: Slot,
         /// What it listens on.
         addrs: Vec<SocketAddr>,
     },
@@ -101,7 +102,7 @@ pub enum Event {
     Watched,
     /// Proxy mode: nothing is in flight any more to a retired generation
     /// (or half its stop timeout passed).
-    Drained(u64),
+    Drained(Slot),
     /// Before an upgrade: what had to finish first did (true), or did not
     /// within the stop timeout (false).
     Quiesced(bool),
@@ -137,7 +138,7 @@ struct Running {
     signals: Signals,
     control_rx: mpsc::UnboundedReceiver<ControlRequest>,
     events: mpsc::UnboundedReceiver<Event>,
-    notify_rx: mpsc::Receiver<(u64, Datagram)>,
+    notify_rx: mpsc::Receiver<(Slot, Datagram)>,
     housekeeping: tokio::time::Interval,
     control_task: tokio::task::JoinHandle<()>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
@@ -242,6 +243,7 @@ impl Running {
             cfg,
             launch,
             handles: BTreeMap::new(),
+            pools: BTreeMap::new(),
             events: events_tx,
             notify_tx,
             rejected,
@@ -320,8 +322,8 @@ impl Running {
                 _ = signals.winch.recv() => { g.forward(Signal::WINCH); }
                 Some(req) = control_rx.recv() => g.control(req),
                 Some(event) = events.recv() => g.event(event),
-                Some((generation, datagram)) = notify_rx.recv() => {
-                    g.event(Event::Notify { generation, datagram });
+                Some((slot, datagram)) = notify_rx.recv() => {
+                    g.event(Event::Notify { slot, datagram });
                 }
                 _ = housekeeping.tick() => g.housekeeping(),
                 () = sleep => g.tick(),
@@ -368,6 +370,16 @@ impl Running {
         info!(code, "stopped");
         ExitCode::from(code)
     }
+}
+
+/// The handles of `generation`'s worker processes that take traffic:
+/// ready, and not being replaced.
+fn serving_handles(handles: &BTreeMap<Slot, Handles>, generation: u64) -> Vec<&Handles> {
+    handles
+        .range(Slot::range(generation))
+        .map(|(_, h)| h)
+        .filter(|h| h.ready && !h.replaced)
+        .collect()
 }
 
 /// Inodes of baton's listening sockets (to tell them from an app's own).
@@ -432,12 +444,14 @@ struct Guardian {
     launch: Box<dyn Launch>,
     /// Starting and reaping processes.
     children: Children,
-    /// Each live generation's runtime handles, by number.
-    handles: BTreeMap<u64, Handles>,
+    /// Each live worker process's runtime handles.
+    handles: BTreeMap<Slot, Handles>,
+    /// Each live generation's pool of workers (`--workers`).
+    pools: BTreeMap<u64, pool::Pool>,
     /// The helper tasks' way to the loop.
     events: mpsc::UnboundedSender<Event>,
     /// Where the notify sockets' readers send what passed their checks.
-    notify_tx: mpsc::Sender<(u64, Datagram)>,
+    notify_tx: mpsc::Sender<(Slot, Datagram)>,
     /// Notifications the readers refused.
     rejected: Arc<pressure::Rejected>,
     /// Summaries of what caps and filters turned away.
@@ -518,10 +532,14 @@ impl Guardian {
 
     /// The earliest moment `tick` has something to do.
     fn next_deadline(&self) -> Option<Instant> {
-        match (self.policy.next_deadline(), self.shutdown_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.policy.next_deadline(),
+            self.shutdown_at,
+            self.next_worker_restart(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// `baton rollback`: the previous release, with the usual handover, if
@@ -566,15 +584,17 @@ impl Guardian {
             self.apply(actions);
             return;
         }
+        self.restart_workers(now);
         let timing_out = self
             .policy
             .generations()
             .find(|g| g.state == State::Starting && g.deadline.is_some_and(|d| d <= now))
-            .and_then(|g| Some((g.id, g.pid()?)));
-        if let Some((id, pid)) = timing_out
-            && let Some(handles) = self.handles.get(&id)
+            .map(|g| g.id);
+        if let Some(id) = timing_out
+            && let Some((slot, handles)) =
+                self.handles.range(Slot::range(id)).find(|(_, h)| !h.ready)
         {
-            self.failed_hint = self.launch.failure_hint(id, pid, handles);
+            self.failed_hint = self.launch.failure_hint(*slot, handles.pid, handles);
         }
         let actions = self.policy.tick(now);
         self.apply(actions);
@@ -587,21 +607,42 @@ impl Guardian {
             warn!(%signal, "no generation is serving; the signal is not forwarded");
             return None;
         };
-        let pid = self
-            .policy
-            .generations()
-            .find(|g| g.id == generation)?
-            .pid()?;
-        match sys::signal::send(pid, signal) {
-            Ok(()) => {
-                info!(generation, pid, %signal, "forwarded");
-                Some((generation, pid))
-            }
-            Err(e) => {
-                warn!(generation, pid, %signal, error = %e, "cannot forward the signal");
-                None
+        let mut first = None;
+        for (slot, pid) in self.pids_of(generation) {
+            match sys::signal::send(pid, signal) {
+                Ok(()) => {
+                    info!(generation, worker = slot.worker, pid, %signal, "forwarded");
+                    first.get_or_insert((generation, pid));
+                }
+                Err(e) => {
+                    warn!(generation, worker = slot.worker, pid, %signal, error = %e, "cannot forward the signal");
+                }
             }
         }
+        first
+    }
+
+    /// The live worker processes of `generation`, with their pids.
+    fn pids_of(&self, generation: u64) -> Vec<(Slot, i32)> {
+        self.handles
+            .range(Slot::range(generation))
+            .filter(|(_, h)| h.pid > 0)
+            .map(|(s, h)| (*s, h.pid))
+            .collect()
+    }
+
+    /// Tells the policy which processes `generation` has now.
+    fn sync_processes(&mut self, generation: u64) {
+        let processes: Vec<generation::Process> = self
+            .handles
+            .range(Slot::range(generation))
+            .filter(|(_, h)| h.pid > 0)
+            .map(|(_, h)| generation::Process {
+                pid: h.pid,
+                start_time: h.start_time,
+            })
+            .collect();
+        self.policy.set_processes(generation, processes);
     }
 
     /// New traffic goes to the serving generation (or, while none serves,
@@ -610,8 +651,9 @@ impl Guardian {
         let serving = self
             .policy
             .serving()
-            .and_then(|id| self.handles.get(&id).map(|h| (id, h)));
-        self.launch.cut_over(serving);
+            .map(|id| serving_handles(&self.handles, id))
+            .unwrap_or_default();
+        self.launch.cut_over(&serving);
     }
 
     /// Refreshes what `/metrics`, the launch strategy and systemd see.
@@ -622,8 +664,10 @@ impl Guardian {
             let total = self.cfg.policy.bake?;
             let elapsed = Instant::now().saturating_duration_since(g.state_since);
             Some(launch::Probation {
-                new: (new, self.handles.get(&new)?),
-                old: old.and_then(|o| Some((o, self.handles.get(&o)?))),
+                new: serving_handles(&self.handles, new),
+                old: old
+                    .map(|o| serving_handles(&self.handles, o))
+                    .unwrap_or_default(),
                 progress: elapsed.as_secs_f64() / total.as_secs_f64().max(1e-9),
             })
         });
@@ -632,10 +676,19 @@ impl Guardian {
             self.systemd.stopping();
             self.launch.stop();
         }
-        let notify: Vec<(u64, String)> = self
+        let notify: Vec<state::Notify> = self
             .handles
             .iter()
-            .filter_map(|(id, h)| Some((*id, h.notify.as_ref()?.1.clone())))
+            .filter_map(|(slot, h)| {
+                Some(state::Notify {
+                    generation: slot.generation,
+                    worker: slot.worker,
+                    incarnation: slot.incarnation,
+                    pid: h.pid,
+                    route: h.route,
+                    address: h.notify.as_ref()?.1.clone(),
+                })
+            })
             .collect();
         self.orphans
             .record(&self.cfg, &self.policy.record(), &notify);
@@ -715,16 +768,13 @@ impl Guardian {
     fn event(&mut self, event: Event) {
         self.event_at = Instant::now();
         match event {
-            Event::Notify {
-                generation,
-                datagram,
-            } => self.notified(generation, datagram),
-            Event::Ready(generation, source) => self.ready(generation, source),
-            Event::RunCheck(generation) => self.run_check(generation),
-            Event::Drained(generation) => {
-                let pid = self.pid_of(generation);
-                if let (Some(pid), Some(handles)) = (pid, self.handles.get_mut(&generation)) {
-                    self.launch.drained(generation, pid, handles);
+            Event::Notify { slot, datagram } => self.notified(slot, datagram),
+            Event::Ready(slot, source) => self.ready(slot, source),
+            Event::RunCheck(slot) => self.run_check(slot),
+            Event::Drained(slot) => {
+                if let Some(handles) = self.handles.get_mut(&slot) {
+                    let pid = handles.pid;
+                    self.launch.drained(slot, pid, handles);
                 }
             }
             Event::Watched => self.trigger(Trigger::Watch, None),
@@ -740,12 +790,12 @@ impl Guardian {
                     self.apply(actions);
                 }
             }
-            Event::SelfBound { generation, addrs } => {
-                let pid = self.pid_of(generation).unwrap_or_default();
-                if let Some(handles) = self.handles.get_mut(&generation) {
-                    if let Some(advice) = self.launch.self_bound(generation, pid, handles, &addrs) {
+            Event::SelfBound { slot, addrs } => {
+                if let Some(handles) = self.handles.get_mut(&slot) {
+                    let pid = handles.pid;
+                    if let Some(advice) = self.launch.self_bound(slot, pid, handles, &addrs) {
                         let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                        warn!(generation, pid, addrs = %shown.join(","), "listens on its own port: {advice}");
+                        warn!(generation = slot.generation, worker = slot.worker, pid, addrs = %shown.join(","), "listens on its own port: {advice}");
                     }
                     handles.self_bound = addrs;
                 }
@@ -753,20 +803,61 @@ impl Guardian {
         }
     }
 
-    /// The pid of generation `id`'s main process.
-    fn pid_of(&self, id: u64) -> Option<i32> {
-        self.policy.generations().find(|g| g.id == id)?.pid()
-    }
-
-    /// A source of readiness passed for `generation`: once its gate opens,
-    /// the policy hears it is ready.
-    fn ready(&mut self, generation: u64, source: Source) {
-        let Some(handles) = self.handles.get_mut(&generation) else {
+    /// A source of readiness passed for worker process `slot`: once its
+    /// gate opens it is ready; once every worker of a starting generation
+    /// is, the policy hears the generation is. A worker started to replace
+    /// one (a crash, `--max-rss`) takes its place once ready.
+    fn ready(&mut self, slot: Slot, source: Source) {
+        let Some(handles) = self.handles.get_mut(&slot) else {
             return;
         };
-        if handles.gate.pass(source) {
-            let actions = self.policy.ready(self.event_at, generation);
-            self.apply(actions);
+        if !handles.gate.pass(source) {
+            return;
+        }
+        handles.ready = true;
+        let pid = handles.pid;
+        let generation = slot.generation;
+        match self.policy.state(generation) {
+            Some(State::Starting) => {
+                let all = self.handles.range(Slot::range(generation)).count();
+                let ready = serving_handles(&self.handles, generation).len();
+                if all == ready && all == self.cfg.workers {
+                    let actions = self.policy.ready(self.event_at, generation);
+                    self.apply(actions);
+                } else if self.cfg.workers > 1 {
+                    debug!(
+                        generation,
+                        worker = slot.worker,
+                        pid,
+                        ready,
+                        of = self.cfg.workers,
+                        "worker ready"
+                    );
+                }
+            }
+            Some(State::Serving | State::Baking | State::Ready) => {
+                info!(
+                    generation,
+                    worker = slot.worker,
+                    pid,
+                    "worker ready: it takes its place"
+                );
+                // Its predecessors (a `--max-rss` replacement) retire now.
+                let older: Vec<Slot> = self
+                    .handles
+                    .range(Slot::range(generation))
+                    .filter(|(s, h)| {
+                        s.worker == slot.worker && s.incarnation < slot.incarnation && !h.replaced
+                    })
+                    .map(|(s, _)| *s)
+                    .collect();
+                self.cut_over();
+                for old in older {
+                    self.retire_slot(old, self.cfg.policy.stop_signal);
+                }
+                self.sync_processes(generation);
+            }
+            _ => {}
         }
     }
 
@@ -782,29 +873,9 @@ impl Guardian {
         {
             self.event_at = Instant::now();
             match exit.owner {
-                Some(Owner::Generation(generation)) => {
-                    if self.policy.state(generation) == Some(State::Starting)
-                        && let Some(handles) = self.handles.get(&generation)
-                    {
-                        self.failed_hint = self.launch.failure_hint(generation, exit.pid, handles);
-                    }
-                    if self.cfg.log_prefix {
-                        self.orphans.release(generation);
-                    }
-                    if let Some(handles) = self.handles.remove(&generation)
-                        && let Ok(mut m) = self.metrics.lock()
-                    {
-                        m.exited(exit.status);
-                        if let Some(at) = handles.retired_at {
-                            m.drained(self.event_at.saturating_duration_since(at));
-                        }
-                    }
-                    self.check_listeners(Some((generation, exit.pid)));
-                    let actions = self.policy.exited(self.event_at, generation, exit.status);
-                    self.apply(actions);
-                }
-                Some(Owner::Check(generation)) => {
-                    self.check_done(generation, exit.pid, exit.status);
+                Some(Owner::Generation(slot)) => self.worker_exited(slot, exit),
+                Some(Owner::Check(slot)) => {
+                    self.check_done(slot, exit.pid, exit.status);
                 }
                 Some(Owner::UpgradeCheck) => self.upgrade_checked(exit.pid, exit.status),
                 Some(Owner::Keeper) => {
@@ -823,11 +894,12 @@ impl Guardian {
         }
     }
 
-    fn notified(&mut self, generation: u64, datagram: Datagram) {
-        let pid = self.pid_of(generation).unwrap_or_default();
-        let Some(handles) = self.handles.get_mut(&generation) else {
+    fn notified(&mut self, slot: Slot, datagram: Datagram) {
+        let generation = slot.generation;
+        let Some(handles) = self.handles.get_mut(&slot) else {
             return;
         };
+        let pid = handles.pid;
         let fields = Fields::parse(&datagram.text);
         if let Some(status) = fields.status
             && handles.status.as_ref() != Some(&status)
@@ -845,8 +917,13 @@ impl Guardian {
             debug!(generation, pid, "the generation reports STOPPING=1");
         }
         if fields.ready {
-            debug!(generation, sender = datagram.pid, "READY=1");
-            self.ready(generation, Source::Notify);
+            debug!(
+                generation,
+                worker = slot.worker,
+                sender = datagram.pid,
+                "READY=1"
+            );
+            self.ready(slot, Source::Notify);
         }
     }
 
@@ -872,29 +949,31 @@ impl Guardian {
                 },
                 Action::Signal {
                     generation,
-                    pid,
                     signal,
                     cause: SignalCause::Retire,
-                } => self.retire(generation, pid, signal),
+                    ..
+                } => self.retire(generation, signal),
                 Action::Signal {
                     generation,
-                    pid,
                     signal,
                     cause: SignalCause::Stop,
+                    ..
                 } => {
-                    if let Err(e) = sys::signal::send(pid, signal) {
-                        warn!(generation, pid, %signal, error = %e, "cannot signal the generation");
+                    for (slot, pid) in self.pids_of(generation) {
+                        if let Err(e) = sys::signal::send(pid, signal) {
+                            warn!(generation, worker = slot.worker, pid, %signal, error = %e, "cannot signal the generation");
+                        }
+                        debug!(generation, worker = slot.worker, pid, %signal, "stop signal sent");
                     }
-                    debug!(generation, pid, %signal, "stop signal sent");
                 }
-                // After an exit the group was swept before reaping (see
-                // `Children::reap`); once reaped, its id may belong to
-                // someone else.
-                Action::KillGroup { generation, .. } if !self.handles.contains_key(&generation) => {
-                }
-                Action::KillGroup { generation, pid } => {
-                    if let Err(e) = sys::signal::send_group(pid, Signal::KILL) {
-                        warn!(generation, pid, error = %e, "cannot kill the process group");
+                // Each worker's process group. After an exit the group was
+                // swept before reaping (see `Children::reap`); once reaped,
+                // its id may belong to someone else, so only live workers'.
+                Action::KillGroup { generation, .. } => {
+                    for (slot, pid) in self.pids_of(generation) {
+                        if let Err(e) = sys::signal::send_group(pid, Signal::KILL) {
+                            warn!(generation, worker = slot.worker, pid, error = %e, "cannot kill the process group");
+                        }
                     }
                 }
                 Action::Report { waiters, outcome } => self.report(waiters, &outcome),
@@ -904,19 +983,13 @@ impl Guardian {
     }
 
     /// Generation `generation` was retired by its successor: the successor
-    /// takes the traffic first, then the old one is asked to drain.
-    fn retire(&mut self, generation: u64, pid: i32, signal: Signal) {
+    /// takes the traffic first, then each of the old one's workers is asked
+    /// to drain.
+    fn retire(&mut self, generation: u64, signal: Signal) {
         self.cut_over();
-        let handover_us = self.event_at.elapsed().as_micros() as u64;
-        let cx = Cx {
-            cfg: &self.cfg,
-            children: &mut self.children,
-            events: &self.events,
-        };
-        let mut none = Handles::default();
-        let handles = self.handles.get_mut(&generation).unwrap_or(&mut none);
-        self.launch
-            .drain(cx, generation, pid, signal, handles, handover_us);
+        for (slot, _) in self.pids_of(generation) {
+            self.retire_slot(slot, signal);
+        }
     }
 
     /// A reload ended: its effects, then the answer to whoever asked.
@@ -942,12 +1015,15 @@ impl Guardian {
             ) => {
                 self.cut_over();
                 let inherited = Arc::clone(&self.listener_inodes);
-                let cx = Cx {
-                    cfg: &self.cfg,
-                    children: &mut self.children,
-                    events: &self.events,
-                };
-                self.launch.serving(cx, *generation, *pid, &inherited);
+                let _ = pid;
+                for (slot, pid) in self.pids_of(*generation) {
+                    let cx = Cx {
+                        cfg: &self.cfg,
+                        children: &mut self.children,
+                        events: &self.events,
+                    };
+                    self.launch.serving(cx, slot, pid, &inherited);
+                }
                 self.systemd.serving(*generation);
                 if let Ok(mut m) = self.metrics.lock() {
                     m.ready(*ready_after);
@@ -961,9 +1037,8 @@ impl Guardian {
             ) => {
                 let hint = self.failed_hint.take().or_else(|| {
                     let serving = (*serving)?;
-                    let pid = self.pid_of(serving)?;
-                    let handles = self.handles.get(&serving)?;
-                    self.launch.reload_hint(serving, pid, handles)
+                    let (slot, handles) = self.handles.range(Slot::range(serving)).next()?;
+                    self.launch.reload_hint(*slot, handles.pid, handles)
                 });
                 if let Some(hint) = hint {
                     warn!("hint: {hint}");
@@ -1027,39 +1102,71 @@ impl Guardian {
                 "starting the previous release"
             );
         }
+        let mut first = None;
+        for worker in 0..self.cfg.workers as u32 {
+            match self.spawn_slot(Slot::new(generation, worker), &release) {
+                Ok(spawned) => {
+                    first.get_or_insert(spawned);
+                }
+                Err(e) => {
+                    // The workers already started go: the generation failed.
+                    for (_, pid) in self.pids_of(generation) {
+                        let _ = sys::signal::send_group(pid, Signal::KILL);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.pools.insert(
+            generation,
+            pool::Pool::new(self.cfg.workers, Some(release.clone())),
+        );
+        let (process, route) = first.ok_or_else(|| std::io::Error::other("no workers"))?;
+        Ok((process, route, release.info.id))
+    }
+
+    /// Starts worker process `slot` from `release` through the launch
+    /// strategy, and reads its notifications.
+    fn spawn_slot(
+        &mut self,
+        slot: Slot,
+        release: &release::Release,
+    ) -> std::io::Result<(generation::Process, generation::Route)> {
         let cx = Cx {
             cfg: &self.cfg,
             children: &mut self.children,
             events: &self.events,
         };
-        let launched = self.launch.launch(cx, generation, &release)?;
+        let launched = self.launch.launch(cx, slot, release)?;
         let mut handles = launched.handles;
+        handles.pid = launched.process.pid;
+        handles.start_time = launched.process.start_time;
+        handles.started_at = Some(Instant::now());
+        handles.route = Some(launched.route);
         handles.notify = launched
             .notify
             .dup()
             .ok()
             .map(|fd| (fd, launched.notify.address.clone()));
-        handles.tasks.push(self.read_notifications(
-            generation,
-            launched.process.pid,
-            launched.notify,
-        ));
+        handles
+            .tasks
+            .push(self.read_notifications(slot, launched.process.pid, launched.notify));
         if let Some(readers) = &handles.log_readers {
-            self.orphans.hold(generation, readers);
+            self.orphans.hold(slot, readers);
         }
-        self.handles.insert(generation, handles);
-        Ok((launched.process, launched.route, release.info.id))
+        self.handles.insert(slot, handles);
+        Ok((launched.process, launched.route))
     }
 
-    /// Passes `generation`'s notifications to the loop (see `notify`).
-    fn read_notifications(&self, generation: u64, pid: i32, socket: NotifySocket) -> AbortHandle {
+    /// Passes `slot`'s notifications to the loop (see `notify`).
+    fn read_notifications(&self, slot: Slot, pid: i32, socket: NotifySocket) -> AbortHandle {
         let filter = notify::Filter {
             app_uid: self.app_uid,
             main_only: self.cfg.notify_access == NotifyAccess::Main,
             pid,
         };
         notify::read(
-            generation,
+            slot,
             socket,
             filter,
             self.notify_tx.clone(),
@@ -1067,56 +1174,62 @@ impl Guardian {
         )
     }
 
-    /// Runs the `--ready exec:` command for a starting generation.
-    fn run_check(&mut self, generation: u64) {
+    /// Runs the `--ready exec:` command for a starting worker process.
+    fn run_check(&mut self, slot: Slot) {
         let ReadyMode::Exec(command) = &self.cfg.ready else {
             return;
         };
-        if self.policy.state(generation) != Some(State::Starting) {
-            return;
-        }
-        let Some(pid) = self.pid_of(generation) else {
+        let Some(handles) = self.handles.get(&slot) else {
             return;
         };
+        if handles.ready || handles.pid <= 0 {
+            return;
+        }
+        let pid = handles.pid;
         let mut env = self.cfg.base_env.clone();
-        env.push((vars::BATON_GENERATION.into(), generation.to_string().into()));
+        env.push((
+            vars::BATON_GENERATION.into(),
+            slot.generation.to_string().into(),
+        ));
+        env.push(("BATON_WORKER".into(), slot.worker.to_string().into()));
         env.push(("BATON_PID".into(), pid.to_string().into()));
-        let spawned = self.children.start_check(generation, command, &env);
-        let Some(handles) = self.handles.get_mut(&generation) else {
+        let spawned = self.children.start_check(slot, command, &env);
+        let Some(handles) = self.handles.get_mut(&slot) else {
             return;
         };
         match spawned {
             Ok(check) => handles.check = Some(check),
             Err(e) => {
-                warn!(generation, error = %e, "cannot run the readiness check; trying again");
+                warn!(generation = slot.generation, worker = slot.worker, error = %e, "cannot run the readiness check; trying again");
                 handles.tasks.push(readiness::after(
                     readiness::CHECK_INTERVAL,
                     self.events.clone(),
-                    Event::RunCheck(generation),
+                    Event::RunCheck(slot),
                 ));
             }
         }
     }
 
-    fn check_done(&mut self, generation: u64, pid: i32, status: ExitStatus) {
-        let Some(handles) = self.handles.get_mut(&generation) else {
+    fn check_done(&mut self, slot: Slot, pid: i32, status: ExitStatus) {
+        let Some(handles) = self.handles.get_mut(&slot) else {
             return;
         };
         if handles.check == Some(pid) {
             handles.check = None;
         }
         if status.success() {
-            self.ready(generation, Source::Exec);
-        } else if self.policy.state(generation) == Some(State::Starting) {
+            self.ready(slot, Source::Exec);
+        } else if !handles.ready {
             debug!(
-                generation,
+                generation = slot.generation,
+                worker = slot.worker,
                 status = %status.word(),
                 "the readiness check failed; trying again"
             );
             handles.tasks.push(readiness::after(
                 readiness::CHECK_INTERVAL,
                 self.events.clone(),
-                Event::RunCheck(generation),
+                Event::RunCheck(slot),
             ));
         }
     }
@@ -1129,9 +1242,9 @@ impl Guardian {
             return;
         }
         let alive: Vec<(u64, i32)> = self
-            .policy
-            .generations()
-            .map(|g| (g.id, g.pid().unwrap_or_default()))
+            .handles
+            .iter()
+            .map(|(slot, h)| (slot.generation, h.pid))
             .collect();
         let checked = listeners::check(&mut self.cfg.listeners, exited, &alive);
         self.listener_rearms += checked.rearmed;
@@ -1150,6 +1263,7 @@ impl Guardian {
     /// Once a second: listeners, pressure summaries, metrics.
     fn housekeeping(&mut self) {
         self.check_listeners(None);
+        self.check_rss();
         self.pressure.report(Instant::now());
         if self.pressure.should_trim() {
             let returned = sys::memory::trim();
@@ -1370,8 +1484,15 @@ impl Guardian {
         let generations = self
             .handles
             .iter()
-            .map(|(id, h)| handover::GenerationFds {
-                id: *id,
+            .map(|(slot, h)| handover::GenerationFds {
+                slot: *slot,
+                process: generation::Process {
+                    pid: h.pid,
+                    start_time: h.start_time,
+                },
+                ready: h.ready,
+                replaced: h.replaced,
+                route: h.route,
                 notify: h.notify.as_ref().map(|(fd, address)| {
                     fds.push(fd.as_fd());
                     (fd.as_raw_fd(), address.clone())
@@ -1431,24 +1552,32 @@ impl Guardian {
         }
         let served = h.releases_served.min(releases.len());
         self.releases = release::Releases::restore(releases, served, h.release_next_id);
-        for g in self.policy.generations() {
-            if let Some(pid) = g.pid() {
-                self.children.adopt(pid, Owner::Generation(g.id));
-            }
-        }
         if let Some(k) = h.keeper {
             self.children.adopt(k.pid, Owner::Keeper);
         }
-        let routes: BTreeMap<u64, (generation::Route, i32)> = self
+        let routes: BTreeMap<u64, (generation::Route, Option<u64>)> = self
             .policy
             .generations()
-            .map(|g| (g.id, (g.route, g.pid().unwrap_or_default())))
+            .map(|g| (g.id, (g.route, g.release)))
             .collect();
+        let now = Instant::now();
         for fds in &h.generations {
-            let Some(&(route, pid)) = routes.get(&fds.id) else {
+            let slot = fds.slot;
+            let Some(&(route, release)) = routes.get(&slot.generation) else {
                 continue;
             };
-            let mut handles = Handles::default();
+            let pid = fds.process.pid;
+            self.children.adopt(pid, Owner::Generation(slot));
+            let pool = self.pools.entry(slot.generation).or_insert_with(|| {
+                pool::Pool::new(
+                    self.cfg.workers,
+                    release.and_then(|r| self.releases.get(r).cloned()),
+                )
+            });
+            pool::Pool::note_incarnation(pool, slot);
+            let mut handles = Handles::running(fds.process, fds.ready, fds.route, now);
+            handles.replaced = fds.replaced;
+            let route = fds.route.unwrap_or(route);
             handles.self_bound = fds.self_bound.clone();
             if let Some((fd, address)) = &fds.notify {
                 match sys::exec::take_fd(*fd)
@@ -1458,10 +1587,10 @@ impl Guardian {
                         handles.notify = socket.dup().ok().map(|d| (d, address.clone()));
                         handles
                             .tasks
-                            .push(self.read_notifications(fds.id, pid, socket));
+                            .push(self.read_notifications(slot, pid, socket));
                     }
                     Err(e) => {
-                        warn!(generation = fds.id, error = %e, "its notification socket was not handed over")
+                        warn!(generation = %slot, error = %e, "its notification socket was not handed over")
                     }
                 }
             }
@@ -1471,12 +1600,12 @@ impl Guardian {
                     Ok((out, err)) => {
                         handles.log_readers =
                             out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-                        if let Err(e) = output::resume(&self.cfg.name, fds.id, out, err) {
-                            warn!(generation = fds.id, error = %e, "its output cannot be copied");
+                        if let Err(e) = output::resume(&self.cfg.name, slot, out, err) {
+                            warn!(generation = %slot, error = %e, "its output cannot be copied");
                         }
                     }
                     Err(e) => {
-                        warn!(generation = fds.id, error = %e, "its output pipes were not handed over")
+                        warn!(generation = %slot, error = %e, "its output pipes were not handed over")
                     }
                 }
             }
@@ -1485,8 +1614,23 @@ impl Guardian {
                 children: &mut self.children,
                 events: &self.events,
             };
-            self.launch.adopt(cx, fds.id, route, &mut handles);
-            self.handles.insert(fds.id, handles);
+            self.launch.adopt(cx, slot, route, &mut handles);
+            self.handles.insert(slot, handles);
+        }
+        // A worker whose replacement was pending starts again now.
+        if let Some(serving) = self.policy.serving() {
+            let live: HashSet<u32> = self
+                .handles
+                .range(Slot::range(serving))
+                .map(|(s, _)| s.worker)
+                .collect();
+            if let Some(pool) = self.pools.get_mut(&serving) {
+                for (i, w) in pool.workers.iter_mut().enumerate() {
+                    if !live.contains(&(i as u32)) && !w.down {
+                        w.restart_at = Some(now);
+                    }
+                }
+            }
         }
         self.cut_over();
         let took_ms =

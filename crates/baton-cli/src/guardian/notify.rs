@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::warn;
 
+use super::generation::Slot;
 use super::pressure::Rejected;
 use crate::sys::notify_socket::{Datagram, NotifySocket};
 
@@ -46,10 +47,10 @@ impl Filter {
 
 /// Reads `socket` for `generation` until it fails or the loop is gone.
 pub fn read(
-    generation: u64,
+    slot: Slot,
     socket: NotifySocket,
     filter: Filter,
-    to_loop: mpsc::Sender<(u64, Datagram)>,
+    to_loop: mpsc::Sender<(Slot, Datagram)>,
     rejected: Arc<Rejected>,
 ) -> AbortHandle {
     tokio::spawn(async move {
@@ -58,7 +59,7 @@ pub fn read(
                 Ok(datagram) => {
                     if let Err(why) = filter.check(&datagram) {
                         rejected.note(format!(
-                            "generation {generation}: {why} (sender pid {}, uid {})",
+                            "generation {slot}: {why} (sender pid {}, uid {})",
                             datagram.pid.unwrap_or(0),
                             datagram
                                 .uid
@@ -66,12 +67,12 @@ pub fn read(
                         ));
                         continue;
                     }
-                    if to_loop.send((generation, datagram)).await.is_err() {
+                    if to_loop.send((slot, datagram)).await.is_err() {
                         break;
                     }
                 }
                 Err(e) => {
-                    warn!(generation, error = %e, "the notification socket failed");
+                    warn!(generation = %slot, error = %e, "the notification socket failed");
                     break;
                 }
             }

@@ -23,7 +23,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::children::{Children, Exit, Owner};
-use super::generation::{Handles, Process, State as GenState};
+use super::generation::{Handles, Process, Slot, State as GenState};
 use super::policy::{Policy, Snapshot};
 use super::state::{self, State};
 use super::{Guardian, keeper};
@@ -122,24 +122,24 @@ impl Orphans {
 
     /// Gives the keeper generation `generation`'s output pipes (read ends),
     /// for it to copy if baton dies.
-    pub fn hold(&self, generation: u64, readers: &(OwnedFd, OwnedFd)) {
+    pub fn hold(&self, slot: Slot, readers: &(OwnedFd, OwnedFd)) {
         if self.keeper.is_none() {
             return;
         }
         if let Err(e) = keeper::hold(
             &self.keeper_path,
-            generation,
+            slot,
             readers.0.as_fd(),
             readers.1.as_fd(),
         ) {
-            warn!(generation, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+            warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
         }
     }
 
-    /// Generation `generation` is gone: the keeper lets its pipes go.
-    pub fn release(&self, generation: u64) {
+    /// Worker process `slot` is gone: the keeper lets its pipes go.
+    pub fn release(&self, slot: Slot) {
         if self.keeper.is_some() {
-            let _ = keeper::release(&self.keeper_path, generation);
+            let _ = keeper::release(&self.keeper_path, slot);
         }
     }
 
@@ -168,7 +168,7 @@ impl Orphans {
     }
 
     /// Rewrites the state file if the state changed.
-    pub fn record(&mut self, cfg: &RunConfig, policy: &Snapshot, handles: &[(u64, String)]) {
+    pub fn record(&mut self, cfg: &RunConfig, policy: &Snapshot, workers: &[state::Notify]) {
         if !self.keep {
             return;
         }
@@ -188,13 +188,7 @@ impl Orphans {
             serving: policy.serving,
             next_id: policy.next_id,
             stats: policy.stats.clone(),
-            notify: handles
-                .iter()
-                .map(|(generation, address)| state::Notify {
-                    generation: *generation,
-                    address: address.clone(),
-                })
-                .collect(),
+            notify: workers.to_vec(),
         };
         let Ok(bytes) = serde_json::to_vec(&s) else {
             return;
@@ -236,8 +230,8 @@ pub struct Found {
     pub state: State,
     /// The listeners taken back from its keeper (in the state's order).
     pub listeners: Option<Vec<OwnedFd>>,
-    /// The generations' output pipes its keeper held.
-    pub logs: Vec<(u64, OwnedFd, OwnedFd)>,
+    /// The worker processes' output pipes its keeper held.
+    pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
     /// Whether something of it still runs, to adopt.
     pub adopt: bool,
 }
@@ -247,8 +241,9 @@ pub struct Found {
 pub struct Adoption {
     /// Its state.
     pub state: State,
-    /// The generations' output pipes (stdout's and stderr's read ends).
-    pub logs: Vec<(u64, OwnedFd, OwnedFd)>,
+    /// The worker processes' output pipes (stdout's and stderr's read
+    /// ends).
+    pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
 }
 
 /// Looks for a baton that died, before `baton run` binds its listeners
@@ -355,6 +350,7 @@ impl Guardian {
         self.orphans.adopted_from = Some(s.baton.pid);
         let stop_deadline = Some(now + self.cfg.policy.stop_timeout);
         let mut kept = Vec::new();
+        let mut adopted = Vec::new();
         for mut g in s.generations {
             g.processes
                 .retain(|p| sys::inspect::alive(p.pid, p.start_time));
@@ -374,10 +370,25 @@ impl Guardian {
                 warn!(generation = g.id, pid = main.pid, state = %g.state, "a generation of the baton that died was not serving: stopping it");
                 g.enter(GenState::Draining, now, stop_deadline);
             }
-            if let Err(e) = self.children.watch(main, g.id, &self.events) {
-                warn!(generation = g.id, pid = main.pid, error = %e, "gone before it could be watched");
+            // Each live process is a worker: by its record, else in order.
+            let mut watched = Vec::new();
+            for (i, p) in g.processes.iter().enumerate() {
+                let record = s
+                    .notify
+                    .iter()
+                    .find(|n| n.generation == g.id && n.pid == p.pid);
+                let slot = record.map_or(Slot::new(g.id, i as u32), state::Notify::slot);
+                match self.children.watch(*p, slot, &self.events) {
+                    Ok(()) => watched.push((slot, *p, record.cloned())),
+                    Err(e) => {
+                        warn!(generation = g.id, pid = p.pid, error = %e, "gone before it could be watched")
+                    }
+                }
+            }
+            if watched.is_empty() {
                 continue;
             }
+            adopted.push((g.id, watched));
             kept.push(g);
         }
         let serving = kept
@@ -397,39 +408,54 @@ impl Guardian {
                 stats: s.stats,
             },
         );
-        for g in &kept {
-            let mut handles = Handles::default();
-            if let Some(n) = s.notify.iter().find(|n| n.generation == g.id) {
-                match NotifySocket::bind_name(&n.address) {
-                    Ok(socket) => {
-                        handles.notify = socket.dup().ok().map(|d| (d, n.address.clone()));
-                        let pid = g.pid().unwrap_or_default();
-                        handles
-                            .tasks
-                            .push(self.read_notifications(g.id, pid, socket));
+        for (generation, workers) in adopted {
+            let route = kept
+                .iter()
+                .find(|g| g.id == generation)
+                .map_or(super::generation::Route::Sockets, |g| g.route);
+            let serving_now = Some(generation) == serving.map(|(id, _, _)| id);
+            self.pools
+                .insert(generation, super::pool::Pool::new(workers.len(), None));
+            for (slot, process, record) in workers {
+                let mut handles = Handles::running(
+                    process,
+                    serving_now,
+                    Some(record.as_ref().and_then(|r| r.route).unwrap_or(route)),
+                    now,
+                );
+                if let Some(n) = &record {
+                    match NotifySocket::bind_name(&n.address) {
+                        Ok(socket) => {
+                            handles.notify = socket.dup().ok().map(|d| (d, n.address.clone()));
+                            handles
+                                .tasks
+                                .push(self.read_notifications(slot, process.pid, socket));
+                        }
+                        Err(e) => {
+                            warn!(generation, error = %e, "its notification socket cannot be bound again")
+                        }
                     }
-                    Err(e) => {
-                        warn!(generation = g.id, error = %e, "its notification socket cannot be bound again")
+                }
+                if let Some(i) = logs.iter().position(|(id, _, _)| *id == slot) {
+                    let (_, out, err) = logs.swap_remove(i);
+                    handles.log_readers =
+                        out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
+                    if let Err(e) = super::output::resume(&self.cfg.name, slot, out, err) {
+                        warn!(generation, error = %e, "its output cannot be copied");
+                    }
+                    if let Some(readers) = &handles.log_readers {
+                        self.orphans.hold(slot, readers);
                     }
                 }
+                let cx = super::launch::Cx {
+                    cfg: &self.cfg,
+                    children: &mut self.children,
+                    events: &self.events,
+                };
+                let route = handles.route.unwrap_or(route);
+                self.launch.adopt(cx, slot, route, &mut handles);
+                self.handles.insert(slot, handles);
             }
-            if let Some(i) = logs.iter().position(|(id, _, _)| *id == g.id) {
-                let (_, out, err) = logs.swap_remove(i);
-                handles.log_readers = out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-                if let Err(e) = super::output::resume(&self.cfg.name, g.id, out, err) {
-                    warn!(generation = g.id, error = %e, "its output cannot be copied");
-                }
-                if let Some(readers) = &handles.log_readers {
-                    self.orphans.hold(g.id, readers);
-                }
-            }
-            let cx = super::launch::Cx {
-                cfg: &self.cfg,
-                children: &mut self.children,
-                events: &self.events,
-            };
-            self.launch.adopt(cx, g.id, g.route, &mut handles);
-            self.handles.insert(g.id, handles);
         }
         match serving {
             Some((id, pid, _)) => {

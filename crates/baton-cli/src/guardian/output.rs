@@ -25,11 +25,11 @@ pub struct Pipes {
 /// Creates the pipes and starts copying their lines, prefixed, to baton's
 /// own stdout and stderr. The copying ends when every writer has closed
 /// (the generation and anything it started).
-pub fn pipes(name: &str, generation: u64) -> io::Result<Pipes> {
+pub fn pipes(name: &str, slot: super::generation::Slot) -> io::Result<Pipes> {
     let (out_read, stdout) = pipe()?;
     let (err_read, stderr) = pipe()?;
     let readers = (out_read.try_clone()?, err_read.try_clone()?);
-    resume(name, generation, out_read, err_read)?;
+    resume(name, slot, out_read, err_read)?;
     Ok(Pipes {
         stdout,
         stderr,
@@ -39,8 +39,13 @@ pub fn pipes(name: &str, generation: u64) -> io::Result<Pipes> {
 
 /// Copies a generation's output from the read ends `stdout` and `stderr`
 /// (new, or handed over by a previous image).
-pub fn resume(name: &str, generation: u64, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<()> {
-    let prefix = format!("[{name} gen {generation}] ");
+pub fn resume(
+    name: &str,
+    slot: super::generation::Slot,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> io::Result<()> {
+    let prefix = format!("[{name} gen {}] ", slot.label());
     rustix::fs::fcntl_setfl(&stdout, OFlags::NONBLOCK)?;
     rustix::fs::fcntl_setfl(&stderr, OFlags::NONBLOCK)?;
     copy(stdout, prefix.clone(), false)?;

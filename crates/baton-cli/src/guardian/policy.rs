@@ -464,6 +464,16 @@ impl<W> Policy<W> {
         }
     }
 
+    /// Generation `id`'s processes now (its workers, after one was
+    /// replaced or died).
+    pub fn set_processes(&mut self, id: u64, processes: Vec<Process>) {
+        if let Some(g) = self.gens.get_mut(&id)
+            && !processes.is_empty()
+        {
+            g.processes = processes;
+        }
+    }
+
     /// Generation `id` could not be spawned.
     pub fn spawn_failed(&mut self, now: Instant, id: u64, error: &std::io::Error) -> Actions<W> {
         self.gens.remove(&id);

@@ -28,8 +28,31 @@ const MAX_BYTES: u64 = 1 << 20;
 pub struct Notify {
     /// The generation.
     pub generation: u64,
+    /// The worker, and which start of it.
+    #[serde(default)]
+    pub worker: u32,
+    /// See [`super::generation::Slot`].
+    #[serde(default)]
+    pub incarnation: u32,
+    /// Its pid.
+    #[serde(default)]
+    pub pid: i32,
+    /// How clients reach it.
+    #[serde(default)]
+    pub route: Option<super::generation::Route>,
     /// The abstract socket's name.
     pub address: String,
+}
+
+impl Notify {
+    /// Its slot.
+    pub fn slot(&self) -> super::generation::Slot {
+        super::generation::Slot {
+            generation: self.generation,
+            worker: self.worker,
+            incarnation: self.incarnation,
+        }
+    }
 }
 
 /// The state file.

@@ -79,11 +79,14 @@ impl Mode {
 /// switches it) and the proxy (which reads it on every request).
 #[derive(Debug)]
 pub struct Proxy {
-    current: watch::Sender<Option<Arc<Upstream>>>,
-    /// A canary split (`--canary`): the previous generation, kept warm,
-    /// and the share of new requests (per cent) the current one gets; 100:
-    /// no split.
-    split: std::sync::RwLock<Option<Arc<Upstream>>>,
+    /// The serving generation's worker processes (one, without
+    /// `--workers`); requests go round the members.
+    current: watch::Sender<Vec<Arc<Upstream>>>,
+    turn: std::sync::atomic::AtomicUsize,
+    /// A canary split (`--canary`): the previous generation's workers,
+    /// kept warm, and the share of new requests (per cent) the current one
+    /// gets; 100: no split.
+    split: std::sync::RwLock<Vec<Arc<Upstream>>>,
     split_percent: std::sync::atomic::AtomicU8,
     split_count: std::sync::atomic::AtomicU64,
     /// How long a request waits for a generation when none can take it.
@@ -101,8 +104,9 @@ impl Proxy {
     /// A proxy with no generation yet.
     pub fn new(wait: Duration, limits: Limits) -> Arc<Proxy> {
         Arc::new(Proxy {
-            current: watch::Sender::new(None),
-            split: std::sync::RwLock::new(None),
+            current: watch::Sender::new(Vec::new()),
+            turn: std::sync::atomic::AtomicUsize::new(0),
+            split: std::sync::RwLock::new(Vec::new()),
             split_percent: std::sync::atomic::AtomicU8::new(100),
             split_count: std::sync::atomic::AtomicU64::new(0),
             wait,
@@ -117,24 +121,44 @@ impl Proxy {
         &self.limits.serve.connections
     }
 
-    /// The current generation, if one is serving.
-    pub fn current(&self) -> Option<Arc<Upstream>> {
+    /// The serving generation's workers.
+    pub fn members(&self) -> Vec<Arc<Upstream>> {
         self.current.borrow().clone()
     }
 
-    /// Sends new traffic to `upstream` from now on (or to nobody).
-    pub fn switch(&self, upstream: Option<Arc<Upstream>>) {
-        self.current.send_replace(upstream);
+    /// The next of `members` in turn other than `avoid` and not retired.
+    fn pick(
+        &self,
+        members: &[Arc<Upstream>],
+        avoid: Option<&Arc<Upstream>>,
+    ) -> Option<Arc<Upstream>> {
+        use std::sync::atomic::Ordering;
+        let n = members.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &members[(start + i) % n])
+            .find(|m| !m.is_retired() && avoid.is_none_or(|a| !Arc::ptr_eq(a, m)))
+            .cloned()
+    }
+
+    /// A worker of the current generation, if one is serving.
+    pub fn current(&self) -> Option<Arc<Upstream>> {
+        self.pick(&self.current.borrow(), None)
+    }
+
+    /// Sends new traffic to `members` from now on (or to nobody).
+    pub fn switch(&self, members: Vec<Arc<Upstream>>) {
+        self.current.send_replace(members);
     }
 
     /// Splits new traffic: `percent` to the current generation, the rest
-    /// to `other` (`None`, or 100: no split).
-    pub fn split(&self, other: Option<Arc<Upstream>>, percent: u8) {
+    /// to `other`'s workers (empty, or 100: no split).
+    pub fn split(&self, other: Vec<Arc<Upstream>>, percent: u8) {
         use std::sync::atomic::Ordering;
-        let percent = if other.is_some() {
-            percent.min(100)
-        } else {
+        let percent = if other.is_empty() {
             100
+        } else {
+            percent.min(100)
         };
         if let Ok(mut slot) = self.split.write() {
             *slot = other;
@@ -154,11 +178,13 @@ impl Proxy {
         if n % 100 < percent {
             return None;
         }
-        self.split.read().ok()?.clone()
+        let other = self.split.read().ok()?;
+        self.pick(&other, None)
     }
 
-    /// The current generation, counted as in flight; waits for one when
-    /// there is none. Never a retired one (see [`Upstream::enter_if_open`]).
+    /// A worker of the current generation, counted as in flight; waits
+    /// for one when there is none. Never a retired one (see
+    /// [`Upstream::enter_if_open`]).
     pub async fn acquire(&self) -> Option<(Arc<Upstream>, upstream::Active)> {
         if let Some(other) = self.split_turn()
             && let Some(active) = other.enter_if_open()
@@ -167,10 +193,10 @@ impl Proxy {
         }
         let mut failed: Option<Arc<Upstream>> = None;
         for _ in 0..8 {
-            let candidate = match (self.current(), &failed) {
-                (Some(c), Some(f)) if Arc::ptr_eq(&c, f) => self.next(Some(f)).await?,
-                (Some(c), _) => c,
-                (None, _) => self.next(None).await?,
+            let picked = self.pick(&self.current.borrow(), failed.as_ref());
+            let candidate = match picked {
+                Some(c) => c,
+                None => self.next(failed.as_ref()).await?,
             };
             if let Some(active) = candidate.enter_if_open() {
                 return Some((candidate, active));
@@ -180,19 +206,22 @@ impl Proxy {
         None
     }
 
-    /// The current generation other than `failed`: waits (up to
-    /// [`Proxy::wait`]) for a switch when there is none, as clients of a
-    /// socket-passing reload wait in the accept queue.
+    /// A current worker other than `failed`: waits (up to [`Proxy::wait`])
+    /// for a switch when there is none, as clients of a socket-passing
+    /// reload wait in the accept queue.
     pub async fn next(&self, failed: Option<&Arc<Upstream>>) -> Option<Arc<Upstream>> {
-        let usable = |u: &Option<Arc<Upstream>>| match (u, failed) {
-            (Some(u), Some(f)) => !Arc::ptr_eq(u, f),
-            (Some(_), None) => true,
-            (None, _) => false,
+        let usable = |members: &Vec<Arc<Upstream>>| {
+            members
+                .iter()
+                .any(|m| !m.is_retired() && failed.is_none_or(|f| !Arc::ptr_eq(f, m)))
         };
         let mut rx = self.current.subscribe();
         let found = tokio::time::timeout(self.wait, rx.wait_for(usable)).await;
         match found {
-            Ok(Ok(current)) => current.clone(),
+            Ok(Ok(members)) => {
+                let members = members.clone();
+                self.pick(&members, failed)
+            }
             _ => None,
         }
     }

@@ -77,8 +77,16 @@ pub enum Baseline {
     /// The previous generation's failure rate before the cutover.
     Before(Tally),
     /// The previous generation over the same window (a canary split): its
-    /// tally now minus its tally at the start of the bake.
-    Beside(Arc<Upstream>, Tally),
+    /// workers' tally now minus their tally at the start of the bake.
+    Beside(Vec<Arc<Upstream>>, Tally),
+}
+
+/// The summed tally of `upstreams` (a generation's workers).
+pub fn tally_of(upstreams: &[Arc<Upstream>]) -> Tally {
+    upstreams.iter().fold((0, 0), |(a, f), u| {
+        let (ua, uf) = u.tally();
+        (a + ua, f + uf)
+    })
 }
 
 /// Judges a release on probation by its answers (`--max-error-rate`).
@@ -274,7 +282,7 @@ impl Upstream {
         let base = match &judge.baseline {
             Baseline::Before(t) => *t,
             Baseline::Beside(old, at) => {
-                let (a, f) = old.tally();
+                let (a, f) = tally_of(old);
                 (a.saturating_sub(at.0), f.saturating_sub(at.1))
             }
         };

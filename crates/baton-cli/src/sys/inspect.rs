@@ -36,6 +36,21 @@ pub fn start_time(pid: i32) -> Option<u64> {
     stat(pid).map(|(_, start)| start)
 }
 
+/// The resident memory of process `pid` in bytes (`VmRSS` of
+/// `/proc/<pid>/status`).
+pub fn rss(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// Whether process `pid` runs and is the one that started at `start_time`
 /// (`None`: any): not gone, not a zombie, not a later process that reuses
 /// the pid.

@@ -42,12 +42,12 @@ pub struct Datagram {
 impl NotifySocket {
     /// Binds a fresh abstract socket for generation `generation`. Must be
     /// called within a tokio runtime.
-    pub fn bind(generation: u64) -> io::Result<NotifySocket> {
+    pub fn bind(label: &str) -> io::Result<NotifySocket> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let name = format!("baton/{}/{generation}/{nonce:08x}", std::process::id());
+        let name = format!("baton/{}/{label}/{nonce:08x}", std::process::id());
         NotifySocket::bind_name(&name)
     }
 
@@ -179,7 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn receives_with_credentials() {
-        let socket = NotifySocket::bind(1).expect("bind");
+        let socket = NotifySocket::bind("1").expect("bind");
         let name = socket.address.strip_prefix('@').expect("abstract");
         let to = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
         let sender = UnixDatagram::unbound().expect("socket");
