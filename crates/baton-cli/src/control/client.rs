@@ -208,13 +208,26 @@ fn describe(status: &Status) -> String {
         let release = g
             .release
             .map_or_else(String::new, |r| format!(", release {r}"));
+        let degraded = if g.degraded { ", degraded" } else { "" };
         let _ = writeln!(
             out,
-            "generation {}: pid {pid}, {}, started {} s ago{ready}{release}",
+            "generation {}: pid {pid}, {}, started {} s ago{ready}{release}{degraded}",
             g.generation,
             g.state,
             g.age_ms / 1000
         );
+        if g.workers.len() > 1 {
+            for w in &g.workers {
+                let rss = w
+                    .rss_bytes
+                    .map_or_else(String::new, |b| format!(", {} MB", b >> 20));
+                let _ = writeln!(
+                    out,
+                    "  worker {}: pid {}, {}{rss}, restarts {}",
+                    w.worker, w.pid, w.state, w.restarts
+                );
+            }
+        }
     }
     for r in &status.releases {
         let _ = writeln!(

@@ -236,6 +236,30 @@ pub struct GenerationInfo {
     /// The release it runs.
     #[serde(default)]
     pub release: Option<u64>,
+    /// Its worker processes (`--workers`; one without).
+    #[serde(default)]
+    pub workers: Vec<WorkerInfo>,
+    /// Some worker is down (over its start limit, or not restarted).
+    #[serde(default)]
+    pub degraded: bool,
+}
+
+/// One worker process of a generation (`status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its index, 0..N.
+    pub worker: u32,
+    /// Its pid (0 while down or waiting for its restart).
+    pub pid: i32,
+    /// starting, ready, replaced (draining after its successor took
+    /// over), restarting, or down.
+    pub state: String,
+    /// Its resident memory.
+    pub rss_bytes: Option<u64>,
+    /// Replacements after it died.
+    pub restarts: u32,
+    /// Replacements because it grew past `--max-rss`.
+    pub rss_replacements: u32,
 }
 
 /// A release baton keeps (`status`).

@@ -417,6 +417,15 @@ impl App {
                 )
             }
             "/report" => self.report.clone(),
+            // Keeps N MiB more for good (a leak, for `--max-rss` tests).
+            "/leak" => {
+                let mb = query("mb").unwrap_or(1).min(64) as usize;
+                static LEAKED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+                if let Ok(mut leaked) = LEAKED.lock() {
+                    leaked.push(vec![1u8; mb << 20]);
+                }
+                format!("leaked {mb} MiB in pid {}\n", self.pid)
+            }
             // The request's headers, one per line (proxy tests).
             "/headers" => req
                 .headers()

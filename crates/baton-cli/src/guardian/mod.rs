@@ -728,6 +728,7 @@ impl Guardian {
                     releases: self.releases.describe(),
                     not_ready: self.metrics.lock().ok().and_then(|m| m.not_ready),
                     shutdown_at: self.shutdown_at,
+                    workers: self.describe_workers(),
                 };
                 let status = report::status(
                     &self.cfg,

@@ -86,6 +86,61 @@ impl Pool {
 }
 
 impl Guardian {
+    /// Each generation's workers as `status` shows them, and whether one
+    /// is down.
+    pub(super) fn describe_workers(
+        &self,
+    ) -> std::collections::BTreeMap<u64, (Vec<crate::control::proto::WorkerInfo>, bool)> {
+        use crate::control::proto::WorkerInfo;
+        let mut out = std::collections::BTreeMap::new();
+        for g in self.policy.generations() {
+            let pool = self.pools.get(&g.id);
+            let mut workers: Vec<WorkerInfo> = self
+                .handles
+                .range(Slot::range(g.id))
+                .map(|(slot, h)| {
+                    let w = pool.and_then(|p| p.workers.get(slot.worker as usize));
+                    WorkerInfo {
+                        worker: slot.worker,
+                        pid: h.pid,
+                        state: if h.replaced {
+                            "replaced"
+                        } else if h.ready {
+                            "ready"
+                        } else {
+                            "starting"
+                        }
+                        .to_owned(),
+                        rss_bytes: sys::inspect::rss(h.pid),
+                        restarts: w.map_or(0, |w| w.restarts),
+                        rss_replacements: w.map_or(0, |w| w.rss_replacements),
+                    }
+                })
+                .collect();
+            let mut degraded = false;
+            if let Some(pool) = pool {
+                for (i, w) in pool.workers.iter().enumerate() {
+                    let i = i as u32;
+                    if workers.iter().any(|x| x.worker == i) {
+                        continue;
+                    }
+                    degraded |= w.down;
+                    workers.push(WorkerInfo {
+                        worker: i,
+                        pid: 0,
+                        state: if w.down { "down" } else { "restarting" }.to_owned(),
+                        rss_bytes: None,
+                        restarts: w.restarts,
+                        rss_replacements: w.rss_replacements,
+                    });
+                }
+            }
+            workers.sort_by_key(|w| w.worker);
+            out.insert(g.id, (workers, degraded));
+        }
+        out
+    }
+
     /// A worker process exited.
     pub(super) fn worker_exited(&mut self, slot: Slot, exit: Exit) {
         let generation = slot.generation;

@@ -35,6 +35,8 @@ pub struct Counters {
     pub not_ready: Option<&'static str>,
     /// When the shutdown delay ends, if one runs.
     pub shutdown_at: Option<Instant>,
+    /// Each generation's workers, and whether one is down.
+    pub workers: std::collections::BTreeMap<u64, (Vec<crate::control::proto::WorkerInfo>, bool)>,
 }
 
 /// The `status` document.
@@ -75,6 +77,12 @@ pub fn status<W>(
                 age_ms: now.saturating_duration_since(g.spawned_at).as_millis() as u64,
                 ready_ms: g.ready_after.map(|d| d.as_millis() as u64),
                 release: g.release,
+                workers: counters
+                    .workers
+                    .get(&g.id)
+                    .map(|w| w.0.clone())
+                    .unwrap_or_default(),
+                degraded: counters.workers.get(&g.id).is_some_and(|w| w.1),
             })
             .collect(),
         serving: policy.serving(),

@@ -24,3 +24,4 @@ mod stop;
 mod storm;
 mod supervise;
 mod upgrade;
+mod workers;
