@@ -125,3 +125,42 @@ fn an_unmodified_gin_app_reloads_without_failures_in_proxy_mode() {
         tally.ok
     );
 }
+
+#[test]
+fn four_gin_workers_reload_twice_under_load_without_failures() {
+    let Some((gin, _)) = binaries() else { return };
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--workers", "4"])
+        .command([gin.as_os_str()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let load = Load::start(b.port(), 32, 1_000_000, Duration::from_secs(120));
+    let mut met = 0;
+    for n in 1..=3u64 {
+        if n > 1 {
+            let (code, json) = b.reload_json();
+            assert_eq!(code, Some(0), "{json}");
+        }
+        let pids: Vec<u32> = b
+            .lines()
+            .iter()
+            .filter(|l| {
+                support::is_event(l, "spawn")
+                    && support::field(l, "generation") == Some(&n.to_string())
+            })
+            .filter_map(|l| support::field(l, "pid")?.parse().ok())
+            .collect();
+        assert_eq!(pids.len(), 4, "generation {n}: {pids:?}");
+        support::wait_until("clients met every worker", LONG, || {
+            pids.iter().all(|p| load.has_seen(*p))
+        });
+        met += pids.len();
+    }
+    let (ok, failures, seen) = load.finish();
+    support::assert_no_failures(ok, &failures);
+    assert_eq!(seen.len(), met);
+    eprintln!(
+        "4 Gin workers, 2 reloads, 32 new-connection clients: {ok} requests, 0 failed, {} processes met",
+        seen.len()
+    );
+}

@@ -382,3 +382,17 @@ fn a_canary_that_passes_its_bake_takes_all_traffic_and_the_old_generation_drains
         assert_eq!(get(b.port(), "/", LONG).expect("served").pid, Some(new));
     }
 }
+
+#[test]
+fn with_workers_any_worker_that_exits_during_the_bake_reverts() {
+    let layout = Layout::new();
+    std::fs::write(layout.path("releases/v2/faults"), "--crash-after 1s").expect("faults");
+    let b = layout.baton_with(&["--bake", "30s", "--workers", "2"]);
+    layout.deploy_v2();
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(1), "{json}\n{}", b.dump());
+    assert_eq!(json["reason"]["kind"], "reverted", "{json}");
+    support::wait_until("the previous release serves again", LONG, || {
+        b.status_json()["serving"].as_u64() == Some(3)
+    });
+}

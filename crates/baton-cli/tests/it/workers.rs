@@ -216,3 +216,38 @@ fn workers_auto_and_bad_values() {
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("invalid size"), "{}", out.stderr);
 }
+
+#[test]
+fn node_workers_share_the_socket_and_reload_without_failures() {
+    if !support::peer("node", "nodejs") {
+        return;
+    }
+    let server = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/node-workers/server.js");
+    let b = Baton::builder()
+        .run_args([
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "3",
+            "--ready",
+            "delay:300ms",
+        ])
+        .command(["node".into(), server.into_os_string()])
+        .start();
+    b.wait_for_event("ready", 1);
+    let pids = ready_workers(&b, 3);
+    let load = Load::start(b.port(), 16, 1_000_000, Duration::from_secs(120));
+    wait_until("clients met the 3 node workers", LONG, || {
+        pids.iter().all(|p| load.has_seen(*p as u32))
+    });
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", b.dump());
+    let new = ready_workers(&b, 3);
+    wait_until("clients met the new workers", LONG, || {
+        new.iter().all(|p| load.has_seen(*p as u32))
+    });
+    let (ok, failures, seen) = load.finish();
+    support::assert_no_failures(ok, &failures);
+    assert_eq!(seen.len(), 6, "{seen:?}");
+}
