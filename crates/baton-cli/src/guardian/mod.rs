@@ -939,6 +939,7 @@ impl Guardian {
                 } => match self.spawn(generation, release) {
                     Ok((process, route, release)) => {
                         self.policy.spawned(generation, process, route, release);
+                        self.sync_processes(generation);
                         if self.policy.serving().is_some() {
                             self.systemd.reloading(generation);
                         }

@@ -251,3 +251,38 @@ fn node_workers_share_the_socket_and_reload_without_failures() {
     support::assert_no_failures(ok, &failures);
     assert_eq!(seen.len(), 6, "{seen:?}");
 }
+
+#[test]
+fn workers_survive_an_upgrade_and_are_adopted_after_a_kill() {
+    let mut b = Baton::serving(&["--workers", "3"], &[]);
+    let port = b.port();
+    let pids = ready_workers(&b, 3);
+    let out = b.ctl(&["upgrade"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        ready_workers(&b, 3),
+        pids,
+        "the same workers after the upgrade"
+    );
+    b.signal(Signal::KILL);
+    b.wait_exit(LONG);
+    let second = Baton::builder()
+        .control(&b.control)
+        .run_args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "3"])
+        .start();
+    let mut adopted = Vec::new();
+    wait_until("the new baton adopted the 3 workers", LONG, || {
+        let out = second.ctl(&["status", "--json"]);
+        out.code == Some(0) && {
+            adopted = ready_workers(&second, 3);
+            true
+        }
+    });
+    let mut sorted = adopted.clone();
+    sorted.sort_unstable();
+    let mut expected = pids.clone();
+    expected.sort_unstable();
+    assert_eq!(sorted, expected);
+    let (code, json) = second.reload_json();
+    assert_eq!(code, Some(0), "{json}");
+}
