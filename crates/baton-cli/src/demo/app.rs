@@ -262,7 +262,7 @@ async fn serve(
     let pid = report.pid;
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
-            eprintln!("demo-app: pid {pid} got SIGUSR1");
+            say(format_args!("demo-app: pid {pid} got SIGUSR1"));
         }
     });
     if let Some(startup) = faults.startup {
@@ -274,7 +274,7 @@ async fn serve(
     let listeners = if listeners.is_empty() {
         let addr = faults.bind.as_deref().unwrap_or(&args.listen);
         let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        eprintln!("demo-app: listening on {}", l.local_addr()?);
+        say(format_args!("demo-app: listening on {}", l.local_addr()?));
         vec![Listener::Tcp(l)]
     } else {
         listeners
@@ -312,7 +312,9 @@ async fn serve(
         let pid = report.pid;
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            eprintln!("demo-app: pid {pid} crashes now (--crash-after)");
+            say(format_args!(
+                "demo-app: pid {pid} crashes now (--crash-after)"
+            ));
             std::process::exit(1);
         });
     }
@@ -409,7 +411,10 @@ impl App {
             "/slow" => {
                 let ms = query("ms").unwrap_or(1000).min(600_000);
                 // Tests wait for this line to know the request arrived.
-                eprintln!("demo-app: pid {} started a {ms} ms request", self.pid);
+                say(format_args!(
+                    "demo-app: pid {} started a {ms} ms request",
+                    self.pid
+                ));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 format!(
                     "slept {ms} ms in generation {} (pid {})\n",
@@ -503,4 +508,12 @@ impl App {
         }
         res
     }
+}
+
+/// Writes one line to stderr in a single `write`: the workers of a pool share
+/// one pipe, and a line written in pieces would interleave with theirs.
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let line = format!("{line}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
