@@ -1,30 +1,88 @@
 #!/bin/bash
-# Proxies in front of the same Gin app (examples/gin-hello/plain, r.Run()),
-# one run: throughput through each as a fraction of the app's direct
-# throughput, keep-alive and new connection per request (baton bench, 32
-# clients, 10 s each). Needs Debian's haproxy, nginx-light,
-# libnginx-mod-stream, golang-go and the Gin sources, and a release build.
+# Proxies in front of the same app, side by side in one run: direct, nginx,
+# HAProxy and baton, http and tcp, keep-alive clients and a new connection
+# per request. For each: the proxy's CPU time (user + system, from
+# /proc/PID/stat, every process of the proxy) divided by the requests it
+# carried, throughput, p50 and p99 (baton bench, 32 clients).
+#
+#   docs/peers/proxies.sh                 the Gin app (examples/gin-hello/plain)
+#   APP=python docs/peers/proxies.sh      Python's http.server, which writes a
+#                                         response's head and body in two writes
+#
+# Settings: DUR (per target, default 4s), CLIENTS (32), ONLY (a regex on the
+# labels), BATON_ARGS (extra flags for baton run). One nginx worker and one
+# HAProxy thread; baton with its default proxy threads (half the cores).
+# Needs Debian's haproxy, nginx-light, libnginx-mod-stream, golang-go and
+# the Gin sources (see .ci/run), and a release build (cargo build --release).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 B=$root/target/release/baton
 work=$(mktemp -d)
-cleanup() { pkill -P $$ 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-"$root/examples/gin-hello/build.sh" "$work" >/dev/null
-APP=20401; PUB=20402
-DUR=${DUR:-10s}
-PORT=$APP "$work/gin-plain" 2>/dev/null &
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$APP/" && break; sleep 0.05; done
-
-rps() { # port [--new-conn]
-    "$B" bench --url "http://127.0.0.1:$1/" -c 32 -d "$DUR" --json ${2:-} |
-        python3 -c "import json,sys; s=json.load(sys.stdin)['summary']; print(f\"{s['throughput_rps']:.0f} {s['failed']} {s['steady']['p99_ms']:.2f}\")"
+cleanup() {
+    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
+    pkill -P $$ 2>/dev/null || true
+    rm -rf "$work"
 }
-wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return; sleep 0.05; done; }
+trap cleanup EXIT
+DUR=${DUR:-4s}
+CLIENTS=${CLIENTS:-32}
+ONLY=${ONLY:-.}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+APP_PORT=$(free_port)
+PUB=$(free_port)
 
-cat > "$work/haproxy-http.cfg" <<CFG
+case ${APP:-gin} in
+gin)
+    "$root/examples/gin-hello/build.sh" "$work" >/dev/null
+    app=("$work/gin-plain")
+    ;;
+python)
+    cat >"$work/app.py" <<'PY'
+import os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as behind a proxy's pool
+    def do_GET(self):
+        body = b"hello\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()          # the head: one write
+        self.wfile.write(body)      # the body: a second write
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Hello).serve_forever()
+PY
+    app=(python3 "$work/app.py")
+    ;;
+*) echo "APP must be gin or python" >&2; exit 2 ;;
+esac
+
+wait_port() {
+    for _ in $(seq 400); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
+    echo "nothing answers on port $1" >&2
+    exit 1
+}
+# CPU ticks (user + system) of the given pids and their threads.
+ticks() {
+    local total=0 pid
+    for pid in "$@"; do
+        # Fields 14 and 15, after the parenthesised command name.
+        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat")
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+PORT=$APP_PORT "${app[@]}" 2>/dev/null &
+wait_port "$APP_PORT"
+
+cat >"$work/haproxy-http.cfg" <<CFG
 global
     maxconn 4000
+    nbthread 1
 defaults
     mode http
     timeout connect 5s
@@ -35,61 +93,81 @@ frontend f
     bind 127.0.0.1:$PUB
     default_backend b
 backend b
-    server app 127.0.0.1:$APP
+    server app 127.0.0.1:$APP_PORT
 CFG
-sed -e 's/mode http/mode tcp/' -e '/http-reuse/d' "$work/haproxy-http.cfg" > "$work/haproxy-tcp.cfg"
-cat > "$work/nginx-http.conf" <<CFG
-worker_processes auto;
+sed -e 's/mode http/mode tcp/' -e '/http-reuse/d' "$work/haproxy-http.cfg" >"$work/haproxy-tcp.cfg"
+cat >"$work/nginx-http.conf" <<CFG
+worker_processes 1;
 pid $work/nginx.pid;
 error_log /dev/null;
 events { worker_connections 4096; }
 http {
     access_log off;
-    upstream app { server 127.0.0.1:$APP; keepalive 64; }
+    upstream app { server 127.0.0.1:$APP_PORT; keepalive 64; }
     server {
         listen 127.0.0.1:$PUB;
         location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
     }
 }
 CFG
-cat > "$work/nginx-tcp.conf" <<CFG
+cat >"$work/nginx-tcp.conf" <<CFG
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes auto;
+worker_processes 1;
 pid $work/nginx.pid;
 error_log /dev/null;
 events { worker_connections 4096; }
-stream { server { listen 127.0.0.1:$PUB; proxy_pass 127.0.0.1:$APP; } }
+stream { server { listen 127.0.0.1:$PUB; proxy_pass 127.0.0.1:$APP_PORT; } }
 CFG
 
-declare -A direct
-for mode in keep-alive new-conn; do
-    flag=""; [ $mode = new-conn ] && flag=--new-conn
-    direct[$mode]=$(rps $APP $flag)
-done
-echo "| proxy | keep-alive (× direct) | new connection (× direct) |"
-echo "|---|---|---|"
-dp() { set -- $1; echo "$1 req/s, p99 $3 ms"; }
-echo "| direct to the app | $(dp "${direct[keep-alive]}") | $(dp "${direct[new-conn]}") |"
-run() { # label start-command
-    local label=$1; shift
-    "$@" & local pid=$!
-    wait_port $PUB
-    local ka nc
-    ka=$(rps $PUB); nc=$(rps $PUB --new-conn)
-    kill $pid 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    wait $pid 2>/dev/null || true; rm -f "$work/nginx.pid"; sleep 0.5
-    python3 - "$label" "$ka" "$nc" "${direct[keep-alive]}" "${direct[new-conn]}" <<'PY'
-import sys
-label, ka, nc, dka, dnc = sys.argv[1:]
-f = lambda s: [float(x) for x in s.split()]
-(k, kf, kp), (n, nf, np_), (d1, _, _), (d2, _, _) = f(ka), f(nc), f(dka), f(dnc)
-print(f"| {label} | {k/d1:.2f}× ({k:.0f}, {kf:.0f} failed, p99 {kp:.2f} ms) | {n/d2:.2f}× ({n:.0f}, {nf:.0f} failed, p99 {np_:.2f} ms) |")
+# label port pids... -> one table row (keep-alive, then new connections)
+measure() {
+    local label=$1 port=$2 mode flag before after
+    shift 2
+    local cells=()
+    for mode in keep-alive new-conn; do
+        flag=""
+        [ $mode = new-conn ] && flag=--new-conn
+        before=$(ticks "$@")
+        "$B" bench --url "http://127.0.0.1:$port/" -c "$CLIENTS" -d "$DUR" --json $flag >"$work/run.json"
+        after=$(ticks "$@")
+        cells+=("$(python3 - "$work/run.json" $((after - before)) "$HZ" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["summary"]
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+cpu = f"{ticks / hz * 1e6 / s['requests']:.1f} µs" if ticks else "—"
+print(f"{cpu} | {s['throughput_rps']:.0f} | {s['steady']['p50_ms']:.2f} / {s['steady']['p99_ms']:.2f} ms | {s['failed']}")
 PY
+)")
+    done
+    echo "| $label | ${cells[0]} | ${cells[1]} |"
 }
-[ -n "${ONLY_BATON:-}" ] || run "HAProxy, mode http, http-reuse always" haproxy -f "$work/haproxy-http.cfg" -db
-[ -n "${ONLY_BATON:-}" ] || run "HAProxy, mode tcp" haproxy -f "$work/haproxy-tcp.cfg" -db
-[ -n "${ONLY_BATON:-}" ] || run "nginx reverse proxy (http)" nginx -c "$work/nginx-http.conf" -g "daemon off;"
-[ -n "${ONLY_BATON:-}" ] || run "nginx stream (tcp)" nginx -c "$work/nginx-tcp.conf" -g "daemon off;"
-# baton proxies to its own generation of the same app (PORT given by baton).
-run "baton --proxy http" "$B" run --proxy http ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
-run "baton --proxy tcp" "$B" run --proxy tcp ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "$work/gin-plain"
+# label start-command...: starts a proxy, measures it, stops it
+proxy() {
+    local label=$1
+    shift
+    [[ $label =~ $ONLY ]] || return 0
+    "$@" 2>/dev/null &
+    local pid=$!
+    wait_port "$PUB"
+    local pids=("$pid")
+    # nginx: the master and its worker; baton: the guardian process (its
+    # proxy threads), not the app it runs nor its keeper.
+    if [ -f "$work/nginx.pid" ]; then pids=($(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")")); fi
+    measure "$label" "$PUB" "${pids[@]}"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$work/nginx.pid"
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PUB/" || break; sleep 0.05; done
+}
+
+echo "app: ${APP:-gin}; $CLIENTS clients, $DUR per cell; CPU per request of the proxy process"
+echo
+echo "| proxy | keep-alive: CPU/request | req/s | p50 / p99 | failed | new connection: CPU/request | req/s | p50 / p99 | failed |"
+echo "|---|---|---|---|---|---|---|---|---|"
+[[ direct =~ $ONLY ]] && measure "direct to the app" "$APP_PORT"
+proxy "nginx, http (upstream keepalive 64)" nginx -c "$work/nginx-http.conf" -g "daemon off;"
+proxy "HAProxy, mode http, http-reuse always" haproxy -f "$work/haproxy-http.cfg" -db
+proxy "baton --proxy http" "$B" run --proxy http ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "${app[@]}"
+proxy "nginx stream (tcp)" nginx -c "$work/nginx-tcp.conf" -g "daemon off;"
+proxy "HAProxy, mode tcp" haproxy -f "$work/haproxy-tcp.cfg" -db
+proxy "baton --proxy tcp" "$B" run --proxy tcp ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "${app[@]}"

@@ -201,13 +201,14 @@ impl From<tokio::net::UnixListener> for AsyncListener {
 /// poll. This acceptor sees the hang-up with the `WouldBlock` and registers
 /// the socket afresh instead.
 #[derive(Debug)]
-struct Acceptor {
+pub struct Acceptor {
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     unix: bool,
 }
 
 impl Acceptor {
-    fn new(listener: AsyncListener) -> io::Result<Acceptor> {
+    /// Takes over `listener` (registered anew with the current runtime).
+    pub fn new(listener: AsyncListener) -> io::Result<Acceptor> {
         let (fd, unix) = match listener {
             AsyncListener::Tcp(l) => (std::os::fd::OwnedFd::from(l.into_std()?), false),
             AsyncListener::Unix(l) => (std::os::fd::OwnedFd::from(l.into_std()?), true),
@@ -218,7 +219,14 @@ impl Acceptor {
         })
     }
 
-    async fn accept(&mut self) -> io::Result<Stream> {
+    /// Accepts one connection.
+    pub async fn accept(&mut self) -> io::Result<Stream> {
+        self.accept_from().await.map(|(stream, _)| stream)
+    }
+
+    /// Accepts one connection, with the client's address (TCP only),
+    /// which then costs no system call of its own.
+    pub async fn accept_from(&mut self) -> io::Result<(Stream, Option<SocketAddr>)> {
         use std::os::fd::AsFd;
         loop {
             let mut ready = self.fd.readable().await?;
@@ -226,13 +234,13 @@ impl Acceptor {
             let accepted = ready.try_io(|fd| crate::sys::accept_nonblocking(fd.as_fd()));
             drop(ready);
             match accepted {
-                Ok(Ok(conn)) => {
+                Ok(Ok((conn, peer))) => {
                     return if self.unix {
                         let std = std::os::unix::net::UnixStream::from(conn);
-                        Ok(Stream::Unix(tokio::net::UnixStream::from_std(std)?))
+                        Ok((Stream::Unix(tokio::net::UnixStream::from_std(std)?), None))
                     } else {
                         let std = std::net::TcpStream::from(conn);
-                        Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std)?))
+                        Ok((Stream::Tcp(tokio::net::TcpStream::from_std(std)?), peer))
                     };
                 }
                 Ok(Err(e)) => return Err(e),
@@ -460,6 +468,20 @@ impl Connections {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a connection closed because its client took longer than the
+    /// header timeout to send a request head (for servers of their own
+    /// that share these counters, such as a proxy).
+    pub fn count_header_timeout(&self) {
+        self.counters
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed after the idle timeout.
+    pub fn count_idle_timeout(&self) {
+        self.counters.idle_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Completes once no connection is open.
@@ -799,37 +821,50 @@ async fn connection<S, B>(
     // Until the first byte: no hyper state at all. Bounded by the header
     // timeout, by eviction at the connection limit, and by the idle grace
     // once draining.
-    let header_deadline = options.header_timeout.and_then(|t| born.checked_add(t));
     // Most clients send their request with (or right after) the handshake:
     // then there is nothing to wait for.
-    let spoke = stream.has_data() || async {
-        let mut grace_over: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                ready = stream.readable() => return ready.is_ok(),
-                () = sleep_until_opt(header_deadline) => {
-                    options.connections.counters.header_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                // Chosen to make room: unless its request arrived meanwhile.
-                () = ticket.evicted() => return stream.has_data(),
-                () = drained(&mut draining), if grace_over.is_none() => {
-                    grace_over = Instant::now().checked_add(options.drain.idle_grace);
-                    if grace_over.is_none() {
-                        return false;
-                    }
-                }
-                () = sleep_until_opt(grace_over) => return false,
-            }
-        }
-    }
-    .await;
+    let spoke =
+        stream.has_data() || first_byte(&stream, &ticket, &options, &mut draining, born).await;
     if !spoke {
         return;
     }
     ticket.spoke();
     // Boxed, so that a silent connection's task stays small.
     Box::pin(exchange(stream, ticket, born, service, draining, options)).await;
+}
+
+/// Waits for a connection's first byte, holding nothing but the socket:
+/// `false` if the connection should close unserved instead. The wait is
+/// bounded by the header timeout from `born` (the accept; counted), by
+/// eviction at the connection cap (unless the request arrived meanwhile),
+/// and by the drain's idle grace once `draining` turns true.
+pub async fn first_byte(
+    stream: &Stream,
+    ticket: &Ticket,
+    options: &Options,
+    draining: &mut watch::Receiver<bool>,
+    born: Instant,
+) -> bool {
+    let header_deadline = options.header_timeout.and_then(|t| born.checked_add(t));
+    let mut grace_over: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            ready = stream.readable() => return ready.is_ok(),
+            () = sleep_until_opt(header_deadline) => {
+                options.connections.count_header_timeout();
+                return false;
+            }
+            // Chosen to make room: unless its request arrived meanwhile.
+            () = ticket.evicted() => return stream.has_data(),
+            () = drained(draining), if grace_over.is_none() => {
+                grace_over = Instant::now().checked_add(options.drain.idle_grace);
+                if grace_over.is_none() {
+                    return false;
+                }
+            }
+            () = sleep_until_opt(grace_over) => return false,
+        }
+    }
 }
 
 /// The HTTP part of a connection's life.

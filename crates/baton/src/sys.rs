@@ -53,21 +53,65 @@ pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// Accepts a connection on listening socket `fd`, without blocking, as a
-/// non-blocking, close-on-exec socket (`accept4`).
-pub fn accept_nonblocking(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` is open for the borrow's lifetime; null address pointers
-    // ask the kernel not to report the peer's address.
+/// non-blocking, close-on-exec socket (`accept4`), with the peer's address
+/// when it is an IP one.
+pub fn accept_nonblocking(
+    fd: BorrowedFd<'_>,
+) -> io::Result<(OwnedFd, Option<std::net::SocketAddr>)> {
+    let mut addr = std::mem::MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `fd` is open for the borrow's lifetime; `addr` is valid for
+    // writes of `len` bytes, the size of a `sockaddr_storage`, which holds
+    // any address, and the kernel writes back the length it used.
     let conn = check(unsafe {
         libc::accept4(
             fd.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            addr.as_mut_ptr().cast(),
+            &raw mut len,
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
     })?;
     // SAFETY: `accept4` succeeded, so `conn` is a new descriptor this
     // process owns and nothing else refers to.
-    Ok(unsafe { OwnedFd::from_raw_fd(conn) })
+    let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+    // SAFETY: zero-initialized, then (in part) written by the kernel: every
+    // byte of a `sockaddr_storage` (plain integers) is initialized.
+    let addr = unsafe { addr.assume_init() };
+    Ok((conn, socket_addr(&addr, len)))
+}
+
+/// An IP address as the kernel wrote it into `addr` (`len` bytes).
+fn socket_addr(
+    addr: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    let len = len as usize;
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a `sockaddr_in`, of
+            // which the kernel wrote all `len` bytes; `sockaddr_storage` is
+            // aligned for every address type.
+            let a = unsafe { &*(std::ptr::from_ref(addr).cast::<libc::sockaddr_in>()) };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)).into())
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a `sockaddr_in6`.
+            let a = unsafe { &*(std::ptr::from_ref(addr).cast::<libc::sockaddr_in6>()) };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(
+                SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )
+                .into(),
+            )
+        }
+        _ => None,
+    }
 }
 
 /// Sets `FD_CLOEXEC` on `fd`.

@@ -1,304 +1,938 @@
 //! `--proxy http`: an HTTP/1.1 reverse proxy in front of the current
-//! generation. Client connections are served by the library's lame-duck
-//! server (`baton::serve`), so baton's own stop drains them gently; each
-//! request goes to whichever generation is current when it arrives, over a
-//! pooled keep-alive connection to that generation's private port.
+//! generation.
 //!
-//! Bodies stream both ways (nothing is buffered); `Upgrade` requests
+//! Each client connection is one task on its proxy thread. A request head
+//! is parsed in place ([`wire`]), rewritten once (hop-by-hop headers out,
+//! forwarding headers in) and sent to the current generation over a pooled
+//! keep-alive connection; the answer's head is rewritten the same way and
+//! its body relayed as it comes, with no copy of the body beyond the read
+//! buffer it arrived in. Bodies stream both ways, framed by
+//! `Content-Length` or chunked (relayed verbatim); `Upgrade` requests
 //! (WebSocket) are spliced once both sides agreed (101). `Host` is kept;
 //! `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` are added.
+//!
+//! What bounds a connection (`baton::serve::Options`):
+//! - the first request head must arrive within the header timeout of the
+//!   accept, a later one within the header timeout of its first byte; an
+//!   idle keep-alive connection is closed after the idle timeout;
+//! - a client that stops sending its body, or stops reading its answer, is
+//!   cut after the idle timeout; the app must start answering within the
+//!   upstream timeout of the end of the body (or of its last read of it),
+//!   and keep the answer's body coming within it, or the client gets a 504
+//!   (or, once the answer started, a closed connection);
+//! - at a stop, answers carry `Connection: close` and idle connections are
+//!   closed after the drain's idle grace.
+//!
+//! Retries: a request is sent again only when nothing of it can have
+//! reached a generation (a refused connect: to the next generation, twice),
+//! or, once, when it is idempotent, has no body, and the generation closed
+//! the connection without answering.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
+pub mod wire;
+
+use std::io::{self, IoSlice};
+use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Either, Empty};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1 as client;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::body::{Bounded, Progress};
-use super::upstream::{Active, UpBody, UpConn};
+use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
+use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
+use wire::{Chunked, Framing, Request};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// How much a read asks for, and what a connection's buffer starts with.
+const READ: usize = 8 * 1024;
 
-/// What the proxy answers with.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+/// The longest request or response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
 
-/// The proxy as a hyper service.
-#[derive(Debug, Clone)]
-pub struct HttpProxy {
-    proxy: Arc<Proxy>,
-}
-
-impl HttpProxy {
-    /// A service forwarding to `proxy`'s current generation.
-    pub fn new(proxy: Arc<Proxy>) -> HttpProxy {
-        HttpProxy { proxy }
+/// Accepts on `listeners` and serves until `stop` turns true; then stops
+/// accepting and drains: answers carry `Connection: close`, and each
+/// connection ends after its request in flight (or after the idle grace).
+pub async fn serve(listeners: Vec<AsyncListener>, proxy: Arc<Proxy>, stop: watch::Receiver<bool>) {
+    let mut loops = JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept_loop(listener, Arc::clone(&proxy), stop.clone()));
     }
+    while loops.join_next().await.is_some() {}
 }
 
-impl hyper::service::Service<Request<Incoming>> for HttpProxy {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let proxy = Arc::clone(&self.proxy);
-        Box::pin(async move {
-            let mut response = forward(&proxy, req).await;
-            if proxy.lame_duck.load(Ordering::Relaxed)
-                && response.status() != StatusCode::SWITCHING_PROTOCOLS
-            {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(response)
-        })
-    }
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Forwards one request; retries once if none of it reached a generation.
-async fn forward(proxy: &Arc<Proxy>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let peer = req
-        .extensions()
-        .get::<baton::serve::PeerAddr>()
-        .map(|p| p.0);
-    let upgrade = is_upgrade(req.headers());
-    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
-    prepare_request(&mut req, peer, upgrade);
-    // A bodiless idempotent request can be sent again if the generation
-    // died before answering (RFC 9110 §9.2.2); keep its head for that.
-    let replay = (!upgrade && is_idempotent(req.method()) && req.body().is_end_stream())
-        .then(|| head_of(&req));
-    // A client that stops sending its body is cut after the idle timeout;
-    // the upstream timeout runs from the end of the body (or from the last
-    // part the app took, if it stops reading it).
-    let stall = proxy.limits.serve.idle_timeout;
-    let progress = (!req.body().is_end_stream()).then(|| Arc::new(Progress::new()));
-    let mut req: Request<UpBody> = req.map(|body| {
-        let body = Bounded::new(body, stall);
-        Either::Left(match &progress {
-            Some(progress) => body.with_progress(Arc::clone(progress)),
-            None => body,
-        })
-    });
-
-    let Some((mut upstream, mut active)) = proxy.acquire().await else {
-        proxy
-            .counters
-            .upstream_errors
-            .fetch_add(1, Ordering::Relaxed);
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no generation is serving");
+async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Receiver<bool>) {
+    let Ok(mut listener) = Acceptor::new(listener) else {
+        return;
     };
-    // Connect failures (nothing sent) may move on to the next generation
-    // twice; a request that was sent is tried again at most once.
-    let (mut connect_retries, mut send_retried, mut fresh) = (0, false, false);
+    let mut conns = JoinSet::new();
+    let mut watch = stop.clone();
+    let spawn = |conns: &mut JoinSet<()>, stream, peer, ticket| {
+        conns.spawn(connection(
+            stream,
+            peer,
+            ticket,
+            Arc::clone(&proxy),
+            stop.clone(),
+        ));
+    };
     loop {
-        let pooled = if fresh { None } else { upstream.checkout() };
-        fresh = false;
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => match connect(upstream.addr).await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    if connect_retries < 2 {
-                        connect_retries += 1;
-                        proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        // This one is gone or not listening: wait for the
-                        // guardian to switch to another.
-                        if let Some(next) = proxy.next(Some(&upstream)).await
-                            && let Some(entered) = next.enter_if_open()
-                        {
+        // Accept first, then wait for a slot (see `baton::serve`): at the
+        // cap the oldest silent connection makes room, and an accepted
+        // connection is never dropped unserved.
+        let accepted = tokio::select! {
+            biased;
+            () = stopped(&mut watch) => break,
+            // Reaped as they end, so that their memory goes at once.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept_from() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let ticket = tokio::select! {
+            biased;
+            ticket = proxy.connections().admit() => ticket,
+            () = stopped(&mut watch) => {
+                spawn(&mut conns, stream, peer, proxy.connections().admit_over_cap());
+                break;
+            }
+        };
+        spawn(&mut conns, stream, peer, ticket);
+    }
+    // Stop accepting; baton's own copy keeps the socket and its queue.
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// One client connection: waits (holding no buffer) for its first byte,
+/// then serves its requests.
+async fn connection(
+    stream: Stream,
+    peer: Option<std::net::SocketAddr>,
+    ticket: Ticket,
+    proxy: Arc<Proxy>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let born = Instant::now();
+    let options = &proxy.limits.serve;
+    // Most clients send their request with the handshake: read it at once.
+    let mut buf = BytesMut::with_capacity(READ);
+    let first = match &stream {
+        Stream::Tcp(s) => {
+            let _ = s.set_nodelay(true);
+            crate::sys::socket::recv_now(s.as_fd(), &mut buf)
+        }
+        Stream::Unix(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buf),
+        _ => return,
+    };
+    match first {
+        Ok(0) => return,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // A silent connection holds no buffer while it waits.
+            buf = BytesMut::new();
+            let spoke =
+                baton::serve::first_byte(&stream, &ticket, options, &mut draining, born).await;
+            if !spoke {
+                return;
+            }
+        }
+        Err(_) => return,
+    }
+    ticket.spoke();
+    let peer = peer.map(|a| a.ip().to_canonical());
+    // Borrowed halves: no allocation, and closing is one close(2).
+    match stream {
+        Stream::Tcp(mut s) => {
+            let (r, w) = s.split();
+            Client::new(r, w, buf, peer, proxy, draining, born, ticket)
+                .run()
+                .await;
+        }
+        Stream::Unix(mut s) => {
+            let (r, w) = s.split();
+            Client::new(r, w, buf, peer, proxy, draining, born, ticket)
+                .run()
+                .await;
+        }
+        _ => {}
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `f`, bounded by `limit` when there is one.
+async fn bounded<T>(
+    limit: Option<Duration>,
+    f: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        None => f.await,
+    }
+}
+
+/// Writes all of `a` then all of `b`, in as few system calls as the
+/// socket takes.
+async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() {
+        let n = w
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    if !b.is_empty() {
+        w.write_all(b).await?;
+    }
+    Ok(())
+}
+
+/// Reads more into `buf`; `Ok(0)` at the end of the stream.
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.is_empty() {
+        // Start over at the front of the allocation.
+        buf.clear();
+    }
+    if buf.capacity() - buf.len() < READ / 2 {
+        buf.reserve(READ);
+    }
+    r.read_buf(buf).await
+}
+
+/// How an exchange ended for the client connection.
+#[derive(Debug, PartialEq, Eq)]
+enum After {
+    /// Ready for the next request.
+    KeepAlive,
+    /// Close, the client having sent nothing more we know of.
+    Close,
+    /// Close, after reading (and dropping) what the client still sends, so
+    /// that the answer is not lost to a reset.
+    Linger,
+}
+
+/// Why a request got no answer from a generation.
+enum Failed {
+    /// The generation took too long (`--upstream-timeout`).
+    Timeout,
+    /// It closed the connection before a byte of an answer: the request may
+    /// be sent again if it is safe to.
+    Unanswered(io::Error),
+    /// It answered with something that is not HTTP, or broke off.
+    Bad(String),
+    /// The client went away or stalled while sending its body.
+    Client,
+}
+
+struct Client<R, W> {
+    r: R,
+    w: W,
+    /// Read from the client, not yet used.
+    buf: BytesMut,
+    /// The head being sent to the generation (kept for a replay).
+    up_head: Vec<u8>,
+    /// The head being sent to the client.
+    out: Vec<u8>,
+    peer: Option<IpAddr>,
+    proxy: Arc<Proxy>,
+    draining: watch::Receiver<bool>,
+    /// The accept, for the first head's timeout.
+    born: Instant,
+    served: u64,
+    /// The end of the last answer, for the idle timeout.
+    last: Instant,
+    _ticket: Ticket,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        r: R,
+        w: W,
+        buf: BytesMut,
+        peer: Option<IpAddr>,
+        proxy: Arc<Proxy>,
+        draining: watch::Receiver<bool>,
+        born: Instant,
+        ticket: Ticket,
+    ) -> Self {
+        Client {
+            r,
+            w,
+            buf,
+            up_head: Vec::new(),
+            out: Vec::new(),
+            peer,
+            proxy,
+            draining,
+            born,
+            served: 0,
+            last: born,
+            _ticket: ticket,
+        }
+    }
+
+    async fn run(mut self) {
+        let after = loop {
+            let Some(request) = self.read_request().await else {
+                break After::Close;
+            };
+            let after = self.exchange(&request).await;
+            self.served += 1;
+            self.last = Instant::now();
+            if after != After::KeepAlive {
+                break after;
+            }
+            // A connection that is idle again keeps a small buffer only.
+            if self.buf.is_empty() && self.buf.capacity() > 4 * READ {
+                self.buf = BytesMut::new();
+            }
+        };
+        if after == After::Linger {
+            let _ = self.w.shutdown().await;
+            // Bounded: at most a second and 1 MiB.
+            let mut sink = 0usize;
+            let linger = async {
+                while sink < 1 << 20 {
+                    self.buf.clear();
+                    match read_more(&mut self.r, &mut self.buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => sink += n,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+        }
+    }
+
+    /// The next request head, parsed and rewritten into `up_head`, or `None`
+    /// when the connection should close (the client closed it, a timeout,
+    /// a bad head: answered and closed).
+    async fn read_request(&mut self) -> Option<Request> {
+        let proxy = Arc::clone(&self.proxy);
+        let options = &proxy.limits.serve;
+        // The first head is timed from the accept; a later one from its
+        // first byte; an idle connection from the end of the last answer.
+        let mut head_from =
+            (self.served == 0 || !self.buf.is_empty()).then_some(if self.served == 0 {
+                self.born
+            } else {
+                Instant::now()
+            });
+        let mut drain_at: Option<Instant> = None;
+        loop {
+            if !self.buf.is_empty() {
+                match wire::parse_request(&self.buf, self.peer, &mut self.up_head) {
+                    Ok(Some(request)) => {
+                        self.buf.advance(request.head_len);
+                        return Some(request);
+                    }
+                    Ok(None) if self.buf.len() > MAX_HEAD => {
+                        self.reject(431, "request head too large").await;
+                        return None;
+                    }
+                    Ok(None) => {}
+                    Err(why) => {
+                        self.reject(why.status, why.reason).await;
+                        return None;
+                    }
+                }
+            }
+            let deadline = match head_from {
+                Some(from) => options.header_timeout.and_then(|t| from.checked_add(t)),
+                None => {
+                    let idle = options.idle_timeout.and_then(|t| self.last.checked_add(t));
+                    match drain_at.and_then(|at| at.checked_add(options.drain.idle_grace)) {
+                        Some(grace) => Some(idle.map_or(grace, |idle| idle.min(grace))),
+                        None => idle,
+                    }
+                }
+            };
+            let draining_now = head_from.is_none() && drain_at.is_none();
+            tokio::select! {
+                read = read_more(&mut self.r, &mut self.buf) => match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {
+                        if head_from.is_none() {
+                            head_from = Some(Instant::now());
+                        }
+                    }
+                },
+                () = sleep_until(deadline) => {
+                    if head_from.is_some() {
+                        options.connections.count_header_timeout();
+                    } else if drain_at.is_none() {
+                        options.connections.count_idle_timeout();
+                    }
+                    return None;
+                }
+                () = stopped(&mut self.draining), if draining_now => {
+                    drain_at = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Answers a request that cannot be served and closes.
+    async fn reject(&mut self, status: u16, why: &str) {
+        wire::error_response(&mut self.out, status, why, true, false);
+        let limit = self.proxy.limits.serve.idle_timeout;
+        let _ = bounded(limit, self.w.write_all(&self.out)).await;
+    }
+
+    /// Sends an answer of baton's own (an error) to the client.
+    async fn answer_error(
+        &mut self,
+        request: &Request,
+        status: u16,
+        why: &str,
+        body_read: bool,
+    ) -> After {
+        let close = !body_read || self.closing(request);
+        wire::error_response(&mut self.out, status, why, close, request.head_method);
+        let limit = self.proxy.limits.serve.idle_timeout;
+        if bounded(limit, self.w.write_all(&self.out)).await.is_err() {
+            return After::Close;
+        }
+        match (close, body_read) {
+            (false, _) => After::KeepAlive,
+            (true, true) => After::Close,
+            (true, false) => After::Linger,
+        }
+    }
+
+    /// Whether this answer closes the connection: the client asked, or
+    /// baton is stopping.
+    fn closing(&self, request: &Request) -> bool {
+        request.close || self.proxy.lame_duck.load(Ordering::Relaxed) || *self.draining.borrow()
+    }
+
+    /// Forwards one request and relays its answer.
+    async fn exchange(&mut self, request: &Request) -> After {
+        let proxy = Arc::clone(&self.proxy);
+        let counters = &proxy.counters;
+        let Some((mut upstream, mut active)) = proxy.acquire().await else {
+            counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            let body_read = request.framing == Framing::None;
+            return self
+                .answer_error(request, 503, "no generation is serving", body_read)
+                .await;
+        };
+        let (mut connect_retries, mut replayed, mut fresh) = (0, false, false);
+        loop {
+            let pooled = if fresh { None } else { upstream.checkout() };
+            fresh = false;
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => match super::connect(upstream.addr).await {
+                    Ok(stream) => UpConn::new(stream),
+                    Err(e) => {
+                        // Nothing was sent: the next generation, twice.
+                        if connect_retries < 2 {
+                            connect_retries += 1;
+                            counters.retries.fetch_add(1, Ordering::Relaxed);
+                            if let Some(next) = proxy.next(Some(&upstream)).await
+                                && let Some(entered) = next.enter_if_open()
+                            {
+                                (upstream, active) = (next, entered);
+                                continue;
+                            }
+                        }
+                        upstream.record(true);
+                        counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        let why = format!(
+                            "generation {} at {}: {e}",
+                            upstream.generation, upstream.addr
+                        );
+                        let body_read = request.framing == Framing::None;
+                        return self.answer_error(request, 502, &why, body_read).await;
+                    }
+                },
+            };
+            let sent = if replayed {
+                self.send_bodiless(&mut conn, request.http10).await
+            } else {
+                self.send(&mut conn, request).await
+            };
+            let body_done = match sent {
+                Ok(done) => done,
+                Err(failed) => {
+                    let body_read = request.framing == Framing::None || replayed;
+                    let why = match failed {
+                        Failed::Client => return After::Close,
+                        Failed::Timeout => {
+                            upstream.record(true);
+                            counters.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
+                            let why = format!(
+                                "generation {} did not answer within {} (--upstream-timeout)",
+                                upstream.generation,
+                                humantime::format_duration(proxy.limits.upstream_timeout)
+                            );
+                            return self.answer_error(request, 504, &why, body_read).await;
+                        }
+                        Failed::Unanswered(e) if request.replayable && !replayed => {
+                            debug!(generation = upstream.generation, error = %e, "retrying a request no generation answered");
+                            replayed = true;
+                            counters.retries.fetch_add(1, Ordering::Relaxed);
+                            let failed = Arc::clone(&upstream);
+                            drop(active);
+                            let Some((next, entered)) = proxy.acquire().await else {
+                                counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                                return self
+                                    .answer_error(request, 502, "no generation is serving", true)
+                                    .await;
+                            };
+                            // The same generation (a stale keep-alive
+                            // connection): at once, on a new connection.
+                            fresh = Arc::ptr_eq(&next, &failed);
                             (upstream, active) = (next, entered);
                             continue;
                         }
-                    }
-                    let why = format!(
-                        "generation {} at {}: {e}",
-                        upstream.generation, upstream.addr
-                    );
+                        Failed::Unanswered(e) => e.to_string(),
+                        Failed::Bad(why) => why,
+                    };
                     upstream.record(true);
-                    proxy
-                        .counters
-                        .upstream_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    return error(StatusCode::BAD_GATEWAY, &why);
+                    counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("generation {}: {why}", upstream.generation);
+                    return self.answer_error(request, 502, &why, body_read).await;
                 }
-            },
+            };
+            return self
+                .respond(request, conn, upstream, active, body_done)
+                .await;
+        }
+    }
+
+    /// Sends the request (head, then body as it comes) and reads the head
+    /// of the answer into `conn.buf`, relaying informational (1xx) answers.
+    /// Returns whether the whole body was sent.
+    async fn send(&mut self, conn: &mut UpConn, request: &Request) -> Result<bool, Failed> {
+        if request.framing == Framing::None {
+            return self.send_bodiless(conn, request.http10).await;
+        }
+        let timeout = self.proxy.limits.upstream_timeout;
+        let stall = self.proxy.limits.serve.idle_timeout;
+        let Client {
+            r, w, buf, up_head, ..
+        } = self;
+        let (mut up_r, mut up_w) = conn.stream.split();
+        let progress = Progress::new();
+        let body = async {
+            up_w.write_all(up_head).await.map_err(|e| (true, e))?;
+            progress.touch();
+            relay_body(r, buf, &mut up_w, request.framing, stall, &progress).await
         };
-        // Without a body (a replay has none) the clock starts at once.
-        let timeout = proxy.limits.upstream_timeout;
-        let body_progress = progress
-            .as_ref()
-            .filter(|_| matches!(req.body(), Either::Left(_)));
-        let deadline = async {
-            match body_progress {
-                Some(progress) => progress.deadline(timeout).await,
-                None => tokio::time::sleep(timeout).await,
-            }
-        };
-        let sent = async {
+        let head = read_head(&mut up_r, &mut conn.buf, w, request.http10);
+        tokio::pin!(body, head);
+        // The whole body was read from the client; the app took what it
+        // wanted of it.
+        let (mut body_done, mut body_over) = (false, false);
+        loop {
+            // The app's time to answer runs from the end of the body, or
+            // from the last part it took.
+            let deadline = progress.last().checked_add(timeout);
             tokio::select! {
-                sent = conn.sender.try_send_request(req) => Ok(sent),
-                () = deadline => Err(()),
+                sent = &mut body, if !body_over => {
+                    body_over = true;
+                    match sent {
+                        Ok(()) => {
+                            body_done = true;
+                            progress.touch();
+                        }
+                        // The client stalled or went away.
+                        Err((false, _)) => return Err(Failed::Client),
+                        // The app stopped taking the body: its answer, if
+                        // any, still counts.
+                        Err((true, _)) => {}
+                    }
+                },
+                answered = &mut head => return answered.map(|()| body_done),
+                () = sleep_until(deadline) => {
+                    if progress.last().checked_add(timeout).is_some_and(|at| at <= Instant::now()) {
+                        return Err(Failed::Timeout);
+                    }
+                }
             }
-        };
-        match sent.await {
-            Ok(Ok(response)) => {
-                let proxy = Arc::clone(proxy);
-                return respond(response, conn, active, upstream, client_side, proxy).await;
-            }
-            // No answer in time: the app may still be working on it, so it
-            // is never sent again. Dropping the connection closes it.
-            Err(_) => {
-                drop(conn);
+        }
+    }
+
+    /// Sends the head alone and reads the answer's head.
+    async fn send_bodiless(&mut self, conn: &mut UpConn, http10: bool) -> Result<bool, Failed> {
+        let timeout = self.proxy.limits.upstream_timeout;
+        if let Err(e) = conn.stream.write_all(&self.up_head).await {
+            return Err(Failed::Unanswered(e));
+        }
+        let (mut up_r, _) = conn.stream.split();
+        let head = read_head(&mut up_r, &mut conn.buf, &mut self.w, http10);
+        match tokio::time::timeout(timeout, head).await {
+            Ok(answered) => answered.map(|()| true),
+            Err(_) => Err(Failed::Timeout),
+        }
+    }
+
+    /// Passes the generation's answer on; the connection goes back to the
+    /// pool once its body has been relayed in full.
+    async fn respond(
+        &mut self,
+        request: &Request,
+        mut conn: UpConn,
+        upstream: Arc<Upstream>,
+        active: Active,
+        body_done: bool,
+    ) -> After {
+        let proxy = Arc::clone(&self.proxy);
+        let close = !body_done || self.closing(request);
+        let response = match wire::parse_response(
+            &conn.buf,
+            request,
+            upstream.generation,
+            close,
+            &mut self.out,
+        ) {
+            Ok(Some(response)) => response,
+            // `read_head` returns only once a head is complete and valid.
+            Ok(None) | Err(_) => {
                 upstream.record(true);
                 proxy
                     .counters
-                    .upstream_timeouts
+                    .upstream_errors
                     .fetch_add(1, Ordering::Relaxed);
-                let why = format!(
-                    "generation {} did not answer within {} (--upstream-timeout)",
-                    upstream.generation,
-                    humantime::format_duration(proxy.limits.upstream_timeout)
-                );
-                return error(StatusCode::GATEWAY_TIMEOUT, &why);
+                return self
+                    .answer_error(
+                        request,
+                        502,
+                        "the generation's answer is not HTTP",
+                        body_done,
+                    )
+                    .await;
             }
-            Ok(Err(mut e)) => {
-                let again = match e.take_message() {
-                    // The request never left (a pooled connection was closed).
-                    Some(unsent) => Some(unsent),
-                    // It left, but no answer came: safe to repeat if idempotent.
-                    None => replay.as_ref().map(rebuild),
-                };
-                let Some(next_req) = again.filter(|_| !send_retried) else {
-                    let why = format!("generation {}: {}", upstream.generation, e.error());
-                    upstream.record(true);
-                    proxy
-                        .counters
-                        .upstream_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    return error(StatusCode::BAD_GATEWAY, &why);
-                };
-                debug!(generation = upstream.generation, error = %e.error(), "retrying a request no generation answered");
-                send_retried = true;
-                proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
-                req = next_req;
-                let failed = Arc::clone(&upstream);
-                drop(active);
-                // The current generation; if that is still this one (a stale
-                // keep-alive connection), at once, on a new connection.
-                let Some((next, entered)) = proxy.acquire().await else {
-                    proxy
-                        .counters
-                        .upstream_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    return error(StatusCode::BAD_GATEWAY, "no generation is serving");
-                };
-                fresh = Arc::ptr_eq(&next, &failed);
-                (upstream, active) = (next, entered);
+        };
+        conn.buf.advance(response.head_len);
+        upstream.record(response.status >= 500);
+        let stall = proxy.limits.serve.idle_timeout;
+        if response.status == 101 && request.upgrade {
+            // Head and whatever followed it, then the two streams spliced.
+            if bounded(stall, write_two(&mut self.w, &self.out, &conn.buf))
+                .await
+                .is_err()
+            {
+                return After::Close;
+            }
+            conn.buf.clear();
+            proxy.counters.open_streams.fetch_add(1, Ordering::SeqCst);
+            let _open = OpenStream(Arc::clone(&proxy));
+            let _active = active;
+            let (mut up_r, mut up_w) = conn.stream.split();
+            let to_app = async {
+                up_w.write_all(&self.buf).await?;
+                tokio::io::copy(&mut self.r, &mut up_w).await?;
+                up_w.shutdown().await
+            };
+            let to_client = async {
+                tokio::io::copy(&mut up_r, &mut self.w).await?;
+                self.w.shutdown().await
+            };
+            let _ = tokio::join!(to_app, to_client);
+            return After::Close;
+        }
+        // Head and the first part of the body in one write.
+        let timeout = Some(proxy.limits.upstream_timeout);
+        let relayed = relay_first_and_rest(
+            &mut self.w,
+            &self.out,
+            &mut conn,
+            response.framing,
+            response.dechunk,
+            timeout,
+            stall,
+        )
+        .await;
+        drop(active);
+        match relayed {
+            Ok(()) => {
+                if response.reusable {
+                    upstream.checkin(conn);
+                }
+                match (response.close, body_done) {
+                    (false, _) => After::KeepAlive,
+                    (true, true) => After::Close,
+                    (true, false) => After::Linger,
+                }
+            }
+            Err(Broken::Client) => After::Close,
+            Err(Broken::App) => {
+                // A broken or stalled answer: the client connection is cut,
+                // so that the client sees it is incomplete.
+                proxy
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                After::Close
             }
         }
     }
 }
 
-/// What is needed to send a bodiless request again.
-struct Head {
-    method: hyper::Method,
-    uri: hyper::Uri,
-    version: hyper::Version,
-    headers: HeaderMap,
+/// When a request body last moved to the app: the app's time to answer
+/// runs from there.
+struct Progress {
+    start: Instant,
+    /// Nanoseconds after `start`.
+    last: std::sync::atomic::AtomicU64,
 }
 
-fn head_of<B>(req: &Request<B>) -> Head {
-    Head {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        headers: req.headers().clone(),
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
 
-fn rebuild(head: &Head) -> Request<UpBody> {
-    let mut req = Request::new(Either::Right(Empty::new()));
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    req
+/// Which side broke a relay.
+enum Broken {
+    Client,
+    App,
 }
 
-fn is_idempotent(method: &hyper::Method) -> bool {
-    use hyper::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
+/// Writes the answer's head with what part of its body is already read,
+/// then relays the rest of the body.
+async fn relay_first_and_rest<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    head: &[u8],
+    conn: &mut UpConn,
+    framing: Framing,
+    dechunk: bool,
+    timeout: Option<Duration>,
+    stall: Option<Duration>,
+) -> Result<(), Broken> {
+    let UpConn { stream, buf, .. } = conn;
+    let (mut up_r, _) = stream.split();
+    if dechunk {
+        // An HTTP/1.0 client of a chunked answer: the data alone, then close.
+        bounded(stall, w.write_all(head))
+            .await
+            .map_err(|_| Broken::Client)?;
+        return relay_dechunked(&mut up_r, buf, w, timeout, stall).await;
+    }
+    let mut state = Body::new(framing);
+    let take = state.take(buf).map_err(|_| Broken::App)?;
+    bounded(stall, write_two(w, head, &buf[..take]))
+        .await
+        .map_err(|_| Broken::Client)?;
+    buf.advance(take);
+    let mut got_data = take > 0;
+    while !state.done() {
+        // The answer came in parts: acknowledge what arrived at once, so
+        // that an app that waits for the acknowledgement before sending
+        // the rest (Nagle's algorithm) does not wait for a delayed one.
+        if got_data {
+            let _ = rustix::net::sockopt::set_tcp_quickack(up_r.as_ref(), true);
+        }
+        let n = bounded(timeout, read_more(&mut up_r, buf))
+            .await
+            .map_err(|_| Broken::App)?;
+        if n == 0 {
+            return if framing == Framing::Close {
+                Ok(())
+            } else {
+                Err(Broken::App)
+            };
+        }
+        let take = state.take(buf).map_err(|_| Broken::App)?;
+        bounded(stall, w.write_all(&buf[..take]))
+            .await
+            .map_err(|_| Broken::Client)?;
+        buf.advance(take);
+        got_data = true;
+    }
+    Ok(())
 }
 
-/// Passes the generation's answer on; the connection goes back to the pool
-/// once the body has been relayed in full.
-async fn respond(
-    mut response: Response<Incoming>,
-    conn: UpConn,
-    active: Active,
-    upstream: Arc<Upstream>,
-    client_side: Option<hyper::upgrade::OnUpgrade>,
-    proxy: Arc<Proxy>,
-) -> Response<ProxyBody> {
-    let generation = upstream.generation;
-    upstream.record(response.status().is_server_error());
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_side) = client_side
-    {
-        let upstream_side = hyper::upgrade::on(&mut response);
-        let streams = Arc::clone(&proxy);
-        streams.counters.open_streams.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let _active = active;
-            let _open = OpenStream(streams);
-            if let (Ok(client), Ok(server)) = (client_side.await, upstream_side.await) {
-                let _ = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(server),
-                )
-                .await;
+/// A chunked answer's data alone, for an HTTP/1.0 client.
+async fn relay_dechunked<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    w: &mut W,
+    timeout: Option<Duration>,
+    stall: Option<Duration>,
+) -> Result<(), Broken> {
+    let mut chunked = Chunked::default();
+    let mut data = Vec::new();
+    loop {
+        data.clear();
+        let used = chunked
+            .feed(buf, Some(&mut data))
+            .map_err(|_| Broken::App)?;
+        buf.advance(used);
+        bounded(stall, w.write_all(&data))
+            .await
+            .map_err(|_| Broken::Client)?;
+        if chunked.done() {
+            return Ok(());
+        }
+        let n = bounded(timeout, read_more(r, buf))
+            .await
+            .map_err(|_| Broken::App)?;
+        if n == 0 {
+            return Err(Broken::App);
+        }
+    }
+}
+
+/// Where a body being relayed is.
+enum Body {
+    /// So many bytes to go.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the sender closes.
+    Close,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Body {
+        match framing {
+            Framing::None => Body::Length(0),
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(Chunked::default()),
+            Framing::Close => Body::Close,
+        }
+    }
+
+    /// How much of `buf` belongs to the body.
+    fn take(&mut self, buf: &[u8]) -> Result<usize, &'static str> {
+        match self {
+            Body::Length(left) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                Ok(n)
             }
-            drop(conn);
-        });
-        let (parts, _) = response.into_parts();
-        let mut out = Response::from_parts(parts, empty());
-        stamp(out.headers_mut(), generation);
-        return out;
+            Body::Chunked(chunked) => chunked.feed(buf, None),
+            Body::Close => Ok(buf.len()),
+        }
     }
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    stamp(&mut parts.headers, generation);
-    let body = Relayed {
-        inner: Bounded::new(body, Some(proxy.limits.upstream_timeout)),
-        conn: Some(conn),
-        upstream,
-        active: Some(active),
-        proxy,
-    };
-    Response::from_parts(parts, body.boxed())
+
+    fn done(&self) -> bool {
+        match self {
+            Body::Length(left) => *left == 0,
+            Body::Chunked(chunked) => chunked.done(),
+            Body::Close => false,
+        }
+    }
+}
+
+/// Relays a request body from the client (`buf` holds what was already
+/// read) to the app. Errors say which side failed: `true` for the app.
+async fn relay_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    w: &mut W,
+    framing: Framing,
+    stall: Option<Duration>,
+    progress: &Progress,
+) -> Result<(), (bool, io::Error)> {
+    let mut state = Body::new(framing);
+    loop {
+        let take = state
+            .take(buf)
+            .map_err(|why| (false, io::Error::new(io::ErrorKind::InvalidData, why)))?;
+        if take > 0 {
+            w.write_all(&buf[..take]).await.map_err(|e| (true, e))?;
+            buf.advance(take);
+            progress.touch();
+        }
+        if state.done() {
+            return Ok(());
+        }
+        match bounded(stall, read_more(r, buf)).await {
+            Ok(0) => return Err((false, io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) => return Err((false, e)),
+        }
+    }
+}
+
+/// Reads the head of the generation's answer into `buf`, relaying (and
+/// dropping) informational answers (1xx other than 101) to the client.
+async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    client: &mut W,
+    http10_client: bool,
+) -> Result<(), Failed> {
+    let mut answered = false;
+    loop {
+        if !buf.is_empty() {
+            match wire::head_len(buf) {
+                Ok(Some((len, status))) if (100..200).contains(&status) && status != 101 => {
+                    if !http10_client && client.write_all(&buf[..len]).await.is_err() {
+                        return Err(Failed::Client);
+                    }
+                    buf.advance(len);
+                    answered = true;
+                    continue;
+                }
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if buf.len() > MAX_HEAD => {
+                    return Err(Failed::Bad("answer head too large".into()));
+                }
+                Ok(None) => {}
+                Err(why) => return Err(Failed::Bad(format!("invalid answer: {why}"))),
+            }
+        }
+        match read_more(r, buf).await {
+            Ok(0) if buf.is_empty() && !answered => {
+                return Err(Failed::Unanswered(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before an answer",
+                )));
+            }
+            Err(e) if buf.is_empty() && !answered => return Err(Failed::Unanswered(e)),
+            Ok(0) => {
+                return Err(Failed::Bad(
+                    "connection closed within the answer head".into(),
+                ));
+            }
+            Err(e) => return Err(Failed::Bad(e.to_string())),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Counts a relay or splice as open while alive.
@@ -307,195 +941,5 @@ pub(super) struct OpenStream(pub(super) Arc<Proxy>);
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.counters.open_streams.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// `x-baton-generation` on answers whose app did not set it.
-fn stamp(headers: &mut HeaderMap, generation: u64) {
-    let name = HeaderName::from_static("x-baton-generation");
-    if !headers.contains_key(&name) {
-        headers.insert(name, HeaderValue::from(generation));
-    }
-}
-
-async fn connect(addr: SocketAddr) -> std::io::Result<UpConn> {
-    let stream = super::connect(addr).await?;
-    let (sender, connection) = client::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    let task = tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    Ok(UpConn::new(sender, task.abort_handle()))
-}
-
-/// Headers meaningful for one hop only (RFC 9110 §7.6.1), plus those named
-/// in `Connection`.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-/// Hop-by-hop headers out (but the upgrade handshake), forwarding headers in.
-fn prepare_request(req: &mut Request<Incoming>, peer: Option<SocketAddr>, upgrade: bool) {
-    let headers = req.headers_mut();
-    let upgrade_to = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(headers);
-    if upgrade && let Some(protocol) = upgrade_to {
-        headers.insert(header::UPGRADE, protocol);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    if let Some(peer) = peer {
-        let ip = peer.ip().to_canonical();
-        let xff = HeaderName::from_static("x-forwarded-for");
-        // Every X-Forwarded-For line the client sent, then this hop.
-        let mut chain: Vec<String> = headers
-            .get_all(&xff)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .collect();
-        chain.push(ip.to_string());
-        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-            headers.insert(xff, v);
-        }
-        let node = if ip.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip.to_string()
-        };
-        // RFC 7239 quoted-string: a host with odd characters is escaped, so
-        // it cannot add parameters of its own.
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(|h| format!(";host=\"{}\"", h.replace('\\', "\\\\").replace('"', "\\\"")))
-            .unwrap_or_default();
-        let element = format!("for={node};proto=http{host}");
-        let mut forwarded: Vec<String> = headers
-            .get_all(header::FORWARDED)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .collect();
-        forwarded.push(element);
-        if let Ok(v) = HeaderValue::from_str(&forwarded.join(", ")) {
-            headers.insert(header::FORWARDED, v);
-        }
-    }
-    // The scheme of this hop, whatever the client claimed.
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-}
-
-fn empty() -> ProxyBody {
-    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
-}
-
-fn error(status: StatusCode, why: &str) -> Response<ProxyBody> {
-    let body = http_body_util::Full::new(Bytes::from(format!("baton proxy: {why}\n")))
-        .map_err(|e| match e {})
-        .boxed();
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    res
-}
-
-/// A generation's answer body on its way to the client: counts as in flight
-/// until done, then returns the connection to the pool.
-struct Relayed {
-    inner: Bounded<Incoming>,
-    conn: Option<UpConn>,
-    upstream: Arc<Upstream>,
-    active: Option<Active>,
-    proxy: Arc<Proxy>,
-}
-
-impl Relayed {
-    fn finish(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.upstream.checkin(conn);
-        }
-        self.active.take();
-    }
-}
-
-impl Body for Relayed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            None => self.finish(),
-            // A broken or stalled upstream body: the connection is not
-            // reusable.
-            Some(Err(_)) => {
-                self.conn.take();
-                self.active.take();
-                self.proxy
-                    .counters
-                    .upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Relayed {
-    fn drop(&mut self) {
-        // An empty body may never be polled; it is complete all the same.
-        if self.inner.is_end_stream() {
-            self.finish();
-        }
     }
 }

@@ -19,7 +19,6 @@
 //! single-threaded. They talk through [`Proxy`] (shared, lock-light) and the
 //! guardian's event channel (drained upstreams).
 
-pub mod body;
 pub mod http;
 pub mod tcp;
 pub mod upstream;
@@ -426,7 +425,7 @@ pub fn start(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (proxy, mut stopped) = (Arc::clone(&proxy), stopped.clone());
+        let (proxy, stopped) = (Arc::clone(&proxy), stopped.clone());
         let alive = Arc::clone(&alive);
         std::thread::Builder::new()
             .name(format!("baton-proxy-{index}"))
@@ -447,17 +446,7 @@ pub fn start(
                     match mode {
                         Mode::Http => {
                             let sweeper = tokio::spawn(sweep_pools(Arc::clone(&proxy)));
-                            let service = http::HttpProxy::new(Arc::clone(&proxy));
-                            let stop = async move {
-                                let _ = stopped.wait_for(|s| *s).await;
-                            };
-                            // Nothing is cut here: a stopping baton exits
-                            // (cutting what is left) once its generations
-                            // are gone, and an upgrade waits for the drain.
-                            let mut options = proxy.limits.serve.clone();
-                            options.drain.deadline = crate::spec::MAX_DURATION;
-                            let _ =
-                                baton::serve::serve_with(listeners, service, stop, options).await;
+                            http::serve(listeners, Arc::clone(&proxy), stopped).await;
                             sweeper.abort();
                         }
                         Mode::Tcp => tcp::serve(listeners, Arc::clone(&proxy), stopped).await,

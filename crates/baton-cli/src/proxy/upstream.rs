@@ -15,10 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::client::conn::http1::SendRequest;
-use tokio::task::AbortHandle;
+use bytes::BytesMut;
 
 /// Idle keep-alive connections kept per proxy thread and generation.
 pub const POOL_MAX: usize = 64;
@@ -27,37 +24,44 @@ pub const POOL_MAX: usize = 64;
 /// `--idle-timeout`, if shorter).
 pub const POOL_IDLE: Duration = Duration::from_secs(15);
 
-/// The body sent to a generation: the client's (bounded by a stall
-/// timeout), or none (a replay).
-pub type UpBody = Either<super::body::Bounded<hyper::body::Incoming>, Empty<Bytes>>;
-
-/// A client connection to a generation: the request sender, and the task
-/// that drives the connection, which is stopped (closing the socket) when
-/// this is dropped.
+/// A keep-alive connection to a generation, and what was read from it but
+/// not yet relayed (nothing, while it is pooled).
 #[derive(Debug)]
 pub struct UpConn {
-    /// Sends requests on it.
-    pub sender: SendRequest<UpBody>,
-    /// The connection's task.
-    pub task: AbortHandle,
+    /// The socket.
+    pub stream: tokio::net::TcpStream,
+    /// Bytes read from the app, not yet relayed.
+    pub buf: BytesMut,
     /// When it was last checked in.
     idle_since: Instant,
 }
 
 impl UpConn {
-    /// A connection driven by `task`.
-    pub fn new(sender: SendRequest<UpBody>, task: AbortHandle) -> UpConn {
+    /// A fresh connection.
+    pub fn new(stream: tokio::net::TcpStream) -> UpConn {
         UpConn {
-            sender,
-            task,
+            stream,
+            buf: BytesMut::new(),
             idle_since: Instant::now(),
         }
     }
-}
 
-impl Drop for UpConn {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// Whether the app closed it (or sent something nobody asked for) while
+    /// it was idle. Costs a system call only when the runtime has seen the
+    /// socket readable; an idle, open connection is not.
+    pub fn is_closed(&self) -> bool {
+        use std::task::{Context, Poll, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            // Readable: the end of the stream, or bytes out of turn; or a
+            // stale readiness, which this read (would block) clears.
+            Poll::Ready(Ok(())) => !matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
     }
 }
 
@@ -349,17 +353,20 @@ impl Upstream {
     pub fn checkout(&self) -> Option<UpConn> {
         let mut idle = self.idle.get(super::slot())?.lock().ok()?;
         let now = Instant::now();
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.idle_since) < self.pool_idle);
-        // A connection just checked in may not be ready for a moment yet:
-        // keep it, take a ready one.
-        let ready = idle.iter().rposition(|c| c.sender.is_ready())?;
-        Some(idle.swap_remove(ready))
+        // The most recently used first; those found closed or too old are
+        // dropped (closed) on the way.
+        while let Some(conn) = idle.pop() {
+            if now.duration_since(conn.idle_since) < self.pool_idle && !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
     }
 
     /// Keeps a connection whose last exchange completed, for reuse; closes
     /// it instead if the pool is full.
     pub fn checkin(&self, mut conn: UpConn) {
-        if conn.sender.is_closed() {
+        if !conn.buf.is_empty() {
             return;
         }
         if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock)
@@ -378,9 +385,7 @@ impl Upstream {
     pub fn sweep(&self) {
         if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock) {
             let now = Instant::now();
-            idle.retain(|c| {
-                !c.sender.is_closed() && now.duration_since(c.idle_since) < self.pool_idle
-            });
+            idle.retain(|c| now.duration_since(c.idle_since) < self.pool_idle && !c.is_closed());
         }
     }
 

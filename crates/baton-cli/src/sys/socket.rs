@@ -139,6 +139,21 @@ pub fn shut_down(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads what a connection has already received into the spare capacity of
+/// `buf`, without waiting: `Ok(0)` at the end of the stream, `WouldBlock`
+/// if nothing came yet. Unlike a read through the runtime, it does not
+/// depend on the runtime having polled the socket, so a fresh connection's
+/// first request is read at once.
+pub fn recv_now(fd: std::os::fd::BorrowedFd<'_>, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let ((filled, _), _) = rustix::net::recv(fd, spare, rustix::net::RecvFlags::DONTWAIT)?;
+    let n = filled.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the spare capacity,
+    // which directly follows the `buf.len()` bytes already initialized.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,725 @@
+//! HTTP/1.1 on the wire, for the proxy: a request head parsed and rewritten
+//! for the app, an answer's head parsed and rewritten for the client, and
+//! chunked framing followed byte by byte (RFC 9112).
+//!
+//! Heads are parsed in place (httparse) and rewritten in one pass into a
+//! reused buffer: headers keep their order and spelling. What makes a
+//! message's length ambiguous is refused, since a proxy and an app that
+//! disagree on where a request ends can be made to see two requests where
+//! the other saw one: `Transfer-Encoding` with `Content-Length`, differing
+//! `Content-Length`s, a transfer coding other than chunked last, chunked
+//! framing in HTTP/1.0, and a `Connection` header naming a framing header.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+/// Headers in one head, at most.
+pub const MAX_HEADERS: usize = 100;
+
+/// How a message's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// When the sender closes the connection (answers only).
+    Close,
+}
+
+/// A request head, parsed; its rewritten form is in the caller's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The head's length in the client's bytes.
+    pub head_len: usize,
+    /// Its body.
+    pub framing: Framing,
+    /// Idempotent and bodiless: may be sent again if it was not answered.
+    pub replayable: bool,
+    /// A `HEAD` request: the answer has no body.
+    pub head_method: bool,
+    /// An HTTP/1.0 client.
+    pub http10: bool,
+    /// The client asked to close after this answer.
+    pub close: bool,
+    /// An `Upgrade` request (WebSocket).
+    pub upgrade: bool,
+}
+
+/// A request refused before it reaches an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    /// The status to answer with.
+    pub status: u16,
+    /// Why, for the answer's body.
+    pub reason: &'static str,
+}
+
+fn reject(status: u16, reason: &'static str) -> Reject {
+    Reject { status, reason }
+}
+
+/// An answer's head, parsed; its rewritten form is in the caller's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The head's length in the app's bytes.
+    pub head_len: usize,
+    /// The status code.
+    pub status: u16,
+    /// Its body.
+    pub framing: Framing,
+    /// The body is chunked and the client speaks HTTP/1.0: relay the data
+    /// alone, then close.
+    pub dechunk: bool,
+    /// The connection to the app can carry another request afterwards.
+    pub reusable: bool,
+    /// The client connection closes after this answer.
+    pub close: bool,
+}
+
+/// What a `Connection` header says.
+#[derive(Debug, Default)]
+struct Tokens<'a> {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    /// Other headers it names: hop-by-hop, not forwarded.
+    named: Vec<&'a str>,
+}
+
+impl<'a> Tokens<'a> {
+    fn add(&mut self, value: &'a [u8]) {
+        let Ok(value) = std::str::from_utf8(value) else {
+            return;
+        };
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if token.eq_ignore_ascii_case("close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case("keep-alive") {
+                self.keep_alive = true;
+            } else if token.eq_ignore_ascii_case("upgrade") {
+                self.upgrade = true;
+            } else {
+                self.named.push(token);
+            }
+        }
+    }
+
+    fn names(&self, name: &str) -> bool {
+        self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// What a head's framing and `Connection` headers say.
+#[derive(Debug, Default)]
+struct Framed<'a> {
+    length: Option<u64>,
+    /// A `Transfer-Encoding` header, and whether its last coding is chunked.
+    te: bool,
+    chunked: bool,
+    tokens: Tokens<'a>,
+}
+
+impl<'a> Framed<'a> {
+    /// Notes a header if it is one of those; `Ok(false)` if it is not.
+    fn scan(&mut self, name: &str, value: &'a [u8]) -> Result<bool, &'static str> {
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(value).ok_or("invalid Content-Length")?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers");
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            self.te = true;
+            self.chunked = ends_chunked(value);
+        } else if name.eq_ignore_ascii_case("connection") {
+            self.tokens.add(value);
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// Headers that never cross the proxy as they are (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Framing headers, which a `Connection` header may not remove.
+fn framing_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length")
+        || name.eq_ignore_ascii_case("transfer-encoding")
+        || name.eq_ignore_ascii_case("host")
+}
+
+/// A `Content-Length` value: digits (a list of equal ones is allowed).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = std::str::from_utf8(value).ok()?;
+    let mut length = None;
+    for part in value.split(',') {
+        let part = part.trim_matches([' ', '\t']);
+        if part.is_empty() || part.len() > 18 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = part.parse().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+/// Whether the last transfer coding of a `Transfer-Encoding` value is
+/// chunked.
+fn ends_chunked(value: &[u8]) -> bool {
+    std::str::from_utf8(value).is_ok_and(|v| {
+        v.rsplit(',')
+            .map(str::trim)
+            .find(|t| !t.is_empty())
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    })
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a request head at the start of `buf` and writes the head to send
+/// to the app into `out`: `Ok(None)` if the head is not complete yet.
+pub fn parse_request(
+    buf: &[u8],
+    peer: Option<IpAddr>,
+    out: &mut Vec<u8>,
+) -> Result<Option<Request>, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(reject(431, "too many request headers"));
+        }
+        Err(httparse::Error::Version) => return Err(reject(505, "unsupported HTTP version")),
+        Err(_) => return Err(reject(400, "malformed request head")),
+    };
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(reject(400, "malformed request head"));
+    };
+    if method == "CONNECT" {
+        return Err(reject(405, "CONNECT is not proxied"));
+    }
+    let http10 = version == 0;
+    let mut framed = Framed::default();
+    let (mut upgrade_to, mut host) = (None, None);
+    for h in req.headers.iter() {
+        let name = h.name;
+        let framing = framed.scan(name, h.value).map_err(|why| reject(400, why))?;
+        if !framing && name.eq_ignore_ascii_case("upgrade") {
+            upgrade_to = Some(h.value);
+        } else if !framing && name.eq_ignore_ascii_case("host") {
+            host = Some(h.value);
+        }
+    }
+    let (length, te, chunked) = (framed.length, framed.te, framed.chunked);
+    let tokens = framed.tokens;
+    if te {
+        if http10 {
+            return Err(reject(400, "Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if !chunked {
+            return Err(reject(
+                400,
+                "a request's last transfer coding must be chunked",
+            ));
+        }
+        if length.is_some() {
+            return Err(reject(400, "both Transfer-Encoding and Content-Length"));
+        }
+    }
+    if tokens.named.iter().any(|n| framing_header(n)) {
+        return Err(reject(400, "Connection names a framing header"));
+    }
+    let framing = match (te, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) if n > 0 => Framing::Length(n),
+        _ => Framing::None,
+    };
+    let upgrade = upgrade_to.is_some() && tokens.upgrade;
+    let idempotent = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"].contains(&method);
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let forwarding = peer.is_some();
+    for h in req.headers.iter() {
+        let name = h.name;
+        if hop_by_hop(name)
+            || tokens.names(name)
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || (forwarding
+                && (name.eq_ignore_ascii_case("x-forwarded-for")
+                    || name.eq_ignore_ascii_case("forwarded")))
+        {
+            continue;
+        }
+        header(out, name.as_bytes(), h.value);
+    }
+    if let Some(n) = length {
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if upgrade && let Some(protocol) = upgrade_to {
+        header(out, b"upgrade", protocol);
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    if let Some(ip) = peer {
+        // Every X-Forwarded-For line the client sent, then this hop.
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+        let _ = write!(out, "{ip}\r\nforwarded: ");
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("forwarded") {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+        if ip.is_ipv6() {
+            let _ = write!(out, "for=\"[{ip}]\";proto=http");
+        } else {
+            let _ = write!(out, "for={ip};proto=http");
+        }
+        // RFC 7239 quoted-string: a host with odd characters is escaped, so
+        // that it cannot add parameters of its own.
+        if let Some(host) = host {
+            out.extend_from_slice(b";host=\"");
+            for &b in host {
+                if b == b'\\' || b == b'"' {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    // The scheme of this hop, whatever the client claimed.
+    out.extend_from_slice(b"x-forwarded-proto: http\r\n\r\n");
+    Ok(Some(Request {
+        head_len,
+        framing,
+        replayable: idempotent && framing == Framing::None && !upgrade,
+        head_method: method == "HEAD",
+        http10,
+        close: http10 || tokens.close,
+        upgrade,
+    }))
+}
+
+/// The length and status of a complete answer head at the start of `buf`.
+pub fn head_len(buf: &[u8]) -> Result<Option<(usize, u16)>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some((n, res.code.unwrap_or(0)))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err("malformed answer head"),
+    }
+}
+
+/// Parses the answer head at the start of `buf` (to `request`) and writes
+/// the head to send to the client into `out`. `close`: the client
+/// connection closes after this answer anyway.
+pub fn parse_response(
+    buf: &[u8],
+    request: &Request,
+    generation: u64,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Response>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    let head_len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("malformed answer head"),
+    };
+    let (Some(version), Some(status)) = (res.version, res.code) else {
+        return Err("malformed answer head");
+    };
+    let reason = res.reason.unwrap_or("");
+    let (mut framed, mut stamped) = (Framed::default(), false);
+    for h in res.headers.iter() {
+        if !framed.scan(h.name, h.value)? && h.name.eq_ignore_ascii_case("x-baton-generation") {
+            stamped = true;
+        }
+    }
+    let (length, te, chunked) = (framed.length, framed.te, framed.chunked);
+    let tokens = framed.tokens;
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    if status == 101 {
+        if !request.upgrade {
+            return Err("101 Switching Protocols to a request that asked for no upgrade");
+        }
+        // The handshake's headers go on as they are.
+        for h in res.headers.iter() {
+            header(out, h.name.as_bytes(), h.value);
+        }
+        stamp(out, stamped, generation);
+        out.extend_from_slice(b"\r\n");
+        return Ok(Some(Response {
+            head_len,
+            status,
+            framing: Framing::None,
+            dechunk: false,
+            reusable: false,
+            close: true,
+        }));
+    }
+    if status < 200 {
+        return Err("an informational answer out of place");
+    }
+    let framing = if request.head_method || status == 204 || status == 304 {
+        Framing::None
+    } else if te {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    let keep_alive = if version == 0 {
+        tokens.keep_alive
+    } else {
+        !tokens.close
+    };
+    let dechunk = framing == Framing::Chunked && request.http10;
+    let close = close || request.http10 || framing == Framing::Close;
+    for h in res.headers.iter() {
+        let name = h.name;
+        if hop_by_hop(name)
+            || (tokens.names(name) && !framing_header(name))
+            || (te && name.eq_ignore_ascii_case("content-length"))
+            || (dechunk && name.eq_ignore_ascii_case("transfer-encoding"))
+        {
+            continue;
+        }
+        header(out, name.as_bytes(), h.value);
+    }
+    stamp(out, stamped, generation);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Response {
+        head_len,
+        status,
+        framing,
+        dechunk,
+        reusable: keep_alive && framing != Framing::Close,
+        close,
+    }))
+}
+
+/// `x-baton-generation` on answers whose app did not set it.
+fn stamp(out: &mut Vec<u8>, stamped: bool, generation: u64) {
+    if !stamped {
+        let _ = write!(out, "x-baton-generation: {generation}\r\n");
+    }
+}
+
+/// An answer of baton's own, into `out`.
+pub fn error_response(out: &mut Vec<u8>, status: u16, why: &str, close: bool, head_method: bool) {
+    let reason = match status {
+        400 => "Bad Request",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    };
+    let body = format!("baton proxy: {why}\n");
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    if !head_method {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+/// Where a chunked body is, fed its bytes as they come.
+#[derive(Debug, Default, Clone)]
+pub struct Chunked {
+    state: State,
+    /// The chunk size being read, then what is left of the chunk.
+    size: u64,
+    /// Digits of the size, or bytes of an extension or of the trailers.
+    count: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum State {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final empty line).
+    Trailer,
+    TrailerLine,
+    EndLf,
+    Done,
+}
+
+/// The longest chunk extension, and all trailers together.
+const MAX_EXTENSION: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+
+impl Chunked {
+    /// Whether the body is complete.
+    pub fn done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Follows `input`; returns how many of its bytes belong to the body
+    /// (all, unless it ends within them). With `data`, the chunks' data is
+    /// also copied there.
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        mut data: Option<&mut Vec<u8>>,
+    ) -> Result<usize, &'static str> {
+        let mut i = 0;
+        while i < input.len() && self.state != State::Done {
+            if self.state == State::Data {
+                let n = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(input.len() - i);
+                if let Some(data) = data.as_deref_mut() {
+                    data.extend_from_slice(&input[i..i + n]);
+                }
+                self.size -= n as u64;
+                i += n;
+                if self.size == 0 {
+                    self.state = State::DataCr;
+                }
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (State::Size, b) if b.is_ascii_hexdigit() => {
+                    self.count += 1;
+                    if self.count > 15 {
+                        return Err("chunk size too large");
+                    }
+                    let digit = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self.size * 16 + u64::from(digit);
+                    State::Size
+                }
+                (State::Size, b';' | b' ' | b'\t') if self.count > 0 => {
+                    self.count = 0;
+                    State::Extension
+                }
+                (State::Size, b'\r') if self.count > 0 => State::SizeLf,
+                (State::Extension, b'\r') => State::SizeLf,
+                (State::Extension, b'\n') => return Err("bare LF in a chunk extension"),
+                (State::Extension, _) => {
+                    self.count += 1;
+                    if self.count > MAX_EXTENSION {
+                        return Err("chunk extension too long");
+                    }
+                    State::Extension
+                }
+                (State::SizeLf, b'\n') => {
+                    self.count = 0;
+                    if self.size == 0 {
+                        State::Trailer
+                    } else {
+                        State::Data
+                    }
+                }
+                (State::DataCr, b'\r') => State::DataLf,
+                (State::DataLf, b'\n') => State::Size,
+                (State::Trailer, b'\r') => State::EndLf,
+                (State::Trailer | State::TrailerLine, b) => {
+                    self.count += 1;
+                    if self.count > MAX_TRAILERS {
+                        return Err("chunked trailers too long");
+                    }
+                    if b == b'\n' {
+                        State::Trailer
+                    } else {
+                        State::TrailerLine
+                    }
+                }
+                (State::EndLf, b'\n') => State::Done,
+                _ => return Err("malformed chunked body"),
+            };
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(head: &str) -> (Result<Option<Request>, Reject>, String) {
+        let mut out = Vec::new();
+        let parsed = parse_request(head.as_bytes(), Some("10.0.0.7".parse().unwrap()), &mut out);
+        (parsed, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_request_is_rewritten_with_forwarding_headers_and_without_hop_by_hop_ones() {
+        let (parsed, out) = req(
+            "GET /a?b HTTP/1.1\r\nHost: h\"x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\
+             Keep-Alive: 5\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nAccept: */*\r\n\r\n",
+        );
+        let parsed = parsed.unwrap().unwrap();
+        assert_eq!(parsed.framing, Framing::None);
+        assert!(parsed.replayable && !parsed.close && !parsed.upgrade);
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\nHost: h\"x\r\nAccept: */*\r\nx-forwarded-for: 1.2.3.4, 10.0.0.7\r\n\
+             forwarded: for=10.0.0.7;proto=http;host=\"h\\\"x\"\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for head in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            let (parsed, _) = req(head);
+            assert_eq!(parsed.unwrap_err().status, 400, "{head:?}");
+        }
+        let (parsed, out) = req("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n");
+        assert_eq!(parsed.unwrap().unwrap().framing, Framing::Length(5));
+        assert!(out.contains("content-length: 5\r\n"), "{out}");
+    }
+
+    #[test]
+    fn partial_and_malformed_heads() {
+        assert_eq!(req("GET / HTTP/1.1\r\nHost: x\r\n").0, Ok(None));
+        assert_eq!(
+            req("GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+                .0
+                .unwrap_err()
+                .status,
+            400
+        );
+        let many: String = (0..200).map(|i| format!("h{i}: v\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(req(&head).0.unwrap_err().status, 431);
+    }
+
+    #[test]
+    fn an_answer_is_rewritten_and_framed() {
+        let request = req("GET / HTTP/1.1\r\n\r\n").0.unwrap().unwrap();
+        let mut out = Vec::new();
+        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n";
+        let parsed = parse_response(answer, &request, 4, false, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.framing, Framing::Chunked);
+        assert!(parsed.reusable && !parsed.close && !parsed.dechunk);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-baton-generation: 4\r\n\r\n"
+        );
+        let answer = b"HTTP/1.0 200 OK\r\nx-baton-generation: 9\r\n\r\n";
+        let parsed = parse_response(answer, &request, 4, false, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.framing, Framing::Close);
+        assert!(!parsed.reusable && parsed.close);
+        let head_request = req("HEAD / HTTP/1.0\r\n\r\n").0.unwrap().unwrap();
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        let parsed = parse_response(answer, &head_request, 4, false, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.framing, Framing::None);
+        assert!(parsed.close, "an HTTP/1.0 client");
+        assert!(
+            parse_response(
+                b"HTTP/1.1 101 Switching\r\n\r\n",
+                &request,
+                4,
+                false,
+                &mut out
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_their_end_in_any_pieces() {
+        let body = b"4;x=y\r\nWiki\r\n5\r\npedia\r\n0\r\nT: v\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..body.len() {
+            let mut c = Chunked::default();
+            let mut data = Vec::new();
+            let a = c.feed(&body[..split], Some(&mut data)).unwrap();
+            assert_eq!(a, split.min(end));
+            let b = c.feed(&body[a..], Some(&mut data)).unwrap();
+            assert_eq!(a + b, end);
+            assert!(c.done());
+            assert_eq!(data, b"Wikipedia");
+        }
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"4\r\nWikiXX",
+            b"1234567890123456\r\n",
+            b"0\r\n\rX",
+        ] {
+            assert!(Chunked::default().feed(bad, None).is_err(), "{bad:?}");
+        }
+    }
+}
