@@ -300,8 +300,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
 
     async fn run(mut self) {
         let after = loop {
-            let Some(request) = self.read_request().await else {
-                break After::Close;
+            let request = match self.read_request().await {
+                Ok(request) => request,
+                Err(after) => break after,
             };
             let after = self.exchange(&request).await;
             self.served += 1;
@@ -331,10 +332,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
         }
     }
 
-    /// The next request head, parsed and rewritten into `up_head`, or `None`
-    /// when the connection should close (the client closed it, a timeout,
-    /// a bad head: answered and closed).
-    async fn read_request(&mut self) -> Option<Request> {
+    /// The next request head, parsed and rewritten into `up_head`, or how
+    /// to close the connection (the client closed it, a timeout, a bad
+    /// head: answered, then closed).
+    async fn read_request(&mut self) -> Result<Request, After> {
         let proxy = Arc::clone(&self.proxy);
         let options = &proxy.limits.serve;
         // The first head is timed from the accept; a later one from its
@@ -349,19 +350,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
         loop {
             if !self.buf.is_empty() {
                 match wire::parse_request(&self.buf, self.peer, &mut self.up_head) {
-                    Ok(Some(request)) => {
+                    Ok(Some(request)) if request.head_len <= MAX_HEAD => {
                         self.buf.advance(request.head_len);
-                        return Some(request);
+                        return Ok(request);
+                    }
+                    Ok(Some(_)) => {
+                        return Err(self.reject(431, "request head too large").await);
                     }
                     Ok(None) if self.buf.len() > MAX_HEAD => {
-                        self.reject(431, "request head too large").await;
-                        return None;
+                        return Err(self.reject(431, "request head too large").await);
                     }
                     Ok(None) => {}
-                    Err(why) => {
-                        self.reject(why.status, why.reason).await;
-                        return None;
-                    }
+                    Err(why) => return Err(self.reject(why.status, why.reason).await),
                 }
             }
             let deadline = match head_from {
@@ -377,7 +377,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
             let draining_now = head_from.is_none() && drain_at.is_none();
             tokio::select! {
                 read = read_more(&mut self.r, &mut self.buf) => match read {
-                    Ok(0) | Err(_) => return None,
+                    Ok(0) | Err(_) => return Err(After::Close),
                     Ok(_) => {
                         if head_from.is_none() {
                             head_from = Some(Instant::now());
@@ -390,7 +390,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
                     } else if drain_at.is_none() {
                         options.connections.count_idle_timeout();
                     }
-                    return None;
+                    return Err(After::Close);
                 }
                 () = stopped(&mut self.draining), if draining_now => {
                     drain_at = Some(Instant::now());
@@ -399,11 +399,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
         }
     }
 
-    /// Answers a request that cannot be served and closes.
-    async fn reject(&mut self, status: u16, why: &str) {
+    /// Answers a request that cannot be served; the connection then
+    /// closes (after what else the client sent).
+    async fn reject(&mut self, status: u16, why: &str) -> After {
         wire::error_response(&mut self.out, status, why, true, false);
         let limit = self.proxy.limits.serve.idle_timeout;
-        let _ = bounded(limit, self.w.write_all(&self.out)).await;
+        match bounded(limit, self.w.write_all(&self.out)).await {
+            Ok(()) => After::Linger,
+            Err(_) => After::Close,
+        }
     }
 
     /// Sends an answer of baton's own (an error) to the client.
@@ -757,14 +761,14 @@ async fn relay_first_and_rest<W: AsyncWrite + Unpin>(
         .await
         .map_err(|_| Broken::Client)?;
     buf.advance(take);
-    let mut got_data = take > 0;
     while !state.done() {
-        // The answer came in parts: acknowledge what arrived at once, so
-        // that an app that waits for the acknowledgement before sending
-        // the rest (Nagle's algorithm) does not wait for a delayed one.
-        if got_data {
-            let _ = rustix::net::sockopt::set_tcp_quickack(up_r.as_ref(), true);
-        }
+        // The answer comes in parts: acknowledge what arrived at once, so
+        // that an app that waits for the acknowledgement before it sends
+        // the rest (Nagle's algorithm: a head and a body written apart)
+        // does not wait for a delayed one (40 ms on Linux). Quick ACKs are
+        // not sticky, so this costs a system call per wait, and only
+        // answers that come in parts wait.
+        let _ = rustix::net::sockopt::set_tcp_quickack(up_r.as_ref(), true);
         let n = bounded(timeout, read_more(&mut up_r, buf))
             .await
             .map_err(|_| Broken::App)?;
@@ -780,7 +784,6 @@ async fn relay_first_and_rest<W: AsyncWrite + Unpin>(
             .await
             .map_err(|_| Broken::Client)?;
         buf.advance(take);
-        got_data = true;
     }
     Ok(())
 }
@@ -908,7 +911,8 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     answered = true;
                     continue;
                 }
-                Ok(Some(_)) => return Ok(()),
+                Ok(Some((len, _))) if len <= MAX_HEAD => return Ok(()),
+                Ok(Some(_)) => return Err(Failed::Bad("answer head too large".into())),
                 Ok(None) if buf.len() > MAX_HEAD => {
                     return Err(Failed::Bad("answer head too large".into()));
                 }

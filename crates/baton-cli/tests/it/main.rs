@@ -24,4 +24,5 @@ mod stop;
 mod storm;
 mod supervise;
 mod upgrade;
+mod wire;
 mod workers;
