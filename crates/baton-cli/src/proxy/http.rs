@@ -28,9 +28,10 @@
 //! or, once, when it is idempotent, has no body, and the generation closed
 //! the connection without answering.
 
+mod conn_io;
 pub mod wire;
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
@@ -46,10 +47,8 @@ use tracing::debug;
 use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
 use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
+use conn_io::{Buffers, ClientWriter, NoDelay, READ, bounded, read_more, write_two};
 use wire::{Chunked, Framing, Request};
-
-/// How much a read asks for, and what a connection's buffer starts with.
-const READ: usize = 8 * 1024;
 
 /// The longest request or response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -130,13 +129,10 @@ async fn connection(
     let born = Instant::now();
     let options = &proxy.limits.serve;
     // Most clients send their request with the handshake: read it at once.
-    let mut buf = BytesMut::with_capacity(READ);
+    let mut buffers = Buffers::take();
     let first = match &stream {
-        Stream::Tcp(s) => {
-            let _ = s.set_nodelay(true);
-            crate::sys::socket::recv_now(s.as_fd(), &mut buf)
-        }
-        Stream::Unix(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buf),
+        Stream::Tcp(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buffers.read),
+        Stream::Unix(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buffers.read),
         _ => return,
     };
     match first {
@@ -144,9 +140,10 @@ async fn connection(
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             // A silent connection holds no buffer while it waits.
-            buf = BytesMut::new();
+            buffers.give_back();
             let spoke =
                 baton::serve::first_byte(&stream, &ticket, options, &mut draining, born).await;
+            buffers = Buffers::take();
             if !spoke {
                 return;
             }
@@ -159,15 +156,33 @@ async fn connection(
     match stream {
         Stream::Tcp(mut s) => {
             let (r, w) = s.split();
-            Client::new(r, w, buf, peer, proxy, draining, born, ticket)
-                .run()
-                .await;
+            Client::new(
+                r,
+                ClientWriter::new(w),
+                buffers,
+                peer,
+                proxy,
+                draining,
+                born,
+                ticket,
+            )
+            .run()
+            .await;
         }
         Stream::Unix(mut s) => {
             let (r, w) = s.split();
-            Client::new(r, w, buf, peer, proxy, draining, born, ticket)
-                .run()
-                .await;
+            Client::new(
+                r,
+                ClientWriter::new(w),
+                buffers,
+                peer,
+                proxy,
+                draining,
+                born,
+                ticket,
+            )
+            .run()
+            .await;
         }
         _ => {}
     }
@@ -178,51 +193,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
-}
-
-/// `f`, bounded by `limit` when there is one.
-async fn bounded<T>(
-    limit: Option<Duration>,
-    f: impl Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, f)
-            .await
-            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
-        None => f.await,
-    }
-}
-
-/// Writes all of `a` then all of `b`, in as few system calls as the
-/// socket takes.
-async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
-    while !a.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
-    }
-    if !b.is_empty() {
-        w.write_all(b).await?;
-    }
-    Ok(())
-}
-
-/// Reads more into `buf`; `Ok(0)` at the end of the stream.
-async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.is_empty() {
-        // Start over at the front of the allocation.
-        buf.clear();
-    }
-    if buf.capacity() - buf.len() < READ / 2 {
-        buf.reserve(READ);
-    }
-    r.read_buf(buf).await
 }
 
 /// How an exchange ended for the client connection.
@@ -250,9 +220,9 @@ enum Failed {
     Client,
 }
 
-struct Client<R, W> {
+struct Client<R, W: NoDelay> {
     r: R,
-    w: W,
+    w: ClientWriter<W>,
     /// Read from the client, not yet used.
     buf: BytesMut,
     /// The head being sent to the generation (kept for a replay).
@@ -270,12 +240,23 @@ struct Client<R, W> {
     _ticket: Ticket,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
+impl<R, W: NoDelay> Drop for Client<R, W> {
+    fn drop(&mut self) {
+        Buffers {
+            read: std::mem::take(&mut self.buf),
+            up_head: std::mem::take(&mut self.up_head),
+            out: std::mem::take(&mut self.out),
+        }
+        .give_back();
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
     #[allow(clippy::too_many_arguments)]
     fn new(
         r: R,
-        w: W,
-        buf: BytesMut,
+        w: ClientWriter<W>,
+        buffers: Buffers,
         peer: Option<IpAddr>,
         proxy: Arc<Proxy>,
         draining: watch::Receiver<bool>,
@@ -285,9 +266,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
         Client {
             r,
             w,
-            buf,
-            up_head: Vec::new(),
-            out: Vec::new(),
+            buf: buffers.read,
+            up_head: buffers.up_head,
+            out: buffers.out,
             peer,
             proxy,
             draining,

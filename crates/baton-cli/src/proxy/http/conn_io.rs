@@ -1,0 +1,201 @@
+//! The HTTP proxy's I/O pieces: reads into a connection's buffer, writes of
+//! a head and a body in one system call, timeouts, buffers kept per thread
+//! for the next connection, and `TCP_NODELAY` only where it matters.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How much a read asks for, and what a connection's buffer starts with.
+pub const READ: usize = 8 * 1024;
+
+/// `f`, bounded by `limit` when there is one.
+pub async fn bounded<T>(
+    limit: Option<Duration>,
+    f: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        None => f.await,
+    }
+}
+
+/// Writes all of `a` then all of `b`, in as few system calls as the
+/// socket takes.
+pub async fn write_two<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> io::Result<()> {
+    while !a.is_empty() {
+        let n = w
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    if !b.is_empty() {
+        w.write_all(b).await?;
+    }
+    Ok(())
+}
+
+/// Reads more into `buf`; `Ok(0)` at the end of the stream.
+pub async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.is_empty() {
+        // Start over at the front of the allocation.
+        buf.clear();
+    }
+    if buf.capacity() - buf.len() < READ / 2 {
+        buf.reserve(READ);
+    }
+    r.read_buf(buf).await
+}
+
+/// A connection's buffers: what was read from the client, and the heads
+/// being written to the app and to the client.
+#[derive(Debug)]
+pub struct Buffers {
+    pub read: BytesMut,
+    pub up_head: Vec<u8>,
+    pub out: Vec<u8>,
+}
+
+/// Buffers kept per proxy thread, at most.
+const SPARE_MAX: usize = 64;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Buffers {
+    /// A set of buffers, from this thread's spares if there are any.
+    pub fn take() -> Buffers {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| Buffers {
+                read: BytesMut::with_capacity(READ),
+                up_head: Vec::with_capacity(512),
+                out: Vec::with_capacity(512),
+            })
+    }
+
+    /// Keeps these buffers for the next connection on this thread, unless
+    /// they grew (a large head) or enough are kept.
+    pub fn give_back(mut self) {
+        if self.read.capacity() > 2 * READ
+            || self.up_head.capacity() > 4096
+            || self.out.capacity() > 4096
+        {
+            return;
+        }
+        self.read.clear();
+        if self.read.capacity() < READ {
+            self.read.reserve(READ);
+        }
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARE_MAX {
+                spare.push(self);
+            }
+        });
+    }
+}
+
+/// A client socket's write side that can turn Nagle's algorithm off.
+pub trait NoDelay {
+    /// Sets `TCP_NODELAY` (nothing for a Unix socket).
+    fn no_delay(&self);
+}
+
+impl NoDelay for tokio::net::tcp::WriteHalf<'_> {
+    fn no_delay(&self) {
+        let _ = self.as_ref().set_nodelay(true);
+    }
+}
+
+impl NoDelay for tokio::net::unix::WriteHalf<'_> {
+    fn no_delay(&self) {}
+}
+
+/// The write side of a client connection. Nagle's algorithm holds a small
+/// write back only while an earlier one is unacknowledged, so the first
+/// write of a connection never waits: `TCP_NODELAY` is set before the
+/// second, which spares a system call on every connection that carries one
+/// answer written at once.
+#[derive(Debug)]
+pub struct ClientWriter<W> {
+    inner: W,
+    wrote: bool,
+    nodelay: bool,
+}
+
+impl<W: NoDelay> ClientWriter<W> {
+    pub fn new(inner: W) -> ClientWriter<W> {
+        ClientWriter {
+            inner,
+            wrote: false,
+            nodelay: false,
+        }
+    }
+
+    fn before_write(&mut self) {
+        if self.wrote && !self.nodelay {
+            self.inner.no_delay();
+            self.nodelay = true;
+        }
+    }
+}
+
+impl<W: AsyncWrite + NoDelay + Unpin> AsyncWrite for ClientWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.before_write();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote = true;
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.before_write();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote = true;
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
