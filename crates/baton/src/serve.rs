@@ -227,6 +227,20 @@ impl Acceptor {
     /// Accepts one connection, with the client's address (TCP only),
     /// which then costs no system call of its own.
     pub async fn accept_from(&mut self) -> io::Result<(Stream, Option<SocketAddr>)> {
+        let (conn, peer) = self.accept_raw().await?;
+        Ok(if self.unix {
+            let std = std::os::unix::net::UnixStream::from(conn);
+            (Stream::Unix(tokio::net::UnixStream::from_std(std)?), None)
+        } else {
+            let std = std::net::TcpStream::from(conn);
+            (Stream::Tcp(tokio::net::TcpStream::from_std(std)?), peer)
+        })
+    }
+
+    /// Accepts one connection as a bare non-blocking socket, not registered
+    /// with the runtime (for a server that registers it only if it must
+    /// wait on it), with the client's address (TCP only).
+    pub async fn accept_raw(&mut self) -> io::Result<(std::os::fd::OwnedFd, Option<SocketAddr>)> {
         use std::os::fd::AsFd;
         loop {
             let mut ready = self.fd.readable().await?;
@@ -234,16 +248,7 @@ impl Acceptor {
             let accepted = ready.try_io(|fd| crate::sys::accept_nonblocking(fd.as_fd()));
             drop(ready);
             match accepted {
-                Ok(Ok((conn, peer))) => {
-                    return if self.unix {
-                        let std = std::os::unix::net::UnixStream::from(conn);
-                        Ok((Stream::Unix(tokio::net::UnixStream::from_std(std)?), None))
-                    } else {
-                        let std = std::net::TcpStream::from(conn);
-                        Ok((Stream::Tcp(tokio::net::TcpStream::from_std(std)?), peer))
-                    };
-                }
-                Ok(Err(e)) => return Err(e),
+                Ok(accepted) => return accepted,
                 // Nothing to accept. After a hang-up that readiness would
                 // never clear: start over with a fresh registration.
                 // (On failure the old registration stays, and the caller
@@ -256,6 +261,11 @@ impl Acceptor {
             }
         }
     }
+
+    /// Whether this listens on a Unix socket.
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
 }
 
 /// An accepted client connection.
@@ -266,6 +276,24 @@ pub enum Stream {
     Tcp(tokio::net::TcpStream),
     /// Unix-domain stream socket.
     Unix(tokio::net::UnixStream),
+}
+
+/// A client connection waited on for its first byte ([`first_byte`]).
+pub trait FirstByte {
+    /// Waits until the client has sent something (or closed).
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether the client has sent something not yet read.
+    fn has_data(&self) -> bool;
+}
+
+impl FirstByte for Stream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        Stream::readable(self)
+    }
+
+    fn has_data(&self) -> bool {
+        Stream::has_data(self)
+    }
 }
 
 impl Stream {
@@ -839,7 +867,7 @@ async fn connection<S, B>(
 /// eviction at the connection cap (unless the request arrived meanwhile),
 /// and by the drain's idle grace once `draining` turns true.
 pub async fn first_byte(
-    stream: &Stream,
+    stream: &impl FirstByte,
     ticket: &Ticket,
     options: &Options,
     draining: &mut watch::Receiver<bool>,

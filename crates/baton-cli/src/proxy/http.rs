@@ -29,11 +29,11 @@
 //! the connection without answering.
 
 mod conn_io;
+mod socket;
 pub mod wire;
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -46,8 +46,9 @@ use tracing::debug;
 
 use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
-use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
+use baton::serve::{Acceptor, AsyncListener, Ticket};
 use conn_io::{Buffers, ClientWriter, NoDelay, READ, bounded, read_more, write_two};
+use socket::{Side, Socket};
 use wire::{Chunked, Framing, Request};
 
 /// The longest request or response head accepted.
@@ -74,9 +75,10 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Re
     };
     let mut conns = JoinSet::new();
     let mut watch = stop.clone();
-    let spawn = |conns: &mut JoinSet<()>, stream, peer, ticket| {
+    let tcp = !listener.is_unix();
+    let spawn = |conns: &mut JoinSet<()>, fd, peer, ticket| {
         conns.spawn(connection(
-            stream,
+            Socket::new(fd, tcp),
             peer,
             ticket,
             Arc::clone(&proxy),
@@ -92,9 +94,9 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Re
             () = stopped(&mut watch) => break,
             // Reaped as they end, so that their memory goes at once.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            accepted = listener.accept_from() => accepted,
+            accepted = listener.accept_raw() => accepted,
         };
-        let (stream, peer) = match accepted {
+        let (fd, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 debug!(error = %e, "accept failed");
@@ -106,11 +108,11 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Re
             biased;
             ticket = proxy.connections().admit() => ticket,
             () = stopped(&mut watch) => {
-                spawn(&mut conns, stream, peer, proxy.connections().admit_over_cap());
+                spawn(&mut conns, fd, peer, proxy.connections().admit_over_cap());
                 break;
             }
         };
-        spawn(&mut conns, stream, peer, ticket);
+        spawn(&mut conns, fd, peer, ticket);
     }
     // Stop accepting; baton's own copy keeps the socket and its queue.
     drop(listener);
@@ -120,7 +122,7 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Re
 /// One client connection: waits (holding no buffer) for its first byte,
 /// then serves its requests.
 async fn connection(
-    stream: Stream,
+    socket: Socket,
     peer: Option<std::net::SocketAddr>,
     ticket: Ticket,
     proxy: Arc<Proxy>,
@@ -130,62 +132,34 @@ async fn connection(
     let options = &proxy.limits.serve;
     // Most clients send their request with the handshake: read it at once.
     let mut buffers = Buffers::take();
-    let first = match &stream {
-        Stream::Tcp(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buffers.read),
-        Stream::Unix(s) => crate::sys::socket::recv_now(s.as_fd(), &mut buffers.read),
-        _ => return,
-    };
-    match first {
+    match crate::sys::socket::recv_now(socket.fd(), &mut buffers.read) {
         Ok(0) => return,
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             // A silent connection holds no buffer while it waits.
             buffers.give_back();
-            let spoke =
-                baton::serve::first_byte(&stream, &ticket, options, &mut draining, born).await;
-            buffers = Buffers::take();
-            if !spoke {
+            if !baton::serve::first_byte(&socket, &ticket, options, &mut draining, born).await {
                 return;
             }
+            buffers = Buffers::take();
         }
         Err(_) => return,
     }
     ticket.spoke();
     let peer = peer.map(|a| a.ip().to_canonical());
-    // Borrowed halves: no allocation, and closing is one close(2).
-    match stream {
-        Stream::Tcp(mut s) => {
-            let (r, w) = s.split();
-            Client::new(
-                r,
-                ClientWriter::new(w),
-                buffers,
-                peer,
-                proxy,
-                draining,
-                born,
-                ticket,
-            )
-            .run()
-            .await;
-        }
-        Stream::Unix(mut s) => {
-            let (r, w) = s.split();
-            Client::new(
-                r,
-                ClientWriter::new(w),
-                buffers,
-                peer,
-                proxy,
-                draining,
-                born,
-                ticket,
-            )
-            .run()
-            .await;
-        }
-        _ => {}
-    }
+    let side = Side(&socket);
+    Client::new(
+        side,
+        ClientWriter::new(side),
+        buffers,
+        peer,
+        proxy,
+        draining,
+        born,
+        ticket,
+    )
+    .run()
+    .await;
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -154,6 +154,34 @@ pub fn recv_now(fd: std::os::fd::BorrowedFd<'_>, buf: &mut bytes::BytesMut) -> i
     Ok(n)
 }
 
+/// Receives into the unfilled part of `buf` without waiting: `Ok(0)` at
+/// the end of the stream, `WouldBlock` if nothing is there.
+pub fn recv_into(
+    fd: std::os::fd::BorrowedFd<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+) -> io::Result<usize> {
+    // SAFETY: the unfilled part is only written to (by the kernel), never
+    // de-initialized.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let ((filled, _), _) = rustix::net::recv(fd, unfilled, rustix::net::RecvFlags::DONTWAIT)?;
+    let n = filled.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(n)
+}
+
+/// Registers `fd` with the current runtime, for readiness both ways. Must
+/// be called within a runtime.
+pub fn register(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+    // SAFETY: the `AsyncFd` owns `fd`: it stays open, and `as_raw_fd`
+    // returns the same number, until the `AsyncFd` is dropped or gives it
+    // back, as `register_with_interest` requires.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
