@@ -28,8 +28,6 @@
 //! or, once, when it is idempotent, has no body, and the generation closed
 //! the connection without answering.
 
-mod conn_io;
-mod socket;
 pub mod wire;
 
 use std::io;
@@ -44,11 +42,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
+use super::conn_io::{Buffers, ClientWriter, NoDelay, READ, bounded, read_more, write_two};
+use super::socket::{Side, Socket};
 use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
 use baton::serve::{Acceptor, AsyncListener, Ticket};
-use conn_io::{Buffers, ClientWriter, NoDelay, READ, bounded, read_more, write_two};
-use socket::{Side, Socket};
 use wire::{Chunked, Framing, Request};
 
 /// The longest request or response head accepted.

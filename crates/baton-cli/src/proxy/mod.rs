@@ -19,7 +19,9 @@
 //! single-threaded. They talk through [`Proxy`] (shared, lock-light) and the
 //! guardian's event channel (drained upstreams).
 
+mod conn_io;
 pub mod http;
+mod socket;
 pub mod tcp;
 pub mod upstream;
 
@@ -251,7 +253,8 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream>
                 "connect timed out (the app's accept queue is full?)",
             )
         })??;
-    if stream.local_addr()? == stream.peer_addr()? {
+    // Connected to itself: its own address is the one it connected to.
+    if stream.local_addr()? == addr {
         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
     }
     let _ = stream.set_nodelay(true);

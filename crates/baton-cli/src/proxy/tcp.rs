@@ -4,19 +4,19 @@
 //! was paired with until either side closes it (or that generation is
 //! killed at the stop timeout).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::Proxy;
-use baton::serve::{AsyncListener, Stream, Ticket};
+use super::conn_io::{Buffers, read_more};
+use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
 
 /// Accepts on `listeners` and relays until `stop` turns true; then stops
 /// accepting (relays in progress go on).
@@ -29,13 +29,16 @@ pub async fn serve(listeners: Vec<AsyncListener>, proxy: Arc<Proxy>, stop: watch
 }
 
 async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    let Ok(mut listener) = Acceptor::new(listener) else {
+        return;
+    };
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut stop) => return,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept_from() => accepted,
         };
         let stream = match accepted {
-            Ok(stream) => stream,
+            Ok((stream, _)) => stream,
             Err(e) => {
                 debug!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -50,9 +53,6 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch
             () = stopped(&mut stop) => proxy.connections().admit_over_cap(),
         };
         ticket.spoke();
-        if let Stream::Tcp(s) = &stream {
-            let _ = s.set_nodelay(true);
-        }
         tokio::spawn(relay(stream, ticket, Arc::clone(&proxy)));
     }
 }
@@ -62,7 +62,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Pairs one client connection with the current generation and copies
-/// until either side closes, or nothing moved either way for the idle
+/// until both sides have closed, or nothing moved either way for the idle
 /// timeout.
 async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
     let _ticket = ticket;
@@ -72,7 +72,7 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
         return;
     };
     let mut retried = false;
-    let server = loop {
+    let mut server = loop {
         match super::connect(upstream.addr).await {
             Ok(server) => break server,
             Err(e) => {
@@ -92,53 +92,104 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
             }
         }
     };
-    let started = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut client = Touched::new(client, started, Arc::clone(&last));
-    let mut server = Touched::new(server, started, Arc::clone(&last));
-    let idle = proxy.limits.serve.idle_timeout;
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
-    tokio::pin!(copy);
-    loop {
-        // Wake at the idle deadline of the last byte moved; a relay with
-        // traffic just looks again.
-        let deadline = idle.and_then(|idle| {
-            let moved = Duration::from_nanos(last.load(Ordering::Relaxed));
-            started.checked_add(moved)?.checked_add(idle)
-        });
-        let sleep = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = copy.as_mut() => break,
-            () = sleep => {
-                let moved = Duration::from_nanos(last.load(Ordering::Relaxed));
-                if idle.is_some_and(|idle| started.elapsed().saturating_sub(moved) >= idle) {
-                    proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
+    // The client socket is waited on in any case: registered at the accept.
+    match client {
+        Stream::Tcp(mut client) => {
+            let _ = client.set_nodelay(true);
+            let (r, w) = client.split();
+            copy_both_ways(r, w, &mut server, &proxy).await;
         }
+        Stream::Unix(mut client) => {
+            let (r, w) = client.split();
+            copy_both_ways(r, w, &mut server, &proxy).await;
+        }
+        _ => {}
     }
     drop(active);
 }
 
-/// A socket that notes when a byte last moved through it.
-struct Touched<T> {
-    inner: T,
-    started: Instant,
-    last: Arc<AtomicU64>,
+/// Copies between the client's halves and the generation's socket until
+/// both directions have ended, or nothing moved for the idle timeout.
+async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client_r: R,
+    client_w: W,
+    server: &mut tokio::net::TcpStream,
+    proxy: &Proxy,
+) {
+    let moved = Moved::new();
+    let (mut up_r, mut up_w) = server.split();
+    let (mut to_app, mut to_client) = (Buffers::take(), Buffers::take());
+    let ends = AtomicU8::new(0);
+    {
+        let copy = async {
+            tokio::join!(
+                pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved),
+                pipe(&mut up_r, client_w, &mut to_client.read, &ends, &moved),
+            )
+        };
+        let mut copy = std::pin::pin!(copy);
+        let idle = proxy.limits.serve.idle_timeout;
+        loop {
+            // Wake at the idle deadline of the last byte moved; a relay with
+            // traffic just looks again.
+            let deadline = idle.and_then(|idle| moved.last().checked_add(idle));
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = copy.as_mut() => break,
+                () = sleep => {
+                    if idle.is_some_and(|idle| moved.last().elapsed() >= idle) {
+                        proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    to_app.give_back();
+    to_client.give_back();
 }
 
-impl<T> Touched<T> {
-    fn new(inner: T, started: Instant, last: Arc<AtomicU64>) -> Touched<T> {
-        Touched {
-            inner,
-            started,
-            last,
+/// Copies one direction until its reader ends, then passes the end on: a
+/// shutdown of the writer's sending side if the other direction still
+/// runs (half-close), nothing if it is over too (closing will do).
+async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut r: R,
+    mut w: W,
+    buf: &mut BytesMut,
+    ends: &AtomicU8,
+    moved: &Moved,
+) -> std::io::Result<()> {
+    loop {
+        buf.clear();
+        if read_more(&mut r, buf).await? == 0 {
+            if ends.fetch_add(1, Ordering::Relaxed) == 0 {
+                w.shutdown().await?;
+            }
+            return Ok(());
+        }
+        moved.touch();
+        w.write_all(buf).await?;
+        moved.touch();
+    }
+}
+
+/// When a byte last moved through a relay, either way.
+struct Moved {
+    started: Instant,
+    /// Nanoseconds after `started`.
+    last: AtomicU64,
+}
+
+impl Moved {
+    fn new() -> Moved {
+        Moved {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
         }
     }
 
@@ -146,43 +197,8 @@ impl<T> Touched<T> {
         let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(nanos, Ordering::Relaxed);
     }
-}
 
-impl<T: AsyncRead + Unpin> AsyncRead for Touched<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Touched<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        polled
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    fn last(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }

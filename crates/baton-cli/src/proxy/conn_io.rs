@@ -1,4 +1,4 @@
-//! The HTTP proxy's I/O pieces: reads into a connection's buffer, writes of
+//! The proxy's I/O pieces: reads into a connection's buffer, writes of
 //! a head and a body in one system call, timeouts, buffers kept per thread
 //! for the next connection, and `TCP_NODELAY` only where it matters.
 
