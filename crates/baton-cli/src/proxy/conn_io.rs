@@ -5,8 +5,9 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -61,6 +62,36 @@ pub async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> i
         buf.reserve(READ);
     }
     r.read_buf(buf).await
+}
+
+/// When something last happened on a connection (a byte moved), for the
+/// timeouts that count from it; shared by the futures that move them.
+#[derive(Debug)]
+pub struct Stamp {
+    start: Instant,
+    /// Nanoseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Stamp {
+    /// Now.
+    pub fn new() -> Stamp {
+        Stamp {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Something happened now.
+    pub fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    /// When it last happened.
+    pub fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
 }
 
 /// A connection's buffers: what was read from the client, and the heads

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::conn_io::{Buffers, ClientWriter, NoDelay, READ, bounded, read_more, write_two};
+use super::conn_io::{Buffers, ClientWriter, NoDelay, READ, Stamp, bounded, read_more, write_two};
 use super::socket::{Side, Socket};
 use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
@@ -499,7 +499,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             r, w, buf, up_head, ..
         } = self;
         let (mut up_r, mut up_w) = conn.stream.split();
-        let progress = Progress::new();
+        // When the body last moved to the app.
+        let progress = Stamp::new();
         let body = async {
             up_w.write_all(up_head).await.map_err(|e| (true, e))?;
             progress.touch();
@@ -656,32 +657,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
     }
 }
 
-/// When a request body last moved to the app: the app's time to answer
-/// runs from there.
-struct Progress {
-    start: Instant,
-    /// Nanoseconds after `start`.
-    last: std::sync::atomic::AtomicU64,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress {
-            start: Instant::now(),
-            last: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
-    }
-}
-
 /// Which side broke a relay.
 enum Broken {
     Client,
@@ -821,7 +796,7 @@ async fn relay_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     w: &mut W,
     framing: Framing,
     stall: Option<Duration>,
-    progress: &Progress,
+    progress: &Stamp,
 ) -> Result<(), (bool, io::Error)> {
     let mut state = Body::new(framing);
     loop {

@@ -5,8 +5,8 @@
 //! killed at the stop timeout).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::Proxy;
-use super::conn_io::{Buffers, read_more};
+use super::conn_io::{Buffers, Stamp, read_more};
 use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
 
 /// Accepts on `listeners` and relays until `stop` turns true; then stops
@@ -116,7 +116,7 @@ async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     server: &mut tokio::net::TcpStream,
     proxy: &Proxy,
 ) {
-    let moved = Moved::new();
+    let moved = Stamp::new();
     let (mut up_r, mut up_w) = server.split();
     let (mut to_app, mut to_client) = (Buffers::take(), Buffers::take());
     let ends = AtomicU8::new(0);
@@ -162,7 +162,7 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut w: W,
     buf: &mut BytesMut,
     ends: &AtomicU8,
-    moved: &Moved,
+    moved: &Stamp,
 ) -> std::io::Result<()> {
     loop {
         buf.clear();
@@ -175,30 +175,5 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         moved.touch();
         w.write_all(buf).await?;
         moved.touch();
-    }
-}
-
-/// When a byte last moved through a relay, either way.
-struct Moved {
-    started: Instant,
-    /// Nanoseconds after `started`.
-    last: AtomicU64,
-}
-
-impl Moved {
-    fn new() -> Moved {
-        Moved {
-            started: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
