@@ -146,7 +146,7 @@ async fn connection(
     ticket.spoke();
     let peer = peer.map(|a| a.ip().to_canonical());
     let side = Side(&socket);
-    Client::new(
+    let client = Client::new(
         side,
         ClientWriter::new(side),
         buffers,
@@ -155,9 +155,9 @@ async fn connection(
         draining,
         born,
         ticket,
-    )
-    .run()
-    .await;
+    );
+    // Boxed, so that a silent connection's task stays small.
+    Box::pin(client.run()).await;
 }
 
 async fn sleep_until(at: Option<Instant>) {

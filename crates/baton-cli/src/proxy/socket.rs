@@ -5,27 +5,22 @@
 //! with the handshake and the answer fits in the socket's send buffer. For
 //! them, registering with epoll (and deregistering at close) would be two
 //! system calls out of eight. [`Socket`] reads and writes the descriptor
-//! directly, and registers it the first time an operation would block: a
-//! duplicate of it, which the registration owns, so that nothing can close
-//! the descriptor under the runtime.
+//! directly, and registers it the first time an operation would block.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::conn_io::NoDelay;
+use crate::sys::socket::LazySocket;
 
 /// An accepted, non-blocking client socket (TCP or Unix).
 #[derive(Debug)]
 pub struct Socket {
-    /// Readiness, once needed (of a duplicate of `fd`: the same socket).
-    registration: OnceLock<AsyncFd<OwnedFd>>,
-    fd: OwnedFd,
+    socket: LazySocket,
     tcp: bool,
 }
 
@@ -33,26 +28,14 @@ impl Socket {
     /// `fd`, non-blocking; `tcp` for a TCP socket.
     pub fn new(fd: OwnedFd, tcp: bool) -> Socket {
         Socket {
-            registration: OnceLock::new(),
-            fd,
+            socket: LazySocket::new(fd),
             tcp,
         }
     }
 
     /// The socket's descriptor.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    fn registered(&self) -> io::Result<&AsyncFd<OwnedFd>> {
-        if let Some(registration) = self.registration.get() {
-            return Ok(registration);
-        }
-        let registration = crate::sys::socket::register(self.fd.try_clone()?)?;
-        let _ = self.registration.set(registration);
-        self.registration
-            .get()
-            .ok_or_else(|| io::Error::other("socket registration lost"))
+        self.socket.fd()
     }
 
     /// Runs `op` on the socket; once it would block, waits for readiness
@@ -67,13 +50,13 @@ impl Socket {
         mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<T>,
         short: impl Fn(&T) -> bool,
     ) -> Poll<io::Result<T>> {
-        if self.registration.get().is_none() {
+        if self.socket.registration().is_none() {
             match op(self.fd()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 done => return Poll::Ready(done),
             }
         }
-        let registration = self.registered()?;
+        let registration = self.socket.register()?;
         loop {
             let mut guard = if read {
                 ready!(registration.poll_read_ready(cx))?

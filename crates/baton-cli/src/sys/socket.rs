@@ -171,15 +171,69 @@ pub fn recv_into(
     Ok(n)
 }
 
-/// Registers `fd` with the current runtime, for readiness both ways. Must
-/// be called within a runtime.
-pub fn register(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
-    // SAFETY: the `AsyncFd` owns `fd`: it stays open, and `as_raw_fd`
-    // returns the same number, until the `AsyncFd` is dropped or gives it
-    // back, as `register_with_interest` requires.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
-        .map_err(io::Error::from)
+/// A descriptor number as the runtime's registration holds it, borrowed
+/// from a [`LazySocket`].
+#[derive(Debug)]
+pub struct FdNumber(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for FdNumber {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// A socket and, once asked for, its registration with the runtime for
+/// readiness both ways. The registration borrows the socket's descriptor
+/// instead of a duplicate, so a socket costs one descriptor either way.
+#[derive(Debug)]
+pub struct LazySocket {
+    /// Declared before `fd`: dropped (deregistered) before it closes.
+    registration: std::sync::OnceLock<tokio::io::unix::AsyncFd<FdNumber>>,
+    fd: OwnedFd,
+}
+
+impl LazySocket {
+    /// Takes `fd` (a non-blocking socket).
+    pub fn new(fd: OwnedFd) -> LazySocket {
+        LazySocket {
+            registration: std::sync::OnceLock::new(),
+            fd,
+        }
+    }
+
+    /// The descriptor.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// The registration, if there is one yet.
+    pub fn registration(&self) -> Option<&tokio::io::unix::AsyncFd<FdNumber>> {
+        self.registration.get()
+    }
+
+    /// The registration, made now if needed. Must be called within a
+    /// runtime.
+    pub fn register(&self) -> io::Result<&tokio::io::unix::AsyncFd<FdNumber>> {
+        use std::os::fd::AsRawFd;
+        if let Some(registration) = self.registration.get() {
+            return Ok(registration);
+        }
+        let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+        let number = FdNumber(self.fd.as_raw_fd());
+        // SAFETY: `register_with_interest` needs the number to stay open and
+        // name the same socket for the registration's whole life. `fd` is
+        // private to this struct, never closed or replaced while it lives,
+        // and the registration is dropped before it (field order), so it
+        // does.
+        let registration =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(number, interest) }
+                .map_err(io::Error::from)?;
+        let _ = self.registration.set(registration);
+        self.registration
+            .get()
+            .ok_or_else(|| io::Error::other("socket registration lost"))
+    }
 }
 
 #[cfg(test)]
