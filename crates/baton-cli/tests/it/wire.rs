@@ -276,3 +276,26 @@ fn requests_with_ambiguous_framing_are_refused_and_never_reach_the_app() {
     let after: u64 = count(&b).parse().expect("number");
     assert_eq!(after, before.parse::<u64>().expect("number") + 1);
 }
+
+#[test]
+fn a_kept_connection_costs_baton_one_descriptor() {
+    let b = raw_app();
+    let before = support::fd_count(b.pid());
+    // Each connection has had an answer and now waits for its next request:
+    // registered with the runtime, holding its socket.
+    let conns: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = connect(&b);
+            send(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(answer(&mut c, false).1, b"hello\n");
+            c
+        })
+        .collect();
+    let after = support::fd_count(b.pid());
+    // The client sockets, plus the few pooled connections to the app.
+    assert!(
+        after - before >= 50 && after - before <= 55,
+        "{before} descriptors before, {after} with 50 kept connections"
+    );
+    drop(conns);
+}
