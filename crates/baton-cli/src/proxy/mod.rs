@@ -244,15 +244,40 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// self-connection as refused: with nothing listening on a loopback port in
 /// the ephemeral range, a connect can pick that very port as its source and
 /// "succeed" by connecting to itself (a simultaneous open).
+///
+/// On a proxy thread the timeout is checked at the thread's one-second
+/// tick (so it is 10 to 11 s) instead of with a timer of its own: a timer
+/// due before every other one makes the runtime wake its own event loop
+/// through an eventfd, two system calls for each connection.
 pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out (the app's accept queue is full?)",
-            )
-        })??;
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out (the app's accept queue is full?)",
+        )
+    };
+    let connecting = tokio::net::TcpStream::connect(addr);
+    let stream = match TICKS.with(|t| t.borrow().clone()) {
+        Some(mut ticks) => {
+            let started = std::time::Instant::now();
+            let mut connecting = std::pin::pin!(connecting);
+            loop {
+                tokio::select! {
+                    biased;
+                    connected = &mut connecting => break connected?,
+                    // No more ticks: the thread is ending.
+                    ticked = ticks.changed() => {
+                        if ticked.is_err() || started.elapsed() >= CONNECT_TIMEOUT {
+                            return Err(timed_out());
+                        }
+                    }
+                }
+            }
+        }
+        None => tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| timed_out())??,
+    };
     // Connected to itself: its own address is the one it connected to.
     if stream.local_addr()? == addr {
         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
@@ -391,6 +416,24 @@ static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 thread_local! {
     /// Which proxy thread this is (0 elsewhere).
     static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// This proxy thread's one-second tick (none elsewhere).
+    static TICKS: std::cell::RefCell<Option<watch::Receiver<()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Starts this proxy thread's one-second tick, for coarse deadlines that
+/// must not each cost a timer. Within the thread's runtime.
+fn start_ticks() -> tokio::task::JoinHandle<()> {
+    let (tick, ticks) = watch::channel(());
+    TICKS.with(|t| *t.borrow_mut() = Some(ticks));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            tick.send_replace(());
+        }
+    })
 }
 
 /// The number of proxy threads.
@@ -435,6 +478,7 @@ pub fn start(
             .spawn(move || {
                 SLOT.with(|s| s.set(index));
                 runtime.block_on(async move {
+                    let ticks = start_ticks();
                     let listeners: Vec<baton::serve::AsyncListener> = mine
                         .into_iter()
                         .filter_map(|(fd, unix)| {
@@ -465,6 +509,7 @@ pub fn start(
                     while open() > 0 {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                    ticks.abort();
                 });
                 let (count, ended) = &*alive;
                 count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -472,4 +517,40 @@ pub fn start(
             })?;
     }
     Ok(Handle { stop, alive })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_the_app_never_completes_times_out_on_a_proxy_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let ticks = start_ticks();
+            // A listener whose accept queue holds one connection; the
+            // kernel drops the SYNs of the next ones.
+            let fd = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                None,
+            )
+            .unwrap();
+            rustix::net::bind(&fd, &SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            rustix::net::listen(&fd, 0).unwrap();
+            let addr = crate::sys::socket::tcp_local_addr(&fd).unwrap();
+            let _queued = connect(addr).await.expect("the first one is queued");
+            let started = std::time::Instant::now();
+            let second = connect(addr).await;
+            assert_eq!(
+                second.map(|_| ()).unwrap_err().kind(),
+                std::io::ErrorKind::TimedOut
+            );
+            assert!(started.elapsed() >= CONNECT_TIMEOUT);
+            ticks.abort();
+        });
+    }
 }
