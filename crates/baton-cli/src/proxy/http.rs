@@ -179,6 +179,16 @@ enum After {
     Linger,
 }
 
+/// How far a request's body got once the answer's head arrived.
+enum Sent {
+    /// All of it (or there was none).
+    Done,
+    /// Not all: the answer came first; the rest can still go.
+    Rest(Body),
+    /// The app stopped taking it.
+    Refused,
+}
+
 /// Why a request got no answer from a generation.
 enum Failed {
     /// The generation took too long (`--upstream-timeout`).
@@ -437,8 +447,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             } else {
                 self.send(&mut conn, request).await
             };
-            let body_done = match sent {
-                Ok(done) => done,
+            let sent = match sent {
+                Ok(sent) => sent,
                 Err(failed) => {
                     let body_read = request.framing == Framing::None || replayed;
                     let why = match failed {
@@ -480,68 +490,67 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
                     return self.answer_error(request, 502, &why, body_read).await;
                 }
             };
-            return self
-                .respond(request, conn, upstream, active, body_done)
-                .await;
+            return self.respond(request, conn, upstream, active, sent).await;
         }
     }
 
     /// Sends the request (head, then body as it comes) and reads the head
     /// of the answer into `conn.buf`, relaying informational (1xx) answers.
-    /// Returns whether the whole body was sent.
-    async fn send(&mut self, conn: &mut UpConn, request: &Request) -> Result<bool, Failed> {
+    /// Returns how far the body got.
+    async fn send(&mut self, conn: &mut UpConn, request: &Request) -> Result<Sent, Failed> {
         if request.framing == Framing::None {
             return self.send_bodiless(conn, request.http10).await;
         }
         let timeout = self.proxy.limits.upstream_timeout;
         let stall = self.proxy.limits.serve.idle_timeout;
-        let Client {
-            r, w, buf, up_head, ..
-        } = self;
-        let (mut up_r, mut up_w) = conn.stream.split();
-        // When the body last moved to the app.
-        let progress = Stamp::new();
-        let body = async {
-            up_w.write_all(up_head).await.map_err(|e| (true, e))?;
-            progress.touch();
-            relay_body(r, buf, &mut up_w, request.framing, stall, &progress).await
-        };
-        let head = read_head(&mut up_r, &mut conn.buf, w, request.http10);
-        tokio::pin!(body, head);
-        // The whole body was read from the client; the app took what it
-        // wanted of it.
-        let (mut body_done, mut body_over) = (false, false);
-        loop {
-            // The app's time to answer runs from the end of the body, or
-            // from the last part it took.
-            let deadline = progress.last().checked_add(timeout);
-            tokio::select! {
-                sent = &mut body, if !body_over => {
-                    body_over = true;
-                    match sent {
+        let mut state = Body::new(request.framing);
+        let (answered, sent) = {
+            let Client {
+                r, w, buf, up_head, ..
+            } = &mut *self;
+            let (mut up_r, mut up_w) = conn.stream.split();
+            // When the body last moved to the app.
+            let progress = Stamp::new();
+            let state = &mut state;
+            let body = async {
+                up_w.write_all(up_head).await.map_err(|e| (true, e))?;
+                progress.touch();
+                relay_body(r, buf, &mut up_w, state, stall, timeout, &progress).await
+            };
+            let head = read_head(&mut up_r, &mut conn.buf, w, request.http10);
+            tokio::pin!(body, head);
+            let mut sent = None;
+            loop {
+                // The app's time to answer runs from the end of the body,
+                // or from the last part it took.
+                let deadline = progress.last().checked_add(timeout);
+                tokio::select! {
+                    done = &mut body, if sent.is_none() => match done {
                         Ok(()) => {
-                            body_done = true;
+                            sent = Some(Sent::Done);
                             progress.touch();
                         }
                         // The client stalled or went away.
                         Err((false, _)) => return Err(Failed::Client),
                         // The app stopped taking the body: its answer, if
                         // any, still counts.
-                        Err((true, _)) => {}
-                    }
-                },
-                answered = &mut head => return answered.map(|()| body_done),
-                () = sleep_until(deadline) => {
-                    if progress.last().checked_add(timeout).is_some_and(|at| at <= Instant::now()) {
-                        return Err(Failed::Timeout);
+                        Err((true, _)) => sent = Some(Sent::Refused),
+                    },
+                    answered = &mut head => break (answered, sent),
+                    () = sleep_until(deadline) => {
+                        if progress.last().checked_add(timeout).is_some_and(|at| at <= Instant::now()) {
+                            return Err(Failed::Timeout);
+                        }
                     }
                 }
             }
-        }
+        };
+        // An answer before the end of the body: the rest goes on beside it.
+        answered.map(|()| sent.unwrap_or(Sent::Rest(state)))
     }
 
     /// Sends the head alone and reads the answer's head.
-    async fn send_bodiless(&mut self, conn: &mut UpConn, http10: bool) -> Result<bool, Failed> {
+    async fn send_bodiless(&mut self, conn: &mut UpConn, http10: bool) -> Result<Sent, Failed> {
         let timeout = self.proxy.limits.upstream_timeout;
         if let Err(e) = conn.stream.write_all(&self.up_head).await {
             return Err(Failed::Unanswered(e));
@@ -549,7 +558,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         let (mut up_r, _) = conn.stream.split();
         let head = read_head(&mut up_r, &mut conn.buf, &mut self.w, http10);
         match tokio::time::timeout(timeout, head).await {
-            Ok(answered) => answered.map(|()| true),
+            Ok(answered) => answered.map(|()| Sent::Done),
             Err(_) => Err(Failed::Timeout),
         }
     }
@@ -562,9 +571,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         mut conn: UpConn,
         upstream: Arc<Upstream>,
         active: Active,
-        body_done: bool,
+        sent: Sent,
     ) -> After {
         let proxy = Arc::clone(&self.proxy);
+        // An answer that came before the end of the body closes the client
+        // connection unless the rest of the body then arrives in full.
+        let body_done = matches!(sent, Sent::Done);
         let close = !body_done || self.closing(request);
         let response = match wire::parse_response(
             &conn.buf,
@@ -619,22 +631,42 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             let _ = tokio::join!(to_app, to_client);
             return After::Close;
         }
-        // Head and the first part of the body in one write.
-        let timeout = Some(proxy.limits.upstream_timeout);
-        let relayed = relay_first_and_rest(
+        // Head and the first part of the body in one write; the rest of
+        // the request's body, if any, alongside (some apps answer as they
+        // read).
+        let timeout = proxy.limits.upstream_timeout;
+        let (mut up_r, mut up_w) = conn.stream.split();
+        let answer = relay_first_and_rest(
             &mut self.w,
             &self.out,
-            &mut conn,
+            &mut up_r,
+            &mut conn.buf,
             response.framing,
             response.dechunk,
-            timeout,
+            Some(timeout),
             stall,
-        )
-        .await;
+        );
+        let (relayed, body_done) = match sent {
+            Sent::Rest(mut state) => {
+                let moved = Stamp::new();
+                let rest = relay_body(
+                    &mut self.r,
+                    &mut self.buf,
+                    &mut up_w,
+                    &mut state,
+                    stall,
+                    timeout,
+                    &moved,
+                );
+                let (relayed, rest) = tokio::join!(answer, rest);
+                (relayed, rest.is_ok())
+            }
+            Sent::Done | Sent::Refused => (answer.await, body_done),
+        };
         drop(active);
         match relayed {
             Ok(()) => {
-                if response.reusable {
+                if response.reusable && body_done {
                     upstream.checkin(conn);
                 }
                 match (response.close, body_done) {
@@ -665,23 +697,23 @@ enum Broken {
 
 /// Writes the answer's head with what part of its body is already read,
 /// then relays the rest of the body.
+#[allow(clippy::too_many_arguments)]
 async fn relay_first_and_rest<W: AsyncWrite + Unpin>(
     w: &mut W,
     head: &[u8],
-    conn: &mut UpConn,
+    up_r: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
     framing: Framing,
     dechunk: bool,
     timeout: Option<Duration>,
     stall: Option<Duration>,
 ) -> Result<(), Broken> {
-    let UpConn { stream, buf, .. } = conn;
-    let (mut up_r, _) = stream.split();
     if dechunk {
         // An HTTP/1.0 client of a chunked answer: the data alone, then close.
         bounded(stall, w.write_all(head))
             .await
             .map_err(|_| Broken::Client)?;
-        return relay_dechunked(&mut up_r, buf, w, timeout, stall).await;
+        return relay_dechunked(up_r, buf, w, timeout, stall).await;
     }
     let mut state = Body::new(framing);
     let take = state.take(buf).map_err(|_| Broken::App)?;
@@ -697,7 +729,7 @@ async fn relay_first_and_rest<W: AsyncWrite + Unpin>(
         // not sticky, so this costs a system call per wait, and only
         // answers that come in parts wait.
         let _ = rustix::net::sockopt::set_tcp_quickack(up_r.as_ref(), true);
-        let n = bounded(timeout, read_more(&mut up_r, buf))
+        let n = bounded(timeout, read_more(up_r, buf))
             .await
             .map_err(|_| Broken::App)?;
         if n == 0 {
@@ -790,21 +822,25 @@ impl Body {
 
 /// Relays a request body from the client (`buf` holds what was already
 /// read) to the app. Errors say which side failed: `true` for the app.
+/// A write to the app that blocks longer than `write_limit` (it stopped
+/// reading) fails as the app's.
 async fn relay_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     w: &mut W,
-    framing: Framing,
+    state: &mut Body,
     stall: Option<Duration>,
+    write_limit: Duration,
     progress: &Stamp,
 ) -> Result<(), (bool, io::Error)> {
-    let mut state = Body::new(framing);
     loop {
         let take = state
             .take(buf)
             .map_err(|why| (false, io::Error::new(io::ErrorKind::InvalidData, why)))?;
         if take > 0 {
-            w.write_all(&buf[..take]).await.map_err(|e| (true, e))?;
+            bounded(Some(write_limit), w.write_all(&buf[..take]))
+                .await
+                .map_err(|e| (true, e))?;
             buf.advance(take);
             progress.touch();
         }

@@ -40,6 +40,17 @@ def serve(c):
         if headers.get("expect", "").lower() == "100-continue":
             c.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = b""
+        if path == "/duplex":
+            # Answers at once, then echoes each line of the body as it
+            # comes (as a chunk).
+            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            left = int(headers["content-length"])
+            while left > 0:
+                line = f.readline()
+                left -= len(line)
+                c.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+            c.sendall(b"0\r\n\r\n")
+            continue
         if "content-length" in headers:
             body = f.read(int(headers["content-length"]))
         elif headers.get("transfer-encoding", "").lower() == "chunked":
@@ -298,4 +309,34 @@ fn a_kept_connection_costs_baton_one_descriptor() {
         "{before} descriptors before, {after} with 50 kept connections"
     );
     drop(conns);
+}
+
+#[test]
+fn an_app_that_answers_while_it_reads_the_body_gets_the_rest_of_it() {
+    let b = raw_app();
+    let mut c = connect(&b);
+    send(
+        &mut c,
+        b"POST /duplex HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\none\n",
+    );
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(c.read_line(&mut head).expect("head") > 0, "{head}");
+    }
+    assert!(head.to_ascii_lowercase().starts_with("http/1.1 200"), "{head}");
+    // Each line comes back before the next is sent: both directions flow.
+    for line in ["one\n", "two\n", "six\n"] {
+        if line != "one\n" {
+            send(&mut c, line.as_bytes());
+        }
+        let mut size = String::new();
+        c.read_line(&mut size).expect("chunk size");
+        assert_eq!(size, "4\r\n");
+        let mut data = [0u8; 6];
+        c.read_exact(&mut data).expect("chunk");
+        assert_eq!(&data, format!("{line}\r\n").as_bytes());
+    }
+    let mut end = String::new();
+    c.read_line(&mut end).expect("last chunk");
+    assert_eq!(end, "0\r\n");
 }
