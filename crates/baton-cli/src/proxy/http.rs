@@ -618,17 +618,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             proxy.counters.open_streams.fetch_add(1, Ordering::SeqCst);
             let _open = OpenStream(Arc::clone(&proxy));
             let _active = active;
-            let (mut up_r, mut up_w) = conn.stream.split();
-            let to_app = async {
-                up_w.write_all(&self.buf).await?;
-                tokio::io::copy(&mut self.r, &mut up_w).await?;
-                up_w.shutdown().await
-            };
-            let to_client = async {
-                tokio::io::copy(&mut up_r, &mut self.w).await?;
-                self.w.shutdown().await
-            };
-            let _ = tokio::join!(to_app, to_client);
+            // What the client sent after its handshake goes first; then a
+            // relay as in tcp mode (half-close, `--idle-timeout`).
+            if bounded(stall, conn.stream.write_all(&self.buf))
+                .await
+                .is_err()
+            {
+                return After::Close;
+            }
+            self.buf.clear();
+            super::tcp::copy_both_ways(&mut self.r, &mut self.w, &mut conn.stream, &proxy).await;
             return After::Close;
         }
         // Head and the first part of the body in one write; the rest of
@@ -780,6 +779,7 @@ async fn relay_dechunked<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// Where a body being relayed is.
+#[derive(Clone)]
 enum Body {
     /// So many bytes to go.
     Length(u64),
@@ -798,7 +798,12 @@ impl Body {
         }
     }
 
-    /// How much of `buf` belongs to the body.
+    /// How much of `buf` belongs to the body, without taking it.
+    fn peek(&self, buf: &[u8]) -> Result<usize, &'static str> {
+        self.clone().take(buf)
+    }
+
+    /// How much of `buf` belongs to the body, taken.
     fn take(&mut self, buf: &[u8]) -> Result<usize, &'static str> {
         match self {
             Body::Length(left) => {
@@ -833,15 +838,22 @@ async fn relay_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     write_limit: Duration,
     progress: &Stamp,
 ) -> Result<(), (bool, io::Error)> {
+    // Cancel-safe: this future is dropped when the answer comes first and
+    // another picks up where it stopped, so `state` and `buf` only ever
+    // count what a write has taken.
     loop {
-        let take = state
-            .take(buf)
-            .map_err(|why| (false, io::Error::new(io::ErrorKind::InvalidData, why)))?;
-        if take > 0 {
-            bounded(Some(write_limit), w.write_all(&buf[..take]))
+        let invalid = |why| (false, io::Error::new(io::ErrorKind::InvalidData, why));
+        let mut take = state.peek(buf).map_err(invalid)?;
+        while take > 0 {
+            let n = bounded(Some(write_limit), w.write(&buf[..take]))
                 .await
                 .map_err(|e| (true, e))?;
-            buf.advance(take);
+            if n == 0 {
+                return Err((true, io::ErrorKind::WriteZero.into()));
+            }
+            state.take(&buf[..n]).map_err(invalid)?;
+            buf.advance(n);
+            take -= n;
             progress.touch();
         }
         if state.done() {

@@ -110,7 +110,7 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
 
 /// Copies between the client's halves and the generation's socket until
 /// both directions have ended, or nothing moved for the idle timeout.
-async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+pub(super) async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client_r: R,
     client_w: W,
     server: &mut tokio::net::TcpStream,

@@ -12,15 +12,16 @@ use support::{Baton, LONG};
 /// A raw HTTP/1.1 app on `$PORT`. Every request is counted; `/count`
 /// answers how many came before it.
 const APP: &str = r#"
-import os, socket, threading
+import os, socket, threading, time
 count = 0
+last_body = 0
 lock = threading.Lock()
 
 def answer(c, status, body, extra=b""):
     c.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
 
 def serve(c):
-    global count
+    global count, last_body
     f = c.makefile("rb")
     while True:
         line = f.readline()
@@ -40,6 +41,16 @@ def serve(c):
         if headers.get("expect", "").lower() == "100-continue":
             c.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = b""
+        if path == "/early":
+            # Answers before it reads the body (once the proxy's writes of
+            # it are blocked), then reads all of it.
+            time.sleep(0.3)
+            answer(c, b"200 OK", b"early")
+            time.sleep(0.3)
+            got = len(f.read(int(headers["content-length"])))
+            with lock:
+                last_body = got
+            continue
         if path == "/duplex":
             # Answers at once, then echoes each line of the body as it
             # comes (as a chunk).
@@ -57,7 +68,8 @@ def serve(c):
             while True:
                 size = int(f.readline().split(b";")[0], 16)
                 if size == 0:
-                    while f.readline() not in (b"\r\n", b""):
+                    # Like many servers, a bare LF ends a line too.
+                    while f.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     break
                 body += f.read(size)
@@ -76,6 +88,8 @@ def serve(c):
         elif path == "/hints":
             c.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
             answer(c, b"200 OK", b"after hints")
+        elif path == "/last":
+            answer(c, b"200 OK", str(last_body).encode())
         elif path == "/count":
             answer(c, b"200 OK", str(seen).encode())
         elif path == "/body":
@@ -323,7 +337,10 @@ fn an_app_that_answers_while_it_reads_the_body_gets_the_rest_of_it() {
     while !head.ends_with("\r\n\r\n") {
         assert!(c.read_line(&mut head).expect("head") > 0, "{head}");
     }
-    assert!(head.to_ascii_lowercase().starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().starts_with("http/1.1 200"),
+        "{head}"
+    );
     // Each line comes back before the next is sent: both directions flow.
     for line in ["one\n", "two\n", "six\n"] {
         if line != "one\n" {
@@ -339,4 +356,65 @@ fn an_app_that_answers_while_it_reads_the_body_gets_the_rest_of_it() {
     let mut end = String::new();
     c.read_line(&mut end).expect("last chunk");
     assert_eq!(end, "0\r\n");
+}
+
+#[test]
+fn an_answer_before_a_large_body_loses_no_byte_of_it_and_poisons_no_connection() {
+    let b = raw_app();
+    let n = 8 << 20;
+    let mut c = connect(&b);
+    let mut upload = c.get_ref().try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let head = format!("POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n");
+        upload.write_all(head.as_bytes()).expect("head");
+        upload.write_all(&vec![b'u'; n]).expect("body");
+    });
+    let (head, body) = answer(&mut c, false);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"early");
+    sender.join().expect("sent");
+    let last = |b: &Baton| {
+        let mut c = connect(b);
+        send(&mut c, b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n");
+        String::from_utf8(answer(&mut c, false).1).expect("number")
+    };
+    support::wait_until("the app read the whole body", LONG, || {
+        last(&b) == n.to_string()
+    });
+    // Later requests, on whatever pooled connection, get their own answers.
+    for _ in 0..5 {
+        let mut c = connect(&b);
+        send(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(answer(&mut c, false).1, b"hello\n");
+    }
+}
+
+#[test]
+fn a_chunked_body_ended_by_a_bare_lf_smuggles_nothing() {
+    let b = raw_app();
+    let count = |b: &Baton| -> u64 {
+        let mut c = connect(b);
+        send(&mut c, b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n");
+        String::from_utf8(answer(&mut c, false).1)
+            .expect("text")
+            .parse()
+            .expect("number")
+    };
+    let before = count(&b);
+    let mut c = connect(&b);
+    // The app's chunked reader takes a bare LF as the end of the trailers;
+    // baton must not let what follows reach it as a request of its own.
+    send(
+        &mut c,
+        b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("hello"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    // The POST reached the app (its head), the smuggled GET did not.
+    assert!(count(&b) <= before + 2);
 }

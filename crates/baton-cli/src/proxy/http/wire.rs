@@ -119,6 +119,9 @@ struct Framed<'a> {
     /// A `Transfer-Encoding` header, and whether its last coding is chunked.
     te: bool,
     chunked: bool,
+    /// `Transfer-Encoding` headers, and whether each said `chunked` alone.
+    te_headers: usize,
+    chunked_alone: bool,
     tokens: Tokens<'a>,
 }
 
@@ -134,6 +137,9 @@ impl<'a> Framed<'a> {
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             self.te = true;
             self.chunked = ends_chunked(value);
+            self.te_headers += 1;
+            self.chunked_alone = std::str::from_utf8(value)
+                .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
         } else if name.eq_ignore_ascii_case("connection") {
             self.tokens.add(value);
         } else {
@@ -234,10 +240,19 @@ pub fn parse_request(
         if !framing && name.eq_ignore_ascii_case("upgrade") {
             upgrade_to = Some(h.value);
         } else if !framing && name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Err(reject(400, "more than one Host header"));
+            }
             host = Some(h.value);
         }
     }
+    // One framing only, which every app reads the same way: a single
+    // `Transfer-Encoding: chunked`, sent on as baton writes it.
+    if framed.te_headers > 1 {
+        return Err(reject(400, "more than one Transfer-Encoding header"));
+    }
     let (length, te, chunked) = (framed.length, framed.te, framed.chunked);
+    let chunked_alone = framed.chunked_alone;
     let tokens = framed.tokens;
     if te {
         if http10 {
@@ -247,6 +262,12 @@ pub fn parse_request(
             return Err(reject(
                 400,
                 "a request's last transfer coding must be chunked",
+            ));
+        }
+        if !chunked_alone {
+            return Err(reject(
+                501,
+                "transfer codings other than chunked are not proxied",
             ));
         }
         if length.is_some() {
@@ -275,6 +296,7 @@ pub fn parse_request(
         if hop_by_hop(name)
             || tokens.names(name)
             || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || (forwarding
                 && (name.eq_ignore_ascii_case("x-forwarded-for")
@@ -286,6 +308,9 @@ pub fn parse_request(
     }
     if let Some(n) = length {
         let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if te {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if upgrade && let Some(protocol) = upgrade_to {
         header(out, b"upgrade", protocol);
@@ -496,6 +521,8 @@ pub struct Chunked {
 enum State {
     #[default]
     Size,
+    /// Whitespace after the size, before an extension.
+    SizeWs,
     Extension,
     SizeLf,
     Data,
@@ -504,6 +531,7 @@ enum State {
     /// At the start of a trailer line (or of the final empty line).
     Trailer,
     TrailerLine,
+    TrailerLf,
     EndLf,
     Done,
 }
@@ -554,11 +582,13 @@ impl Chunked {
                     self.size = self.size * 16 + u64::from(digit);
                     State::Size
                 }
-                (State::Size, b';' | b' ' | b'\t') if self.count > 0 => {
+                (State::Size, b' ' | b'\t') if self.count > 0 => State::SizeWs,
+                (State::SizeWs, b' ' | b'\t') => State::SizeWs,
+                (State::Size | State::SizeWs, b';') if self.count > 0 => {
                     self.count = 0;
                     State::Extension
                 }
-                (State::Size, b'\r') if self.count > 0 => State::SizeLf,
+                (State::Size | State::SizeWs, b'\r') if self.count > 0 => State::SizeLf,
                 (State::Extension, b'\r') => State::SizeLf,
                 (State::Extension, b'\n') => return Err("bare LF in a chunk extension"),
                 (State::Extension, _) => {
@@ -578,17 +608,20 @@ impl Chunked {
                 }
                 (State::DataCr, b'\r') => State::DataLf,
                 (State::DataLf, b'\n') => State::Size,
+                // Lines end with CRLF only: an app that also takes a bare
+                // LF would otherwise end the body where baton does not.
                 (State::Trailer, b'\r') => State::EndLf,
-                (State::Trailer | State::TrailerLine, b) => {
+                (State::Trailer | State::TrailerLine, b'\n') => {
+                    return Err("bare LF in chunked trailers");
+                }
+                (State::TrailerLine, b'\r') => State::TrailerLf,
+                (State::TrailerLf, b'\n') => State::Trailer,
+                (State::Trailer | State::TrailerLine, _) => {
                     self.count += 1;
                     if self.count > MAX_TRAILERS {
                         return Err("chunked trailers too long");
                     }
-                    if b == b'\n' {
-                        State::Trailer
-                    } else {
-                        State::TrailerLine
-                    }
+                    State::TrailerLine
                 }
                 (State::EndLf, b'\n') => State::Done,
                 _ => return Err("malformed chunked body"),
@@ -633,12 +666,23 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
         ] {
             let (parsed, _) = req(head);
             assert_eq!(parsed.unwrap_err().status, 400, "{head:?}");
         }
+        let (parsed, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(parsed.unwrap_err().status, 501);
+        let (parsed, out) = req("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked \r\n\r\n");
+        assert_eq!(parsed.unwrap().unwrap().framing, Framing::Chunked);
+        assert!(out.contains("\r\ntransfer-encoding: chunked\r\n"), "{out}");
+        assert!(
+            !out.contains("Chunked"),
+            "sent on as baton writes it: {out}"
+        );
         let (parsed, out) = req("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n");
         assert_eq!(parsed.unwrap().unwrap().framing, Framing::Length(5));
         assert!(out.contains("content-length: 5\r\n"), "{out}");
@@ -700,7 +744,7 @@ mod tests {
 
     #[test]
     fn chunked_bodies_are_followed_to_their_end_in_any_pieces() {
-        let body = b"4;x=y\r\nWiki\r\n5\r\npedia\r\n0\r\nT: v\r\n\r\nNEXT";
+        let body = b"4 ;x=y\r\nWiki\r\n5\r\npedia\r\n0\r\nT: v\r\n\r\nNEXT";
         let end = body.len() - 4;
         for split in 0..body.len() {
             let mut c = Chunked::default();
@@ -718,6 +762,13 @@ mod tests {
             b"4\r\nWikiXX",
             b"1234567890123456\r\n",
             b"0\r\n\rX",
+            // A bare LF ends the trailers for some apps: refused.
+            b"0\r\n\nGET / HTTP/1.1\r\n",
+            b"0\r\nT: v\n\r\n",
+            b"0\r\nT: v\rX\r\n\r\n",
+            // A second number after the size.
+            b"5 6\r\nhello\r\n",
+            b"5\n",
         ] {
             assert!(Chunked::default().feed(bad, None).is_err(), "{bad:?}");
         }
