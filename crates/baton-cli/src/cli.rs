@@ -254,8 +254,8 @@ pub struct RunArgs {
 
     /// Proxy mode: how long a keep-alive connection may stay idle between
     /// requests, or a client leave its response unread or its request body
-    /// unsent; in tcp mode, how long a relay may pass no byte either way
-    /// [default: 60s].
+    /// unsent; in tcp mode (and for an upgraded connection), how long a
+    /// relay may pass no byte either way [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub idle_timeout: Option<Duration>,
 
