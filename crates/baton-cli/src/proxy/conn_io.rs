@@ -64,6 +64,19 @@ pub async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> i
     r.read_buf(buf).await
 }
 
+/// Sleeps until `at`; never, without one.
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// When something last happened on a connection (a byte moved), for the
 /// timeouts that count from it; shared by the futures that move them.
 #[derive(Debug)]

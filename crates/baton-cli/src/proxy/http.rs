@@ -42,7 +42,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::conn_io::{Buffers, ClientWriter, NoDelay, READ, Stamp, bounded, read_more, write_two};
+use super::conn_io::{
+    Buffers, ClientWriter, NoDelay, READ, Stamp, bounded, read_more, sleep_until, stopped,
+    write_two,
+};
 use super::socket::{Side, Socket};
 use super::upstream::{Active, UpConn};
 use super::{Proxy, Upstream};
@@ -61,10 +64,6 @@ pub async fn serve(listeners: Vec<AsyncListener>, proxy: Arc<Proxy>, stop: watch
         loops.spawn(accept_loop(listener, Arc::clone(&proxy), stop.clone()));
     }
     while loops.join_next().await.is_some() {}
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, stop: watch::Receiver<bool>) {
@@ -158,13 +157,6 @@ async fn connection(
     );
     // Boxed, so that a silent connection's task stays small.
     Box::pin(client.run()).await;
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// How an exchange ended for the client connection.
@@ -303,12 +295,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         let options = &proxy.limits.serve;
         // The first head is timed from the accept; a later one from its
         // first byte; an idle connection from the end of the last answer.
-        let mut head_from =
-            (self.served == 0 || !self.buf.is_empty()).then_some(if self.served == 0 {
-                self.born
-            } else {
-                Instant::now()
-            });
+        let mut head_from = if self.served == 0 {
+            Some(self.born)
+        } else if !self.buf.is_empty() {
+            Some(Instant::now())
+        } else {
+            None
+        };
         let mut drain_at: Option<Instant> = None;
         loop {
             if !self.buf.is_empty() {

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::Proxy;
-use super::conn_io::{Buffers, Stamp, read_more};
+use super::conn_io::{Buffers, Stamp, read_more, sleep_until, stopped};
 use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
 
 /// Accepts on `listeners` and relays until `stop` turns true; then stops
@@ -55,10 +55,6 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch
         ticket.spoke();
         tokio::spawn(relay(stream, ticket, Arc::clone(&proxy)));
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Pairs one client connection with the current generation and copies
@@ -133,15 +129,9 @@ pub(super) async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             // Wake at the idle deadline of the last byte moved; a relay with
             // traffic just looks again.
             let deadline = idle.and_then(|idle| moved.last().checked_add(idle));
-            let sleep = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = copy.as_mut() => break,
-                () = sleep => {
+                () = sleep_until(deadline) => {
                     if idle.is_some_and(|idle| moved.last().elapsed() >= idle) {
                         proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
                         break;
