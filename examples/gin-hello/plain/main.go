@@ -6,6 +6,7 @@
 package main
 
 import (
+	"io"
 	"net/http"
 	"os"
 
@@ -17,7 +18,18 @@ func main() {
 	r := gin.New()
 	r.GET("/", func(c *gin.Context) {
 		c.Header("x-pid", itoa(os.Getpid()))
+		c.Header("ETag", `"v1"`)
+		// A conditional GET for what the client has: no body.
+		if c.GetHeader("If-None-Match") == `"v1"` {
+			c.Status(http.StatusNotModified)
+			return
+		}
 		c.String(http.StatusOK, "hello\n")
+	})
+	r.POST("/", func(c *gin.Context) {
+		n, _ := io.Copy(io.Discard, c.Request.Body)
+		c.Header("x-pid", itoa(os.Getpid()))
+		c.String(http.StatusOK, "got "+itoa(int(n))+" bytes\n")
 	})
 	if err := r.Run(); err != nil {
 		os.Stderr.WriteString("plain: " + err.Error() + "\n")

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONNECTION, HOST, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::header::{CONNECTION, HOST, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -108,6 +108,10 @@ pub struct LoadConfig {
     pub new_conn: bool,
     /// Per-request bound: connect, send and the whole answer.
     pub timeout: Duration,
+    /// Extra request headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A body to POST (none: GET).
+    pub body: Option<Bytes>,
 }
 
 /// Live counters, for progress lines while the load runs.
@@ -142,7 +146,7 @@ pub async fn run(cfg: &LoadConfig, start: Instant, counters: Arc<Counters>) -> V
 
 async fn client(cfg: LoadConfig, start: Instant, counters: Arc<Counters>) -> Vec<Record> {
     let mut records = Vec::with_capacity(4096);
-    let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
+    let mut conn: Option<SendRequest<Full<Bytes>>> = None;
     let host = HeaderValue::from_str(&cfg.host).unwrap_or(HeaderValue::from_static("localhost"));
     let end = start + cfg.duration;
     while Instant::now() < end && records.len() < MAX_REQUESTS_PER_CLIENT {
@@ -189,17 +193,27 @@ async fn client(cfg: LoadConfig, start: Instant, counters: Arc<Counters>) -> Vec
 /// who answered and whether the connection may be reused.
 async fn exchange(
     cfg: &LoadConfig,
-    conn: &mut Option<SendRequest<Empty<Bytes>>>,
+    conn: &mut Option<SendRequest<Full<Bytes>>>,
     host: &HeaderValue,
 ) -> Result<(Option<Responder>, bool), FailureKind> {
     if conn.is_none() {
         *conn = Some(connect(cfg.addr).await?);
     }
     let sender = conn.as_mut().ok_or(FailureKind::Other)?;
-    let mut req = Request::get(cfg.path.as_str())
-        .body(Empty::<Bytes>::new())
+    let method = if cfg.body.is_some() {
+        Method::POST
+    } else {
+        Method::GET
+    };
+    let mut req = Request::builder()
+        .method(method)
+        .uri(cfg.path.as_str())
+        .body(Full::new(cfg.body.clone().unwrap_or_default()))
         .map_err(|_| FailureKind::Other)?;
     req.headers_mut().insert(HOST, host.clone());
+    for (name, value) in &cfg.headers {
+        req.headers_mut().append(name.clone(), value.clone());
+    }
     if cfg.new_conn {
         req.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -216,7 +230,8 @@ async fn exchange(
         .collect()
         .await
         .map_err(|e| classify(&e))?;
-    if !status.is_success() {
+    // 304 answers a conditional request (`--header 'If-None-Match: …'`).
+    if !status.is_success() && status != StatusCode::NOT_MODIFIED {
         return Err(if status == StatusCode::REQUEST_TIMEOUT {
             FailureKind::Timeout
         } else {
@@ -226,7 +241,7 @@ async fn exchange(
     Ok((responder, keep))
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, FailureKind> {
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, FailureKind> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| classify_io(&e))?;

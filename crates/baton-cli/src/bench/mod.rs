@@ -65,6 +65,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Send this header with every request (repeatable), e.g.
+    /// `--header 'If-None-Match: "v1"'` (a 304 counts as answered).
+    #[arg(long, value_name = "NAME: VALUE")]
+    pub header: Vec<String>,
+
+    /// POST this body with every request (default: GET).
+    #[arg(long, value_name = "TEXT")]
+    pub body: Option<String>,
+
     /// Print JSON (setup, summary, triggers, timeline) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -138,6 +147,17 @@ pub fn reload_times(args: &BenchArgs) -> Vec<Duration> {
 }
 
 /// A usage error (exit 2), like clap's own.
+/// A `--header` value: `Name: value`.
+fn parse_header(
+    h: &str,
+) -> anyhow::Result<(hyper::header::HeaderName, hyper::header::HeaderValue)> {
+    let bad = || usage(format!("invalid --header {h:?}: expected NAME: VALUE"));
+    let (name, value) = h.split_once(':').ok_or_else(bad)?;
+    let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+    let value = hyper::header::HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+    Ok((name, value))
+}
+
 fn usage(message: String) -> anyhow::Error {
     crate::error::StartupError::Invalid(message).into()
 }
@@ -205,6 +225,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.clients == 0 {
         return Err(usage("--clients must be at least 1".to_owned()));
     }
+    let headers = args
+        .header
+        .iter()
+        .map(|h| parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = LoadConfig {
         addr: target.addr,
         host: target.host.clone(),
@@ -213,6 +238,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         duration: args.duration,
         new_conn: args.new_conn,
         timeout: args.timeout,
+        headers,
+        body: args.body.clone().map(bytes::Bytes::from),
     };
     let setup = Setup {
         url: url.clone(),

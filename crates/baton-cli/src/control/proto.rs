@@ -186,6 +186,10 @@ pub struct Guard {
     pub notify_rejected: u64,
     /// Listeners an app shut down that baton made listen again.
     pub listener_rearms: u64,
+    /// Proxy mode: connections to the app closed because it sent bytes on
+    /// them that no request asked for (none of them reached a client).
+    #[serde(default)]
+    pub stray_answers: u64,
     /// Connection caps: the control socket, and the proxy in proxy mode.
     pub connections: Vec<ConnectionsInfo>,
 }

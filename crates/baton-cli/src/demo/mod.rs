@@ -120,6 +120,8 @@ fn load_config(port: u16, keep_alive: bool, args: &DemoArgs) -> LoadConfig {
         duration: args.duration,
         new_conn: !keep_alive,
         timeout: Duration::from_secs(2),
+        headers: Vec::new(),
+        body: None,
     }
 }
 

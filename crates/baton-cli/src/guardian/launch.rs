@@ -375,6 +375,7 @@ impl Proxied {
             slot.generation,
             addr,
             self.cfg.limits.pool_idle(),
+            Arc::clone(&self.proxy.counters.stray_answers),
             Box::new(move |_| {
                 let _ = events.send(Event::Drained(slot));
             }),

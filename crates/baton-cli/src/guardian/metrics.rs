@@ -277,6 +277,15 @@ impl Metrics {
                 )],
             );
             metric(
+                "baton_proxy_stray_answers_total",
+                "counter",
+                "Connections to the app closed because it sent bytes no request asked for.",
+                &[(
+                    String::new(),
+                    proxy.counters.stray_answers.load(Relaxed).to_string(),
+                )],
+            );
+            metric(
                 "baton_proxy_retries_total",
                 "counter",
                 "Proxied requests retried because none of them reached the generation.",

@@ -196,11 +196,13 @@ impl Running {
             .clone()
             .map(|path| watch::spawn(path, events_tx.clone(), || Event::Watched));
         let mut caps = vec![("control", Arc::clone(&control_connections))];
+        let mut stray = None;
         let launch: Box<dyn Launch> = match &cfg.proxy {
             None => Box::new(launch::Sockets),
             Some(p) => {
                 let proxied = launch::Proxied::start(&cfg, p)?;
                 caps.push(("proxy", Arc::clone(proxied.proxy().connections())));
+                stray = Some(Arc::clone(&proxied.proxy().counters.stray_answers));
                 if let Ok(mut m) = metrics.lock() {
                     m.proxy = Some(Arc::clone(proxied.proxy()));
                 }
@@ -210,7 +212,7 @@ impl Running {
         let rejected = Arc::new(pressure::Rejected::starting_at(
             handover.as_ref().map_or(0, |h| h.notify_rejected),
         ));
-        let pressure = pressure::Pressure::new(Arc::clone(&rejected), caps);
+        let pressure = pressure::Pressure::new(Arc::clone(&rejected), caps, stray);
         if let Ok(mut m) = metrics.lock() {
             m.control = Some(control_connections);
             m.nofile_limit = cfg.nofile.soft;
@@ -729,6 +731,7 @@ impl Guardian {
                     not_ready: self.metrics.lock().ok().and_then(|m| m.not_ready),
                     shutdown_at: self.shutdown_at,
                     workers: self.describe_workers(),
+                    stray_answers: self.pressure.stray_answers(),
                 };
                 let status = report::status(
                     &self.cfg,

@@ -112,11 +112,21 @@ pub struct Pressure {
     rejected: Arc<Rejected>,
     rejected_seen: u64,
     rejected_said_at: Option<Instant>,
+    /// The proxy's count of connections closed for bytes the app sent out
+    /// of turn; what was last said of it, and when.
+    stray: Option<Arc<AtomicU64>>,
+    stray_seen: u64,
+    stray_said_at: Option<Instant>,
 }
 
 impl Pressure {
-    /// Watches `rejected` and each named connection cap.
-    pub fn new(rejected: Arc<Rejected>, caps: Vec<(&'static str, Arc<Connections>)>) -> Pressure {
+    /// Watches `rejected`, each named connection cap and (proxy mode) the
+    /// count of connections closed for bytes the app sent out of turn.
+    pub fn new(
+        rejected: Arc<Rejected>,
+        caps: Vec<(&'static str, Arc<Connections>)>,
+        stray: Option<Arc<AtomicU64>>,
+    ) -> Pressure {
         Pressure {
             caps: caps
                 .into_iter()
@@ -131,7 +141,16 @@ impl Pressure {
             rejected_seen: 0,
             rejected_said_at: None,
             peak_open: 0,
+            stray,
+            stray_seen: 0,
+            stray_said_at: None,
         }
+    }
+
+    /// Connections to the app closed because it sent bytes on them that no
+    /// request asked for (proxy mode).
+    pub fn stray_answers(&self) -> u64 {
+        self.stray.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
     /// Whether enough connections closed since the peak that their memory
@@ -196,6 +215,18 @@ impl Pressure {
             );
             self.rejected_seen = rejected;
             self.rejected_said_at = Some(now);
+        }
+        let stray = self.stray_answers();
+        if stray > self.stray_seen && due(self.stray_said_at) {
+            warn!(
+                connections = stray - self.stray_seen,
+                "the app sent bytes that no request asked for on keep-alive connections (a body \
+                 after an answer to HEAD, or more than an answer's Content-Length); baton closed \
+                 those connections and no client got the bytes, but the app frames its answers \
+                 wrongly"
+            );
+            self.stray_seen = stray;
+            self.stray_said_at = Some(now);
         }
     }
 }

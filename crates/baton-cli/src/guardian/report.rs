@@ -37,6 +37,8 @@ pub struct Counters {
     pub shutdown_at: Option<Instant>,
     /// Each generation's workers, and whether one is down.
     pub workers: std::collections::BTreeMap<u64, (Vec<crate::control::proto::WorkerInfo>, bool)>,
+    /// Connections to the app closed for bytes it sent out of turn.
+    pub stray_answers: u64,
 }
 
 /// The `status` document.
@@ -134,6 +136,7 @@ fn guard(cfg: &RunConfig, pressure: &Pressure, counters: &Counters) -> Guard {
         app_descriptors_limit: cfg.nofile.original_soft,
         notify_rejected: counters.notify_rejected,
         listener_rearms: counters.listener_rearms,
+        stray_answers: counters.stray_answers,
         connections,
     }
 }

@@ -157,20 +157,32 @@ impl Buffers {
     }
 }
 
-/// A client socket's write side that can turn Nagle's algorithm off.
-pub trait NoDelay {
+/// A client socket's write side: it can turn Nagle's algorithm off, and
+/// tell the address the client connected to.
+pub trait ClientSocket {
     /// Sets `TCP_NODELAY` (nothing for a Unix socket).
     fn no_delay(&self);
+
+    /// The local address of a TCP connection (none for a Unix socket).
+    fn local_addr(&self) -> Option<std::net::SocketAddr>;
 }
 
-impl NoDelay for tokio::net::tcp::WriteHalf<'_> {
+impl ClientSocket for tokio::net::tcp::WriteHalf<'_> {
     fn no_delay(&self) {
         let _ = self.as_ref().set_nodelay(true);
     }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.as_ref().local_addr().ok()
+    }
 }
 
-impl NoDelay for tokio::net::unix::WriteHalf<'_> {
+impl ClientSocket for tokio::net::unix::WriteHalf<'_> {
     fn no_delay(&self) {}
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
 /// The write side of a client connection. Nagle's algorithm holds a small
@@ -185,13 +197,18 @@ pub struct ClientWriter<W> {
     nodelay: bool,
 }
 
-impl<W: NoDelay> ClientWriter<W> {
+impl<W: ClientSocket> ClientWriter<W> {
     pub fn new(inner: W) -> ClientWriter<W> {
         ClientWriter {
             inner,
             wrote: false,
             nodelay: false,
         }
+    }
+
+    /// The local address of a TCP connection.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.local_addr()
     }
 
     fn before_write(&mut self) {
@@ -202,7 +219,7 @@ impl<W: NoDelay> ClientWriter<W> {
     }
 }
 
-impl<W: AsyncWrite + NoDelay + Unpin> AsyncWrite for ClientWriter<W> {
+impl<W: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientWriter<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

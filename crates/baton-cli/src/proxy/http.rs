@@ -43,11 +43,12 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::conn_io::{
-    Buffers, ClientWriter, NoDelay, READ, Stamp, bounded, read_more, sleep_until, stopped,
+    Buffers, ClientSocket, ClientWriter, READ, Stamp, bounded, read_more, sleep_until, stopped,
     write_two,
 };
+use super::pool::UpConn;
 use super::socket::{Side, Socket};
-use super::upstream::{Active, UpConn};
+use super::upstream::Active;
 use super::{Proxy, Upstream};
 use baton::serve::{Acceptor, AsyncListener, Ticket};
 use wire::{Chunked, Framing, Request};
@@ -194,7 +195,7 @@ enum Failed {
     Client,
 }
 
-struct Client<R, W: NoDelay> {
+struct Client<R, W: ClientSocket> {
     r: R,
     w: ClientWriter<W>,
     /// Read from the client, not yet used.
@@ -203,7 +204,9 @@ struct Client<R, W: NoDelay> {
     up_head: Vec<u8>,
     /// The head being sent to the client.
     out: Vec<u8>,
-    peer: Option<IpAddr>,
+    /// Where the request head in `buf` ends, as far as it was looked at.
+    head_end: wire::HeadEnd,
+    hop: wire::Hop,
     proxy: Arc<Proxy>,
     draining: watch::Receiver<bool>,
     /// The accept, for the first head's timeout.
@@ -214,7 +217,7 @@ struct Client<R, W: NoDelay> {
     _ticket: Ticket,
 }
 
-impl<R, W: NoDelay> Drop for Client<R, W> {
+impl<R, W: ClientSocket> Drop for Client<R, W> {
     fn drop(&mut self) {
         Buffers {
             read: std::mem::take(&mut self.buf),
@@ -225,7 +228,7 @@ impl<R, W: NoDelay> Drop for Client<R, W> {
     }
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
     #[allow(clippy::too_many_arguments)]
     fn new(
         r: R,
@@ -243,7 +246,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             buf: buffers.read,
             up_head: buffers.up_head,
             out: buffers.out,
-            peer,
+            head_end: wire::HeadEnd::default(),
+            hop: wire::Hop {
+                peer,
+                keep_underscores: proxy.limits.keep_underscores,
+            },
             proxy,
             draining,
             born,
@@ -303,22 +310,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
             None
         };
         let mut drain_at: Option<Instant> = None;
+        // The buffer's front moved since the last head.
+        self.head_end.reset();
         loop {
-            if !self.buf.is_empty() {
-                match wire::parse_request(&self.buf, self.peer, &mut self.up_head) {
+            if self.head_end.complete(&self.buf) {
+                match wire::parse_request(&self.buf, self.hop, &mut self.up_head) {
                     Ok(Some(request)) if request.head_len <= MAX_HEAD => {
                         self.buf.advance(request.head_len);
+                        if request.needs_host {
+                            wire::add_host(&mut self.up_head, self.w.local_addr());
+                        }
                         return Ok(request);
                     }
                     Ok(Some(_)) => {
                         return Err(self.reject(431, "request head too large").await);
                     }
-                    Ok(None) if self.buf.len() > MAX_HEAD => {
-                        return Err(self.reject(431, "request head too large").await);
-                    }
                     Ok(None) => {}
                     Err(why) => return Err(self.reject(why.status, why.reason).await),
                 }
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(self.reject(431, "request head too large").await);
             }
             let deadline = match head_from {
                 Some(from) => options.header_timeout.and_then(|t| from.checked_add(t)),
@@ -406,7 +418,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         };
         let (mut connect_retries, mut replayed, mut fresh) = (0, false, false);
         loop {
-            let pooled = if fresh { None } else { upstream.checkout() };
+            let pooled = if fresh {
+                None
+            } else {
+                upstream.pool().checkout()
+            };
             fresh = false;
             let mut conn = match pooled {
                 Some(conn) => conn,
@@ -571,6 +587,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         // connection unless the rest of the body then arrives in full.
         let body_done = matches!(sent, Sent::Done);
         let close = !body_done || self.closing(request);
+        // The connection to the app is reused only when its exchange
+        // ended: the whole body went before the answer came (and, with
+        // `--close-after-body`, there was none: an app that answers without
+        // reading a body takes it as the next request).
+        let reuse =
+            body_done && (request.framing == Framing::None || !proxy.limits.close_after_body);
         let response = match wire::parse_response(
             &conn.buf,
             request,
@@ -658,8 +680,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + NoDelay + Unpin> Client<R, W> {
         drop(active);
         match relayed {
             Ok(()) => {
-                if response.reusable && body_done {
-                    upstream.checkin(conn);
+                if response.reusable && reuse {
+                    upstream.pool().checkin(conn);
                 }
                 match (response.close, body_done) {
                     (false, _) => After::KeepAlive,
@@ -869,25 +891,27 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     http10_client: bool,
 ) -> Result<(), Failed> {
     let mut answered = false;
+    let mut end = wire::HeadEnd::default();
     loop {
-        if !buf.is_empty() {
+        if end.complete(buf) {
             match wire::head_len(buf) {
                 Ok(Some((len, status))) if (100..200).contains(&status) && status != 101 => {
                     if !http10_client && client.write_all(&buf[..len]).await.is_err() {
                         return Err(Failed::Client);
                     }
                     buf.advance(len);
+                    end.reset();
                     answered = true;
                     continue;
                 }
                 Ok(Some((len, _))) if len <= MAX_HEAD => return Ok(()),
                 Ok(Some(_)) => return Err(Failed::Bad("answer head too large".into())),
-                Ok(None) if buf.len() > MAX_HEAD => {
-                    return Err(Failed::Bad("answer head too large".into()));
-                }
                 Ok(None) => {}
                 Err(why) => return Err(Failed::Bad(format!("invalid answer: {why}"))),
             }
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Failed::Bad("answer head too large".into()));
         }
         match read_more(r, buf).await {
             Ok(0) if buf.is_empty() && !answered => {

@@ -21,6 +21,7 @@
 
 mod conn_io;
 pub mod http;
+pub mod pool;
 mod socket;
 pub mod tcp;
 pub mod upstream;
@@ -54,15 +55,19 @@ pub struct Limits {
     /// How long a generation may take to start answering a request (HTTP),
     /// and the longest pause within its answer's body.
     pub upstream_timeout: Duration,
+    /// Pass on request header names with underscores (HTTP).
+    pub keep_underscores: bool,
+    /// Close a connection to the app after a request with a body (HTTP).
+    pub close_after_body: bool,
 }
 
 impl Limits {
     /// How long a pooled connection to a generation may stay unused:
-    /// [`upstream::POOL_IDLE`], or the idle timeout if shorter.
+    /// [`pool::POOL_IDLE`], or the idle timeout if shorter.
     pub fn pool_idle(&self) -> Duration {
         self.serve
             .idle_timeout
-            .map_or(upstream::POOL_IDLE, |idle| idle.min(upstream::POOL_IDLE))
+            .map_or(pool::POOL_IDLE, |idle| idle.min(pool::POOL_IDLE))
     }
 }
 
@@ -340,20 +345,6 @@ impl Health {
     }
 }
 
-/// Closes the current generation's pooled connections (on this thread)
-/// once they have been idle too long, also when no request comes to do it.
-async fn sweep_pools(proxy: Arc<Proxy>) {
-    let period = (proxy.limits.pool_idle() / 4).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Some(current) = proxy.current() {
-            current.sweep();
-        }
-    }
-}
-
 /// Counters for metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -367,6 +358,10 @@ pub struct Counters {
     pub idle_relays: std::sync::atomic::AtomicU64,
     /// TCP relays and spliced upgrades still open (waited for at stop).
     pub open_streams: std::sync::atomic::AtomicUsize,
+    /// Connections to the app closed because it sent bytes on them that no
+    /// request asked for (a body after an answer to HEAD, or after a 204 or
+    /// 304; more than an answer's length; an answer to nothing).
+    pub stray_answers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The proxy's threads: stop them to drain client connections.
@@ -492,7 +487,9 @@ pub fn start(
                         .collect();
                     match mode {
                         Mode::Http => {
-                            let sweeper = tokio::spawn(sweep_pools(Arc::clone(&proxy)));
+                            let period =
+                                (proxy.limits.pool_idle() / 4).max(Duration::from_millis(100));
+                            let sweeper = tokio::spawn(pool::watch(period));
                             http::serve(listeners, Arc::clone(&proxy), stopped).await;
                             sweeper.abort();
                         }

@@ -14,7 +14,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::conn_io::NoDelay;
+use super::conn_io::ClientSocket;
 use crate::sys::socket::LazySocket;
 
 /// An accepted, non-blocking client socket (TCP or Unix).
@@ -179,10 +179,15 @@ impl AsyncWrite for Side<'_> {
     }
 }
 
-impl NoDelay for Side<'_> {
+impl ClientSocket for Side<'_> {
     fn no_delay(&self) {
         if self.0.tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(self.0.fd(), true);
         }
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        let any = rustix::net::getsockname(self.0.fd()).ok()?;
+        std::net::SocketAddr::try_from(any).ok()
     }
 }

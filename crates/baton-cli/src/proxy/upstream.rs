@@ -5,65 +5,15 @@
 //! flight, reports it drained exactly once: the guardian then sends the
 //! generation its stop signal.
 //!
-//! The idle pool is bounded: at most [`POOL_MAX`] connections per proxy
-//! thread, each closed after [`POOL_IDLE`] without use, so that clients that
-//! came and went do not leave the app holding connections (and
-//! descriptors) nobody will use.
+//! Its idle connections are a [`Pool`] (see `pool.rs` for what may be
+//! reused and for how long).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-
-/// Idle keep-alive connections kept per proxy thread and generation.
-pub const POOL_MAX: usize = 64;
-
-/// How long a pooled connection may stay unused before it is closed (or
-/// `--idle-timeout`, if shorter).
-pub const POOL_IDLE: Duration = Duration::from_secs(15);
-
-/// A keep-alive connection to a generation, and what was read from it but
-/// not yet relayed (nothing, while it is pooled).
-#[derive(Debug)]
-pub struct UpConn {
-    /// The socket.
-    pub stream: tokio::net::TcpStream,
-    /// Bytes read from the app, not yet relayed.
-    pub buf: BytesMut,
-    /// When it was last checked in.
-    idle_since: Instant,
-}
-
-impl UpConn {
-    /// A fresh connection.
-    pub fn new(stream: tokio::net::TcpStream) -> UpConn {
-        UpConn {
-            stream,
-            buf: BytesMut::new(),
-            idle_since: Instant::now(),
-        }
-    }
-
-    /// Whether the app closed it (or sent something nobody asked for) while
-    /// it was idle. Costs a system call only when the runtime has seen the
-    /// socket readable; an idle, open connection is not.
-    pub fn is_closed(&self) -> bool {
-        use std::task::{Context, Poll, Waker};
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => false,
-            Poll::Ready(Err(_)) => true,
-            // Readable: the end of the stream, or bytes out of turn; or a
-            // stale readiness, which this read (would block) clears.
-            Poll::Ready(Ok(())) => !matches!(
-                self.stream.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-            ),
-        }
-    }
-}
+use super::pool::Pool;
 
 /// Called with the generation number when a retired upstream is drained.
 pub type OnDrained = Box<dyn Fn(u64) + Send + Sync>;
@@ -175,11 +125,8 @@ pub struct Upstream {
     active: AtomicUsize,
     retired: AtomicBool,
     reported: AtomicBool,
-    /// Idle keep-alive connections, one pool per proxy thread (a
-    /// connection is driven by the thread that opened it).
-    idle: Vec<Mutex<Vec<UpConn>>>,
-    /// How long a pooled connection may stay unused.
-    pool_idle: Duration,
+    /// Idle keep-alive connections (HTTP).
+    pool: Arc<Pool>,
     on_drained: OnDrained,
     /// Answers relayed (HTTP): all, and failed (5xx, no answer, timeout).
     answers: AtomicU64,
@@ -223,6 +170,7 @@ impl Upstream {
         generation: u64,
         addr: SocketAddr,
         pool_idle: Duration,
+        stray: Arc<AtomicU64>,
         on_drained: OnDrained,
     ) -> Arc<Upstream> {
         Arc::new(Upstream {
@@ -231,10 +179,7 @@ impl Upstream {
             active: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             reported: AtomicBool::new(false),
-            idle: (0..super::threads())
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
-            pool_idle,
+            pool: Pool::new(super::threads(), pool_idle, stray),
             on_drained,
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -335,9 +280,7 @@ impl Upstream {
     /// No new traffic; report drained once nothing is in flight.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
-        for pool in &self.idle {
-            pool.lock().map(|mut idle| idle.clear()).ok();
-        }
+        self.pool.close();
         if self.active() == 0 {
             self.report();
         }
@@ -349,52 +292,9 @@ impl Upstream {
         }
     }
 
-    /// An idle keep-alive connection to it, if one is still open.
-    pub fn checkout(&self) -> Option<UpConn> {
-        let mut idle = self.idle.get(super::slot())?.lock().ok()?;
-        let now = Instant::now();
-        // The most recently used first; those found closed or too old are
-        // dropped (closed) on the way.
-        while let Some(conn) = idle.pop() {
-            if now.duration_since(conn.idle_since) < self.pool_idle && !conn.is_closed() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose last exchange completed, for reuse; closes
-    /// it instead if the pool is full.
-    pub fn checkin(&self, mut conn: UpConn) {
-        if !conn.buf.is_empty() {
-            return;
-        }
-        if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock)
-            // Under the lock: `retire` clears the pools under it too, so a
-            // connection never lands in a retired pool.
-            && !self.is_retired()
-            && idle.len() < POOL_MAX
-        {
-            conn.idle_since = Instant::now();
-            idle.push(conn);
-        }
-    }
-
-    /// Closes this thread's pooled connections that have been idle for
-    /// [`POOL_IDLE`] (or were closed by the app).
-    pub fn sweep(&self) {
-        if let Some(Ok(mut idle)) = self.idle.get(super::slot()).map(Mutex::lock) {
-            let now = Instant::now();
-            idle.retain(|c| now.duration_since(c.idle_since) < self.pool_idle && !c.is_closed());
-        }
-    }
-
-    /// Pooled connections on this thread.
-    pub fn pooled(&self) -> usize {
-        self.idle
-            .get(super::slot())
-            .and_then(|p| p.lock().ok().map(|p| p.len()))
-            .unwrap_or(0)
+    /// Its idle keep-alive connections.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 }
 
@@ -410,7 +310,8 @@ mod tests {
         let u = Upstream::new(
             7,
             "127.0.0.1:1".parse().unwrap(),
-            POOL_IDLE,
+            crate::proxy::pool::POOL_IDLE,
+            Arc::default(),
             Box::new(move |g| {
                 seen.fetch_add(g, Ordering::SeqCst);
             }),
@@ -453,7 +354,8 @@ mod tests {
         let u = Upstream::new(
             3,
             "127.0.0.1:1".parse().unwrap(),
-            POOL_IDLE,
+            crate::proxy::pool::POOL_IDLE,
+            Arc::default(),
             Box::new(|_| {}),
         );
         u.record(false);
@@ -478,7 +380,8 @@ mod tests {
         let u = Upstream::new(
             1,
             "127.0.0.1:1".parse().unwrap(),
-            POOL_IDLE,
+            crate::proxy::pool::POOL_IDLE,
+            Arc::default(),
             Box::new(move |_| seen.store(true, Ordering::SeqCst)),
         );
         u.retire();

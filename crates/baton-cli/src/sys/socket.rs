@@ -154,6 +154,29 @@ pub fn recv_now(fd: std::os::fd::BorrowedFd<'_>, buf: &mut bytes::BytesMut) -> i
     Ok(n)
 }
 
+/// What waits to be read on a connected socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Nothing.
+    Nothing,
+    /// Bytes.
+    Bytes,
+    /// The end of the stream, or an error.
+    End,
+}
+
+/// What waits to be read on a connected socket, asked of the kernel (a
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`), not of a runtime's cached readiness.
+pub fn waiting(fd: std::os::fd::BorrowedFd<'_>) -> Waiting {
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    match rustix::net::recv(fd, &mut byte, flags) {
+        Err(rustix::io::Errno::AGAIN) => Waiting::Nothing,
+        Ok((n, _)) if n > 0 => Waiting::Bytes,
+        _ => Waiting::End,
+    }
+}
+
 /// Receives into the unfilled part of `buf` without waiting: `Ok(0)` at
 /// the end of the stream, `WouldBlock` if nothing is there.
 pub fn recv_into(

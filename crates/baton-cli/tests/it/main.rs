@@ -7,6 +7,7 @@ mod support;
 mod adopt;
 mod bench;
 mod demo;
+mod desync;
 mod endurance;
 mod gin;
 mod inherit;

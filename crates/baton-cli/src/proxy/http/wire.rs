@@ -46,6 +46,8 @@ pub struct Request {
     pub close: bool,
     /// An `Upgrade` request (WebSocket).
     pub upgrade: bool,
+    /// An HTTP/1.0 request without `Host`: see [`add_host`].
+    pub needs_host: bool,
 }
 
 /// A request refused before it reaches an app.
@@ -207,13 +209,24 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// What this hop adds to a request, and what it lets through.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hop {
+    /// The client's address, for the forwarding headers (none: none added).
+    pub peer: Option<IpAddr>,
+    /// Keep header names that contain an underscore. By default they are
+    /// dropped (as nginx does): CGI-style apps read `X_Forwarded_Proto`
+    /// and `X-Forwarded-Proto` alike, so a client could pass one off as the
+    /// other, which this hop sets.
+    pub keep_underscores: bool,
+}
+
 /// Parses a request head at the start of `buf` and writes the head to send
 /// to the app into `out`: `Ok(None)` if the head is not complete yet.
-pub fn parse_request(
-    buf: &[u8],
-    peer: Option<IpAddr>,
-    out: &mut Vec<u8>,
-) -> Result<Option<Request>, Reject> {
+/// An HTTP/1.0 request without `Host` is marked [`Request::needs_host`]:
+/// the caller adds one with [`add_host`].
+pub fn parse_request(buf: &[u8], hop: Hop, out: &mut Vec<u8>) -> Result<Option<Request>, Reject> {
+    let peer = hop.peer;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -277,6 +290,10 @@ pub fn parse_request(
     if tokens.named.iter().any(|n| framing_header(n)) {
         return Err(reject(400, "Connection names a framing header"));
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request must say which host it is for.
+    if host.is_none() && !http10 {
+        return Err(reject(400, "an HTTP/1.1 request without a Host header"));
+    }
     let framing = match (te, length) {
         (true, _) => Framing::Chunked,
         (false, Some(n)) if n > 0 => Framing::Length(n),
@@ -295,6 +312,7 @@ pub fn parse_request(
         let name = h.name;
         if hop_by_hop(name)
             || tokens.names(name)
+            || (!hop.keep_underscores && name.contains('_'))
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
@@ -361,7 +379,75 @@ pub fn parse_request(
         http10,
         close: http10 || tokens.close,
         upgrade,
+        needs_host: host.is_none(),
     }))
+}
+
+/// Adds `Host: local` to a rewritten request head (for an HTTP/1.0
+/// request without one, which goes on as HTTP/1.1; apps refuse an
+/// HTTP/1.1 request without it). A Unix socket's client gets `localhost`.
+pub fn add_host(out: &mut Vec<u8>, local: Option<std::net::SocketAddr>) {
+    // Before the empty line that ends the head.
+    out.truncate(out.len().saturating_sub(2));
+    match local {
+        Some(addr) => {
+            let _ = write!(out, "host: {addr}\r\n\r\n");
+        }
+        None => out.extend_from_slice(b"host: localhost\r\n\r\n"),
+    }
+}
+
+/// Tells when a buffer that grows holds a complete head (an empty line
+/// after a non-empty one), looking at each byte once: a head that comes a
+/// byte at a time is parsed once, not once per byte. Reset it when the
+/// buffer's front moves.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadEnd {
+    /// Bytes looked at so far.
+    scanned: usize,
+    /// Where the head starts, after the empty lines before it.
+    first: Option<usize>,
+}
+
+impl HeadEnd {
+    /// Whether `buf` holds a complete head. Once it says so, the head is
+    /// parsed; if it is still incomplete (empty lines that the parser does
+    /// not skip), only bytes that come later are looked at.
+    pub fn complete(&mut self, buf: &[u8]) -> bool {
+        let mut i = self.scanned.min(buf.len());
+        let first = match self.first {
+            Some(first) => first,
+            None => {
+                while i < buf.len() && matches!(buf[i], b'\r' | b'\n') {
+                    i += 1;
+                }
+                if i == buf.len() {
+                    self.scanned = i;
+                    return false;
+                }
+                self.first = Some(i);
+                i
+            }
+        };
+        // A line ends with LF (CR LF, or a bare LF); a head with an empty
+        // line: LF LF or LF CR LF. Step back over what may have been the
+        // start of one at the end of the last look.
+        let from = i.saturating_sub(2).max(first);
+        self.scanned = buf.len();
+        // Most heads arrive whole, with nothing after them.
+        if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") {
+            return true;
+        }
+        memchr::memchr_iter(b'\n', &buf[from..]).any(|j| {
+            let after = &buf[from + j + 1..];
+            after.starts_with(b"\n") || after.starts_with(b"\r\n")
+        })
+    }
+
+    /// Starts over (the buffer's front moved).
+    pub fn reset(&mut self) {
+        *self = HeadEnd::default();
+    }
 }
 
 /// The length and status of a complete answer head at the start of `buf`.
@@ -428,10 +514,16 @@ pub fn parse_response(
     if status < 200 {
         return Err("an informational answer out of place");
     }
-    let framing = if request.head_method || status == 204 || status == 304 {
+    // Answers that must have no body: an app that sends one anyway (in a
+    // later write, where no proxy can tell it from the next answer) makes
+    // the connection unfit for another request.
+    let bodiless = request.head_method || status == 204 || status == 304;
+    let framing = if bodiless {
         Framing::None
     } else if te {
-        if chunked {
+        // An HTTP/1.0 answer with Transfer-Encoding is faulty (RFC 9112
+        // §6.1): read until the app closes.
+        if chunked && version == 1 {
             Framing::Chunked
         } else {
             Framing::Close
@@ -454,7 +546,7 @@ pub fn parse_response(
         if hop_by_hop(name)
             || (tokens.names(name) && !framing_header(name))
             || (te && name.eq_ignore_ascii_case("content-length"))
-            || (dechunk && name.eq_ignore_ascii_case("transfer-encoding"))
+            || ((dechunk || (te && version == 0)) && name.eq_ignore_ascii_case("transfer-encoding"))
         {
             continue;
         }
@@ -470,7 +562,7 @@ pub fn parse_response(
         status,
         framing,
         dechunk,
-        reusable: keep_alive && framing != Framing::Close,
+        reusable: keep_alive && framing != Framing::Close && !bodiless && !(te && version == 0),
         close,
     }))
 }
@@ -637,7 +729,14 @@ mod tests {
 
     fn req(head: &str) -> (Result<Option<Request>, Reject>, String) {
         let mut out = Vec::new();
-        let parsed = parse_request(head.as_bytes(), Some("10.0.0.7".parse().unwrap()), &mut out);
+        let parsed = parse_request(
+            head.as_bytes(),
+            Hop {
+                peer: Some("10.0.0.7".parse().unwrap()),
+                keep_underscores: false,
+            },
+            &mut out,
+        );
         (parsed, String::from_utf8(out).unwrap())
     }
 
@@ -660,30 +759,32 @@ mod tests {
     #[test]
     fn ambiguous_framing_is_refused() {
         for head in [
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
         ] {
             let (parsed, _) = req(head);
             assert_eq!(parsed.unwrap_err().status, 400, "{head:?}");
         }
-        let (parsed, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let (parsed, _) =
+            req("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(parsed.unwrap_err().status, 501);
-        let (parsed, out) = req("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked \r\n\r\n");
+        let (parsed, out) =
+            req("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked \r\n\r\n");
         assert_eq!(parsed.unwrap().unwrap().framing, Framing::Chunked);
         assert!(out.contains("\r\ntransfer-encoding: chunked\r\n"), "{out}");
         assert!(
             !out.contains("Chunked"),
             "sent on as baton writes it: {out}"
         );
-        let (parsed, out) = req("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n");
+        let (parsed, out) = req("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n");
         assert_eq!(parsed.unwrap().unwrap().framing, Framing::Length(5));
         assert!(out.contains("content-length: 5\r\n"), "{out}");
     }
@@ -692,20 +793,20 @@ mod tests {
     fn partial_and_malformed_heads() {
         assert_eq!(req("GET / HTTP/1.1\r\nHost: x\r\n").0, Ok(None));
         assert_eq!(
-            req("GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+            req("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
                 .0
                 .unwrap_err()
                 .status,
             400
         );
         let many: String = (0..200).map(|i| format!("h{i}: v\r\n")).collect();
-        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let head = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert_eq!(req(&head).0.unwrap_err().status, 431);
     }
 
     #[test]
     fn an_answer_is_rewritten_and_framed() {
-        let request = req("GET / HTTP/1.1\r\n\r\n").0.unwrap().unwrap();
+        let request = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n").0.unwrap().unwrap();
         let mut out = Vec::new();
         let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n";
         let parsed = parse_response(answer, &request, 4, false, &mut out)
@@ -740,6 +841,136 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn host_is_required_of_http11_and_made_for_http10() {
+        let (parsed, _) = req("GET / HTTP/1.1\r\nAccept: */*\r\n\r\n");
+        assert_eq!(parsed.unwrap_err().status, 400);
+        let (parsed, out) = req("GET / HTTP/1.0\r\nAccept: */*\r\n\r\n");
+        let parsed = parsed.unwrap().unwrap();
+        assert!(parsed.needs_host && parsed.http10);
+        let mut out = out.into_bytes();
+        add_host(&mut out, Some("127.0.0.1:8080".parse().unwrap()));
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("GET / HTTP/1.1\r\n"), "{out}");
+        assert!(
+            out.ends_with("x-forwarded-proto: http\r\nhost: 127.0.0.1:8080\r\n\r\n"),
+            "{out}"
+        );
+        let mut unix = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        add_host(&mut unix, None);
+        assert_eq!(unix, b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        let (parsed, _) = req("GET / HTTP/1.0\r\nHost: h\r\n\r\n");
+        assert!(!parsed.unwrap().unwrap().needs_host);
+    }
+
+    #[test]
+    fn header_names_with_underscores_are_dropped_unless_kept() {
+        let head = "GET / HTTP/1.1\r\nHost: x\r\nX_Forwarded_Proto: https\r\nContent_Length: 5\r\nX-Ok: 1\r\n\r\n";
+        let (parsed, out) = req(head);
+        assert_eq!(parsed.unwrap().unwrap().framing, Framing::None);
+        assert!(!out.contains('_'), "{out}");
+        assert!(out.contains("X-Ok: 1\r\n"), "{out}");
+        let mut kept = Vec::new();
+        let hop = Hop {
+            peer: None,
+            keep_underscores: true,
+        };
+        parse_request(head.as_bytes(), hop, &mut kept)
+            .unwrap()
+            .unwrap();
+        let kept = String::from_utf8(kept).unwrap();
+        assert!(kept.contains("X_Forwarded_Proto: https\r\n"), "{kept}");
+        // The scheme is still this hop's.
+        assert!(kept.contains("x-forwarded-proto: http\r\n"), "{kept}");
+    }
+
+    #[test]
+    fn answers_that_must_be_bodiless_leave_the_connection_unfit_for_reuse() {
+        let get = req("GET / HTTP/1.1\r\nHost: x\r\n\r\n").0.unwrap().unwrap();
+        let head = req("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .0
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let mut answer = |request: &Request, text: &str| {
+            parse_response(text.as_bytes(), request, 1, false, &mut out)
+                .unwrap()
+                .unwrap()
+        };
+        let ok = answer(&get, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        assert!(ok.reusable);
+        for (request, text) in [
+            (&head, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"),
+            (&get, "HTTP/1.1 204 No Content\r\n\r\n"),
+            (
+                &get,
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n",
+            ),
+        ] {
+            let parsed = answer(request, text);
+            assert_eq!(parsed.framing, Framing::None, "{text}");
+            assert!(!parsed.reusable, "{text}");
+            // The client connection itself goes on.
+            assert!(!parsed.close, "{text}");
+        }
+        // An HTTP/1.0 answer with Transfer-Encoding: read until the app
+        // closes, its framing headers not passed on.
+        let faulty = "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n";
+        let mut out = Vec::new();
+        let parsed = parse_response(faulty.as_bytes(), &get, 1, false, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.framing, Framing::Close);
+        assert!(!parsed.reusable && parsed.close);
+        let out = String::from_utf8(out).unwrap().to_ascii_lowercase();
+        assert!(
+            !out.contains("transfer-encoding") && !out.contains("content-length"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_once_whatever_the_pieces() {
+        let heads = [
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\nHost: x\n\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n\nBODY",
+            "HTTP/1.1 200 OK\r\nA: b\r\n\r\n",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for head in heads {
+            let bytes = head.as_bytes();
+            let end = head.find("\n\n").or(head.rfind("\n\r\n")).unwrap();
+            for _ in 0..200 {
+                let mut scan = HeadEnd::default();
+                let mut have = 0;
+                let mut found = None;
+                while have < bytes.len() {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    have = (have + 1 + (rng % 4) as usize).min(bytes.len());
+                    if found.is_none() && scan.complete(&bytes[..have]) {
+                        found = Some(have);
+                    }
+                }
+                let found = found.expect(head);
+                // Not before the empty line is in, and not later than the
+                // piece that brought it.
+                assert!(found > end, "{head:?} at {found}");
+                let mut fresh = HeadEnd::default();
+                assert!(fresh.complete(&bytes[..found]));
+                let mut short = HeadEnd::default();
+                assert!(!short.complete(&bytes[..=end]), "{head:?}");
+            }
+        }
+        let mut scan = HeadEnd::default();
+        assert!(!scan.complete(b"\r\n\r\n\n"), "empty lines alone");
+        assert!(!scan.complete(b"\r\n\r\n\nGET / HTTP/1.1\r\n"));
+        assert!(scan.complete(b"\r\n\r\n\nGET / HTTP/1.1\r\n\r\n"));
     }
 
     #[test]
