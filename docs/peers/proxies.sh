@@ -9,9 +9,14 @@
 #   APP=python docs/peers/proxies.sh      Python's http.server, which writes a
 #                                         response's head and body in two writes
 #
+# Three loads, a row each: GET (a 6-byte answer), GET 304 (a conditional GET
+# answered 304 Not Modified: no body), POST (a 1 KiB body; the Gin app only).
+#
 # Settings: DUR (per target, default 4s), CLIENTS (32), ONLY (a regex on the
-# labels), BATON_ARGS (extra flags for baton run). One nginx worker and one
-# HAProxy thread; baton with its default proxy threads (half the cores).
+# labels), LOADS (default "get 304 post"), BATON_ARGS (extra flags for baton
+# run), B_BEFORE (a second baton binary, measured in the same run, for a
+# before/after comparison). One nginx worker and one HAProxy thread; baton
+# with its default proxy threads (half the cores).
 # Needs Debian's haproxy, nginx-light, libnginx-mod-stream, golang-go and
 # the Gin sources (see .ci/run), and a release build (cargo build --release).
 set -euo pipefail
@@ -119,16 +124,31 @@ events { worker_connections 4096; }
 stream { server { listen 127.0.0.1:$PUB; proxy_pass 127.0.0.1:$APP_PORT; } }
 CFG
 
-# label port pids... -> one table row (keep-alive, then new connections)
+LOADS=${LOADS:-get 304 post}
+[ "${APP:-gin}" = gin ] || LOADS=get
+POST_BODY=$(head -c 1024 /dev/zero | tr '\0' x)
+# label port pids... -> a table row per load (keep-alive, then new connections)
 measure() {
-    local label=$1 port=$2 mode flag before after
+    local label=$1 port=$2 load
     shift 2
-    local cells=()
+    for load in $LOADS; do
+        measure_load "$label" "$port" "$load" "$@"
+    done
+}
+measure_load() {
+    local label=$1 port=$2 load=$3 mode before after
+    shift 3
+    local cells=() args=()
+    case $load in
+    get) ;;
+    304) args=(--header 'If-None-Match: "v1"') ;;
+    post) args=(--body "$POST_BODY") ;;
+    esac
     for mode in keep-alive new-conn; do
-        flag=""
-        [ $mode = new-conn ] && flag=--new-conn
+        local flag=()
+        [ $mode = new-conn ] && flag=(--new-conn)
         before=$(ticks "$@")
-        "$B" bench --url "http://127.0.0.1:$port/" -c "$CLIENTS" -d "$DUR" --json $flag >"$work/run.json"
+        "$B" bench --url "http://127.0.0.1:$port/" -c "$CLIENTS" -d "$DUR" --json "${flag[@]}" "${args[@]}" >"$work/run.json"
         after=$(ticks "$@")
         cells+=("$(python3 - "$work/run.json" $((after - before)) "$HZ" <<'PY'
 import json, sys
@@ -139,7 +159,7 @@ print(f"{cpu} | {s['throughput_rps']:.0f} | {s['steady']['p50_ms']:.2f} / {s['st
 PY
 )")
     done
-    echo "| $label | ${cells[0]} | ${cells[1]} |"
+    echo "| $label | $load | ${cells[0]} | ${cells[1]} |"
 }
 # label start-command...: starts a proxy, measures it, stops it
 proxy() {
@@ -162,12 +182,13 @@ proxy() {
 
 echo "app: ${APP:-gin}; $CLIENTS clients, $DUR per cell; CPU per request of the proxy process"
 echo
-echo "| proxy | keep-alive: CPU/request | req/s | p50 / p99 | failed | new connection: CPU/request | req/s | p50 / p99 | failed |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| proxy | load | keep-alive: CPU/request | req/s | p50 / p99 | failed | new connection: CPU/request | req/s | p50 / p99 | failed |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 [[ direct =~ $ONLY ]] && measure "direct to the app" "$APP_PORT"
 proxy "nginx, http (upstream keepalive 64)" nginx -c "$work/nginx-http.conf" -g "daemon off;"
 proxy "HAProxy, mode http, http-reuse always" haproxy -f "$work/haproxy-http.cfg" -db
 proxy "baton --proxy http" "$B" run --proxy http ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "${app[@]}"
+[ -n "${B_BEFORE:-}" ] && proxy "baton --proxy http (B_BEFORE)" "$B_BEFORE" run --proxy http ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "${app[@]}"
 proxy "nginx stream (tcp)" nginx -c "$work/nginx-tcp.conf" -g "daemon off;"
 proxy "HAProxy, mode tcp" haproxy -f "$work/haproxy-tcp.cfg" -db
 proxy "baton --proxy tcp" "$B" run --proxy tcp ${BATON_ARGS:-} --listen "127.0.0.1:$PUB" --control "$work/b.sock" -- "${app[@]}"

@@ -308,6 +308,8 @@ idle-timeout = "30s"
 upstream-timeout = "2m"
 canary = "10,50"
 max-error-rate = 2.5
+keep-underscore-headers = true
+close-after-body = true
 "#,
         )
         .expect("valid");
@@ -340,6 +342,7 @@ max-error-rate = 2.5
         assert_eq!(a.upstream_timeout, Some(Duration::from_secs(120)));
         assert_eq!(a.canary, Some(spec::Canary(vec![10, 50])));
         assert_eq!(a.max_error_rate, Some(2.5));
+        assert!(a.keep_underscore_headers && a.close_after_body);
         let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("longer than 0"), "{err}");
     }

@@ -250,6 +250,33 @@ fn http_forwarding_headers_cannot_be_spoofed_and_chains_are_kept() {
 }
 
 #[test]
+fn http_hosts_are_required_or_made_and_underscore_headers_are_dropped_unless_kept() {
+    let b = behind("http", &[], &[]);
+    // HTTP/1.1 without Host: refused, never the app's.
+    let got = String::from_utf8_lossy(&exchange(b.port(), "GET /headers HTTP/1.1\r\n\r\n", b""))
+        .to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 400"), "{got}");
+    // HTTP/1.0 without Host: the app gets the address the client reached.
+    let got = String::from_utf8_lossy(&exchange(b.port(), "GET /headers HTTP/1.0\r\n\r\n", b""))
+        .to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 200"), "{got}");
+    assert!(
+        got.contains(&format!("host: 127.0.0.1:{}\n", b.port())),
+        "{got}"
+    );
+    // A name with an underscore is dropped: CGI-style apps would read it
+    // as the X-Forwarded-Proto that baton sets.
+    let head = "GET /headers HTTP/1.1\r\nHost: x\r\nX_Forwarded_Proto: https\r\nX-Kept: 1\r\n\
+                Connection: close\r\n\r\n";
+    let got = String::from_utf8_lossy(&exchange(b.port(), head, b"")).to_ascii_lowercase();
+    assert!(!got.contains("x_forwarded_proto"), "{got}");
+    assert!(got.contains("x-kept: 1\n"), "{got}");
+    let kept = behind("http", &["--keep-underscore-headers"], &[]);
+    let got = String::from_utf8_lossy(&exchange(kept.port(), head, b"")).to_ascii_lowercase();
+    assert!(got.contains("x_forwarded_proto: https\n"), "{got}");
+}
+
+#[test]
 fn a_long_lived_connection_does_not_hold_the_stop_signal_past_half_the_stop_timeout() {
     let b = behind("tcp", &["--stop-timeout", "4s"], &[]);
     let mut pinned = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");

@@ -210,6 +210,21 @@ fn proxy_options_need_proxy_mode_and_exclude_other_readiness() {
         &out,
         "invalid health check \"http\": expected tcp or http:/PATH",
     );
+    for flag in ["--keep-underscore-headers", "--close-after-body"] {
+        let out = baton(&["run", "--listen", "127.0.0.1:0", flag, "--", "true"]);
+        assert_startup_error(&out, "need --proxy http|tcp");
+        let out = baton(&[
+            "run",
+            "--proxy",
+            "tcp",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            "--",
+            "true",
+        ]);
+        assert_startup_error(&out, "apply to --proxy http only");
+    }
 }
 
 #[test]
