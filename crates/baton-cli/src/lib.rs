@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod guardian;
+pub mod knobs;
 pub mod proxy;
 pub mod spec;
 pub mod sys;

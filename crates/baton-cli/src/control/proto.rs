@@ -157,7 +157,7 @@ pub struct Status {
     pub releases: Vec<ReleaseInfo>,
     /// Releases reverted during their bake (`--bake`), by cause.
     #[serde(default)]
-    pub reverts: crate::guardian::policy::Reverts,
+    pub reverts: crate::knobs::Reverts,
     /// The generation on probation (`--bake`), if any.
     #[serde(default)]
     pub baking: Option<u64>,

@@ -512,7 +512,7 @@ impl Guardian {
             && !self.policy.is_stopping()
         {
             if self.shutdown_at.take().is_none() {
-                self.shutdown_at = Some(crate::config::later(self.event_at, delay));
+                self.shutdown_at = Some(crate::knobs::later(self.event_at, delay));
                 info!(
                     reason = why,
                     delay_ms = delay.as_millis() as u64,

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use super::generation::{Generation, Process, Route, State};
-pub use crate::config::PolicyConfig;
-use crate::config::later;
 use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
+use crate::knobs::later;
+pub use crate::knobs::{PolicyConfig, Reverts};
 use crate::spec::{RestartMode, Signal, StartLimit};
 
 /// The `exit` event of a retired generation: how long it drained, unless
@@ -243,15 +243,6 @@ pub struct Stats {
     /// Releases reverted during their bake, by cause.
     #[serde(default)]
     pub reverts: Reverts,
-}
-
-/// Reverts by cause (`--bake`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reverts {
-    /// The release on probation exited.
-    pub exited: u64,
-    /// It answered clearly worse than the previous one (proxy http).
-    pub error_rate: u64,
 }
 
 #[derive(Debug)]

@@ -28,8 +28,8 @@ use super::children::Exit;
 use super::generation::{Slot, State};
 use super::release::Release;
 use super::{Guardian, sys};
-use crate::config::later;
 use crate::exit::ExitStatus;
+use crate::knobs::later;
 use crate::spec::{RestartMode, Signal, StartLimit};
 
 /// A generation's workers.

@@ -1,16 +1,20 @@
 //! The proxy's I/O pieces: reads into a connection's buffer, writes of
 //! a head and a body in one system call, timeouts, buffers kept per thread
-//! for the next connection, and `TCP_NODELAY` only where it matters.
+//! for the next connection, `TCP_NODELAY` only where it matters, and the
+//! byte relay both ways (tcp mode, and upgraded HTTP connections).
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Proxy;
 
 /// How much a read asks for, and what a connection's buffer starts with.
 pub const READ: usize = 8 * 1024;
@@ -258,5 +262,78 @@ impl<W: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientWriter<W> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies between the client's halves and the generation's socket until
+/// both directions have ended, or nothing moved for the idle timeout.
+pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client_r: R,
+    client_w: W,
+    server: &mut tokio::net::TcpStream,
+    proxy: &Proxy,
+) {
+    let moved = Stamp::new();
+    let (mut up_r, mut up_w) = server.split();
+    let (mut to_app, mut to_client) = (Buffers::take(), Buffers::take());
+    let ends = AtomicU8::new(0);
+    {
+        let copy = async {
+            tokio::join!(
+                pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved),
+                pipe(&mut up_r, client_w, &mut to_client.read, &ends, &moved),
+            )
+        };
+        let mut copy = std::pin::pin!(copy);
+        let idle = proxy.limits.serve.idle_timeout;
+        loop {
+            // Wake at the idle deadline of the last byte moved; a relay with
+            // traffic just looks again.
+            let deadline = idle.and_then(|idle| moved.last().checked_add(idle));
+            tokio::select! {
+                _ = copy.as_mut() => break,
+                () = sleep_until(deadline) => {
+                    if idle.is_some_and(|idle| moved.last().elapsed() >= idle) {
+                        proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    to_app.give_back();
+    to_client.give_back();
+}
+
+/// Copies one direction until its reader ends, then passes the end on: a
+/// shutdown of the writer's sending side if the other direction still
+/// runs (half-close), nothing if it is over too (closing will do).
+async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut r: R,
+    mut w: W,
+    buf: &mut BytesMut,
+    ends: &AtomicU8,
+    moved: &Stamp,
+) -> std::io::Result<()> {
+    loop {
+        buf.clear();
+        if read_more(&mut r, buf).await? == 0 {
+            if ends.fetch_add(1, Ordering::Relaxed) == 0 {
+                w.shutdown().await?;
+            }
+            return Ok(());
+        }
+        moved.touch();
+        w.write_all(buf).await?;
+        moved.touch();
+    }
+}
+
+/// Counts a relay or splice as open while alive.
+pub struct OpenStream(pub Arc<Proxy>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.counters.open_streams.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -43,8 +43,8 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::conn_io::{
-    Buffers, ClientSocket, ClientWriter, READ, Stamp, bounded, read_more, sleep_until, stopped,
-    write_two,
+    Buffers, ClientSocket, ClientWriter, OpenStream, READ, Stamp, bounded, copy_both_ways,
+    read_more, sleep_until, stopped, write_two,
 };
 use super::pool::UpConn;
 use super::socket::{Side, Socket};
@@ -642,7 +642,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                 return After::Close;
             }
             self.buf.clear();
-            super::tcp::copy_both_ways(&mut self.r, &mut self.w, &mut conn.stream, &proxy).await;
+            copy_both_ways(&mut self.r, &mut self.w, &mut conn.stream, &proxy).await;
             return After::Close;
         }
         // Head and the first part of the body in one write; the rest of
@@ -929,14 +929,5 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Err(e) => return Err(Failed::Bad(e.to_string())),
             Ok(_) => {}
         }
-    }
-}
-
-/// Counts a relay or splice as open while alive.
-pub(super) struct OpenStream(pub(super) Arc<Proxy>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.counters.open_streams.fetch_sub(1, Ordering::SeqCst);
     }
 }

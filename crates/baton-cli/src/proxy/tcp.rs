@@ -5,17 +5,15 @@
 //! killed at the stop timeout).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::Proxy;
-use super::conn_io::{Buffers, Stamp, read_more, sleep_until, stopped};
+use super::conn_io::{OpenStream, copy_both_ways, stopped};
 use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
 
 /// Accepts on `listeners` and relays until `stop` turns true; then stops
@@ -62,7 +60,7 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch
 /// timeout.
 async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
     let _ticket = ticket;
-    let _open = super::http::OpenStream(Arc::clone(&proxy));
+    let _open = OpenStream(Arc::clone(&proxy));
     proxy.counters.open_streams.fetch_add(1, Ordering::SeqCst);
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         return;
@@ -102,68 +100,4 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
         _ => {}
     }
     drop(active);
-}
-
-/// Copies between the client's halves and the generation's socket until
-/// both directions have ended, or nothing moved for the idle timeout.
-pub(super) async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    client_r: R,
-    client_w: W,
-    server: &mut tokio::net::TcpStream,
-    proxy: &Proxy,
-) {
-    let moved = Stamp::new();
-    let (mut up_r, mut up_w) = server.split();
-    let (mut to_app, mut to_client) = (Buffers::take(), Buffers::take());
-    let ends = AtomicU8::new(0);
-    {
-        let copy = async {
-            tokio::join!(
-                pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved),
-                pipe(&mut up_r, client_w, &mut to_client.read, &ends, &moved),
-            )
-        };
-        let mut copy = std::pin::pin!(copy);
-        let idle = proxy.limits.serve.idle_timeout;
-        loop {
-            // Wake at the idle deadline of the last byte moved; a relay with
-            // traffic just looks again.
-            let deadline = idle.and_then(|idle| moved.last().checked_add(idle));
-            tokio::select! {
-                _ = copy.as_mut() => break,
-                () = sleep_until(deadline) => {
-                    if idle.is_some_and(|idle| moved.last().elapsed() >= idle) {
-                        proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    to_app.give_back();
-    to_client.give_back();
-}
-
-/// Copies one direction until its reader ends, then passes the end on: a
-/// shutdown of the writer's sending side if the other direction still
-/// runs (half-close), nothing if it is over too (closing will do).
-async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    mut r: R,
-    mut w: W,
-    buf: &mut BytesMut,
-    ends: &AtomicU8,
-    moved: &Stamp,
-) -> std::io::Result<()> {
-    loop {
-        buf.clear();
-        if read_more(&mut r, buf).await? == 0 {
-            if ends.fetch_add(1, Ordering::Relaxed) == 0 {
-                w.shutdown().await?;
-            }
-            return Ok(());
-        }
-        moved.touch();
-        w.write_all(buf).await?;
-        moved.touch();
-    }
 }
