@@ -1,31 +1,31 @@
-//! From the raw command line to a [`RunConfig`] with every fallible setup
-//! done: the command is resolved and executable, the control socket and
-//! every listener are bound. Any failure here is a [`StartupError`] (exit 2)
-//! and nothing has been spawned; what was already bound is released.
+//! From the raw command line to a validated [`RunConfig`]: the command is
+//! resolved and executable, the user exists, every option fits the others.
+//! Any failure here is a [`StartupError`] (exit 2). Nothing is bound here:
+//! `startup` binds the sockets (or takes them from an upgrade or from a
+//! baton that died) once the settings are known to be good.
 
-use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton::vars;
 
+pub use crate::bound::{BoundListener, ControlSocket, ListenerCheck};
 use crate::cli::RunArgs;
 use crate::control;
 use crate::error::StartupError;
 pub use crate::knobs::{PolicyConfig, later};
 use crate::spec::NotifyAccess;
-use crate::spec::{ListenAddr, ListenSpec, ReadyMode};
-use crate::sys::socket;
+use crate::spec::{ListenSpec, ReadyMode};
 
 /// Everything `baton run` needs, validated and set up.
 #[derive(Debug)]
 pub struct RunConfig {
-    /// The listeners, in fd order (the first becomes fd 3).
+    /// `--listen`, as asked.
+    pub listen: Vec<ListenSpec>,
+    /// The listeners, in fd order (the first becomes fd 3; set by
+    /// `startup`).
     pub listeners: Vec<BoundListener>,
     /// The resolved executable.
     pub program: PathBuf,
@@ -52,11 +52,15 @@ pub struct RunConfig {
     pub policy: PolicyConfig,
     /// The service's name.
     pub name: String,
-    /// The bound control socket.
-    pub control: ControlSocket,
+    /// The control socket's path.
+    pub control_path: PathBuf,
+    /// The bound control socket (set by `startup`).
+    pub control: Option<ControlSocket>,
     /// Who the app runs as (`--user`).
     pub user: Option<crate::sys::user::Credentials>,
-    /// The bound metrics listener (`--metrics`).
+    /// `--metrics`: where to serve it.
+    pub metrics_addr: Option<crate::spec::AdminAddr>,
+    /// The bound metrics listener (set by `startup`).
     pub metrics: Option<std::net::TcpListener>,
     /// The file whose replacement triggers a reload (`--watch`).
     pub watch: Option<PathBuf>,
@@ -71,8 +75,6 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// baton's command line, for the image an upgrade starts.
     pub argv: Vec<OsString>,
-    /// The service of a baton that died, which this one adopts.
-    pub adopt: Option<crate::guardian::orphans::Adoption>,
 }
 
 /// `--proxy` and its options.
@@ -95,133 +97,18 @@ pub struct ProxyConfig {
     pub canary: Vec<u8>,
     /// `--max-error-rate`, as a fraction (HTTP mode, during a bake).
     pub max_error_rate: f64,
-}
-
-/// A listening socket baton owns.
-#[derive(Debug)]
-pub struct BoundListener {
-    /// The name in `LISTEN_FDNAMES`.
-    pub name: String,
-    /// The socket.
-    pub fd: OwnedFd,
-    /// The bound address, e.g. `127.0.0.1:43125` (the real port after `:0`)
-    /// or `unix:/run/app.sock`.
-    pub local: String,
-    /// The key of this socket in `SERVER_STARTER_PORT`.
-    pub server_starter_key: String,
-    /// The TCP address it is bound to (the real port after `:0`).
-    tcp: Option<SocketAddr>,
-    /// It was found shut down and could not be re-armed; said once.
-    pub broken_reported: bool,
-    /// A socket file baton created, removed when baton exits.
-    unix_path: Option<PathBuf>,
-}
-
-/// What [`BoundListener::ensure_listening`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ListenerCheck {
-    /// It listens.
-    Listening,
-    /// It had been shut down; it listens again (same socket).
-    Relistened,
-    /// It had been shut down; a new socket listens on its path. Only
-    /// generations started from now on have it.
-    Replaced,
-}
-
-impl BoundListener {
-    /// What an upgrade hands over of it (its descriptor by number).
-    pub fn handover(&self) -> crate::guardian::handover::Listener {
-        use std::os::fd::AsRawFd;
-        crate::guardian::handover::Listener {
-            fd: self.fd.as_raw_fd(),
-            name: self.name.clone(),
-            local: self.local.clone(),
-            server_starter_key: self.server_starter_key.clone(),
-            tcp: self.tcp,
-            unix_path: self.unix_path.clone(),
-        }
-    }
-
-    /// Makes sure the socket still listens, after an app may have shut it
-    /// down: a TCP socket listens again; a Unix socket cannot, so a new one
-    /// is bound to the same path.
-    pub fn ensure_listening(&mut self) -> io::Result<ListenerCheck> {
-        if socket::is_listening(&self.fd) {
-            return Ok(ListenerCheck::Listening);
-        }
-        if let Some(addr) = self.tcp {
-            socket::relisten_tcp(&self.fd, addr)?;
-            return Ok(ListenerCheck::Relistened);
-        }
-        // Only a socket file baton made itself is replaced: one passed to
-        // baton (systemd's) belongs to whoever made it.
-        let Some(path) = self.unix_path.clone() else {
-            return Err(io::Error::other(
-                "a Unix socket passed to baton cannot be re-armed; restart its socket unit",
-            ));
-        };
-        // (Its file is still there and refuses connections: it goes.)
-        self.fd = socket::bind_unix(&path)?;
-        Ok(ListenerCheck::Replaced)
-    }
-}
-
-impl Drop for BoundListener {
-    fn drop(&mut self) {
-        if let Some(path) = &self.unix_path {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// The control socket: a Unix stream listener, mode 0600, in a 0700
-/// directory; the file is removed when baton exits.
-#[derive(Debug)]
-pub struct ControlSocket {
-    /// The listener, until the guardian takes it.
-    pub listener: Option<std::os::unix::net::UnixListener>,
-    /// Its path.
-    pub path: PathBuf,
-    /// The file was removed already: never remove it again (by then it
-    /// may be another baton's).
-    removed: bool,
-}
-
-impl ControlSocket {
-    /// Removes the socket file, once: after its listener is closed a new
-    /// baton may take the path.
-    pub fn remove(&mut self) {
-        if !std::mem::replace(&mut self.removed, true) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        self.remove();
-    }
+    /// `--max-connections`, as asked (none: what the limit allows).
+    pub max_connections_asked: Option<usize>,
 }
 
 impl RunConfig {
-    /// Validates `args` (the command line merged with `--config`) and sets
-    /// everything up, or says what is wrong. `inherited` are sockets passed
-    /// to baton itself (systemd socket activation); they are used instead of
-    /// binding where a `--listen` matches them, and passed on otherwise.
-    ///
-    /// With `handover` (this image was started by `baton upgrade`), the
-    /// control socket, listeners and metrics endpoint are the previous
-    /// image's, by descriptor number, and nothing is bound.
+    /// Validates `args` (the command line merged with `--config`), or says
+    /// what is wrong. `nofile`: baton's descriptor limits (raised at start,
+    /// or an upgrade's). Binds nothing.
     pub fn from_args(
         args: RunArgs,
-        inherited: baton::Listeners,
-        handover: Option<&crate::guardian::handover::Handover>,
+        nofile: crate::sys::limits::Nofile,
     ) -> Result<RunConfig, StartupError> {
-        let nofile = match handover {
-            Some(h) => h.nofile,
-            None => crate::sys::limits::raise_nofile(),
-        };
         let (first, _) = args.command.split_first().ok_or_else(|| {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
@@ -273,69 +160,6 @@ impl RunConfig {
             Some(path) => path,
             None => control::default_path(&name),
         };
-        let (control, listeners, metrics, adopt) = match handover {
-            Some(h) => {
-                let (control, listeners, metrics) = handed_over(h, control_path)?;
-                (control, listeners, metrics, None)
-            }
-            None => {
-                let control = bind_control(&control_path)?;
-                // What a baton that died here left: its listeners (from its
-                // keeper) are used like sockets passed to baton.
-                let found = crate::guardian::orphans::find(&control_path, &args.listen)?;
-                let mut inherited = inherited;
-                let mut adopt = None;
-                let mut unix_paths = Vec::new();
-                if let Some(found) = found {
-                    if let Some(fds) = found.listeners {
-                        unix_paths = found
-                            .state
-                            .listeners
-                            .iter()
-                            .map(|l| (l.local.clone(), l.unix_path.clone()))
-                            .collect();
-                        inherited.extend(baton::Listeners::from_fds(
-                            fds.into_iter()
-                                .zip(found.state.listeners.iter().map(|l| l.name.clone())),
-                        ));
-                    }
-                    adopt = found.adopt.then_some(crate::guardian::orphans::Adoption {
-                        state: found.state,
-                        logs: found.logs,
-                    });
-                }
-                let mut listeners = listeners(&args.listen, inherited)?;
-                // Socket files the dead baton made are this one's to remove.
-                for l in &mut listeners {
-                    if let Some((_, path)) = unix_paths.iter().find(|(local, _)| *local == l.local)
-                    {
-                        l.unix_path.clone_from(path);
-                    }
-                }
-                let metrics = args
-                    .metrics
-                    .map(|addr| {
-                        let (bound, as_listen) = match addr {
-                            crate::spec::AdminAddr::Ip(ip) => {
-                                (socket::bind_tcp(ip, false), ListenAddr::Ip(ip))
-                            }
-                            crate::spec::AdminAddr::AnyHost(port) => {
-                                (bind_any_host(port), ListenAddr::AnyHost(port))
-                            }
-                        };
-                        bound.map(std::net::TcpListener::from).map_err(|source| {
-                            StartupError::Bind {
-                                addr: format!("{addr} (--metrics)"),
-                                hint: bind_hint(&as_listen, &source),
-                                error: source,
-                            }
-                        })
-                    })
-                    .transpose()?;
-                (control, listeners, metrics, adopt)
-            }
-        };
-
         if args.proxy.is_none()
             && (args.health.is_some()
                 || args.health_timeout.is_some()
@@ -408,8 +232,15 @@ impl RunConfig {
                 let threads = args
                     .proxy_threads
                     .unwrap_or_else(crate::proxy::default_threads);
-                let max_connections =
-                    max_connections(nofile.soft, threads, listeners.len(), args.max_connections)?;
+                // Checked again once the listeners are known (`startup`);
+                // first with those asked for, so that a bad value is said
+                // before anything is bound.
+                let max_connections = max_connections(
+                    nofile.soft,
+                    threads,
+                    args.listen.len(),
+                    args.max_connections,
+                )?;
                 let mut serve = baton::serve::Options::default();
                 serve.drain = baton::serve::Drain {
                     idle_grace: std::time::Duration::from_millis(500),
@@ -419,6 +250,7 @@ impl RunConfig {
                 serve.idle_timeout = Some(args.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
                 serve.connections = baton::serve::Connections::new(max_connections);
                 Ok(ProxyConfig {
+                    max_connections_asked: args.max_connections,
                     mode,
                     port_env: args
                         .upstream_port_env
@@ -474,7 +306,8 @@ impl RunConfig {
             ..defaults
         };
         Ok(RunConfig {
-            listeners,
+            listen: args.listen,
+            listeners: Vec::new(),
             program,
             args: args.command,
             base_env: base_env(user.as_ref()),
@@ -487,22 +320,17 @@ impl RunConfig {
             max_rss: args.max_rss,
             policy,
             name,
-            control,
+            control_path,
+            control: None,
             user,
-            metrics,
+            metrics_addr: args.metrics,
+            metrics: None,
             watch: args.watch,
             log_prefix: args.log_prefix,
             proxy,
             nofile,
-            exe: match handover {
-                Some(h) => h.exe.clone(),
-                None => std::fs::read_link("/proc/self/exe").unwrap_or_default(),
-            },
-            argv: match handover {
-                Some(h) => h.argv.clone(),
-                None => std::env::args_os().collect(),
-            },
-            adopt,
+            exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+            argv: std::env::args_os().collect(),
         })
     }
 }
@@ -522,7 +350,7 @@ pub const MAX_CONNECTIONS_DEFAULT_CEILING: usize = 16_384;
 /// `nofile` allows. Each client connection may hold a connection to the
 /// app too, and the upstream pools, the control socket and the metrics
 /// endpoint have their own shares.
-fn max_connections(
+pub fn max_connections(
     nofile: u64,
     threads: usize,
     listeners: usize,
@@ -555,151 +383,6 @@ fn max_connections(
     }
 }
 
-/// The control socket, listeners and metrics endpoint a previous image
-/// handed over.
-fn handed_over(
-    h: &crate::guardian::handover::Handover,
-    control_path: PathBuf,
-) -> Result<
-    (
-        ControlSocket,
-        Vec<BoundListener>,
-        Option<std::net::TcpListener>,
-    ),
-    StartupError,
-> {
-    use crate::sys::exec::take_fd;
-    let lost = |what: &str, e: io::Error| {
-        StartupError::Invalid(format!("the upgrade handed over no usable {what}: {e}"))
-    };
-    let control = ControlSocket {
-        listener: Some(
-            take_fd(h.control_fd)
-                .map(std::os::unix::net::UnixListener::from)
-                .map_err(|e| lost("control socket", e))?,
-        ),
-        path: control_path,
-        removed: false,
-    };
-    let listeners = h
-        .listeners
-        .iter()
-        .map(|l| {
-            Ok(BoundListener {
-                name: l.name.clone(),
-                fd: take_fd(l.fd).map_err(|e| lost("listener", e))?,
-                local: l.local.clone(),
-                server_starter_key: l.server_starter_key.clone(),
-                tcp: l.tcp,
-                broken_reported: false,
-                unix_path: l.unix_path.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>, StartupError>>()?;
-    let metrics = h
-        .metrics_fd
-        .map(|fd| {
-            take_fd(fd)
-                .map(std::net::TcpListener::from)
-                .map_err(|e| lost("metrics listener", e))
-        })
-        .transpose()?;
-    Ok((control, listeners, metrics))
-}
-
-/// The listeners: for each `--listen`, an inherited socket with its name or
-/// address, else a new one; then inherited sockets no `--listen` asked for.
-fn listeners(
-    specs: &[ListenSpec],
-    mut inherited: baton::Listeners,
-) -> Result<Vec<BoundListener>, StartupError> {
-    let names = inherited.names().to_vec();
-    let mut adopted: Vec<Option<BoundListener>> = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let taken = inherited
-            .take(i)
-            .map_err(|e| StartupError::Invalid(format!("sockets passed to baton: {e}")))?;
-        adopted.push(taken.map(|l| adopt(name, l)).transpose()?);
-    }
-    let mut out = Vec::new();
-    for spec in specs {
-        let found = adopted.iter_mut().find(|slot| {
-            slot.as_ref().is_some_and(|l| {
-                spec.name.as_deref() == Some(l.name.as_str()) || same_address(&spec.addr, &l.local)
-            })
-        });
-        match found.and_then(Option::take) {
-            Some(mut l) => {
-                if let Some(name) = &spec.name {
-                    l.name.clone_from(name);
-                }
-                tracing::info!(addr = %l.local, name = %l.name, "using a socket passed to baton");
-                out.push(l);
-            }
-            None => out.push(bind_listener(spec)?),
-        }
-    }
-    // The rest is passed on, except second descriptors of a socket already
-    // taken (systemd's descriptor store and baton's keeper may both hold
-    // one).
-    let taken: HashSet<u64> = out
-        .iter()
-        .filter_map(|l| crate::sys::inspect::inode(&l.fd))
-        .collect();
-    out.extend(
-        adopted
-            .into_iter()
-            .flatten()
-            .filter(|l| crate::sys::inspect::inode(&l.fd).is_none_or(|i| !taken.contains(&i))),
-    );
-    if out.is_empty() {
-        return Err(StartupError::Invalid(
-            "nothing to listen on: give --listen ADDR (or listen = [...] in --config, or sockets from systemd)".into(),
-        ));
-    }
-    Ok(out)
-}
-
-/// A socket passed to baton itself, as one of its listeners.
-fn adopt(name: &str, listener: baton::Listener) -> Result<BoundListener, StartupError> {
-    let local = listener.describe();
-    let (fd, key) = match listener {
-        baton::Listener::Tcp(l) => (OwnedFd::from(l), local.clone()),
-        baton::Listener::Unix(l) => (
-            OwnedFd::from(l),
-            local.strip_prefix("unix:").unwrap_or(&local).to_owned(),
-        ),
-        _ => {
-            return Err(StartupError::Invalid(format!(
-                "the socket {name} passed to baton is neither TCP nor Unix"
-            )));
-        }
-    };
-    let tcp = local.parse().ok();
-    Ok(BoundListener {
-        name: name.to_owned(),
-        fd,
-        local,
-        server_starter_key: key,
-        tcp,
-        broken_reported: false,
-        unix_path: None,
-    })
-}
-
-/// Whether a `--listen` address is the address `local` an inherited socket
-/// is bound to.
-pub(crate) fn same_address(addr: &ListenAddr, local: &str) -> bool {
-    match addr {
-        ListenAddr::Ip(a) => local.parse::<SocketAddr>().is_ok_and(|l| l == *a),
-        ListenAddr::AnyHost(port) => local
-            .parse::<SocketAddr>()
-            .is_ok_and(|l| l.port() == *port && l.ip().is_unspecified()),
-        ListenAddr::Unix(path) => local.strip_prefix("unix:") == path.to_str(),
-        ListenAddr::Host(..) => false,
-    }
-}
-
 /// The directory baton was started in, as the shell named it (`$PWD`, which
 /// may go through a `current` symlink) when that names the same directory;
 /// else the resolved one.
@@ -722,7 +405,7 @@ fn default_workdir() -> PathBuf {
 /// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
 fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
     const OURS: [&str; 7] = [
-        crate::guardian::handover::ENV,
+        crate::knobs::UPGRADE_STATE_ENV,
         vars::LISTEN_FDS,
         vars::LISTEN_PID,
         vars::LISTEN_FDNAMES,
@@ -782,132 +465,5 @@ pub fn resolve_command(command: &OsString, workdir: &Path) -> Result<PathBuf, St
             command: text.clone(),
             where_: if text.contains('/') { "" } else { " in $PATH" },
         }),
-    }
-}
-
-fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
-    let err = |source| StartupError::Control {
-        path: path.to_owned(),
-        error: source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    match socket::clear_stale_socket(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            return Err(StartupError::ControlInUse {
-                path: path.to_owned(),
-            });
-        }
-        Err(e) => return Err(err(e)),
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
-    let control = ControlSocket {
-        listener: Some(listener),
-        path: path.to_owned(),
-        removed: false,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(control)
-}
-
-/// Binds `port` on every interface: IPv6 and IPv4 at once, or IPv4 alone
-/// on a machine without IPv6.
-fn bind_any_host(port: u16) -> io::Result<OwnedFd> {
-    let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
-    match socket::bind_tcp(v6, true) {
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            socket::bind_tcp((std::net::Ipv4Addr::UNSPECIFIED, port).into(), false)
-        }
-        other => other,
-    }
-}
-
-fn bind_listener(spec: &ListenSpec) -> Result<BoundListener, StartupError> {
-    let shown = spec.addr.to_string();
-    let bind_err = |source: io::Error| {
-        let hint = bind_hint(&spec.addr, &source);
-        StartupError::Bind {
-            addr: shown.clone(),
-            error: source,
-            hint,
-        }
-    };
-    let name = spec
-        .name
-        .clone()
-        .unwrap_or_else(|| vars::DEFAULT_FD_NAME.to_owned());
-    let (fd, local, key, unix_path) = match &spec.addr {
-        ListenAddr::Unix(path) => {
-            let fd = socket::bind_unix(path).map_err(bind_err)?;
-            let shown_path = path.display().to_string();
-            (
-                fd,
-                format!("unix:{shown_path}"),
-                shown_path,
-                Some(path.clone()),
-            )
-        }
-        ListenAddr::AnyHost(port) => {
-            let fd = bind_any_host(*port).map_err(bind_err)?;
-            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
-            (fd, local.to_string(), local.port().to_string(), None)
-        }
-        ListenAddr::Ip(addr) => {
-            let fd = socket::bind_tcp(*addr, false).map_err(bind_err)?;
-            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
-            (fd, local.to_string(), local.to_string(), None)
-        }
-        ListenAddr::Host(host, port) => {
-            let addr = (host.as_str(), *port)
-                .to_socket_addrs()
-                .and_then(|mut a| {
-                    a.next()
-                        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
-                })
-                .map_err(|source| StartupError::Resolve {
-                    addr: shown.clone(),
-                    error: source,
-                })?;
-            let fd = socket::bind_tcp(addr, false).map_err(bind_err)?;
-            let local = socket::tcp_local_addr(&fd).map_err(bind_err)?;
-            (fd, local.to_string(), local.to_string(), None)
-        }
-    };
-    let tcp = local.parse().ok();
-    Ok(BoundListener {
-        name,
-        fd,
-        local,
-        server_starter_key: key,
-        tcp,
-        broken_reported: false,
-        unix_path,
-    })
-}
-
-/// How to fix a failed bind, as "; …".
-fn bind_hint(addr: &ListenAddr, err: &io::Error) -> String {
-    let unix = matches!(addr, ListenAddr::Unix(_));
-    match err.kind() {
-        io::ErrorKind::AddrInUse if unix => "; is another server running on it?".into(),
-        io::ErrorKind::AddrInUse => {
-            "; is another server running? (try --listen 127.0.0.1:0 for any free port)".into()
-        }
-        io::ErrorKind::PermissionDenied if !unix => {
-            "; ports below 1024 need root or CAP_NET_BIND_SERVICE".into()
-        }
-        io::ErrorKind::PermissionDenied => "; check the directory's permissions".into(),
-        io::ErrorKind::AddrNotAvailable => "; that address is not on this machine".into(),
-        io::ErrorKind::AlreadyExists => "; remove it or choose another path".into(),
-        io::ErrorKind::IsADirectory => {
-            "; give the path of a socket file in it, like unix:DIR/app.sock".into()
-        }
-        io::ErrorKind::NotFound if unix => "; does the directory exist?".into(),
-        _ => String::new(),
     }
 }

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::{RestartMode, Signal, StartLimit};
 
+/// The environment variable naming the memfd that holds an upgrade's
+/// handover (never passed on to the app).
+pub const UPGRADE_STATE_ENV: &str = "BATON_UPGRADE_STATE";
+
 /// The policy's knobs.
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {

@@ -3,6 +3,7 @@
 //! architecture; `guardian` holds the theory of operation.
 
 pub mod bench;
+pub mod bound;
 pub mod cli;
 pub mod config;
 pub mod config_file;
@@ -14,6 +15,7 @@ pub mod guardian;
 pub mod knobs;
 pub mod proxy;
 pub mod spec;
+pub mod startup;
 pub mod sys;
 
 use std::process::ExitCode;
@@ -44,7 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Validate and set up everything before starting anything.
             // Started by `baton upgrade`: the previous image's state.
             let handover = guardian::handover::take_from_env()?;
-            let cfg = config::RunConfig::from_args(args, inherited, handover.as_ref())?;
+            let (cfg, adopt) = startup::start(args, inherited, handover.as_ref())?;
             // One thread for the loop; the guardian never blocks a pool
             // thread, so the pool is bounded to a single thread.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -52,7 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .max_blocking_threads(1)
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(guardian::run(cfg, handover))
+            runtime.block_on(guardian::run(cfg, adopt, handover))
         }
         Command::Reload(args) => control::client::reload(&args.target.target(), args.json, false),
         Command::Rollback(args) => control::client::reload(&args.target.target(), args.json, true),

@@ -30,6 +30,21 @@ pub enum ListenAddr {
     Unix(PathBuf),
 }
 
+impl ListenAddr {
+    /// Whether this `--listen` address is the address `local` an inherited
+    /// socket is bound to.
+    pub fn is_bound_at(&self, local: &str) -> bool {
+        match self {
+            ListenAddr::Ip(a) => local.parse::<SocketAddr>().is_ok_and(|l| l == *a),
+            ListenAddr::AnyHost(port) => local
+                .parse::<SocketAddr>()
+                .is_ok_and(|l| l.port() == *port && l.ip().is_unspecified()),
+            ListenAddr::Unix(path) => local.strip_prefix("unix:") == path.to_str(),
+            ListenAddr::Host(..) => false,
+        }
+    }
+}
+
 const LISTEN_EXPECTED: &str = "expected HOST:PORT, :PORT or unix:PATH, optionally prefixed NAME=";
 
 impl FromStr for ListenSpec {

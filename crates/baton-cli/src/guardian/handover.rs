@@ -22,7 +22,7 @@ use crate::sys::limits::Nofile;
 pub const VERSION: u32 = 1;
 
 /// The environment variable naming the memfd that holds the handover.
-pub const ENV: &str = "BATON_UPGRADE_STATE";
+pub const ENV: &str = crate::knobs::UPGRADE_STATE_ENV;
 
 /// baton's version.
 pub fn baton_version() -> &'static str {
@@ -147,4 +147,19 @@ pub fn take_from_env() -> anyhow::Result<Option<Handover>> {
         serde_json::from_slice(&bytes).context("the handed-over state is not readable")?;
     check_version(&handover).map_err(anyhow::Error::msg)?;
     Ok(Some(handover))
+}
+
+impl From<&crate::bound::BoundListener> for Listener {
+    /// What an upgrade hands over of a listener: its descriptor by number.
+    fn from(l: &crate::bound::BoundListener) -> Listener {
+        use std::os::fd::AsRawFd;
+        Listener {
+            fd: l.fd.as_raw_fd(),
+            name: l.name.clone(),
+            local: l.local.clone(),
+            server_starter_key: l.server_starter_key.clone(),
+            tcp: l.tcp,
+            unix_path: l.unix_path.clone(),
+        }
+    }
 }

@@ -126,8 +126,12 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 ///
 /// With `handover`, this image was started by `baton upgrade`: it goes on
 /// from the previous image's state instead of starting generation 1.
-pub async fn run(cfg: RunConfig, handover: Option<handover::Handover>) -> anyhow::Result<ExitCode> {
-    let mut running = Running::start(cfg, handover)?;
+pub async fn run(
+    cfg: RunConfig,
+    adopt: Option<orphans::Adoption>,
+    handover: Option<handover::Handover>,
+) -> anyhow::Result<ExitCode> {
+    let mut running = Running::start(cfg, adopt, handover)?;
     running.serve().await;
     Ok(running.finish().await)
 }
@@ -148,12 +152,20 @@ struct Running {
 impl Running {
     /// Sets up everything the loop waits on (signals first, so that no
     /// SIGCHLD is missed) and starts generation 1.
-    fn start(mut cfg: RunConfig, handover: Option<handover::Handover>) -> anyhow::Result<Running> {
+    fn start(
+        mut cfg: RunConfig,
+        adopt: Option<orphans::Adoption>,
+        handover: Option<handover::Handover>,
+    ) -> anyhow::Result<Running> {
         let signals = Signals::new().context("installing signal handlers")?;
         if let Err(e) = sys::reaper::become_subreaper() {
             warn!(error = %e, "cannot become a child subreaper; orphans of the app will go to init");
         }
-        let control = cfg.control.listener.take().context("the control socket")?;
+        let control = cfg
+            .control
+            .as_mut()
+            .and_then(|c| c.listener.take())
+            .context("the control socket")?;
         // A second descriptor of it, for an upgrade to hand over.
         let control_fd = OwnedFd::from(control.try_clone().context("the control socket")?);
         control.set_nonblocking(true)?;
@@ -176,7 +188,7 @@ impl Running {
         for (i, l) in cfg.listeners.iter().enumerate() {
             info!(addr = %l.local, name = %l.name, fd = vars::LISTEN_FDS_START + i as i32, "listening");
         }
-        info!(path = %cfg.control.path.display(), name = %cfg.name, pid = std::process::id(), "control");
+        info!(path = %cfg.control_path.display(), name = %cfg.name, pid = std::process::id(), "control");
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let metrics = metrics::Shared::default();
@@ -226,7 +238,6 @@ impl Running {
             None => Policy::new(cfg.policy.clone()),
         };
         let keeper = handover.as_ref().and_then(|h| h.keeper);
-        let adopt = cfg.adopt.take();
         let mut g = Guardian {
             orphans: orphans::Orphans::new(&cfg, keeper),
             releases: release::Releases::default(),
@@ -349,7 +360,9 @@ impl Running {
         let code = g.exit.unwrap_or(1);
         control_task.abort();
         let _ = control_task.await;
-        g.cfg.control.remove();
+        if let Some(control) = g.cfg.control.as_mut() {
+            control.remove();
+        }
         g.orphans.finish();
         g.cfg.listeners.clear();
         for waiter in g.stop_waiters.drain(..) {
@@ -1478,7 +1491,7 @@ impl Guardian {
             .iter()
             .map(|l| {
                 fds.push(l.fd.as_fd());
-                l.handover()
+                handover::Listener::from(l)
             })
             .collect();
         fds.push(self.control_fd.as_fd());

@@ -26,7 +26,7 @@ use super::children::{Children, Exit, Owner};
 use super::generation::{Handles, Process, Slot, State as GenState};
 use super::policy::{Policy, Snapshot};
 use super::state::{self, State};
-use super::{Guardian, keeper};
+use super::{Guardian, handover, keeper};
 use crate::config::RunConfig;
 use crate::error::StartupError;
 use crate::spec::{ListenSpec, Orphans as Mode};
@@ -55,8 +55,8 @@ impl Orphans {
     pub fn new(cfg: &RunConfig, keeper: Option<Process>) -> Orphans {
         Orphans {
             keep: cfg.orphans == Mode::Keep,
-            state_path: state::path(&cfg.control.path),
-            keeper_path: state::keeper_path(&cfg.control.path),
+            state_path: state::path(&cfg.control_path),
+            keeper_path: state::keeper_path(&cfg.control_path),
             keeper,
             keeper_restarts: 0,
             written: Vec::new(),
@@ -182,7 +182,7 @@ impl Orphans {
             baton_version: super::handover::baton_version().to_owned(),
             keeper: self.keeper,
             name: cfg.name.clone(),
-            listeners: cfg.listeners.iter().map(|l| l.handover()).collect(),
+            listeners: cfg.listeners.iter().map(handover::Listener::from).collect(),
             proxied: cfg.proxy.is_some(),
             generations: policy.generations.clone(),
             serving: policy.serving,
@@ -320,10 +320,9 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
 fn same_listeners(specs: &[ListenSpec], s: &State) -> Result<(), String> {
     let had: Vec<&str> = s.listeners.iter().map(|l| l.local.as_str()).collect();
     let same = specs.len() == had.len()
-        && specs.iter().all(|spec| {
-            had.iter()
-                .any(|local| crate::config::same_address(&spec.addr, local))
-        });
+        && specs
+            .iter()
+            .all(|spec| had.iter().any(|local| spec.addr.is_bound_at(local)));
     if same {
         Ok(())
     } else {
