@@ -186,7 +186,7 @@ impl Children {
         &mut self,
         process: Process,
         slot: Slot,
-        events: &tokio::sync::mpsc::UnboundedSender<super::Event>,
+        events: &tokio::sync::mpsc::UnboundedSender<super::event::Event>,
     ) -> std::io::Result<()> {
         let pidfd = sys::fdpass::pidfd(process.pid, process.start_time)?;
         let pidfd = sys::fdpass::register_readable(pidfd)?;
@@ -196,7 +196,7 @@ impl Children {
             // Readable once the process has exited; an error means the
             // same for our purpose (nothing more can be known of it).
             let _ = pidfd.readable().await;
-            let _ = events.send(super::Event::Gone(pid));
+            let _ = events.send(super::event::Event::Gone(pid));
         });
         self.pids.insert(pid, Owner::Generation(slot));
         self.watched.insert(pid);

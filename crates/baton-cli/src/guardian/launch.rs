@@ -22,9 +22,9 @@ use baton::vars;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
-use super::Event;
 use super::children::Children;
 use super::diagnose;
+use super::event::Event;
 use super::generation::{Handles, Process, Route, Slot};
 use super::readiness::{self, Gate, Source};
 use super::release::Release;

@@ -24,6 +24,7 @@
 
 pub mod children;
 pub mod diagnose;
+pub mod event;
 pub mod generation;
 pub mod handover;
 pub mod keeper;
@@ -45,7 +46,6 @@ pub mod upgrade;
 mod watch;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -67,6 +67,7 @@ use crate::sys;
 use crate::sys::notify_socket::{Datagram, Fields, NotifySocket};
 
 use children::{Children, Owner};
+pub use event::Event;
 use generation::{Handles, Slot, State};
 use launch::{Cx, Launch};
 use policy::{Action, Outcome, Policy, SignalCause, Trigger};
@@ -74,49 +75,6 @@ use readiness::Source;
 
 /// Whoever waits for a reload's (or a stop's) outcome.
 type Waiter = oneshot::Sender<Response>;
-
-/// Messages from helper tasks to the loop.
-#[derive(Debug)]
-pub enum Event {
-    /// A datagram arrived on a generation's notification socket (and
-    /// passed its reader's checks).
-    Notify {
-        /// The worker process.
-        slot: Slot,
-        /// The datagram.
-        datagram: Datagram,
-    },
-    /// A source of readiness passed for a worker process (a delay, a
-    /// health check).
-    Ready(Slot, Source),
-    /// Time to run (again) the `--ready exec:` check of a worker process.
-    RunCheck(Slot),
-    /// A worker process listens on these TCP addresses by itself.
-    SelfBound {
-        /// The worker process.
-        slot: Slot,
-        /// What it listens on.
-        addrs: Vec<SocketAddr>,
-    },
-    /// The `--watch` file was replaced.
-    Watched,
-    /// Proxy mode: nothing is in flight any more to a retired generation
-    /// (or half its stop timeout passed).
-    Drained(Slot),
-    /// Before an upgrade: what had to finish first did (true), or did not
-    /// within the stop timeout (false).
-    Quiesced(bool),
-    /// An adopted process (not our child) exited.
-    Gone(i32),
-    /// Proxy mode: the release on probation answers clearly worse than the
-    /// previous one.
-    Worse {
-        /// The generation.
-        generation: u64,
-        /// The evidence.
-        why: String,
-    },
-}
 
 /// How often the guardian looks at its listeners and reports pressure.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
