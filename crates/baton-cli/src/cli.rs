@@ -259,9 +259,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub idle_timeout: Option<Duration>,
 
-    /// Proxy mode (http): how long a generation may take to start answering
-    /// a request (then 504, never retried), and the longest pause within an
-    /// answer's body [default: 60s].
+    /// Proxy mode (http): how long a generation may take to send its
+    /// answer's head (then 504, never retried), and the longest pause within
+    /// an answer's body [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub upstream_timeout: Option<Duration>,
 
@@ -288,9 +288,10 @@ pub struct RunArgs {
     /// Proxy mode (http): close the connection to the app after each
     /// request with a body instead of reusing it. An app that answers
     /// without reading a body takes the body as the next request on that
-    /// connection (which another client's request may follow); this closes
-    /// that door at the cost of a new connection to the app per such
-    /// request (about 2.7 times the proxy's CPU per POST).
+    /// connection, and its answer would go to the next client there; this
+    /// keeps that answer from any client (the app still runs what it read)
+    /// at the cost of a new connection to the app per such request (about
+    /// 2.7 times the proxy's CPU per POST).
     #[arg(long)]
     pub close_after_body: bool,
 

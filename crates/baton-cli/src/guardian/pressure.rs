@@ -220,10 +220,11 @@ impl Pressure {
         if stray > self.stray_seen && due(self.stray_said_at) {
             warn!(
                 connections = stray - self.stray_seen,
-                "the app sent bytes that no request asked for on keep-alive connections (a body \
-                 after an answer to HEAD, or more than an answer's Content-Length); baton closed \
-                 those connections and no client got the bytes, but the app frames its answers \
-                 wrongly"
+                "the app sent bytes past the end of its answers (a body after an answer to HEAD, \
+                 more than an answer's Content-Length, an answer to nothing); baton closed the \
+                 connections it saw them on before reusing them, but bytes that arrive after a \
+                 connection carried the next request reach that request's client: fix the app's \
+                 framing"
             );
             self.stray_seen = stray;
             self.stray_said_at = Some(now);

@@ -364,11 +364,6 @@ fn bytes_that_arrive_on_an_idle_connection_close_it_before_anyone_reuses_it() {
     assert_eq!(runs, 18);
     let stray = b.guard("stray_answers").expect("status");
     assert!(stray >= 18, "every stray answer counted: {stray}");
-    b.wait_for(
-        "the stray answers logged",
-        |l| l.contains("no request asked for"),
-        LONG,
-    );
 }
 
 #[test]

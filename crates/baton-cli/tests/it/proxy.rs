@@ -235,7 +235,7 @@ fn tcp_relays_reload_without_failures_and_keep_connections_on_their_generation()
 #[test]
 fn http_forwarding_headers_cannot_be_spoofed_and_chains_are_kept() {
     let b = behind("http", &[], &[]);
-    let head = "GET /headers HTTP/1.1\r\nHost: a\"b\r\nX-Forwarded-Proto: https\r\n\
+    let head = "GET /headers HTTP/1.1\r\nHost: a.b:8080\r\nX-Forwarded-Proto: https\r\n\
                 X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n";
     let got = String::from_utf8_lossy(&exchange(b.port(), head, b"")).to_ascii_lowercase();
     assert!(got.contains("x-forwarded-proto: http\n"), "{got}");
@@ -244,7 +244,7 @@ fn http_forwarding_headers_cannot_be_spoofed_and_chains_are_kept() {
         "{got}"
     );
     assert!(
-        got.contains("forwarded: for=127.0.0.1;proto=http;host=\"a\\\"b\"\n"),
+        got.contains("forwarded: for=127.0.0.1;proto=http;host=\"a.b:8080\"\n"),
         "{got}"
     );
 }

@@ -166,6 +166,16 @@ fn hop_by_hop(name: &str) -> bool {
     .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// A `Host` value: `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2):
+/// the characters of a registered name, an IP literal or a port, and
+/// nothing else (no space, no comma list). Empty is allowed (a target
+/// without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+;=:[]".contains(&b))
+}
+
 /// Framing headers, which a `Connection` header may not remove.
 fn framing_header(name: &str) -> bool {
     name.eq_ignore_ascii_case("content-length")
@@ -255,6 +265,9 @@ pub fn parse_request(buf: &[u8], hop: Hop, out: &mut Vec<u8>) -> Result<Option<R
         } else if !framing && name.eq_ignore_ascii_case("host") {
             if host.is_some() {
                 return Err(reject(400, "more than one Host header"));
+            }
+            if !valid_host(h.value) {
+                return Err(reject(400, "an invalid Host header"));
             }
             host = Some(h.value);
         }
@@ -355,16 +368,11 @@ pub fn parse_request(buf: &[u8], hop: Hop, out: &mut Vec<u8>) -> Result<Option<R
         } else {
             let _ = write!(out, "for={ip};proto=http");
         }
-        // RFC 7239 quoted-string: a host with odd characters is escaped, so
-        // that it cannot add parameters of its own.
+        // An RFC 7239 quoted-string: a valid Host has no quote or
+        // backslash, so it cannot add parameters of its own.
         if let Some(host) = host {
             out.extend_from_slice(b";host=\"");
-            for &b in host {
-                if b == b'\\' || b == b'"' {
-                    out.push(b'\\');
-                }
-                out.push(b);
-            }
+            out.extend_from_slice(host);
             out.push(b'"');
         }
         out.extend_from_slice(b"\r\n");
@@ -438,8 +446,15 @@ impl HeadEnd {
         if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") {
             return true;
         }
-        memchr::memchr_iter(b'\n', &buf[from..]).any(|j| {
-            let after = &buf[from + j + 1..];
+        // The end of the head; or a CR that no LF follows, which the
+        // parser refuses at once (without this, a head ending in
+        // CR CR LF would wait for the header timeout).
+        memchr::memchr2_iter(b'\n', b'\r', &buf[from..]).any(|j| {
+            let at = from + j;
+            let after = &buf[at + 1..];
+            if buf[at] == b'\r' {
+                return after.first().is_some_and(|&b| b != b'\n');
+            }
             after.starts_with(b"\n") || after.starts_with(b"\r\n")
         })
     }
@@ -562,7 +577,9 @@ pub fn parse_response(
         status,
         framing,
         dechunk,
-        reusable: keep_alive && framing != Framing::Close && !bodiless && !(te && version == 0),
+        // An HTTP/1.0 answer is not reused even with keep-alive, as nginx
+        // does: an app that answers in 1.0 frames its answers loosely.
+        reusable: keep_alive && framing != Framing::Close && !bodiless && version == 1,
         close,
     }))
 }
@@ -743,7 +760,7 @@ mod tests {
     #[test]
     fn a_request_is_rewritten_with_forwarding_headers_and_without_hop_by_hop_ones() {
         let (parsed, out) = req(
-            "GET /a?b HTTP/1.1\r\nHost: h\"x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\
+            "GET /a?b HTTP/1.1\r\nHost: h.x:80\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\
              Keep-Alive: 5\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nAccept: */*\r\n\r\n",
         );
         let parsed = parsed.unwrap().unwrap();
@@ -751,8 +768,8 @@ mod tests {
         assert!(parsed.replayable && !parsed.close && !parsed.upgrade);
         assert_eq!(
             out,
-            "GET /a?b HTTP/1.1\r\nHost: h\"x\r\nAccept: */*\r\nx-forwarded-for: 1.2.3.4, 10.0.0.7\r\n\
-             forwarded: for=10.0.0.7;proto=http;host=\"h\\\"x\"\r\nx-forwarded-proto: http\r\n\r\n"
+            "GET /a?b HTTP/1.1\r\nHost: h.x:80\r\nAccept: */*\r\nx-forwarded-for: 1.2.3.4, 10.0.0.7\r\n\
+             forwarded: for=10.0.0.7;proto=http;host=\"h.x:80\"\r\nx-forwarded-proto: http\r\n\r\n"
         );
     }
 
@@ -863,6 +880,21 @@ mod tests {
         assert_eq!(unix, b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n");
         let (parsed, _) = req("GET / HTTP/1.0\r\nHost: h\r\n\r\n");
         assert!(!parsed.unwrap().unwrap().needs_host);
+        for bad in ["a b", "a, b", "a\tb", "a/b", "a@b", "\"a\""] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_eq!(req(&head).0.unwrap_err().status, 400, "{bad:?}");
+        }
+        for good in [
+            "",
+            "example.com",
+            "example.com:8080",
+            "[::1]:80",
+            "xn--d1a.ru",
+            "a_b.local",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(req(&head).0.unwrap().is_some(), "{good:?}");
+        }
     }
 
     #[test]
@@ -967,6 +999,16 @@ mod tests {
                 assert!(!short.complete(&bytes[..=end]), "{head:?}");
             }
         }
+        // A CR that no LF follows: parsed (and refused) at once.
+        let bare = b"GET / HTTP/1.1\r\nHost: a\r\n\r\r\n";
+        assert!(HeadEnd::default().complete(bare));
+        assert_eq!(
+            parse_request(bare, Hop::default(), &mut Vec::new())
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert!(!HeadEnd::default().complete(b"GET / HTTP/1.1\r"));
         let mut scan = HeadEnd::default();
         assert!(!scan.complete(b"\r\n\r\n\n"), "empty lines alone");
         assert!(!scan.complete(b"\r\n\r\n\nGET / HTTP/1.1\r\n"));
