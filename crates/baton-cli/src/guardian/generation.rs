@@ -7,7 +7,7 @@
 //! process on the host), so it can be handed to another baton or written to
 //! disk. Its *runtime handles* ([`Handles`]: tasks, the readiness gate, the
 //! proxy's upstream) belong to the running process only and are kept apart,
-//! keyed by the generation's number; they can be rebuilt from the data.
+//! keyed by worker process ([`Slot`]); they can be rebuilt from the data.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -67,9 +67,9 @@ pub trait Launch: std::fmt::Debug {
     /// processes that are ready) from now on; empty: to nobody (it waits).
     fn cut_over(&mut self, serving: &[&Handles]);
 
-    /// Asks generation `id` (main process `pid`), retired by its successor,
-    /// to drain with `signal`: now, or once its traffic is done (then the
-    /// loop hears `Event::Drained` and calls [`Launch::drained`]).
+    /// Asks worker process `slot` (`pid`), retired by its successor, to
+    /// drain with `signal`: now, or once its traffic is done (then the loop
+    /// hears `Event::Drained` and calls [`Launch::drained`]).
     fn drain(
         &mut self,
         cx: Cx<'_>,
@@ -86,8 +86,8 @@ pub trait Launch: std::fmt::Debug {
         let _ = (slot, pid, handles);
     }
 
-    /// Generation `id` (`pid`) serves now: look it over (a port of its own
-    /// in socket mode); `inherited` are the inodes of baton's listeners.
+    /// Worker process `slot` (`pid`) serves now: look it over (a port of its
+    /// own in socket mode); `inherited` are the inodes of baton's listeners.
     fn serving(
         &mut self,
         cx: Cx<'_>,
@@ -180,14 +180,13 @@ fn base_env(cfg: &RunConfig, slot: Slot, notify: &NotifySocket) -> Vec<(OsString
     env
 }
 
-fn log_spawn(cx: &Cx<'_>, slot: Slot, pid: i32, port: Option<u16>, since: Instant) {
+fn log_spawn(slot: Slot, pid: i32, port: Option<u16>, since: Instant) {
     let spawn_us = since.elapsed().as_micros() as u64;
     let (generation, worker) = (slot.generation, slot.worker);
     match port {
         Some(port) => info!(generation, worker, pid, port, spawn_us, "spawn"),
         None => info!(generation, worker, pid, spawn_us, "spawn"),
     }
-    let _ = cx;
 }
 
 /// Socket passing (`LISTEN_FDS`).
@@ -222,7 +221,7 @@ impl Launch for Sockets {
             .children
             .start(slot, release, &cfg.args, &env, &fds, true)?;
         drop(fds);
-        log_spawn(&cx, slot, process.pid, None, since);
+        log_spawn(slot, process.pid, None, since);
         let mut handles = Handles::default();
         handles.log_readers = log_readers;
         // READY=1 counts in every mode; a delay or a check is an
@@ -410,7 +409,7 @@ impl Launch for Proxied {
             .collect();
         let (process, log_readers) = cx.children.start(slot, release, &args, &env, &[], false)?;
         let pid = process.pid;
-        log_spawn(&cx, slot, pid, Some(port), since);
+        log_spawn(slot, pid, Some(port), since);
         let upstream = self.upstream(&cx, slot, addr);
         // Check the private port until it answers; meanwhile, look for the
         // app listening somewhere else (ignoring $PORT).

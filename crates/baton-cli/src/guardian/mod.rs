@@ -22,6 +22,7 @@
 //! dispatches. It runs on a single-threaded runtime, which keeps `fork`
 //! simple and ordering obvious.
 
+mod backoff;
 pub mod children;
 pub mod diagnose;
 pub mod event;
@@ -984,14 +985,13 @@ impl Guardian {
             (
                 Outcome::Reloaded {
                     generation,
-                    pid,
                     ready_after,
+                    ..
                 },
                 _,
             ) => {
                 self.cut_over();
                 let inherited = Arc::clone(&self.listener_inodes);
-                let _ = pid;
                 for (slot, pid) in self.pids_of(*generation) {
                     let cx = Cx {
                         cfg: &self.cfg,
@@ -1325,11 +1325,10 @@ impl Guardian {
         let Some(mut up) = self.upgrade.take() else {
             return;
         };
-        let Some((check, answer)) = up.check.take().filter(|(p, _)| *p == pid) else {
+        let Some((_, answer)) = up.check.take().filter(|(p, _)| *p == pid) else {
             self.upgrade = Some(up);
             return;
         };
-        let _ = check;
         let verdict = upgrade::read_answer(answer).and_then(|version| {
             if status.success() {
                 Ok(version)

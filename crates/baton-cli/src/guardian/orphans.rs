@@ -347,7 +347,7 @@ impl Guardian {
         let Adoption { state: s, mut logs } = adoption;
         let now = Instant::now();
         self.orphans.adopted_from = Some(s.baton.pid);
-        let stop_deadline = Some(now + self.cfg.policy.stop_timeout);
+        let stop_deadline = Some(crate::knobs::later(now, self.cfg.policy.stop_timeout));
         let mut kept = Vec::new();
         let mut adopted = Vec::new();
         for mut g in s.generations {

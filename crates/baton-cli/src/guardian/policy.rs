@@ -18,19 +18,20 @@
 //!   with each consecutive failure (up to a ceiling), so an app that crashes
 //!   at once is never restarted in a busy loop.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+use super::backoff::{Backoff, Next};
 use super::generation::{Generation, Process, Route, State};
 use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
 use crate::knobs::later;
 pub use crate::knobs::{PolicyConfig, Reverts};
-use crate::spec::{RestartMode, Signal, StartLimit};
+use crate::spec::{RestartMode, Signal};
 
 /// The `exit` event of a retired generation: how long it drained, unless
 /// it had to be killed.
@@ -297,11 +298,10 @@ pub struct Policy<W> {
     baking: Option<Baking<W>>,
     queued: Option<(Vec<W>, Trigger)>,
     restart_at: Option<Instant>,
-    failures: u32,
+    /// Crash restarts of the serving generation: delay and start limit.
+    backoff: Backoff,
     ever_ready: bool,
     stopping: Option<Stopping>,
-    /// When recent crash restarts began, for the start limit.
-    recent_restarts: VecDeque<Instant>,
     stats: Stats,
 }
 
@@ -343,10 +343,9 @@ impl<W> Policy<W> {
             baking: None,
             queued: None,
             restart_at: None,
-            failures: 0,
+            backoff: Backoff::default(),
             ever_ready: false,
             stopping: None,
-            recent_restarts: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -380,9 +379,9 @@ impl<W> Policy<W> {
             next_id: self.next_id,
             serving: self.serving,
             restart_at: self.restart_at,
-            failures: self.failures,
+            failures: self.backoff.failures,
             ever_ready: self.ever_ready,
-            recent_restarts: self.recent_restarts.iter().copied().collect(),
+            recent_restarts: self.backoff.recent.iter().copied().collect(),
             stats: self.stats.clone(),
         }
     }
@@ -399,9 +398,11 @@ impl<W> Policy<W> {
         p.next_id = snapshot.next_id;
         p.serving = snapshot.serving;
         p.restart_at = snapshot.restart_at;
-        p.failures = snapshot.failures;
+        p.backoff = Backoff {
+            failures: snapshot.failures,
+            recent: snapshot.recent_restarts.into_iter().collect(),
+        };
         p.ever_ready = snapshot.ever_ready;
-        p.recent_restarts = snapshot.recent_restarts.into_iter().collect();
         p.stats = snapshot.stats;
         p
     }
@@ -755,9 +756,6 @@ impl<W> Policy<W> {
             }
             State::Serving => {
                 self.serving = None;
-                if lived >= self.cfg.stable_after {
-                    self.failures = 0;
-                }
                 let restart = match self.cfg.restart {
                     RestartMode::Never => false,
                     RestartMode::OnFailure => !status.success(),
@@ -781,7 +779,7 @@ impl<W> Policy<W> {
                     );
                     actions.extend(self.shut_down(now, Some(status.shell_code())));
                 } else {
-                    match self.schedule_restart(now) {
+                    match self.schedule_restart(now, Some(lived)) {
                         Some(delay) => {
                             warn!(
                                 generation = id,
@@ -875,7 +873,7 @@ impl<W> Policy<W> {
             && self.in_flight.is_none()
         {
             self.stats.restarts += 1;
-            self.recent_restarts.push_back(now);
+            self.backoff.restarted(now);
             actions.extend(self.begin(now, Vec::new(), Trigger::Restart));
         }
         actions
@@ -1031,7 +1029,7 @@ impl<W> Policy<W> {
             return actions;
         }
         if self.serving.is_none() {
-            match self.schedule_restart(now) {
+            match self.schedule_restart(now, None) {
                 Some(delay) => info!(
                     restart_in_ms = delay.as_millis() as u64,
                     "restart scheduled"
@@ -1048,31 +1046,25 @@ impl<W> Policy<W> {
         actions
     }
 
-    /// Schedules the next crash restart, or returns `None` when the start
-    /// limit forbids it (the caller then stops).
-    fn schedule_restart(&mut self, now: Instant) -> Option<Duration> {
-        if let StartLimit::Limit { burst, interval } = self.cfg.start_limit {
-            self.recent_restarts
-                .retain(|t| now.saturating_duration_since(*t) < interval);
-            if self.recent_restarts.len() >= burst as usize {
+    /// Schedules the next crash restart (the generation that failed ran
+    /// for `lived`), or returns `None` when the start limit forbids it (the
+    /// caller then stops).
+    fn schedule_restart(&mut self, now: Instant, lived: Option<Duration>) -> Option<Duration> {
+        match self.backoff.failed(now, lived, &self.cfg) {
+            Next::Restart { at, delay } => {
+                self.restart_at = Some(at);
+                Some(delay)
+            }
+            Next::Limit { restarts, interval } => {
                 let window = humantime::format_duration(interval);
+                let burst = restarts;
                 error!(
-                    restarts = self.recent_restarts.len(),
-                    "start limit hit: {} restarts within {window} (--start-limit {burst}/{window}); giving up",
-                    self.recent_restarts.len()
+                    restarts,
+                    "start limit hit: {restarts} restarts within {window} (--start-limit {burst}/{window}); giving up"
                 );
-                return None;
+                None
             }
         }
-        let factor = 2u32.saturating_pow(self.failures.min(20));
-        let delay = self
-            .cfg
-            .restart_delay
-            .saturating_mul(factor)
-            .min(self.cfg.restart_delay_max);
-        self.failures = self.failures.saturating_add(1);
-        self.restart_at = Some(later(now, delay));
-        Some(delay)
     }
 
     fn shut_down(&mut self, now: Instant, code: Option<u8>) -> Actions<W> {
@@ -1149,6 +1141,7 @@ impl<W> Policy<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::StartLimit;
 
     type P = Policy<u32>;
 

@@ -19,18 +19,18 @@
 //! With one worker (the default) a generation behaves exactly as a single
 //! process always has: its exit goes straight to the policy.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::backoff::{Backoff, Next};
 use super::children::Exit;
 use super::generation::{Slot, State};
 use super::release::Release;
 use super::{Guardian, sys};
 use crate::exit::ExitStatus;
-use crate::knobs::later;
-use crate::spec::{RestartMode, Signal, StartLimit};
+use crate::knobs::PolicyConfig;
+use crate::spec::{RestartMode, Signal};
 
 /// A generation's workers.
 #[derive(Debug, Default)]
@@ -46,18 +46,35 @@ pub struct Pool {
 pub struct Worker {
     /// Its latest start (the slot's incarnation).
     pub incarnation: u32,
-    /// Consecutive failures (for the restart delay).
-    pub failures: u32,
+    /// Its restart delay and start limit (the same rule as a generation's).
+    pub backoff: Backoff,
     /// Replacements after it died.
     pub restarts: u32,
     /// Replacements because it grew past `--max-rss`.
     pub rss_replacements: u32,
-    /// Recent restarts (for the start limit).
-    pub recent: VecDeque<Instant>,
     /// When its replacement starts.
     pub restart_at: Option<Instant>,
     /// It exceeded its start limit (or `--restart` said no): it stays down.
     pub down: bool,
+}
+
+/// What follows the death of a serving worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// `--restart` says no: it stays down.
+    NotRestarted,
+    /// Its start limit is hit: it stays down.
+    Limit {
+        /// Restarts within the interval.
+        restarts: usize,
+        /// The limit's interval.
+        interval: Duration,
+    },
+    /// It starts again after `delay`.
+    Restart {
+        /// How long from now.
+        delay: Duration,
+    },
 }
 
 impl Pool {
@@ -82,6 +99,85 @@ impl Pool {
             self.workers.resize(i + 1, Worker::default());
         }
         &mut self.workers[i]
+    }
+
+    /// Worker `index` of a serving generation died at `now` with `status`
+    /// after running for `lived`: whether and when it starts again.
+    pub fn crashed(
+        &mut self,
+        index: u32,
+        status: ExitStatus,
+        lived: Duration,
+        now: Instant,
+        cfg: &PolicyConfig,
+    ) -> Crash {
+        let restart = match cfg.restart {
+            RestartMode::Never => false,
+            RestartMode::OnFailure => !status.success(),
+            RestartMode::Always => true,
+        };
+        let w = self.worker(index);
+        if !restart {
+            w.down = true;
+            return Crash::NotRestarted;
+        }
+        match w.backoff.failed(now, Some(lived), cfg) {
+            Next::Limit { restarts, interval } => {
+                w.down = true;
+                Crash::Limit { restarts, interval }
+            }
+            Next::Restart { at, delay } => {
+                w.restart_at = Some(at);
+                Crash::Restart { delay }
+            }
+        }
+    }
+
+    /// The workers whose replacement is due at `now`; each is taken off
+    /// the schedule (see [`Pool::restart`] to start it).
+    pub fn due(&mut self, now: Instant) -> Vec<u32> {
+        let mut due = Vec::new();
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if w.restart_at.is_some_and(|t| t <= now) {
+                w.restart_at = None;
+                due.push(i as u32);
+            }
+        }
+        due
+    }
+
+    /// Worker `index` starts again at `now`: its next incarnation.
+    pub fn restart(&mut self, index: u32, now: Instant) -> u32 {
+        let w = self.worker(index);
+        w.backoff.restarted(now);
+        w.restarts += 1;
+        w.incarnation += 1;
+        w.incarnation
+    }
+
+    /// When the next replacement is due.
+    pub fn next_restart(&self) -> Option<Instant> {
+        self.workers.iter().filter_map(|w| w.restart_at).min()
+    }
+
+    /// Whether a replacement is scheduled.
+    pub fn restarting(&self) -> bool {
+        self.workers.iter().any(|w| w.restart_at.is_some())
+    }
+
+    /// `--max-rss`: the successor of worker process `slot`, which grew past
+    /// the limit; none if it already has one (one at a time).
+    pub fn rss_successor(&mut self, slot: Slot) -> Option<Slot> {
+        let w = self.worker(slot.worker);
+        if w.incarnation > slot.incarnation {
+            return None;
+        }
+        w.incarnation += 1;
+        w.rss_replacements += 1;
+        Some(Slot {
+            incarnation: w.incarnation,
+            ..slot
+        })
     }
 }
 
@@ -209,10 +305,7 @@ impl Guardian {
             }
             Some(State::Serving) => {
                 self.worker_crashed(slot, exit.pid, status, lived);
-                let pending = self
-                    .pools
-                    .get(&generation)
-                    .is_some_and(|p| p.workers.iter().any(|w| w.restart_at.is_some()));
+                let pending = self.pools.get(&generation).is_some_and(Pool::restarting);
                 if left == 0 && !pending {
                     ended(self);
                 }
@@ -225,94 +318,71 @@ impl Guardian {
     /// Worker `slot` of a serving generation died: its replacement is
     /// scheduled, or it stays down.
     fn worker_crashed(&mut self, slot: Slot, pid: i32, status: ExitStatus, lived: Duration) {
-        let cfg = self.cfg.policy.clone();
-        let now = self.event_at;
         let (generation, index) = (slot.generation, slot.worker);
-        let restart = match cfg.restart {
-            RestartMode::Never => false,
-            RestartMode::OnFailure => !status.success(),
-            RestartMode::Always => true,
-        };
         let alive = self.handles.range(Slot::range(generation)).count();
-        let w = self.pools.entry(generation).or_default().worker(index);
-        if !restart {
-            w.down = true;
-            warn!(generation, worker = index, pid, status = %status.word(), alive, "exit: worker {index} {status} and is not restarted (--restart); the others serve on");
-            return;
-        }
-        if lived >= cfg.stable_after {
-            w.failures = 0;
-        }
-        if let StartLimit::Limit { burst, interval } = cfg.start_limit {
-            w.recent
-                .retain(|t| now.saturating_duration_since(*t) < interval);
-            if w.recent.len() >= burst as usize {
-                w.down = true;
+        let crash = self.pools.entry(generation).or_default().crashed(
+            index,
+            status,
+            lived,
+            self.event_at,
+            &self.cfg.policy,
+        );
+        match crash {
+            Crash::NotRestarted => {
+                warn!(generation, worker = index, pid, status = %status.word(), alive, "exit: worker {index} {status} and is not restarted (--restart); the others serve on");
+            }
+            Crash::Limit { restarts, interval } => {
                 error!(generation, worker = index, pid, status = %status.word(), alive,
-                    "exit: worker {index} {status}; start limit hit ({burst} restarts within {}): it stays down, the generation serves degraded",
+                    "exit: worker {index} {status}; start limit hit ({restarts} restarts within {}): it stays down, the generation serves degraded",
                     humantime::format_duration(interval));
-                return;
+            }
+            Crash::Restart { delay } => {
+                warn!(generation, worker = index, pid, status = %status.word(), alive, restart_in_ms = delay.as_millis() as u64,
+                    "exit: worker {index} {status}; the others serve on, and it restarts soon");
             }
         }
-        let delay = cfg
-            .restart_delay
-            .saturating_mul(1u32 << w.failures.min(16))
-            .min(cfg.restart_delay_max);
-        w.failures += 1;
-        w.restart_at = Some(later(now, delay));
-        warn!(generation, worker = index, pid, status = %status.word(), alive, restart_in_ms = delay.as_millis() as u64,
-            "exit: worker {index} {status}; the others serve on, and it restarts soon");
     }
 
     /// Starts the replacements that are due.
     pub(super) fn restart_workers(&mut self, now: Instant) {
-        let due: Vec<(u64, u32)> = self
-            .pools
-            .iter()
-            .flat_map(|(g, p)| {
-                p.workers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| w.restart_at.is_some_and(|t| t <= now))
-                    .map(move |(i, _)| (*g, i as u32))
-            })
-            .collect();
-        for (generation, index) in due {
+        let generations: Vec<u64> = self.pools.keys().copied().collect();
+        for generation in generations {
+            let serving = matches!(
+                self.policy.state(generation),
+                Some(State::Serving | State::Baking | State::Ready)
+            );
             let Some(pool) = self.pools.get_mut(&generation) else {
                 continue;
             };
             let release = pool.release.clone();
-            let w = pool.worker(index);
-            w.restart_at = None;
-            if !matches!(
-                self.policy.state(generation),
-                Some(State::Serving | State::Baking | State::Ready)
-            ) {
-                continue;
-            }
-            w.recent.push_back(now);
-            w.restarts += 1;
-            w.incarnation += 1;
-            let slot = Slot {
-                generation,
-                worker: index,
-                incarnation: w.incarnation,
-            };
-            let Some(release) = release else {
-                continue;
-            };
-            match self.spawn_slot(slot, &release) {
-                Ok(_) => {
-                    info!(
-                        generation,
-                        worker = index,
-                        "restart: worker {index} started again"
-                    );
-                    self.sync_processes(generation);
+            for index in pool.due(now) {
+                if !serving {
+                    continue;
                 }
-                Err(e) => {
-                    warn!(generation, worker = index, error = %e, "restart: worker {index} could not be started");
-                    self.worker_crashed(slot, 0, ExitStatus::Exited(127), Duration::ZERO);
+                let Some(pool) = self.pools.get_mut(&generation) else {
+                    continue;
+                };
+                let slot = Slot {
+                    generation,
+                    worker: index,
+                    incarnation: pool.restart(index, now),
+                };
+                let Some(release) = &release else {
+                    continue;
+                };
+                match self.spawn_slot(slot, release) {
+                    Ok(_) => {
+                        info!(
+                            generation,
+                            worker = index,
+                            "restart: worker {index} started again"
+                        );
+                        self.sync_processes(generation);
+                    }
+                    Err(e) => {
+                        warn!(generation, worker = index, error = %e, "restart: worker {index} could not be started");
+                        self.worker_crashed(slot, 0, ExitStatus::Exited(127), Duration::ZERO);
+                    }
                 }
             }
         }
@@ -320,10 +390,7 @@ impl Guardian {
 
     /// The next worker replacement due, if any.
     pub(super) fn next_worker_restart(&self) -> Option<Instant> {
-        self.pools
-            .values()
-            .flat_map(|p| p.workers.iter().filter_map(|w| w.restart_at))
-            .min()
+        self.pools.values().filter_map(Pool::next_restart).min()
     }
 
     /// `--max-rss`: a serving worker above the limit gets a successor; it
@@ -352,17 +419,9 @@ impl Guardian {
                 continue;
             };
             let release = pool.release.clone();
-            let w = pool.worker(slot.worker);
             // One successor at a time per worker.
-            if w.incarnation > slot.incarnation {
+            let Some(next) = pool.rss_successor(slot) else {
                 continue;
-            }
-            w.incarnation += 1;
-            w.rss_replacements += 1;
-            let next = Slot {
-                generation,
-                worker: slot.worker,
-                incarnation: w.incarnation,
             };
             warn!(
                 generation,
@@ -407,5 +466,152 @@ impl Guardian {
             self.launch
                 .drain(cx, slot, pid, signal, handles, handover_us);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::StartLimit;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg() -> PolicyConfig {
+        PolicyConfig {
+            restart_delay: 100 * MS,
+            restart_delay_max: 800 * MS,
+            stable_after: 5000 * MS,
+            start_limit: StartLimit::Limit {
+                burst: 3,
+                interval: 10_000 * MS,
+            },
+            ..PolicyConfig::default()
+        }
+    }
+
+    const CRASH: ExitStatus = ExitStatus::Exited(1);
+
+    #[test]
+    fn a_dead_worker_is_replaced_alone_after_its_own_delay() {
+        let (cfg, t0) = (cfg(), Instant::now());
+        let mut pool = Pool::new(3, None);
+        assert_eq!(
+            pool.crashed(1, CRASH, 10 * MS, t0, &cfg),
+            Crash::Restart { delay: 100 * MS }
+        );
+        assert!(pool.restarting());
+        assert_eq!(pool.next_restart(), Some(t0 + 100 * MS));
+        assert!(pool.due(t0 + 99 * MS).is_empty());
+        assert_eq!(pool.due(t0 + 100 * MS), [1]);
+        assert!(!pool.restarting(), "taken off the schedule");
+        assert_eq!(pool.restart(1, t0 + 100 * MS), 1, "its next incarnation");
+        assert_eq!(pool.workers[1].restarts, 1);
+        assert_eq!(
+            (pool.workers[0].incarnation, pool.workers[2].incarnation),
+            (0, 0)
+        );
+        // Its next failure waits twice as long; another worker's own first
+        // failure does not.
+        assert_eq!(
+            pool.crashed(1, CRASH, 10 * MS, t0 + 200 * MS, &cfg),
+            Crash::Restart { delay: 200 * MS }
+        );
+        assert_eq!(
+            pool.crashed(2, CRASH, 10 * MS, t0 + 200 * MS, &cfg),
+            Crash::Restart { delay: 100 * MS }
+        );
+        assert_eq!(pool.due(t0 + 300 * MS), [2]);
+        assert_eq!(pool.due(t0 + 400 * MS), [1]);
+        // A worker that served long enough starts over from the first delay.
+        pool.restart(1, t0 + 400 * MS);
+        assert_eq!(
+            pool.crashed(1, CRASH, 6000 * MS, t0 + 6400 * MS, &cfg),
+            Crash::Restart { delay: 100 * MS }
+        );
+    }
+
+    #[test]
+    fn a_worker_over_its_start_limit_stays_down_and_the_pool_serves_degraded() {
+        let (cfg, t0) = (cfg(), Instant::now());
+        let mut pool = Pool::new(2, None);
+        let mut now = t0;
+        for _ in 0..3 {
+            assert!(matches!(
+                pool.crashed(0, CRASH, 10 * MS, now, &cfg),
+                Crash::Restart { .. }
+            ));
+            now = pool.next_restart().expect("scheduled");
+            assert_eq!(pool.due(now), [0]);
+            pool.restart(0, now);
+        }
+        assert_eq!(
+            pool.crashed(0, CRASH, 10 * MS, now, &cfg),
+            Crash::Limit {
+                restarts: 3,
+                interval: 10_000 * MS
+            }
+        );
+        assert!(pool.workers[0].down && !pool.workers[1].down);
+        assert!(!pool.restarting());
+        // Outside the interval the count starts over, for a worker not yet
+        // down.
+        let later = now + 20_000 * MS;
+        assert!(matches!(
+            pool.crashed(1, CRASH, 10 * MS, later, &cfg),
+            Crash::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn with_restart_never_or_on_failure_a_worker_may_stay_down() {
+        let t0 = Instant::now();
+        let never = PolicyConfig {
+            restart: RestartMode::Never,
+            ..cfg()
+        };
+        let mut pool = Pool::new(2, None);
+        for i in 0..2 {
+            assert_eq!(pool.crashed(i, CRASH, MS, t0, &never), Crash::NotRestarted);
+        }
+        assert!(
+            pool.workers.iter().all(|w| w.down),
+            "the whole pool is down"
+        );
+        assert!(pool.next_restart().is_none());
+        let mut pool = Pool::new(1, None);
+        assert_eq!(
+            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &cfg()),
+            Crash::NotRestarted,
+            "on-failure: a clean exit is not restarted"
+        );
+        let always = PolicyConfig {
+            restart: RestartMode::Always,
+            ..cfg()
+        };
+        let mut pool = Pool::new(1, None);
+        assert!(matches!(
+            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &always),
+            Crash::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn max_rss_gives_a_worker_one_successor_at_a_time() {
+        let mut pool = Pool::new(2, None);
+        let slot = Slot {
+            generation: 4,
+            worker: 1,
+            incarnation: 0,
+        };
+        let next = pool.rss_successor(slot).expect("a successor");
+        assert_eq!((next.generation, next.worker, next.incarnation), (4, 1, 1));
+        assert!(
+            pool.rss_successor(slot).is_none(),
+            "the first still has a successor starting"
+        );
+        let after = pool.rss_successor(next).expect("the successor's own");
+        assert_eq!(after.incarnation, 2);
+        assert_eq!(pool.workers[1].rss_replacements, 2);
+        assert_eq!(pool.workers[0].incarnation, 0);
     }
 }

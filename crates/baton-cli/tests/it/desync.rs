@@ -271,15 +271,22 @@ fn attack(c: &mut BufReader<TcpStream>, case: &str, token: &str, delay: u64) {
             assert_eq!(status, 200);
         }
         "early" => {
-            let n = 4 << 20;
+            // More than the kernel buffers of an untouched loopback
+            // connection hold (the sender's 4 MiB at most, and the
+            // receiver's, which grows only as the app reads): the answer
+            // comes while baton still sends the body, and baton sees it.
+            let n = 16 << 20;
             let mut upload = c.get_ref().try_clone().expect("clone");
             let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n");
             let sender = std::thread::spawn(move || {
                 upload.write_all(head.as_bytes()).expect("head");
                 upload.write_all(&vec![b'u'; n]).expect("body");
             });
-            let (status, _, body) = answer(c, false).expect("an early answer");
+            let (status, head, body) = answer(c, false).expect("an early answer");
             assert_eq!((status, body), (200, format!("tok={token}").into_bytes()));
+            // baton saw the answer come before the body's end (it then
+            // closes the client's connection): the premise of this case.
+            assert!(head.contains("connection: close"), "{head}");
             sender.join().expect("sent");
         }
         _ => {
@@ -297,7 +304,13 @@ fn answers_whose_end_cannot_be_proven_never_reach_another_client() {
     let delays = [0, 1, 2, 5, 10, 20, 50, 75, 100];
     let (mut ok, mut wrong, mut runs) = (0, Vec::new(), 0);
     for case in ["head", "204", "304", "early"] {
-        for delay in delays {
+        // Each early answer moves 16 MiB: fewer delays for it.
+        let delays = if case == "early" {
+            &[0, 1, 5, 20, 100][..]
+        } else {
+            &delays[..]
+        };
+        for &delay in delays {
             let tag = format!("{case}d{delay}");
             let victims = Victims::start(b.port(), 4, &tag);
             let mut c = connect(b.port());
@@ -318,7 +331,7 @@ fn answers_whose_end_cannot_be_proven_never_reach_another_client() {
             runs += 1;
         }
     }
-    assert!(runs >= 36 && ok > 0, "{runs} runs, {ok} answers");
+    assert!(runs >= 32 && ok > 0, "{runs} runs, {ok} answers");
     all_their_own(ok, &wrong);
     assert!(
         !b.lines().iter().any(|l| l.contains("panicked")),
@@ -333,7 +346,7 @@ fn bytes_that_arrive_on_an_idle_connection_close_it_before_anyone_reuses_it() {
     // the bytes arrived on.
     let (b, marks) = raw_app(&["--proxy-threads", "1"]);
     let mut runs = 0;
-    for delay in [0, 1, 2, 5, 10, 20, 50, 75, 100] {
+    for delay in [0, 1, 2, 3, 5, 10, 15, 20, 35, 50, 75, 100] {
         for wait_for_close in [false, true] {
             let token = format!("x{delay}{wait_for_close}");
             let mut c = connect(b.port());
@@ -361,9 +374,9 @@ fn bytes_that_arrive_on_an_idle_connection_close_it_before_anyone_reuses_it() {
             runs += 1;
         }
     }
-    assert_eq!(runs, 18);
+    assert_eq!(runs, 24);
     let stray = b.guard("stray_answers").expect("status");
-    assert!(stray >= 18, "every stray answer counted: {stray}");
+    assert!(stray >= 24, "every stray answer counted: {stray}");
 }
 
 #[test]

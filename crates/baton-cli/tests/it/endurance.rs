@@ -363,6 +363,9 @@ fn a_listener_an_app_shuts_down_is_re_armed() {
 
 #[test]
 fn resources_stay_flat_over_300_reloads_with_20_000_time_wait_sockets() {
+    if !support::long("300 reloads with 20 000 TIME_WAIT sockets") {
+        return;
+    }
     // In a network namespace of the test's own, so that the TIME_WAIT
     // sockets disturb nothing else.
     let python = "/usr/bin/python3";

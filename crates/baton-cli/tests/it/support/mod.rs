@@ -990,6 +990,17 @@ pub fn reload_through(
         .collect()
 }
 
+/// Whether the long trials run (`BATON_LONG=1`, set by `.ci/run`): soak
+/// runs of hundreds of reloads and the like, which a quick local run skips,
+/// saying so.
+pub fn long(what: &str) -> bool {
+    let on = std::env::var_os("BATON_LONG").is_some_and(|v| v == "1");
+    if !on {
+        eprintln!("skipped: {what} is a long trial (BATON_LONG=1 runs it)");
+    }
+    on
+}
+
 /// Whether the real peer `command` (from Debian's packages) is installed.
 /// Tests that need it skip, saying so, when it is not; with
 /// `BATON_REQUIRE_PEERS=1` (set by `.ci/run`, which installs them) they fail
