@@ -160,6 +160,16 @@ def arrows(src):
                 segs = segs[1:] if segs[0] == "crate" else segs
                 target = resolve(mods, start, segs)
                 add(key, target, "::".join(segs[-2:]))
+        # Paths that start with a child module's name (`policy::Action`).
+        children = {k[-1] for k in mods if len(k) == len(key) + 1 and k[: len(key)] == key}
+        for m in re.finditer(r"(?<![\w:])(\w+)((?:::\w+)+)", text):
+            if m.group(1) in children:
+                segs = [m.group(1)] + m.group(2).split("::")[1:]
+                add(key, resolve(mods, key, segs), segs[-1])
+        for m in re.finditer(r"\buse\s+(\w+)(\s*::[^;]*);", text):
+            if m.group(1) in children:
+                for segs in use_paths([], m.group(1) + m.group(2).replace(" ", "")):
+                    add(key, resolve(mods, key, segs), "::".join(segs[-2:]))
         for m in re.finditer(r"\b(crate|super)((?:::\w+)+)", text):
             segs = m.group(2).split("::")[1:]
             start = () if m.group(1) == "crate" else base

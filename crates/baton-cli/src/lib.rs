@@ -54,7 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .max_blocking_threads(1)
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(guardian::run(cfg, adopt, handover))
+            runtime.block_on(guardian::running::run(cfg, adopt, handover))
         }
         Command::Reload(args) => control::client::reload(&args.target.target(), args.json, false),
         Command::Rollback(args) => control::client::reload(&args.target.target(), args.json, true),

@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::Proxy;
-
 /// How much a read asks for, and what a connection's buffer starts with.
 pub const READ: usize = 8 * 1024;
 
@@ -266,12 +264,14 @@ impl<W: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientWriter<W> {
 }
 
 /// Copies between the client's halves and the generation's socket until
-/// both directions have ended, or nothing moved for the idle timeout.
+/// both directions have ended, or nothing moved for `idle` (then counted
+/// in `idle_relays`).
 pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client_r: R,
     client_w: W,
     server: &mut tokio::net::TcpStream,
-    proxy: &Proxy,
+    idle: Option<Duration>,
+    idle_relays: &AtomicU64,
 ) {
     let moved = Stamp::new();
     let (mut up_r, mut up_w) = server.split();
@@ -285,7 +285,6 @@ pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             )
         };
         let mut copy = std::pin::pin!(copy);
-        let idle = proxy.limits.serve.idle_timeout;
         loop {
             // Wake at the idle deadline of the last byte moved; a relay with
             // traffic just looks again.
@@ -294,7 +293,7 @@ pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 _ = copy.as_mut() => break,
                 () = sleep_until(deadline) => {
                     if idle.is_some_and(|idle| moved.last().elapsed() >= idle) {
-                        proxy.counters.idle_relays.fetch_add(1, Ordering::Relaxed);
+                        idle_relays.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -330,10 +329,19 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// Counts a relay or splice as open while alive.
-pub struct OpenStream(pub Arc<Proxy>);
+#[derive(Debug)]
+pub struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    /// Counts one more open in `open`, until dropped.
+    pub fn new(open: &Arc<std::sync::atomic::AtomicUsize>) -> OpenStream {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenStream(Arc::clone(open))
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.counters.open_streams.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -46,10 +46,12 @@ use super::conn_io::{
     Buffers, ClientSocket, ClientWriter, OpenStream, READ, Stamp, bounded, copy_both_ways,
     read_more, sleep_until, stopped, write_two,
 };
+use super::health::connect;
 use super::pool::UpConn;
+use super::route::Proxy;
 use super::socket::{Side, Socket};
 use super::upstream::Active;
-use super::{Proxy, Upstream};
+use super::upstream::Upstream;
 use baton::serve::{Acceptor, AsyncListener, Ticket};
 use wire::{Chunked, Framing, Request};
 
@@ -426,7 +428,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
             fresh = false;
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => match super::connect(upstream.addr).await {
+                None => match connect(upstream.addr).await {
                     Ok(stream) => UpConn::new(stream),
                     Err(e) => {
                         // Nothing was sent: the next generation, twice.
@@ -630,8 +632,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                 return After::Close;
             }
             conn.buf.clear();
-            proxy.counters.open_streams.fetch_add(1, Ordering::SeqCst);
-            let _open = OpenStream(Arc::clone(&proxy));
+            let _open = OpenStream::new(&proxy.counters.open_streams);
             let _active = active;
             // What the client sent after its handshake goes first; then a
             // relay as in tcp mode (half-close, `--idle-timeout`).
@@ -642,7 +643,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                 return After::Close;
             }
             self.buf.clear();
-            copy_both_ways(&mut self.r, &mut self.w, &mut conn.stream, &proxy).await;
+            copy_both_ways(
+                &mut self.r,
+                &mut self.w,
+                &mut conn.stream,
+                proxy.limits.serve.idle_timeout,
+                &proxy.counters.idle_relays,
+            )
+            .await;
             return After::Close;
         }
         // Head and the first part of the body in one write; the rest of

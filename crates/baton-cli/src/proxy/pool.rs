@@ -158,7 +158,7 @@ impl Pool {
     }
 
     fn part(&self) -> Option<std::sync::MutexGuard<'_, Part>> {
-        self.parts.get(super::slot())?.lock().ok()
+        self.parts.get(super::slot::slot())?.lock().ok()
     }
 
     /// The oldest idle connection on this thread that is still open and

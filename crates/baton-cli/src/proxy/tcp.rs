@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::Proxy;
 use super::conn_io::{OpenStream, copy_both_ways, stopped};
+use super::health::connect;
+use super::route::Proxy;
 use baton::serve::{Acceptor, AsyncListener, Stream, Ticket};
 
 /// Accepts on `listeners` and relays until `stop` turns true; then stops
@@ -60,14 +61,13 @@ async fn accept_loop(listener: AsyncListener, proxy: Arc<Proxy>, mut stop: watch
 /// timeout.
 async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
     let _ticket = ticket;
-    let _open = OpenStream(Arc::clone(&proxy));
-    proxy.counters.open_streams.fetch_add(1, Ordering::SeqCst);
+    let _open = OpenStream::new(&proxy.counters.open_streams);
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         return;
     };
     let mut retried = false;
     let mut server = loop {
-        match super::connect(upstream.addr).await {
+        match connect(upstream.addr).await {
             Ok(server) => break server,
             Err(e) => {
                 // Nothing was sent: the next generation, once.
@@ -91,11 +91,25 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
         Stream::Tcp(mut client) => {
             let _ = client.set_nodelay(true);
             let (r, w) = client.split();
-            copy_both_ways(r, w, &mut server, &proxy).await;
+            copy_both_ways(
+                r,
+                w,
+                &mut server,
+                proxy.limits.serve.idle_timeout,
+                &proxy.counters.idle_relays,
+            )
+            .await;
         }
         Stream::Unix(mut client) => {
             let (r, w) = client.split();
-            copy_both_ways(r, w, &mut server, &proxy).await;
+            copy_both_ways(
+                r,
+                w,
+                &mut server,
+                proxy.limits.serve.idle_timeout,
+                &proxy.counters.idle_relays,
+            )
+            .await;
         }
         _ => {}
     }

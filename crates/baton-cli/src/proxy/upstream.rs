@@ -179,7 +179,7 @@ impl Upstream {
             active: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             reported: AtomicBool::new(false),
-            pool: Pool::new(super::threads(), pool_idle, stray),
+            pool: Pool::new(super::slot::threads(), pool_idle, stray),
             on_drained,
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
