@@ -22,6 +22,7 @@
 mod conn_io;
 mod health;
 pub mod http;
+mod judge;
 pub mod pool;
 mod route;
 mod slot;
