@@ -939,3 +939,249 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! One client connection's exchanges, with the client side in memory
+    //! (a duplex pipe) and an app on a loopback socket that answers by
+    //! script: what reaches the app, on which connection, and what comes
+    //! back.
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, DuplexStream, WriteHalf};
+    use tokio::net::TcpListener;
+
+    impl ClientSocket for WriteHalf<DuplexStream> {
+        fn no_delay(&self) {}
+
+        fn local_addr(&self) -> Option<std::net::SocketAddr> {
+            Some(([127, 0, 0, 1], 8080).into())
+        }
+    }
+
+    /// An app that answers each request head by its path: `/ok` (a short
+    /// answer naming the connection), `/head` (to HEAD: a head with a
+    /// length, then the body in a second write), `/extra` (an answer, then
+    /// stray bytes once the test says so). Counts the connections it
+    /// accepted.
+    async fn app(
+        stray: Arc<(tokio::sync::Notify, tokio::sync::Notify)>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let stray = Arc::clone(&stray);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let body = format!("conn={n}");
+                        let ok = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if head.contains(" /head ") {
+                            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                                .await
+                                .unwrap();
+                            s.write_all(b"FORGE").await.unwrap();
+                        } else if head.contains(" /extra ") {
+                            s.write_all(ok.as_bytes()).await.unwrap();
+                            stray.0.notified().await;
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nFORGED")
+                                .await;
+                            // On loopback, in baton's receive queue now.
+                            stray.1.notify_one();
+                        } else {
+                            s.write_all(ok.as_bytes()).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn proxy_for(addr: std::net::SocketAddr) -> Arc<Proxy> {
+        let limits = super::super::route::Limits {
+            serve: baton::serve::Options::default(),
+            upstream_timeout: Duration::from_secs(30),
+            keep_underscores: false,
+            close_after_body: false,
+        };
+        let proxy = Proxy::new(Duration::from_secs(5), limits);
+        proxy.switch(vec![Upstream::new(
+            1,
+            addr,
+            Duration::from_secs(60),
+            Arc::clone(&proxy.counters.stray_answers),
+            Box::new(|_| {}),
+        )]);
+        proxy
+    }
+
+    /// A client connection served by a `Client` on this task's runtime;
+    /// the test's end of it.
+    async fn client(proxy: &Arc<Proxy>) -> DuplexStream {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(theirs);
+        let ticket = proxy.connections().admit().await;
+        let (_stop, draining) = watch::channel(false);
+        let client = Client::new(
+            r,
+            ClientWriter::new(w),
+            Buffers::take(),
+            Some([10, 0, 0, 1].into()),
+            Arc::clone(proxy),
+            draining,
+            Instant::now(),
+            ticket,
+        );
+        tokio::spawn(async move {
+            let _stop = _stop;
+            client.run().await;
+        });
+        ours
+    }
+
+    /// Reads one answer (head and a body by its Content-Length).
+    async fn answer(c: &mut DuplexStream) -> (String, String) {
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut b = [0u8; 1];
+            assert_eq!(c.read(&mut b).await.unwrap(), 1, "closed: {buf:?}");
+            buf.push(b[0]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |n| n.trim().parse().unwrap());
+        let mut body = vec![0; if head.contains("x-head") { 0 } else { length }];
+        c.read_exact(&mut body).await.unwrap();
+        (head, String::from_utf8(body).unwrap())
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_kept_connection_to_the_app_carries_the_next_request() {
+        runtime().block_on(async {
+            let (addr, accepted) = app(Arc::default()).await;
+            let proxy = proxy_for(addr);
+            let mut c = client(&proxy).await;
+            for _ in 0..3 {
+                c.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (head, body) = answer(&mut c).await;
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                assert_eq!(body, "conn=1");
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 1);
+            // Pipelined: answered in order, on the same connection.
+            c.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(answer(&mut c).await.1, "conn=1");
+            assert_eq!(answer(&mut c).await.1, "conn=1");
+        });
+    }
+
+    #[test]
+    fn after_an_answer_to_head_the_app_connection_is_not_reused() {
+        runtime().block_on(async {
+            let (addr, accepted) = app(Arc::default()).await;
+            let proxy = proxy_for(addr);
+            let mut c = client(&proxy).await;
+            c.write_all(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"));
+            // The body the app sends anyway never reaches the next answer.
+            c.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let (head, body) = answer(&mut c).await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert_eq!(body, "conn=2");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        });
+    }
+
+    #[test]
+    fn bytes_the_app_sends_on_an_idle_connection_never_become_an_answer() {
+        runtime().block_on(async {
+            let stray = Arc::new((tokio::sync::Notify::new(), tokio::sync::Notify::new()));
+            let (addr, accepted) = app(Arc::clone(&stray)).await;
+            let proxy = proxy_for(addr);
+            let mut c = client(&proxy).await;
+            c.write_all(b"GET /extra HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(answer(&mut c).await.1, "conn=1");
+            // The app writes out of turn while its connection is pooled.
+            stray.0.notify_one();
+            stray.1.notified().await;
+            // Whatever the runtime has seen of them, the checkout's peek
+            // finds the bytes.
+            c.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let (_, body) = answer(&mut c).await;
+            assert_eq!(body, "conn=2");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+            assert!(proxy.counters.stray_answers.load(Ordering::Relaxed) >= 1);
+        });
+    }
+
+    #[test]
+    fn a_request_without_host_is_refused_before_the_app_and_http10_gets_one() {
+        runtime().block_on(async {
+            let (addr, accepted) = app(Arc::default()).await;
+            let proxy = proxy_for(addr);
+            let mut c = client(&proxy).await;
+            c.write_all(b"GET /ok HTTP/1.1\r\n\r\n").await.unwrap();
+            let (head, _) = answer(&mut c).await;
+            assert!(head.starts_with("http/1.1 400"), "{head}");
+            assert_eq!(accepted.load(Ordering::SeqCst), 0);
+            let mut c = client(&proxy).await;
+            c.write_all(b"GET /ok HTTP/1.0\r\n\r\n").await.unwrap();
+            let (head, body) = answer(&mut c).await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(head.contains("connection: close"), "{head}");
+            assert_eq!(body, "conn=1");
+        });
+    }
+}
