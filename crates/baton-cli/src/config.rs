@@ -104,7 +104,9 @@ pub struct ProxyConfig {
 impl RunConfig {
     /// Validates `args` (the command line merged with `--config`), or says
     /// what is wrong. `nofile`: baton's descriptor limits (raised at start,
-    /// or an upgrade's). Binds nothing.
+    /// or an upgrade's). Binds nothing. One small step per concept: the
+    /// command, who runs it, which options go together, the proxy, the
+    /// policy.
     pub fn from_args(
         args: RunArgs,
         nofile: crate::sys::limits::Nofile,
@@ -112,199 +114,23 @@ impl RunConfig {
         let (first, _) = args.command.split_first().ok_or_else(|| {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
-        let workdir = match args.workdir {
-            Some(dir) => {
-                let meta = std::fs::metadata(&dir).map_err(|e| {
-                    StartupError::Invalid(format!("--workdir {}: {e}", dir.display()))
-                })?;
-                if !meta.is_dir() {
-                    return Err(StartupError::Invalid(format!(
-                        "--workdir {}: not a directory",
-                        dir.display()
-                    )));
-                }
-                std::path::absolute(&dir).unwrap_or(dir)
-            }
-            None => default_workdir(),
-        };
+        let workdir = workdir(&args)?;
         let program = resolve_command(first, &workdir)?;
-        let name = match args.name {
-            Some(name) => name,
-            None => Path::new(first)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "baton".to_owned()),
-        };
+        let name = name(&args, first);
         control::validate_name(&name).map_err(StartupError::Invalid)?;
-        let user = args
-            .user
-            .as_ref()
-            .map(|spec| {
-                let creds = crate::sys::user::resolve(spec).map_err(StartupError::Invalid)?;
-                let me = rustix::process::geteuid();
-                if !me.is_root() && creds.uid != me.as_raw() {
-                    return Err(StartupError::Invalid(format!(
-                        "--user {} needs baton to run as root (it runs as uid {})",
-                        spec.user,
-                        me.as_raw()
-                    )));
-                }
-                Ok(creds)
-            })
-            .transpose()?;
+        let user = user(&args)?;
         if let Some(path) = &args.watch {
             std::fs::metadata(path)
                 .map_err(|e| StartupError::Invalid(format!("--watch {}: {e}", path.display())))?;
         }
-        let control_path = match args.control {
-            Some(path) => path,
+        let control_path = match &args.control {
+            Some(path) => path.clone(),
             None => control::default_path(&name),
         };
-        if args.proxy.is_none()
-            && (args.health.is_some()
-                || args.health_timeout.is_some()
-                || args.upstream_port_env.is_some()
-                || args.proxy_threads.is_some()
-                || args.max_connections.is_some()
-                || args.header_timeout.is_some()
-                || args.idle_timeout.is_some()
-                || args.upstream_timeout.is_some()
-                || args.keep_underscore_headers
-                || args.close_after_body)
-        {
-            return Err(StartupError::Invalid(
-                "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
-                 --header-timeout, --idle-timeout, --upstream-timeout, --keep-underscore-headers and \
-                 --close-after-body need --proxy http|tcp"
-                    .into(),
-            ));
-        }
-        if args.proxy == Some(crate::proxy::Mode::Tcp)
-            && (args.header_timeout.is_some()
-                || args.upstream_timeout.is_some()
-                || args.keep_underscore_headers
-                || args.close_after_body)
-        {
-            return Err(StartupError::Invalid(
-                "--header-timeout, --upstream-timeout, --keep-underscore-headers and \
-                 --close-after-body apply to --proxy http only (tcp mode has --idle-timeout)"
-                    .into(),
-            ));
-        }
-        if (args.canary.is_some() || args.max_error_rate.is_some()) && args.bake.is_none() {
-            return Err(StartupError::Invalid(
-                "--canary and --max-error-rate judge a release during its bake: give --bake DURATION too"
-                    .into(),
-            ));
-        }
-        if args.canary.is_some() && args.proxy.is_none() {
-            return Err(StartupError::Invalid(
-                "--canary splits traffic between two generations, which only the proxy can do: give \
-                 --proxy http|tcp too"
-                    .into(),
-            ));
-        }
-        if args.max_error_rate.is_some() && args.proxy != Some(crate::proxy::Mode::Http) {
-            return Err(StartupError::Invalid(
-                "--max-error-rate judges HTTP answers: it needs --proxy http".into(),
-            ));
-        }
-        if args.proxy_threads == Some(0) || args.proxy_threads.is_some_and(|n| n > 1024) {
-            return Err(StartupError::Invalid(
-                "--proxy-threads: expected 1 to 1024".into(),
-            ));
-        }
-        if args.proxy.is_some()
-            && matches!(args.ready, Some(ReadyMode::Delay(_) | ReadyMode::Exec(_)))
-        {
-            return Err(StartupError::Invalid(
-                "--ready delay:/exec: do not apply with --proxy: there a generation is ready when it passes \
-                 --health on its private port (add --ready notify to also require READY=1)"
-                    .into(),
-            ));
-        }
-        let stop_timeout = args
-            .stop_timeout
-            .unwrap_or(PolicyConfig::default().stop_timeout);
-        let proxy = args
-            .proxy
-            .map(|mode| {
-                let threads = args
-                    .proxy_threads
-                    .unwrap_or_else(crate::proxy::default_threads);
-                // Checked again once the listeners are known (`startup`);
-                // first with those asked for, so that a bad value is said
-                // before anything is bound.
-                let max_connections = max_connections(
-                    nofile.soft,
-                    threads,
-                    args.listen.len(),
-                    args.max_connections,
-                )?;
-                let mut serve = baton::serve::Options::default();
-                serve.drain = baton::serve::Drain {
-                    idle_grace: std::time::Duration::from_millis(500),
-                    deadline: stop_timeout,
-                };
-                serve.header_timeout = Some(args.header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT));
-                serve.idle_timeout = Some(args.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
-                serve.connections = baton::serve::Connections::new(max_connections);
-                Ok(ProxyConfig {
-                    max_connections_asked: args.max_connections,
-                    mode,
-                    port_env: args
-                        .upstream_port_env
-                        .clone()
-                        .unwrap_or_else(|| "PORT".to_owned()),
-                    health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
-                    threads,
-                    require_notify: args.ready == Some(ReadyMode::Notify),
-                    limits: crate::proxy::Limits {
-                        serve,
-                        upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
-                        keep_underscores: args.keep_underscore_headers,
-                        close_after_body: args.close_after_body,
-                    },
-                    canary: args.canary.clone().map(|c| c.0).unwrap_or_default(),
-                    max_error_rate: args.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE) / 100.0,
-                })
-            })
-            .transpose()?;
-        let ready = args.ready.unwrap_or(ReadyMode::Notify);
-        let not_ready_hint = match (&proxy, &ready) {
-            (Some(p), _) => format!(
-                "; in proxy mode the app must listen on 127.0.0.1:${} (its private port) and pass the {} check",
-                p.port_env,
-                match &p.health {
-                    crate::proxy::Health::Tcp => "tcp".to_owned(),
-                    crate::proxy::Health::Http(path) => format!("http:{path}"),
-                }
-            ),
-            (None, ReadyMode::Notify) => {
-                "; with --ready notify the app must send READY=1 to $NOTIFY_SOCKET (sd_notify); \
-                 use --ready delay:DURATION for apps that cannot"
-                    .to_owned()
-            }
-            (None, _) => String::new(),
-        };
-        let defaults = PolicyConfig::default();
-        let policy = PolicyConfig {
-            ready_timeout: args
-                .health_timeout
-                .filter(|_| proxy.is_some())
-                .or(args.ready_timeout)
-                .unwrap_or(defaults.ready_timeout),
-            stop_timeout: args.stop_timeout.unwrap_or(defaults.stop_timeout),
-            stop_signal: args.stop_signal.unwrap_or(defaults.stop_signal),
-            restart: args.restart.unwrap_or(defaults.restart),
-            restart_delay: args.restart_delay.unwrap_or(defaults.restart_delay),
-            restart_delay_max: args.restart_delay_max.unwrap_or(defaults.restart_delay_max),
-            start_limit: args.start_limit.unwrap_or(defaults.start_limit),
-            not_ready_hint,
-            bake: args.bake.filter(|d| !d.is_zero()),
-            keep_warm: proxy.is_some(),
-            ..defaults
-        };
+        check_combinations(&args)?;
+        let proxy = proxy(&args, nofile)?;
+        let ready = args.ready.clone().unwrap_or(ReadyMode::Notify);
+        let policy = policy(&args, proxy.as_ref(), &ready);
         Ok(RunConfig {
             listen: args.listen,
             listeners: Vec::new(),
@@ -332,6 +158,212 @@ impl RunConfig {
             exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
             argv: std::env::args_os().collect(),
         })
+    }
+}
+
+/// `--workdir`, checked, or the directory baton was started in.
+fn workdir(args: &RunArgs) -> Result<PathBuf, StartupError> {
+    Ok(match args.workdir.clone() {
+        Some(dir) => {
+            let meta = std::fs::metadata(&dir)
+                .map_err(|e| StartupError::Invalid(format!("--workdir {}: {e}", dir.display())))?;
+            if !meta.is_dir() {
+                return Err(StartupError::Invalid(format!(
+                    "--workdir {}: not a directory",
+                    dir.display()
+                )));
+            }
+            std::path::absolute(&dir).unwrap_or(dir)
+        }
+        None => default_workdir(),
+    })
+}
+
+/// `--name`, or the command's file name.
+fn name(args: &RunArgs, first: &OsString) -> String {
+    match args.name.clone() {
+        Some(name) => name,
+        None => Path::new(first)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "baton".to_owned()),
+    }
+}
+
+/// `--user`, resolved; only root may run the app as another user.
+fn user(args: &RunArgs) -> Result<Option<crate::sys::user::Credentials>, StartupError> {
+    args.user
+        .as_ref()
+        .map(|spec| {
+            let creds = crate::sys::user::resolve(spec).map_err(StartupError::Invalid)?;
+            let me = rustix::process::geteuid();
+            if !me.is_root() && creds.uid != me.as_raw() {
+                return Err(StartupError::Invalid(format!(
+                    "--user {} needs baton to run as root (it runs as uid {})",
+                    spec.user,
+                    me.as_raw()
+                )));
+            }
+            Ok(creds)
+        })
+        .transpose()
+}
+
+/// Options that only make sense together.
+fn check_combinations(args: &RunArgs) -> Result<(), StartupError> {
+    if args.proxy.is_none()
+        && (args.health.is_some()
+            || args.health_timeout.is_some()
+            || args.upstream_port_env.is_some()
+            || args.proxy_threads.is_some()
+            || args.max_connections.is_some()
+            || args.header_timeout.is_some()
+            || args.idle_timeout.is_some()
+            || args.upstream_timeout.is_some()
+            || args.keep_underscore_headers
+            || args.close_after_body)
+    {
+        return Err(StartupError::Invalid(
+                "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
+                 --header-timeout, --idle-timeout, --upstream-timeout, --keep-underscore-headers and \
+                 --close-after-body need --proxy http|tcp"
+                    .into(),
+            ));
+    }
+    if args.proxy == Some(crate::proxy::Mode::Tcp)
+        && (args.header_timeout.is_some()
+            || args.upstream_timeout.is_some()
+            || args.keep_underscore_headers
+            || args.close_after_body)
+    {
+        return Err(StartupError::Invalid(
+            "--header-timeout, --upstream-timeout, --keep-underscore-headers and \
+                 --close-after-body apply to --proxy http only (tcp mode has --idle-timeout)"
+                .into(),
+        ));
+    }
+    if (args.canary.is_some() || args.max_error_rate.is_some()) && args.bake.is_none() {
+        return Err(StartupError::Invalid(
+                "--canary and --max-error-rate judge a release during its bake: give --bake DURATION too"
+                    .into(),
+            ));
+    }
+    if args.canary.is_some() && args.proxy.is_none() {
+        return Err(StartupError::Invalid(
+            "--canary splits traffic between two generations, which only the proxy can do: give \
+                 --proxy http|tcp too"
+                .into(),
+        ));
+    }
+    if args.max_error_rate.is_some() && args.proxy != Some(crate::proxy::Mode::Http) {
+        return Err(StartupError::Invalid(
+            "--max-error-rate judges HTTP answers: it needs --proxy http".into(),
+        ));
+    }
+    if args.proxy_threads == Some(0) || args.proxy_threads.is_some_and(|n| n > 1024) {
+        return Err(StartupError::Invalid(
+            "--proxy-threads: expected 1 to 1024".into(),
+        ));
+    }
+    if args.proxy.is_some() && matches!(args.ready, Some(ReadyMode::Delay(_) | ReadyMode::Exec(_)))
+    {
+        return Err(StartupError::Invalid(
+                "--ready delay:/exec: do not apply with --proxy: there a generation is ready when it passes \
+                 --health on its private port (add --ready notify to also require READY=1)"
+                    .into(),
+            ));
+    }
+    Ok(())
+}
+
+/// `--proxy` and its options.
+fn proxy(
+    args: &RunArgs,
+    nofile: crate::sys::limits::Nofile,
+) -> Result<Option<ProxyConfig>, StartupError> {
+    let stop_timeout = args
+        .stop_timeout
+        .unwrap_or(PolicyConfig::default().stop_timeout);
+    args.proxy
+        .map(|mode| {
+            let threads = args
+                .proxy_threads
+                .unwrap_or_else(crate::proxy::default_threads);
+            // Checked again once the listeners are known (`startup`);
+            // first with those asked for, so that a bad value is said
+            // before anything is bound.
+            let max_connections = max_connections(
+                nofile.soft,
+                threads,
+                args.listen.len(),
+                args.max_connections,
+            )?;
+            let mut serve = baton::serve::Options::default();
+            serve.drain = baton::serve::Drain {
+                idle_grace: std::time::Duration::from_millis(500),
+                deadline: stop_timeout,
+            };
+            serve.header_timeout = Some(args.header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT));
+            serve.idle_timeout = Some(args.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
+            serve.connections = baton::serve::Connections::new(max_connections);
+            Ok(ProxyConfig {
+                max_connections_asked: args.max_connections,
+                mode,
+                port_env: args
+                    .upstream_port_env
+                    .clone()
+                    .unwrap_or_else(|| "PORT".to_owned()),
+                health: args.health.clone().unwrap_or(crate::proxy::Health::Tcp),
+                threads,
+                require_notify: args.ready == Some(ReadyMode::Notify),
+                limits: crate::proxy::Limits {
+                    serve,
+                    upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+                    keep_underscores: args.keep_underscore_headers,
+                    close_after_body: args.close_after_body,
+                },
+                canary: args.canary.clone().map(|c| c.0).unwrap_or_default(),
+                max_error_rate: args.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE) / 100.0,
+            })
+        })
+        .transpose()
+}
+
+/// The policy's knobs, and the hint a generation that is never ready gets.
+fn policy(args: &RunArgs, proxy: Option<&ProxyConfig>, ready: &ReadyMode) -> PolicyConfig {
+    let not_ready_hint = match (proxy, ready) {
+        (Some(p), _) => format!(
+            "; in proxy mode the app must listen on 127.0.0.1:${} (its private port) and pass the {} check",
+            p.port_env,
+            match &p.health {
+                crate::proxy::Health::Tcp => "tcp".to_owned(),
+                crate::proxy::Health::Http(path) => format!("http:{path}"),
+            }
+        ),
+        (None, ReadyMode::Notify) => {
+            "; with --ready notify the app must send READY=1 to $NOTIFY_SOCKET (sd_notify); \
+                 use --ready delay:DURATION for apps that cannot"
+                .to_owned()
+        }
+        (None, _) => String::new(),
+    };
+    let defaults = PolicyConfig::default();
+    PolicyConfig {
+        ready_timeout: args
+            .health_timeout
+            .filter(|_| proxy.is_some())
+            .or(args.ready_timeout)
+            .unwrap_or(defaults.ready_timeout),
+        stop_timeout: args.stop_timeout.unwrap_or(defaults.stop_timeout),
+        stop_signal: args.stop_signal.unwrap_or(defaults.stop_signal),
+        restart: args.restart.unwrap_or(defaults.restart),
+        restart_delay: args.restart_delay.unwrap_or(defaults.restart_delay),
+        restart_delay_max: args.restart_delay_max.unwrap_or(defaults.restart_delay_max),
+        start_limit: args.start_limit.unwrap_or(defaults.start_limit),
+        not_ready_hint,
+        bake: args.bake.filter(|d| !d.is_zero()),
+        keep_warm: proxy.is_some(),
+        ..defaults
     }
 }
 

@@ -163,3 +163,110 @@ impl From<&crate::bound::BoundListener> for Listener {
         }
     }
 }
+
+/// What a handover is made of: the guardian's parts, borrowed.
+#[derive(Debug)]
+pub struct Parts<'a> {
+    /// The settings and the sockets.
+    pub cfg: &'a crate::config::RunConfig,
+    /// The policy's state.
+    pub policy: Snapshot,
+    /// Each live worker process's runtime handles.
+    pub handles:
+        &'a std::collections::BTreeMap<super::generation::Slot, super::generation::Handles>,
+    /// A second descriptor of the control socket's listener.
+    pub control_fd: std::os::fd::BorrowedFd<'a>,
+    /// Counters carried over.
+    pub listener_rearms: u64,
+    /// Notifications refused so far.
+    pub notify_rejected: u64,
+    /// Upgrades so far (this one not counted).
+    pub upgrades: u64,
+    /// When baton first started.
+    pub started: std::time::Instant,
+    /// The upgrade client's connection, and when it asked.
+    pub reply: Option<(RawFd, std::time::Instant)>,
+    /// Whether systemd was told READY=1.
+    pub systemd_ready: bool,
+    /// The descriptor keeper, if one runs.
+    pub keeper: Option<super::generation::Process>,
+    /// The releases kept.
+    pub releases: &'a super::release::Releases,
+}
+
+/// The handover made of `p`, and the descriptors it names (to be kept
+/// open and made inheritable across the exec).
+pub fn build(p: Parts<'_>) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let sys = crate::sys::clock::monotonic_ns;
+    let mut fds = Vec::new();
+    let listeners = p
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| {
+            fds.push(l.fd.as_fd());
+            Listener::from(l)
+        })
+        .collect();
+    fds.push(p.control_fd);
+    let metrics_fd = p.cfg.metrics.as_ref().map(|m| {
+        fds.push(m.as_fd());
+        m.as_raw_fd()
+    });
+    let generations = p
+        .handles
+        .iter()
+        .map(|(slot, h)| GenerationFds {
+            slot: *slot,
+            process: super::generation::Process {
+                pid: h.pid,
+                start_time: h.start_time,
+            },
+            ready: h.ready,
+            replaced: h.replaced,
+            route: h.route,
+            notify: h.notify.as_ref().map(|(fd, address)| {
+                fds.push(fd.as_fd());
+                (fd.as_raw_fd(), address.clone())
+            }),
+            log_readers: h.log_readers.as_ref().map(|(out, err)| {
+                fds.push(out.as_fd());
+                fds.push(err.as_fd());
+                (out.as_raw_fd(), err.as_raw_fd())
+            }),
+            self_bound: h.self_bound.clone(),
+        })
+        .collect();
+    let state = Handover {
+        version: VERSION,
+        from: baton_version().to_owned(),
+        exe: p.cfg.exe.clone(),
+        argv: p.cfg.argv.clone(),
+        listeners,
+        control_fd: p.control_fd.as_raw_fd(),
+        metrics_fd,
+        policy: p.policy,
+        generations,
+        nofile: p.cfg.nofile,
+        listener_rearms: p.listener_rearms,
+        notify_rejected: p.notify_rejected,
+        upgrades: p.upgrades + 1,
+        upgrade_began_ns: sys(p.reply.map_or_else(std::time::Instant::now, |r| r.1)),
+        started_ns: sys(p.started),
+        reply_fd: p.reply.map(|r| r.0),
+        systemd_ready: p.systemd_ready,
+        keeper: p.keeper,
+        releases: p
+            .releases
+            .all()
+            .map(|r| {
+                fds.push(r.exe.as_fd());
+                (r.describe(), r.exe.as_raw_fd())
+            })
+            .collect(),
+        releases_served: p.releases.served_count(),
+        release_next_id: p.releases.next_id(),
+    };
+    (state, fds)
+}

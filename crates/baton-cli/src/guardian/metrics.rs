@@ -38,8 +38,6 @@ pub struct Metrics {
     pub restarts: u64,
     /// Releases reverted during their bake, by cause.
     pub reverts: crate::guardian::policy::Reverts,
-    /// Workers replaced because they grew past `--max-rss`.
-    pub rss_replacements: u64,
     /// The generation serving now (0: none).
     pub generation: u64,
     /// Live generations (serving, starting, draining).
@@ -55,6 +53,17 @@ pub struct Metrics {
     pub listener_rearms: u64,
     /// baton's descriptor limit (soft, after raising it).
     pub nofile_limit: u64,
+    /// What the loop observed: readiness and drain times, exits, and the
+    /// like (copied in whole at each publication).
+    pub observed: Observed,
+}
+
+/// What the guardian's loop observes as it goes, kept without a lock and
+/// published with the rest of the snapshot after each event.
+#[derive(Debug, Default, Clone)]
+pub struct Observed {
+    /// Workers replaced because they grew past `--max-rss`.
+    pub rss_replacements: u64,
     /// Descriptors baton has open (at the last housekeeping round).
     pub descriptors: u64,
     ready_sum: f64,
@@ -67,7 +76,7 @@ pub struct Metrics {
 /// The snapshot shared with the HTTP task.
 pub type Shared = Arc<Mutex<Metrics>>;
 
-impl Metrics {
+impl Observed {
     /// A generation took `d` to become ready.
     pub fn ready(&mut self, d: Duration) {
         self.ready_sum += d.as_secs_f64();
@@ -89,7 +98,9 @@ impl Metrics {
         };
         *self.exits.entry(label).or_default() += 1;
     }
+}
 
+impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -131,7 +142,7 @@ impl Metrics {
             "Workers replaced, by reason.",
             &[(
                 "{reason=\"max-rss\"}".into(),
-                self.rss_replacements.to_string(),
+                self.observed.rss_replacements.to_string(),
             )],
         );
         metric(
@@ -157,8 +168,8 @@ impl Metrics {
             "summary",
             "Time from spawn to ready.",
             &[
-                ("_sum".into(), format!("{:.6}", self.ready_sum)),
-                ("_count".into(), self.ready_count.to_string()),
+                ("_sum".into(), format!("{:.6}", self.observed.ready_sum)),
+                ("_count".into(), self.observed.ready_count.to_string()),
             ],
         );
         metric(
@@ -166,11 +177,12 @@ impl Metrics {
             "summary",
             "Time from the stop signal to the exit of a retired generation.",
             &[
-                ("_sum".into(), format!("{:.6}", self.drain_sum)),
-                ("_count".into(), self.drain_count.to_string()),
+                ("_sum".into(), format!("{:.6}", self.observed.drain_sum)),
+                ("_count".into(), self.observed.drain_count.to_string()),
             ],
         );
         let exits: Vec<(String, String)> = self
+            .observed
             .exits
             .iter()
             .map(|(status, n)| (format!("{{status=\"{status}\"}}"), n.to_string()))
@@ -197,7 +209,7 @@ impl Metrics {
             "baton_descriptors",
             "gauge",
             "Descriptors baton has open.",
-            &[(String::new(), self.descriptors.to_string())],
+            &[(String::new(), self.observed.descriptors.to_string())],
         );
         metric(
             "baton_descriptors_limit",

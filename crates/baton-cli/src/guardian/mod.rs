@@ -137,8 +137,10 @@ struct Guardian {
     listener_rearms: u64,
     /// Why the last generation that failed before it was ready failed.
     failed_hint: Option<String>,
-    /// The `/metrics` snapshot.
+    /// The `/metrics` snapshot, written by `publish` alone.
     metrics: metrics::Shared,
+    /// What the loop observed since it started, for the snapshot.
+    observed: metrics::Observed,
     /// What systemd (if it runs baton) has been told.
     systemd: systemd::Systemd,
     /// The uid the app runs as: only it (or root) may notify.
@@ -367,17 +369,12 @@ impl Guardian {
             .collect();
         self.orphans
             .record(&self.cfg, &self.policy.record(), &notify);
-        let not_ready = if self.shutdown_at.is_some() || self.policy.is_stopping() {
-            Some("shutting down")
-        } else if self.policy.serving().is_none() {
-            Some("no generation serves")
-        } else if self.cfg.listeners.iter().any(|l| l.broken_reported) {
-            Some("a listener does not listen")
-        } else {
-            None
-        };
+        let not_ready = self.not_ready();
         if let Ok(mut m) = self.metrics.lock() {
             m.not_ready = not_ready;
+            m.observed.clone_from(&self.observed);
+            m.notify_rejected = self.rejected.count();
+            m.listener_rearms = self.listener_rearms;
             let stats = self.policy.stats();
             m.reloads_ok = stats.reloads_ok;
             m.reloads_rolled_back = stats.reloads_failed;
@@ -401,7 +398,7 @@ impl Guardian {
                     keeper: self.orphans.keeper().map(|k| k.pid),
                     adopted_from: self.orphans.adopted_from,
                     releases: self.releases.describe(),
-                    not_ready: self.metrics.lock().ok().and_then(|m| m.not_ready),
+                    not_ready: self.not_ready(),
                     shutdown_at: self.shutdown_at,
                     workers: self.describe_workers(),
                     stray_answers: self.pressure.stray_answers(),
@@ -671,6 +668,19 @@ impl Guardian {
     }
 
     /// A reload ended: its effects, then the answer to whoever asked.
+    /// Why `/readyz` says no (`None`: ready to take traffic).
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.shutdown_at.is_some() || self.policy.is_stopping() {
+            Some("shutting down")
+        } else if self.policy.serving().is_none() {
+            Some("no generation serves")
+        } else if self.cfg.listeners.iter().any(|l| l.broken_reported) {
+            Some("a listener does not listen")
+        } else {
+            None
+        }
+    }
+
     fn report(&mut self, waiters: Vec<Waiter>, outcome: &Outcome) {
         let mut response = report::response(outcome);
         if let Outcome::Reloaded { generation, .. } = outcome
@@ -702,9 +712,7 @@ impl Guardian {
                     self.launch.serving(cx, slot, pid, &inherited);
                 }
                 self.systemd.serving(*generation);
-                if let Ok(mut m) = self.metrics.lock() {
-                    m.ready(*ready_after);
-                }
+                self.observed.ready(*ready_after);
             }
             (
                 Outcome::RolledBack {
@@ -946,17 +954,8 @@ impl Guardian {
             let returned = sys::memory::trim();
             debug!(returned, "freed memory given back after connections closed");
         }
-        let descriptors = self
-            .cfg
-            .metrics
-            .is_some()
-            .then(|| sys::limits::open_descriptors().unwrap_or(0) as u64);
-        if let Ok(mut m) = self.metrics.lock() {
-            m.notify_rejected = self.rejected.count();
-            m.listener_rearms = self.listener_rearms;
-            if let Some(n) = descriptors {
-                m.descriptors = n;
-            }
+        if self.cfg.metrics.is_some() {
+            self.observed.descriptors = sys::limits::open_descriptors().unwrap_or(0) as u64;
         }
     }
 
@@ -1023,75 +1022,44 @@ impl Guardian {
 
     /// The candidate's check ended.
     fn upgrade_checked(&mut self, pid: i32, status: ExitStatus) {
-        let Some(mut up) = self.upgrade.take() else {
-            return;
-        };
-        let Some((_, answer)) = up.check.take().filter(|(p, _)| *p == pid) else {
-            self.upgrade = Some(up);
-            return;
-        };
-        let verdict = upgrade::read_answer(answer).and_then(|version| {
-            if status.success() {
-                Ok(version)
-            } else {
-                Err(format!("its check {status}"))
-            }
-        });
-        let version = match verdict {
-            Ok(version) => version,
-            Err(why) => {
-                let message = format!(
-                    "the new binary {} cannot take over: {why}; baton goes on unchanged",
-                    up.binary.display()
-                );
-                warn!("upgrade refused: {message}");
-                up.answer(&Response::Error { message });
-                return;
-            }
-        };
-        if up.check_only {
-            info!(binary = %up.binary.display(), version = %version, "upgrade check passed");
-            up.answer(&Response::UpgradeChecked {
-                binary: up.binary.clone(),
-                version,
-            });
-            return;
-        }
-        up.version = Some(version);
-        self.upgrade = Some(up);
-        match self.launch.quiesce() {
-            None => self.upgrade_exec(),
-            Some(done) => {
-                info!("upgrade: waiting for client connections to finish; new ones wait");
-                let events = self.events.clone();
-                let limit = self.cfg.policy.stop_timeout;
-                tokio::spawn(async move {
-                    let finished = tokio::time::timeout(limit, done).await.is_ok();
-                    let _ = events.send(Event::Quiesced(finished));
-                });
-            }
+        if let Some(up) = self.upgrade.as_mut() {
+            let step = up.checked(pid, status);
+            self.upgrade_step(step);
         }
     }
 
     /// What had to finish before an upgrade did, or not.
     fn upgrade_quiesced(&mut self, finished: bool) {
-        if finished {
-            self.upgrade_exec();
-            return;
+        if let Some(up) = self.upgrade.as_mut() {
+            let step = up.quiesced(finished, self.cfg.policy.stop_timeout);
+            if step == upgrade::Step::Over
+                && let Err(e) = self.launch.resume(&self.cfg)
+            {
+                warn!(error = %format!("{e:#}"), "the proxy could not serve again");
+            }
+            self.upgrade_step(step);
         }
-        let Some(mut up) = self.upgrade.take() else {
-            return;
-        };
-        let message = format!(
-            "client connections did not finish within --stop-timeout ({}); upgrade abandoned, \
-             nothing cut, baton goes on unchanged",
-            humantime::format_duration(self.cfg.policy.stop_timeout)
-        );
-        warn!("upgrade: {message}");
-        if let Err(e) = self.launch.resume(&self.cfg) {
-            warn!(error = %format!("{e:#}"), "the proxy could not serve again");
+    }
+
+    /// Carries out an upgrade's next step.
+    fn upgrade_step(&mut self, step: upgrade::Step) {
+        match step {
+            upgrade::Step::Wait => {}
+            upgrade::Step::Over => self.upgrade = None,
+            upgrade::Step::Exec => self.upgrade_exec(),
+            upgrade::Step::Quiesce => match self.launch.quiesce() {
+                None => self.upgrade_exec(),
+                Some(done) => {
+                    info!("upgrade: waiting for client connections to finish; new ones wait");
+                    let events = self.events.clone();
+                    let limit = self.cfg.policy.stop_timeout;
+                    tokio::spawn(async move {
+                        let finished = tokio::time::timeout(limit, done).await.is_ok();
+                        let _ = events.send(Event::Quiesced(finished));
+                    });
+                }
+            },
         }
-        up.answer(&Response::Error { message });
     }
 
     /// Replaces this image with the checked binary. Returns only if that
@@ -1122,13 +1090,10 @@ impl Guardian {
             Err(format!("execve of {} failed: {error}", up.binary.display()))
         })();
         if let Err(why) = failed {
-            warn!("upgrade failed: {why}; baton goes on unchanged");
             if let Err(e) = self.launch.resume(&self.cfg) {
                 warn!(error = %format!("{e:#}"), "the proxy could not serve again");
             }
-            up.answer(&Response::Error {
-                message: format!("upgrade failed: {why}; baton goes on unchanged"),
-            });
+            up.failed(&why);
         }
     }
 
@@ -1141,77 +1106,20 @@ impl Guardian {
         if self.shutdown_at.is_some() {
             return Err("baton is shutting down (--shutdown-delay)".to_owned());
         }
-        let policy = self.policy.snapshot()?;
-        let mut fds = Vec::new();
-        let listeners = self
-            .cfg
-            .listeners
-            .iter()
-            .map(|l| {
-                fds.push(l.fd.as_fd());
-                handover::Listener::from(l)
-            })
-            .collect();
-        fds.push(self.control_fd.as_fd());
-        let metrics_fd = self.cfg.metrics.as_ref().map(|m| {
-            fds.push(m.as_fd());
-            m.as_raw_fd()
-        });
-        let generations = self
-            .handles
-            .iter()
-            .map(|(slot, h)| handover::GenerationFds {
-                slot: *slot,
-                process: generation::Process {
-                    pid: h.pid,
-                    start_time: h.start_time,
-                },
-                ready: h.ready,
-                replaced: h.replaced,
-                route: h.route,
-                notify: h.notify.as_ref().map(|(fd, address)| {
-                    fds.push(fd.as_fd());
-                    (fd.as_raw_fd(), address.clone())
-                }),
-                log_readers: h.log_readers.as_ref().map(|(out, err)| {
-                    fds.push(out.as_fd());
-                    fds.push(err.as_fd());
-                    (out.as_raw_fd(), err.as_raw_fd())
-                }),
-                self_bound: h.self_bound.clone(),
-            })
-            .collect();
-        let state = handover::Handover {
-            version: handover::VERSION,
-            from: handover::baton_version().to_owned(),
-            exe: self.cfg.exe.clone(),
-            argv: self.cfg.argv.clone(),
-            listeners,
-            control_fd: self.control_fd.as_raw_fd(),
-            metrics_fd,
-            policy,
-            generations,
-            nofile: self.cfg.nofile,
+        Ok(handover::build(handover::Parts {
+            cfg: &self.cfg,
+            policy: self.policy.snapshot()?,
+            handles: &self.handles,
+            control_fd: self.control_fd.as_fd(),
             listener_rearms: self.listener_rearms,
             notify_rejected: self.rejected.count(),
-            upgrades: self.upgrades + 1,
-            upgrade_began_ns: sys::clock::monotonic_ns(reply.map_or_else(Instant::now, |r| r.1)),
-            started_ns: sys::clock::monotonic_ns(self.started),
-            reply_fd: reply.map(|r| r.0),
+            upgrades: self.upgrades,
+            started: self.started,
+            reply,
             systemd_ready: self.systemd.is_ready(),
             keeper: self.orphans.keeper(),
-            releases: self
-                .releases
-                .all()
-                .map(|r| {
-                    fds.push(r.exe.as_fd());
-                    (r.describe(), r.exe.as_raw_fd())
-                })
-                .collect(),
-            releases_served: self.releases.served_count(),
-            release_next_id: self.releases.next_id(),
-        };
-        Ok((state, fds))
+            releases: &self.releases,
+        }))
     }
 
     /// The new image's first steps after `baton upgrade`: the previous

@@ -250,12 +250,11 @@ impl Guardian {
             self.orphans.release(slot);
         }
         let handles = self.handles.remove(&slot);
-        if let Some(h) = &handles
-            && let Ok(mut m) = self.metrics.lock()
-        {
-            m.exited(exit.status);
+        if let Some(h) = &handles {
+            self.observed.exited(exit.status);
             if let Some(at) = h.retired_at {
-                m.drained(self.event_at.saturating_duration_since(at));
+                self.observed
+                    .drained(self.event_at.saturating_duration_since(at));
             }
         }
         self.check_listeners(Some((generation, exit.pid)));
@@ -433,9 +432,7 @@ impl Guardian {
                 slot.worker,
                 rss >> 20
             );
-            if let Ok(mut m) = self.metrics.lock() {
-                m.rss_replacements += 1;
-            }
+            self.observed.rss_replacements += 1;
             let Some(release) = release else {
                 continue;
             };

@@ -180,6 +180,7 @@ impl Running {
             listener_rearms: handover.as_ref().map_or(0, |h| h.listener_rearms),
             failed_hint: None,
             metrics,
+            observed: metrics::Observed::default(),
             systemd: systemd::Systemd::resume(handover.as_ref().is_some_and(|h| h.systemd_ready)),
             stop_waiters: Vec::new(),
             started: handover

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::control::proto::Response;
+use crate::exit::ExitStatus;
 
 /// The answer a candidate writes on its fd 4 when it accepts the handover.
 pub const ACCEPTED: &str = "baton-upgrade-check ok";
@@ -46,7 +47,82 @@ pub struct Upgrade {
     pub began: Instant,
 }
 
+/// What the loop does next for an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing yet.
+    Wait,
+    /// It is over: the client was answered (refused, checked, abandoned).
+    Over,
+    /// Finish what cannot be handed over, then call [`Upgrade::quiesced`].
+    Quiesce,
+    /// Replace the image now.
+    Exec,
+}
+
 impl Upgrade {
+    /// The check process `pid` ended with `status`: refused (over), only
+    /// a check (answered, over), or on to the quiescing.
+    pub fn checked(&mut self, pid: i32, status: ExitStatus) -> Step {
+        let Some((_, answer)) = self.check.take_if(|(p, _)| *p == pid) else {
+            return Step::Wait;
+        };
+        let verdict = read_answer(answer).and_then(|version| {
+            if status.success() {
+                Ok(version)
+            } else {
+                Err(format!("its check {status}"))
+            }
+        });
+        match verdict {
+            Err(why) => {
+                let message = format!(
+                    "the new binary {} cannot take over: {why}; baton goes on unchanged",
+                    self.binary.display()
+                );
+                tracing::warn!("upgrade refused: {message}");
+                self.answer(&Response::Error { message });
+                Step::Over
+            }
+            Ok(version) if self.check_only => {
+                tracing::info!(binary = %self.binary.display(), version = %version, "upgrade check passed");
+                self.answer(&Response::UpgradeChecked {
+                    binary: self.binary.clone(),
+                    version,
+                });
+                Step::Over
+            }
+            Ok(version) => {
+                self.version = Some(version);
+                Step::Quiesce
+            }
+        }
+    }
+
+    /// What had to finish before the exec did (`finished`), or not within
+    /// `limit`: then the upgrade is abandoned and the client told.
+    pub fn quiesced(&mut self, finished: bool, limit: Duration) -> Step {
+        if finished {
+            return Step::Exec;
+        }
+        let message = format!(
+            "client connections did not finish within --stop-timeout ({}); upgrade abandoned, \
+             nothing cut, baton goes on unchanged",
+            humantime::format_duration(limit)
+        );
+        tracing::warn!("upgrade: {message}");
+        self.answer(&Response::Error { message });
+        Step::Over
+    }
+
+    /// The exec failed (`why`): the client is told.
+    pub fn failed(&mut self, why: &str) {
+        tracing::warn!("upgrade failed: {why}; baton goes on unchanged");
+        self.answer(&Response::Error {
+            message: format!("upgrade failed: {why}; baton goes on unchanged"),
+        });
+    }
+
     /// Answers the client (its connection is closed with the upgrade).
     pub fn answer(&mut self, response: &Response) {
         let _ = self.conn.set_write_timeout(Some(Duration::from_secs(5)));
