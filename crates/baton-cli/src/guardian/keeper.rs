@@ -248,6 +248,13 @@ pub struct Taken {
     pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
 }
 
+/// The pid of the keeper that answers on `path`, if one does.
+pub fn alive(path: &Path) -> Option<i32> {
+    let conn = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let cred = rustix::net::sockopt::socket_peercred(&conn).ok()?;
+    Some(cred.pid.as_raw_nonzero().get())
+}
+
 /// Asks the keeper at `path` for everything it holds; it exits once it has
 /// handed it over.
 pub fn take(path: &Path) -> std::io::Result<Taken> {

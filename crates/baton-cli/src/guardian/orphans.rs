@@ -255,8 +255,21 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
         Ok(Some(s)) => s,
         Ok(None) => return Ok(None),
         Err(e) => {
-            warn!("ignoring a state file that cannot be read: {e}");
-            state::remove(&path);
+            // Never deleted: it may be the only record of a service that
+            // still runs. A keeper that answers says one does.
+            let keeper_path = state::keeper_path(control);
+            if let Some(keeper) = keeper::alive(&keeper_path) {
+                return Err(StartupError::Invalid(format!(
+                    "the state file cannot be read ({e}), and the descriptor keeper of a baton that \
+                     died (pid {keeper}, on {}) still holds its service's sockets: stop that service \
+                     (the keeper and the app it serves) or start this one with another --control",
+                    keeper_path.display()
+                )));
+            }
+            warn!(
+                "a state file that cannot be read is left as it is ({e}); no keeper answers, so \
+                 starting fresh (if a port is in use, a service of the baton that died may still hold it)"
+            );
             return Ok(None);
         }
     };

@@ -3,10 +3,13 @@
 //!
 //! It lives next to the control socket (in baton's private runtime
 //! directory, 0700) as `<control>.state.json`, mode 0600, and is replaced
-//! atomically (written to a temporary file, then renamed) whenever the
+//! atomically (written to a temporary file of a name no one else uses,
+//! created new and never through a symlink, then renamed) whenever the
 //! guardian's state changes, so a reader sees one whole version or the
-//! previous one. Processes are named by pid *and* start time, so that a
-//! pid reused by another process is never taken for ours.
+//! previous one. It is read without blocking (a FIFO put there is refused
+//! at once, as is anything but a regular file) and never deleted because
+//! it could not be read. Processes are named by pid *and* start time, so
+//! that a pid reused by another process is never taken for ours.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -115,27 +118,57 @@ fn sibling(control: &Path, suffix: &str) -> PathBuf {
 
 /// Replaces the file at `path` with `state`, atomically.
 pub fn write(path: &Path, state: &State) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&json)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    // A name of this process's own; created new (`O_EXCL`, which also
+    // refuses a symlink put there), so it is never someone else's file.
+    let tmp = path.with_extension(format!(
+        "json.tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        file.write_all(&json)?;
+        drop(file);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Reads the state file at `path`: `Ok(None)` if there is none.
 pub fn read(path: &Path) -> Result<Option<State>, String> {
     use std::io::Read;
-    let file = match std::fs::File::open(path) {
+    // Without blocking: a FIFO at the path would hold `open` forever.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    let kind = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .file_type();
+    if !kind.is_file() {
+        return Err(format!(
+            "{} is not a regular file (a {}): remove it",
+            path.display(),
+            describe(kind)
+        ));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_BYTES)
         .read_to_end(&mut bytes)
@@ -151,6 +184,22 @@ pub fn read(path: &Path) -> Result<Option<State>, String> {
         ));
     }
     Ok(Some(state))
+}
+
+/// What kind of file `kind` is, in words.
+fn describe(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
 }
 
 /// Removes the state file (baton stopped: nothing to adopt).
@@ -188,5 +237,66 @@ mod tests {
         assert!(read(&p).is_err());
         std::fs::write(&p, vec![b' '; 2 << 20]).expect("write");
         assert!(read(&p).is_err(), "a huge file is cut and refused");
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_at_the_path_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("f.state.json");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        // Would block forever without O_NONBLOCK.
+        let err = read(&fifo).unwrap_err();
+        assert!(err.contains("not a regular file (a FIFO)"), "{err}");
+        let link = dir.path().join("l.state.json");
+        std::os::unix::fs::symlink(&fifo, &link).expect("symlink");
+        assert!(read(&link).unwrap_err().contains("FIFO"));
+        let sub = dir.path().join("d.state.json");
+        std::fs::create_dir(&sub).expect("dir");
+        assert!(read(&sub).unwrap_err().contains("directory"));
+    }
+
+    #[test]
+    fn writing_never_follows_a_symlink_and_a_stale_temporary_file_does_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("w.state.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        // Symlinks where a temporary file of the old fixed name, or of any
+        // name, might be expected: none is written through.
+        std::os::unix::fs::symlink(&victim, p.with_extension("json.tmp")).expect("symlink");
+        let state = State {
+            version: VERSION,
+            baton: Process {
+                pid: 1,
+                start_time: Some(1),
+            },
+            baton_version: "t".into(),
+            keeper: None,
+            name: "w".into(),
+            listeners: Vec::new(),
+            proxied: false,
+            generations: Vec::new(),
+            serving: None,
+            next_id: 1,
+            stats: Default::default(),
+            notify: Vec::new(),
+        };
+        write(&p, &state).expect("written");
+        write(&p, &state).expect("written again");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+        assert_eq!(read(&p).expect("read").expect("some").name, "w");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(left.is_empty(), "no temporary file left behind: {left:?}");
     }
 }

@@ -117,6 +117,81 @@ fn a_killed_baton_leaves_the_app_serving_and_the_next_baton_adopts_it() {
 }
 
 #[test]
+fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    let state = first.control.with_file_name(
+        first
+            .control
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .replace(".sock", ".state.json"),
+    );
+    assert!(state.is_file(), "{}", state.display());
+    std::fs::write(&state, b"{damaged").expect("damage it");
+    let out = support::run(
+        &[
+            "run".into(),
+            "--control".into(),
+            first.control.clone().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--".into(),
+            support::exe().into(),
+            "demo-app".into(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot be read") && out.stderr.contains("keeper"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was touched: the file, the keeper and the app are there.
+    assert_eq!(std::fs::read(&state).expect("kept"), b"{damaged");
+    assert!(!pid_gone(app), "the app serves on");
+    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+    // A FIFO there is refused at once, not waited on.
+    std::fs::remove_file(&state).expect("remove");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &state,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let out = support::run(
+        &[
+            "run".into(),
+            "--control".into(),
+            first.control.clone().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--".into(),
+            support::exe().into(),
+            "demo-app".into(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("not a regular file (a FIFO)"),
+        "{}",
+        out.stderr
+    );
+    // Clean up what the killed baton left running.
+    let _ = rustix::process::kill_process_group(
+        rustix::process::Pid::from_raw(app as i32).expect("pid"),
+        Signal::KILL,
+    );
+}
+
+#[test]
 fn with_orphans_stop_the_app_dies_with_baton() {
     let mut b = Baton::serving(&["--orphans", "stop"], &[]);
     let app = b.gen_pid(1);
