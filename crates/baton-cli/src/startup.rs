@@ -241,16 +241,54 @@ fn adopt(name: &str, listener: baton::Listener) -> Result<BoundListener, Startup
     })
 }
 
+/// The control socket's directory holds the state file and the keeper's
+/// socket too: another user who may write there could plant a symlink or a
+/// state file of their own. It must be baton's user's (or root's), a real
+/// directory, and writable by no one else.
+fn check_control_dir(dir: &Path) -> Result<(), StartupError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| StartupError::Invalid(format!("control directory {}: {e}", dir.display())))?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if meta.file_type().is_symlink() {
+        Some("is a symlink")
+    } else if !meta.is_dir() {
+        Some("is not a directory")
+    } else if meta.uid() != me && meta.uid() != 0 {
+        Some("belongs to another user")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("may be written by other users")
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(StartupError::Invalid(format!(
+            "control directory {} {why} (owner uid {}, mode {:o}; baton runs as uid {me}): \
+             give --control a path in a directory of baton's own user, mode 0700 or 0755",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ))),
+    }
+}
+
 fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
     let err = |source| StartupError::Control {
         path: path.to_owned(),
         error: source,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if std::fs::symlink_metadata(dir).is_err() {
         std::fs::create_dir_all(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    // (A directory given for the socket gets its own advice, below.)
+    if !path.is_dir() {
+        check_control_dir(dir)?;
     }
     match socket::clear_stale_socket(path) {
         Ok(()) => {}

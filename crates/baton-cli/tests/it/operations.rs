@@ -191,12 +191,13 @@ fn the_app_runs_as_another_user_on_a_port_bound_as_root() {
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port below 1000");
     let builder = Baton::builder();
-    let report = builder.dir().join("report.json");
-    std::fs::set_permissions(
-        builder.dir(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
+    // The app (as nobody) writes its report in a directory of its own: the
+    // control socket's directory must stay writable by baton's user alone.
+    let open = builder.dir().join("open");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let report = open.join("report.json");
     let b = builder
         .run_args(["--listen", &format!("127.0.0.1:{port}"), "--user", "nobody"])
         .app_args(["--report".into(), report.clone().into_os_string()])

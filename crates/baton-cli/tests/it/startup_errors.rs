@@ -331,3 +331,58 @@ fn canary_and_error_rate_need_a_bake_and_the_proxy() {
         assert_startup_error(&out, expected);
     }
 }
+
+#[test]
+fn a_control_directory_another_user_could_write_to_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root, to give a directory to another user");
+        return;
+    }
+    let top = tempfile::tempdir().expect("tempdir");
+    let run = |control: &std::path::Path| {
+        baton(&[
+            "run",
+            "--control",
+            control.to_str().expect("path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            "true",
+        ])
+    };
+    let mode = |dir: &std::path::Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    // Another user's directory, open to all: squatted.
+    let squatted = top.path().join("squatted");
+    std::fs::create_dir(&squatted).expect("dir");
+    mode(&squatted, 0o777);
+    std::os::unix::fs::chown(&squatted, Some(65534), Some(65534)).expect("chown");
+    let out = run(&squatted.join("app.sock"));
+    assert_startup_error(&out, "belongs to another user (owner uid 65534, mode 777");
+    // One's own, but group-writable.
+    let shared = top.path().join("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    mode(&shared, 0o770);
+    assert_startup_error(
+        &run(&shared.join("app.sock")),
+        "may be written by other users",
+    );
+    // A symlink to a good directory.
+    let good = top.path().join("good");
+    std::fs::create_dir(&good).expect("dir");
+    mode(&good, 0o755);
+    let link = top.path().join("link");
+    std::os::unix::fs::symlink(&good, &link).expect("symlink");
+    assert_startup_error(&run(&link.join("app.sock")), "is a symlink");
+    // A directory baton makes is exactly 0700.
+    let made = top.path().join("made").join("baton");
+    let out = run(&made.join("app.sock"));
+    assert_ne!(out.code, Some(2), "{out:?}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&made).expect("made").mode() & 0o7777,
+        0o700
+    );
+}
