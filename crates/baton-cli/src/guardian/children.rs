@@ -104,6 +104,7 @@ impl Children {
             parent_death: self.parent_death,
             exe: Some(release.exe.as_fd()),
             cwd: Some(&release.info.cwd),
+            session: false,
         })?;
         // The child has its copies of the write ends; ours must go, or the
         // copying never ends.
@@ -138,6 +139,7 @@ impl Children {
             parent_death: true,
             exe: None,
             cwd: None,
+            session: false,
         })?;
         self.pids.insert(pid, Owner::Check(slot));
         Ok(pid)
@@ -167,6 +169,7 @@ impl Children {
             parent_death: owner != Owner::Keeper,
             exe: None,
             cwd: None,
+            session: owner == Owner::Keeper,
         })?;
         self.pids.insert(pid, owner);
         Ok(pid)

@@ -79,6 +79,9 @@ pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<Ex
         .map(|p| p.as_raw_nonzero().get())
         .unwrap_or(0);
     let owner_start = sys::inspect::start_time(owner);
+    // Its own session already (see `Children::start_helper`); a hangup,
+    // from a terminal or an orphaned group, must not end it either.
+    sys::signal::ignore_hangup().context("ignoring SIGHUP")?;
     socket.set_nonblocking(true)?;
     let mut orphaned = false;
     let mut held: Vec<Held> = Vec::new();

@@ -16,6 +16,24 @@ fn convert(pid: i32, signal: Signal) -> io::Result<(Pid, RawSignal)> {
     Ok((pid, raw))
 }
 
+/// Ignores SIGHUP from now on (the descriptor keeper, which must outlive
+/// its baton and any terminal).
+pub fn ignore_hangup() -> io::Result<()> {
+    // SAFETY: `sigaction` with `SIG_IGN` installs no handler (no code of
+    // ours runs on a signal) and reads only the zeroed struct on this stack
+    // frame, whose mask is empty; it is sound at any time.
+    let rc = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_IGN;
+        libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `kill(pid, signal)`. A process that is already gone is not an error.
 pub fn send(pid: i32, signal: Signal) -> io::Result<()> {
     let (pid, raw) = convert(pid, signal)?;

@@ -94,6 +94,10 @@ pub struct Command<'a> {
     pub exe: Option<BorrowedFd<'a>>,
     /// The working directory (else baton's).
     pub cwd: Option<&'a Path>,
+    /// A session of its own (`setsid`), not only a process group: for a
+    /// helper that must outlive baton, whose group then never becomes an
+    /// orphaned group with a stopped member (which the kernel sends SIGHUP).
+    pub session: bool,
 }
 
 /// The ids a child switches to before `exec`.
@@ -200,6 +204,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         report: report_tx_high.as_raw_fd(),
         parent,
         parent_death: cmd.parent_death,
+        session: cmd.session,
         exe: exe_high.as_ref().map_or(-1, AsRawFd::as_raw_fd),
         cwd: cwd.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
     };
@@ -277,6 +282,7 @@ struct Child<'a> {
     report: RawFd,
     parent: i32,
     parent_death: bool,
+    session: bool,
     /// The executable's descriptor (above `floor`), or -1.
     exe: RawFd,
     /// The working directory, or null.
@@ -297,7 +303,11 @@ impl Child<'_> {
         // plus `prctl`, `setrlimit` (glibc's is the `prlimit64` system call)
         // and the raw `syscall` entries.
         unsafe {
-            if libc::setpgid(0, 0) != 0 {
+            if self.session {
+                if libc::setsid() < 0 {
+                    self.fail();
+                }
+            } else if libc::setpgid(0, 0) != 0 {
                 self.fail();
             }
             if self.parent_death {

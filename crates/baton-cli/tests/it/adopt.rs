@@ -191,6 +191,36 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
     );
 }
 
+/// Field `n` (1-based, after the command's name) of `/proc/PID/stat`.
+fn stat_field(pid: u32, n: usize) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+#[test]
+fn a_stopped_keeper_outlives_its_baton_and_the_service_is_adopted() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let keeper = first.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper") as u32;
+    // A session of its own (field 6), and SIGHUP means nothing to it.
+    assert_eq!(stat_field(keeper, 6), Some(i64::from(keeper)));
+    support::send(keeper, Signal::HUP);
+    support::send(keeper, Signal::STOP);
+    kill(&mut first);
+    // Had its group been orphaned with it stopped, the kernel would have
+    // sent it SIGHUP and SIGCONT.
+    assert!(!pid_gone(keeper), "the keeper lives");
+    support::send(keeper, Signal::CONT);
+    let second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+}
+
 #[test]
 fn with_orphans_stop_the_app_dies_with_baton() {
     let mut b = Baton::serving(&["--orphans", "stop"], &[]);
