@@ -278,6 +278,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PERCENT", value_parser = crate::spec::parse_rate)]
     pub max_error_rate: Option<f64>,
 
+    /// `baton upgrade`: how long a candidate binary may take to check the
+    /// handover and answer; past it the check is killed and the upgrade
+    /// refused [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub check_timeout: Option<Duration>,
+
     /// Proxy mode (http): pass on request header names that contain an
     /// underscore. By default they are dropped, as nginx does: apps that
     /// read headers CGI-style cannot tell `X_Forwarded_Proto` from the

@@ -75,6 +75,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// baton's command line, for the image an upgrade starts.
     pub argv: Vec<OsString>,
+    /// How long an upgrade candidate's check may take.
+    pub check_timeout: Duration,
 }
 
 /// `--proxy` and its options.
@@ -157,6 +159,7 @@ impl RunConfig {
             nofile,
             exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
             argv: std::env::args_os().collect(),
+            check_timeout: args.check_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT),
         })
     }
 }
@@ -366,6 +369,9 @@ fn policy(args: &RunArgs, proxy: Option<&ProxyConfig>, ready: &ReadyMode) -> Pol
         ..defaults
     }
 }
+
+/// `--check-timeout` by default.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `--max-error-rate` by default, per cent.
 pub const DEFAULT_MAX_ERROR_RATE: f64 = 5.0;

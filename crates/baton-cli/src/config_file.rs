@@ -64,6 +64,7 @@ struct Raw {
     canary: Option<Spanned<Loose>>,
     max_error_rate: Option<Spanned<Loose>>,
     keep_underscore_headers: Option<bool>,
+    check_timeout: Option<Spanned<String>>,
     close_after_body: Option<bool>,
 }
 
@@ -205,6 +206,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         canary: field!("canary", raw.canary, spec::Canary::from_str),
         max_error_rate: field!("max-error-rate", raw.max_error_rate, spec::parse_rate),
         keep_underscore_headers: raw.keep_underscore_headers.unwrap_or(false),
+        check_timeout: field!("check-timeout", raw.check_timeout, spec::parse_timeout),
         close_after_body: raw.close_after_body.unwrap_or(false),
     };
     Ok(FileSettings {
@@ -261,6 +263,7 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         canary: cli.canary.or(file.canary),
         max_error_rate: cli.max_error_rate.or(file.max_error_rate),
         keep_underscore_headers: cli.keep_underscore_headers || file.keep_underscore_headers,
+        check_timeout: cli.check_timeout.or(file.check_timeout),
         close_after_body: cli.close_after_body || file.close_after_body,
     }
 }
@@ -310,6 +313,7 @@ canary = "10,50"
 max-error-rate = 2.5
 keep-underscore-headers = true
 close-after-body = true
+check-timeout = "3s"
 "#,
         )
         .expect("valid");
@@ -343,6 +347,7 @@ close-after-body = true
         assert_eq!(a.canary, Some(spec::Canary(vec![10, 50])));
         assert_eq!(a.max_error_rate, Some(2.5));
         assert!(a.keep_underscore_headers && a.close_after_body);
+        assert_eq!(a.check_timeout, Some(Duration::from_secs(3)));
         let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("longer than 0"), "{err}");
     }

@@ -113,6 +113,10 @@ pub struct Handover {
     pub releases_served: usize,
     /// The next release number.
     pub release_next_id: u64,
+    /// A number made for this upgrade: a candidate's check must answer it,
+    /// so that a program that prints fixed words is not taken for baton.
+    #[serde(default)]
+    pub nonce: u64,
 }
 
 /// Why a handover cannot be read.
@@ -192,6 +196,8 @@ pub struct Parts<'a> {
     pub keeper: Option<super::generation::Process>,
     /// The releases kept.
     pub releases: &'a super::release::Releases,
+    /// The upgrade's nonce.
+    pub nonce: u64,
 }
 
 /// The handover made of `p`, and the descriptors it names (to be kept
@@ -267,6 +273,7 @@ pub fn build(p: Parts<'_>) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
             .collect(),
         releases_served: p.releases.served_count(),
         release_next_id: p.releases.next_id(),
+        nonce: p.nonce,
     };
     (state, fds)
 }

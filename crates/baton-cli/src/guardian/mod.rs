@@ -203,6 +203,11 @@ impl Guardian {
                 "stop requested again: the rest of the shutdown delay is skipped"
             );
         }
+        if let Some(mut up) = self.upgrade.take()
+            && let Some(pid) = up.stopping()
+        {
+            let _ = sys::signal::send_group(pid, Signal::KILL);
+        }
         let actions = self.policy.stop(self.event_at, why);
         self.apply(actions);
     }
@@ -213,6 +218,7 @@ impl Guardian {
             self.policy.next_deadline(),
             self.shutdown_at,
             self.next_worker_restart(),
+            self.upgrade.as_ref().and_then(upgrade::Upgrade::deadline),
         ]
         .into_iter()
         .flatten()
@@ -262,6 +268,12 @@ impl Guardian {
             return;
         }
         self.restart_workers(now);
+        if let Some(up) = self.upgrade.as_mut()
+            && let Some(pid) = up.overdue(now, self.cfg.check_timeout)
+        {
+            let _ = sys::signal::send_group(pid, Signal::KILL);
+            self.upgrade = None;
+        }
         let timing_out = self
             .policy
             .generations()
@@ -974,13 +986,15 @@ impl Guardian {
             check: None,
             version: None,
             began: Instant::now(),
+            nonce: upgrade::nonce(),
+            check_deadline: crate::knobs::later(Instant::now(), self.cfg.check_timeout),
         };
         let started = (|| {
             if self.upgrade.is_some() {
                 return Err("an upgrade is already under way".to_owned());
             }
             up.binary = upgrade::candidate(&up.binary)?;
-            let (state, _) = self.handover(None)?;
+            let (state, _) = self.handover(None, up.nonce)?;
             let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
             let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
             let (answer, answer_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
@@ -1069,7 +1083,7 @@ impl Guardian {
             return;
         };
         let failed = (|| -> Result<(), String> {
-            let (state, fds) = self.handover(Some((up.conn.as_raw_fd(), up.began)))?;
+            let (state, fds) = self.handover(Some((up.conn.as_raw_fd(), up.began)), up.nonce)?;
             let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
             let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
             let mut keep = fds;
@@ -1102,6 +1116,7 @@ impl Guardian {
     fn handover(
         &self,
         reply: Option<(std::os::fd::RawFd, Instant)>,
+        nonce: u64,
     ) -> Result<(handover::Handover, Vec<std::os::fd::BorrowedFd<'_>>), String> {
         if self.shutdown_at.is_some() {
             return Err("baton is shutting down (--shutdown-delay)".to_owned());
@@ -1119,6 +1134,7 @@ impl Guardian {
             systemd_ready: self.systemd.is_ready(),
             keeper: self.orphans.keeper(),
             releases: &self.releases,
+            nonce,
         }))
     }
 

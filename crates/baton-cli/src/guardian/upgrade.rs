@@ -45,6 +45,22 @@ pub struct Upgrade {
     pub version: Option<String>,
     /// When it was asked for.
     pub began: Instant,
+    /// The number its check must answer.
+    pub nonce: u64,
+    /// When its check must have answered (`--check-timeout`).
+    pub check_deadline: Instant,
+}
+
+/// A number for one upgrade, from the process's random hash seed.
+pub fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// What the loop does next for an upgrade.
@@ -67,7 +83,7 @@ impl Upgrade {
         let Some((_, answer)) = self.check.take_if(|(p, _)| *p == pid) else {
             return Step::Wait;
         };
-        let verdict = read_answer(answer).and_then(|version| {
+        let verdict = read_answer(answer, self.nonce).and_then(|version| {
             if status.success() {
                 Ok(version)
             } else {
@@ -115,6 +131,38 @@ impl Upgrade {
         Step::Over
     }
 
+    /// The check process, if the check is under way and overdue at `now`:
+    /// the caller kills it; the upgrade is over (the client was told).
+    pub fn overdue(&mut self, now: Instant, limit: Duration) -> Option<i32> {
+        if now < self.check_deadline {
+            return None;
+        }
+        let (pid, _) = self.check.take()?;
+        let message = format!(
+            "the new binary {} did not answer its check within {} (--check-timeout); \
+             baton goes on unchanged",
+            self.binary.display(),
+            humantime::format_duration(limit)
+        );
+        tracing::warn!("upgrade refused: {message}");
+        self.answer(&Response::Error { message });
+        Some(pid)
+    }
+
+    /// baton stops: the check process to kill, if one runs; the client is
+    /// told.
+    pub fn stopping(&mut self) -> Option<i32> {
+        self.answer(&Response::Error {
+            message: "baton is stopping: upgrade abandoned".to_owned(),
+        });
+        self.check.take().map(|(pid, _)| pid)
+    }
+
+    /// When the loop must look at it again (its check's deadline).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.check.as_ref().map(|_| self.check_deadline)
+    }
+
     /// The exec failed (`why`): the client is told.
     pub fn failed(&mut self, why: &str) {
         tracing::warn!("upgrade failed: {why}; baton goes on unchanged");
@@ -155,18 +203,29 @@ pub fn candidate(binary: &Path) -> Result<PathBuf, String> {
 }
 
 /// Reads a finished check's answer: the candidate's version, or why it is
-/// refused.
-pub fn read_answer(answer: OwnedFd) -> Result<String, String> {
+/// refused. It must repeat `nonce`, read from the handover it was given.
+pub fn read_answer(answer: OwnedFd, nonce: u64) -> Result<String, String> {
+    use std::io::Read;
     let mut text = String::new();
-    let mut file = std::fs::File::from(answer);
-    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+    let file = std::fs::File::from(answer);
+    let _ = file.take(4096).read_to_string(&mut text);
     let line = text.lines().next().unwrap_or_default();
     match line.strip_prefix(ACCEPTED) {
-        Some(rest) => Ok(rest
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("version="))
-            .unwrap_or("?")
-            .to_owned()),
+        Some(rest) => {
+            let word = |key: &str| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_owned)
+            };
+            if word("nonce=") != Some(nonce.to_string()) {
+                return Err(
+                    "its answer does not carry this upgrade's nonce (it did not read the \
+                     handover: is it a baton, of this version or later?)"
+                        .to_owned(),
+                );
+            }
+            Ok(word("version=").unwrap_or_else(|| "?".to_owned()))
+        }
         None if line.is_empty() => Err("it gave no answer (is it a baton?)".to_owned()),
         None => Err(format!("it refused: {line}")),
     }
@@ -193,12 +252,12 @@ pub fn check(state_fd: i32, answer_fd: i32) -> anyhow::Result<std::process::Exit
         .context("the state descriptor")?;
     let verdict = serde_json::from_slice::<super::handover::Handover>(&state)
         .map_err(|e| format!("the handover is not readable: {e}"))
-        .and_then(|h| super::handover::check_version(&h));
+        .and_then(|h| super::handover::check_version(&h).map(|()| h.nonce));
     match verdict {
-        Ok(()) => {
+        Ok(nonce) => {
             writeln!(
                 answer,
-                "{ACCEPTED} version={}",
+                "{ACCEPTED} version={} nonce={nonce}",
                 super::handover::baton_version()
             )?;
             Ok(std::process::ExitCode::SUCCESS)

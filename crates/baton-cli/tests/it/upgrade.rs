@@ -134,6 +134,95 @@ fn a_binary_that_cannot_take_over_is_refused_and_nothing_changes() {
 }
 
 #[test]
+fn a_candidate_that_prints_fixed_words_or_never_answers_is_refused_and_its_check_killed() {
+    let b = Baton::serving(&["--check-timeout", "1s"], &[]);
+    let baton = b.pid();
+    let before = exe_of(baton);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        path.to_str().expect("utf-8").to_owned()
+    };
+    // The right words, but not this upgrade's nonce: not a baton.
+    let mimic = script(
+        "mimic",
+        "echo 'baton-upgrade-check ok version=9.9.9 nonce=1' >&4; exit 0",
+    );
+    let out = b.ctl(&["upgrade", "--binary", &mimic]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("nonce"), "{}", out.stderr);
+    assert_eq!(exe_of(baton), before);
+    // A check that hangs: killed at --check-timeout, the upgrade refused,
+    // and the next upgrade is not told one is "already under way".
+    let marker = dir.path().join("hung.pid");
+    let hang = script(
+        "hang",
+        &format!("echo $$ > {}; exec sleep 3600", marker.display()),
+    );
+    let out = b.ctl(&["upgrade", "--binary", &hang]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("--check-timeout"), "{}", out.stderr);
+    let pid: u32 = std::fs::read_to_string(&marker)
+        .expect("the check ran")
+        .trim()
+        .parse()
+        .expect("pid");
+    support::wait_until("the hung check was killed", LONG, || support::pid_gone(pid));
+    let candidate = copy_of_baton(dir.path(), "baton-next");
+    let (code, json) = upgrade(&b, &["--check", candidate.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{json}");
+}
+
+#[test]
+fn stopping_during_an_upgrade_check_kills_the_check() {
+    let mut b = Baton::serving(&[], &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("hung.pid");
+    let hang = dir.path().join("hang");
+    std::fs::write(
+        &hang,
+        format!(
+            "#!/bin/sh\necho $$ > {}; exec sleep 3600\n",
+            marker.display()
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let control = b.control.clone();
+    let hang_path = hang.to_str().expect("utf-8").to_owned();
+    let client = std::thread::spawn(move || {
+        support::run(
+            &[
+                "upgrade".into(),
+                "--control".into(),
+                control.into(),
+                "--binary".into(),
+                hang_path.into(),
+            ],
+            LONG,
+        )
+    });
+    let read_pid = || -> Option<u32> {
+        std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    };
+    support::wait_until("the check runs", LONG, || read_pid().is_some());
+    let pid = read_pid().expect("pid");
+    b.signal(rustix::process::Signal::TERM);
+    b.wait_exit(LONG);
+    support::wait_until("the check was killed with the stop", LONG, || {
+        support::pid_gone(pid)
+    });
+    let out = client.join().expect("client");
+    assert_eq!(out.code, Some(1), "{out:?}");
+}
+
+#[test]
 fn an_upgrade_during_a_reload_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let faults = dir.path().join("faults");
