@@ -208,6 +208,15 @@ impl Guardian {
         {
             let _ = sys::signal::send_group(pid, Signal::KILL);
         }
+        let idle: Vec<u64> = self
+            .policy
+            .generations()
+            .map(|g| g.id)
+            .filter(|&id| self.handles.range(Slot::range(id)).next().is_none())
+            .collect();
+        for id in idle {
+            self.policy.no_processes(id);
+        }
         let actions = self.policy.stop(self.event_at, why);
         self.apply(actions);
     }

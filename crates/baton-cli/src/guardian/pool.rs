@@ -102,7 +102,9 @@ impl Pool {
     }
 
     /// Worker `index` of a serving generation died at `now` with `status`
-    /// after running for `lived`: whether and when it starts again.
+    /// after running for `lived`: whether and when it starts again. With
+    /// no other worker ready (`others`), nothing serves meanwhile: it starts
+    /// again after the base delay, however often it failed.
     pub fn crashed(
         &mut self,
         index: u32,
@@ -110,6 +112,7 @@ impl Pool {
         lived: Duration,
         now: Instant,
         cfg: &PolicyConfig,
+        others: bool,
     ) -> Crash {
         let restart = match cfg.restart {
             RestartMode::Never => false,
@@ -126,8 +129,13 @@ impl Pool {
                 w.down = true;
                 Crash::Limit { restarts, interval }
             }
-            Next::Restart { at, delay } => {
+            Next::Restart { at, delay } if others => {
                 w.restart_at = Some(at);
+                Crash::Restart { delay }
+            }
+            Next::Restart { delay, .. } => {
+                let delay = delay.min(cfg.restart_delay);
+                w.restart_at = Some(crate::knobs::later(now, delay));
                 Crash::Restart { delay }
             }
         }
@@ -319,25 +327,37 @@ impl Guardian {
     fn worker_crashed(&mut self, slot: Slot, pid: i32, status: ExitStatus, lived: Duration) {
         let (generation, index) = (slot.generation, slot.worker);
         let alive = self.handles.range(Slot::range(generation)).count();
+        let others = self
+            .handles
+            .range(Slot::range(generation))
+            .any(|(_, h)| h.ready && !h.replaced);
         let crash = self.pools.entry(generation).or_default().crashed(
             index,
             status,
             lived,
             self.event_at,
             &self.cfg.policy,
+            others,
         );
         match crash {
-            Crash::NotRestarted => {
+            Crash::NotRestarted if others => {
                 warn!(generation, worker = index, pid, status = %status.word(), alive, "exit: worker {index} {status} and is not restarted (--restart); the others serve on");
+            }
+            Crash::NotRestarted => {
+                warn!(generation, worker = index, pid, status = %status.word(), alive, "exit: worker {index} {status} and is not restarted (--restart); no worker serves now");
             }
             Crash::Limit { restarts, interval } => {
                 error!(generation, worker = index, pid, status = %status.word(), alive,
                     "exit: worker {index} {status}; start limit hit ({restarts} restarts within {}): it stays down, the generation serves degraded",
                     humantime::format_duration(interval));
             }
-            Crash::Restart { delay } => {
+            Crash::Restart { delay } if others => {
                 warn!(generation, worker = index, pid, status = %status.word(), alive, restart_in_ms = delay.as_millis() as u64,
                     "exit: worker {index} {status}; the others serve on, and it restarts soon");
+            }
+            Crash::Restart { delay } => {
+                warn!(generation, worker = index, pid, status = %status.word(), alive, restart_in_ms = delay.as_millis() as u64,
+                    "exit: worker {index} {status}; no worker serves now: it restarts after the base delay");
             }
         }
     }
@@ -346,10 +366,11 @@ impl Guardian {
     pub(super) fn restart_workers(&mut self, now: Instant) {
         let generations: Vec<u64> = self.pools.keys().copied().collect();
         for generation in generations {
-            let serving = matches!(
-                self.policy.state(generation),
-                Some(State::Serving | State::Baking | State::Ready)
-            );
+            let serving = !self.policy.is_stopping()
+                && matches!(
+                    self.policy.state(generation),
+                    Some(State::Serving | State::Baking | State::Ready)
+                );
             let Some(pool) = self.pools.get_mut(&generation) else {
                 continue;
             };
@@ -493,7 +514,7 @@ mod tests {
         let (cfg, t0) = (cfg(), Instant::now());
         let mut pool = Pool::new(3, None);
         assert_eq!(
-            pool.crashed(1, CRASH, 10 * MS, t0, &cfg),
+            pool.crashed(1, CRASH, 10 * MS, t0, &cfg, true),
             Crash::Restart { delay: 100 * MS }
         );
         assert!(pool.restarting());
@@ -510,11 +531,11 @@ mod tests {
         // Its next failure waits twice as long; another worker's own first
         // failure does not.
         assert_eq!(
-            pool.crashed(1, CRASH, 10 * MS, t0 + 200 * MS, &cfg),
+            pool.crashed(1, CRASH, 10 * MS, t0 + 200 * MS, &cfg, true),
             Crash::Restart { delay: 200 * MS }
         );
         assert_eq!(
-            pool.crashed(2, CRASH, 10 * MS, t0 + 200 * MS, &cfg),
+            pool.crashed(2, CRASH, 10 * MS, t0 + 200 * MS, &cfg, true),
             Crash::Restart { delay: 100 * MS }
         );
         assert_eq!(pool.due(t0 + 300 * MS), [2]);
@@ -522,7 +543,7 @@ mod tests {
         // A worker that served long enough starts over from the first delay.
         pool.restart(1, t0 + 400 * MS);
         assert_eq!(
-            pool.crashed(1, CRASH, 6000 * MS, t0 + 6400 * MS, &cfg),
+            pool.crashed(1, CRASH, 6000 * MS, t0 + 6400 * MS, &cfg, true),
             Crash::Restart { delay: 100 * MS }
         );
     }
@@ -534,7 +555,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..3 {
             assert!(matches!(
-                pool.crashed(0, CRASH, 10 * MS, now, &cfg),
+                pool.crashed(0, CRASH, 10 * MS, now, &cfg, true),
                 Crash::Restart { .. }
             ));
             now = pool.next_restart().expect("scheduled");
@@ -542,7 +563,7 @@ mod tests {
             pool.restart(0, now);
         }
         assert_eq!(
-            pool.crashed(0, CRASH, 10 * MS, now, &cfg),
+            pool.crashed(0, CRASH, 10 * MS, now, &cfg, true),
             Crash::Limit {
                 restarts: 3,
                 interval: 10_000 * MS
@@ -554,7 +575,7 @@ mod tests {
         // down.
         let later = now + 20_000 * MS;
         assert!(matches!(
-            pool.crashed(1, CRASH, 10 * MS, later, &cfg),
+            pool.crashed(1, CRASH, 10 * MS, later, &cfg, true),
             Crash::Restart { .. }
         ));
     }
@@ -568,7 +589,10 @@ mod tests {
         };
         let mut pool = Pool::new(2, None);
         for i in 0..2 {
-            assert_eq!(pool.crashed(i, CRASH, MS, t0, &never), Crash::NotRestarted);
+            assert_eq!(
+                pool.crashed(i, CRASH, MS, t0, &never, true),
+                Crash::NotRestarted
+            );
         }
         assert!(
             pool.workers.iter().all(|w| w.down),
@@ -577,7 +601,7 @@ mod tests {
         assert!(pool.next_restart().is_none());
         let mut pool = Pool::new(1, None);
         assert_eq!(
-            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &cfg()),
+            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &cfg(), true),
             Crash::NotRestarted,
             "on-failure: a clean exit is not restarted"
         );
@@ -587,9 +611,39 @@ mod tests {
         };
         let mut pool = Pool::new(1, None);
         assert!(matches!(
-            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &always),
+            pool.crashed(0, ExitStatus::Exited(0), MS, t0, &always, true),
             Crash::Restart { .. }
         ));
+    }
+
+    #[test]
+    fn with_no_other_worker_ready_a_worker_restarts_after_the_base_delay() {
+        let (cfg, t0) = (cfg(), Instant::now());
+        let mut pool = Pool::new(2, None);
+        let mut now = t0;
+        // Its delay grows while another worker serves...
+        for _ in 0..3 {
+            pool.crashed(0, CRASH, 10 * MS, now, &cfg, true);
+            now = pool.next_restart().expect("scheduled");
+            pool.due(now);
+            pool.restart(0, now);
+        }
+        assert_eq!(
+            pool.crashed(0, CRASH, 10 * MS, now + 20_000 * MS, &cfg, true),
+            Crash::Restart { delay: 800 * MS }
+        );
+        // ...but with nothing serving it comes back after the base delay.
+        let mut pool = Pool::new(2, None);
+        let mut now = t0;
+        for _ in 0..3 {
+            assert_eq!(
+                pool.crashed(1, CRASH, 10 * MS, now, &cfg, false),
+                Crash::Restart { delay: 100 * MS }
+            );
+            now = pool.next_restart().expect("scheduled");
+            pool.due(now);
+            pool.restart(1, now);
+        }
     }
 
     #[test]

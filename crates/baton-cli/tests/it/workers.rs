@@ -286,3 +286,34 @@ fn workers_survive_an_upgrade_and_are_adopted_after_a_kill() {
     let (code, json) = second.reload_json();
     assert_eq!(code, Some(0), "{json}");
 }
+
+#[test]
+fn a_stop_while_every_worker_waits_to_restart_does_not_wait_for_the_stop_timeout() {
+    let mut b = Baton::serving(
+        &[
+            "--workers",
+            "2",
+            "--restart-delay",
+            "10s",
+            "--restart-delay-max",
+            "10s",
+            // An old baton would wait this out, then a kill grace, for
+            // processes that are gone.
+            "--stop-timeout",
+            "60s",
+        ],
+        &["--crash-after", "300ms"],
+    );
+    wait_until("both workers died and wait to restart", LONG, || {
+        let ws = workers(&b);
+        ws.len() == 2 && ws.iter().all(|(_, _, state)| state == "restarting")
+    });
+    b.signal(Signal::TERM);
+    let status = b.wait_exit(LONG);
+    assert!(status.code().is_some(), "{status:?}\n{}", b.dump());
+    assert!(
+        !b.has_event("kill", 1),
+        "no SIGKILL to nobody: {}",
+        b.dump()
+    );
+}

@@ -254,6 +254,15 @@ impl<W> Policy<W> {
         }
     }
 
+    /// Generation `id` has no process left (every worker of its pool waits
+    /// to restart). The last ones are otherwise kept, for the logs of its
+    /// exit.
+    pub fn no_processes(&mut self, id: u64) {
+        if let Some(g) = self.gens.get_mut(&id) {
+            g.processes.clear();
+        }
+    }
+
     /// Generation `id` could not be spawned.
     pub fn spawn_failed(&mut self, now: Instant, id: u64, error: &std::io::Error) -> Actions<W> {
         self.gens.remove(&id);
@@ -889,6 +898,19 @@ impl<W> Policy<W> {
                 outcome: stopping(None),
             });
         }
+        // A generation with no process left (every worker waiting out its
+        // restart delay) has nothing to wait for.
+        self.gens.retain(|id, g| {
+            let empty = g.processes.is_empty()
+                && matches!(g.state, State::Ready | State::Baking | State::Serving);
+            if empty {
+                info!(
+                    generation = *id,
+                    "stop: generation {id} has no process left (its workers wait to restart)"
+                );
+            }
+            !empty
+        });
         for g in self.gens.values_mut() {
             if matches!(
                 g.state,
@@ -1349,6 +1371,22 @@ mod tests {
         let a = p.exited(t0 + MS, 1, ExitStatus::Exited(0));
         assert!(!a.iter().any(|a| matches!(a, Action::Exit { .. })));
         assert!(p.next_deadline().is_some());
+    }
+
+    #[test]
+    fn a_generation_with_no_process_left_is_not_waited_for_at_a_stop() {
+        let t0 = Instant::now();
+        let mut p = serving(t0);
+        p.no_processes(1);
+        let actions = p.stop(t0 + MS, "test");
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Exit { .. })),
+            "exits at once: {actions:?}"
+        );
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Signal { .. })),
+            "signals nobody: {actions:?}"
+        );
     }
 
     #[test]
