@@ -196,6 +196,9 @@ fn describe(status: &Status) -> String {
             "keeper:  pid {keeper} holds the listeners in case baton dies"
         );
     }
+    if let Some(why) = &status.no_keeper {
+        let _ = writeln!(out, "warning: {why}");
+    }
     let _ = writeln!(out, "command: {}", status.command.join(" "));
     for l in &status.listeners {
         let _ = writeln!(out, "listen:  fd {} {} ({})", l.fd, l.addr, l.name);

@@ -149,6 +149,10 @@ pub struct Status {
     /// The descriptor keeper's pid (`--orphans keep`).
     #[serde(default)]
     pub keeper_pid: Option<i32>,
+    /// With `--orphans keep`: why the service could not survive a crash of
+    /// baton now (no keeper runs, and none will be started again).
+    #[serde(default)]
+    pub no_keeper: Option<String>,
     /// The pid of the baton that died, whose service this one adopted.
     #[serde(default)]
     pub adopted_from: Option<i32>,

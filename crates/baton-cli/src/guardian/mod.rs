@@ -417,6 +417,7 @@ impl Guardian {
                     upgrades: self.upgrades,
                     upgraded_at: self.upgraded_at,
                     keeper: self.orphans.keeper().map(|k| k.pid),
+                    no_keeper: self.orphans.no_keeper(),
                     adopted_from: self.orphans.adopted_from,
                     releases: self.releases.describe(),
                     not_ready: self.not_ready(),

@@ -70,6 +70,19 @@ impl Orphans {
         self.keeper
     }
 
+    /// With `--orphans keep`, why no keeper runs (so a crash of baton now
+    /// would leave the service unadoptable); `None` when one runs or none
+    /// is wanted.
+    pub fn no_keeper(&self) -> Option<String> {
+        (self.keep && self.keeper.is_none()).then(|| {
+            format!(
+                "no descriptor keeper runs (it could not be started, or exited {} times): if baton \
+                 dies now, the next baton run cannot adopt the service",
+                self.keeper_restarts
+            )
+        })
+    }
+
     /// Starts the keeper (with `--orphans keep`). A keeper that cannot be
     /// started costs only the adoption after a crash: baton goes on.
     pub fn start_keeper(&mut self, cfg: &RunConfig, children: &mut Children) {

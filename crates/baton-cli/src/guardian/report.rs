@@ -27,6 +27,8 @@ pub struct Counters {
     pub upgraded_at: Option<Instant>,
     /// The descriptor keeper's pid.
     pub keeper: Option<i32>,
+    /// Why the service could not survive a crash of baton now.
+    pub no_keeper: Option<String>,
     /// The pid of the baton that died, whose service this one adopted.
     pub adopted_from: Option<i32>,
     /// The releases kept.
@@ -98,6 +100,7 @@ pub fn status<W>(
         version: super::handover::baton_version().to_owned(),
         upgrades: counters.upgrades,
         keeper_pid: counters.keeper,
+        no_keeper: counters.no_keeper,
         adopted_from: counters.adopted_from,
         releases: counters.releases.clone(),
         reverts: stats.reverts,

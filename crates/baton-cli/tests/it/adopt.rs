@@ -222,6 +222,35 @@ fn a_stopped_keeper_outlives_its_baton_and_the_service_is_adopted() {
 }
 
 #[test]
+fn status_says_when_no_keeper_will_be_started_again() {
+    let b = Baton::serving(&[], &[]);
+    assert!(b.status_json()["no_keeper"].is_null());
+    // Kill every keeper baton starts, until it gives up.
+    let mut killed = 0;
+    let gave_up = loop {
+        let status = b.status_json();
+        if let Some(why) = status["no_keeper"].as_str() {
+            break why.to_owned();
+        }
+        assert!(killed < 20, "baton never gave up: {status}");
+        if let Some(pid) = status["keeper_pid"].as_u64() {
+            support::send(pid as u32, Signal::KILL);
+            wait_until("a new keeper, or none", LONG, || {
+                let s = b.status_json();
+                s["keeper_pid"].as_u64() != Some(pid)
+            });
+            killed += 1;
+        }
+    };
+    assert!(gave_up.contains("cannot adopt"), "{gave_up}");
+    let text = b.ctl(&["status"]);
+    assert!(
+        text.stdout.contains("warning: no descriptor keeper runs"),
+        "{text:?}"
+    );
+}
+
+#[test]
 fn with_orphans_stop_the_app_dies_with_baton() {
     let mut b = Baton::serving(&["--orphans", "stop"], &[]);
     let app = b.gen_pid(1);
