@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 use crate::bound::{BoundListener, ControlSocket};
@@ -283,7 +283,12 @@ fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if std::fs::symlink_metadata(dir).is_err() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        // 0700 from the start (no window with the umask's mode).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     // (A directory given for the socket gets its own advice, below.)

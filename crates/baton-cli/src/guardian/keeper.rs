@@ -83,6 +83,10 @@ pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<Ex
     // from a terminal or an orphaned group, must not end it either.
     sys::signal::ignore_hangup().context("ignoring SIGHUP")?;
     socket.set_nonblocking(true)?;
+    // Listening again makes the socket's credentials the keeper's own, so
+    // that a client's SO_PEERCRED names the keeper, not the baton that
+    // bound the socket.
+    rustix::net::listen(&socket, 64).context("listening on the keeper's socket")?;
     let mut orphaned = false;
     let mut held: Vec<Held> = Vec::new();
     let me = rustix::process::geteuid().as_raw();

@@ -203,6 +203,12 @@ impl Guardian {
                 "stop requested again: the rest of the shutdown delay is skipped"
             );
         }
+        self.stop_now(why);
+    }
+
+    /// Stops now: an upgrade under way is abandoned, generations with no
+    /// process left are not waited for, and the policy stops the rest.
+    fn stop_now(&mut self, why: &str) {
         if let Some(mut up) = self.upgrade.take()
             && let Some(pid) = up.stopping()
         {
@@ -272,8 +278,7 @@ impl Guardian {
         if self.shutdown_at.is_some_and(|at| at <= now) {
             self.shutdown_at = None;
             info!("shutdown: the delay is over; stopping");
-            let actions = self.policy.stop(now, "shutdown delay over");
-            self.apply(actions);
+            self.stop_now("shutdown delay over");
             return;
         }
         self.restart_workers(now);
@@ -573,7 +578,11 @@ impl Guardian {
                 Some(Owner::Check(slot)) => {
                     self.check_done(slot, exit.pid, exit.status);
                 }
-                Some(Owner::UpgradeCheck) => self.upgrade_checked(exit.pid, exit.status),
+                Some(Owner::UpgradeCheck) => {
+                    // What it left behind (its group) goes with it.
+                    let _ = sys::signal::send_group(exit.pid, Signal::KILL);
+                    self.upgrade_checked(exit.pid, exit.status);
+                }
                 Some(Owner::Keeper) => {
                     let stopping = self.policy.is_stopping();
                     self.orphans

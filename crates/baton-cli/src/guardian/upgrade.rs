@@ -206,9 +206,14 @@ pub fn candidate(binary: &Path) -> Result<PathBuf, String> {
 /// refused. It must repeat `nonce`, read from the handover it was given.
 pub fn read_answer(answer: OwnedFd, nonce: u64) -> Result<String, String> {
     use std::io::Read;
-    let mut text = String::new();
-    let file = std::fs::File::from(answer);
-    let _ = file.take(4096).read_to_string(&mut text);
+    // What the check wrote before it exited is in the pipe; a descendant
+    // that kept the write end open must not make the loop wait.
+    let _ = crate::sys::exec::set_nonblocking(answer.as_fd());
+    let mut bytes = Vec::new();
+    let _ = std::fs::File::from(answer)
+        .take(4096)
+        .read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().next().unwrap_or_default();
     match line.strip_prefix(ACCEPTED) {
         Some(rest) => {

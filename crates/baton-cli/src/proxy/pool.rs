@@ -235,6 +235,23 @@ impl Pool {
     }
 }
 
+/// This proxy thread ends: its part of every pool it watched is closed
+/// (those connections belong to its runtime), and the watch list is
+/// emptied, so that a thread started again on the same slot watches anew.
+pub fn forget_thread() {
+    let pools = WATCH.with(|w| {
+        let mut w = w.borrow_mut();
+        w.waker = None;
+        std::mem::take(&mut w.pools)
+    });
+    for pool in pools.iter().filter_map(Weak::upgrade) {
+        if let Some(mut part) = pool.part() {
+            part.conns.clear();
+            part.listed = false;
+        }
+    }
+}
+
 /// This proxy thread's pool watcher, run for as long as the thread serves:
 /// woken when anything arrives on an idle connection of any pool on this
 /// thread, and every `period`; closes what must not be reused.
@@ -364,6 +381,25 @@ mod tests {
             // A closed pool takes nothing more.
             pool.close();
             let _server = checked_in(&pool, 0).await;
+            watcher.abort();
+        });
+    }
+
+    #[test]
+    fn a_thread_that_ends_forgets_its_part_of_every_pool() {
+        runtime().block_on(async {
+            let watcher = tokio::spawn(watch(Duration::from_secs(3600)));
+            tokio::task::yield_now().await;
+            let pool = Pool::new(1, POOL_IDLE, Arc::default());
+            let _server = pooled(&pool).await;
+            forget_thread();
+            assert_eq!(pool.idle(), 0, "closed with the thread");
+            watcher.abort();
+            // Started again: the new watcher lists the pool again.
+            let watcher = tokio::spawn(watch(Duration::from_secs(3600)));
+            tokio::task::yield_now().await;
+            let _again = pooled(&pool).await;
+            assert_eq!(WATCH.with(|w| w.borrow().pools.len()), 1);
             watcher.abort();
         });
     }

@@ -103,6 +103,9 @@ pub fn start(
                             let sweeper = tokio::spawn(pool::watch(period));
                             http::serve(listeners, Arc::clone(&proxy), stopped).await;
                             sweeper.abort();
+                            // Its connections go with its runtime; a
+                            // thread started again (`resume`) begins anew.
+                            pool::forget_thread();
                         }
                         Mode::Tcp => tcp::serve(listeners, Arc::clone(&proxy), stopped).await,
                     }

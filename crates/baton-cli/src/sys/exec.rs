@@ -33,6 +33,13 @@ pub fn read_all(fd: OwnedFd) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Makes `fd` non-blocking.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(())
+}
+
 /// Whether `fd` survives an `execve` (close-on-exec cleared) or not.
 pub fn set_inheritable(fd: BorrowedFd<'_>, inherit: bool) -> io::Result<()> {
     let flags = if inherit {

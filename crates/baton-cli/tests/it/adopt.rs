@@ -121,6 +121,9 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
     let mut first = Baton::serving(&[], &[]);
     let port = first.port();
     let app = first.gen_pid(1);
+    let keeper = first.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper");
     kill(&mut first);
     let state = first.control.with_file_name(
         first
@@ -147,8 +150,8 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
     );
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
-        out.stderr.contains("cannot be read") && out.stderr.contains("keeper"),
-        "{}",
+        out.stderr.contains("cannot be read") && out.stderr.contains(&format!("(pid {keeper},")),
+        "the keeper named, not the dead baton: {}",
         out.stderr
     );
     // Nothing was touched: the file, the keeper and the app are there.

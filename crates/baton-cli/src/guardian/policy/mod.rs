@@ -854,7 +854,10 @@ impl<W> Policy<W> {
             }
             Next::Limit { restarts, interval } => {
                 let window = humantime::format_duration(interval);
-                let burst = restarts;
+                let burst = match self.cfg.start_limit {
+                    crate::spec::StartLimit::Limit { burst, .. } => burst as usize,
+                    crate::spec::StartLimit::Off => restarts,
+                };
                 error!(
                     restarts,
                     "start limit hit: {restarts} restarts within {window} (--start-limit {burst}/{window}); giving up"
