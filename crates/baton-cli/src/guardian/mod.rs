@@ -154,6 +154,9 @@ struct Guardian {
     /// exec, ready to stop signal) is measured from here.
     event_at: Instant,
     exit: Option<u8>,
+    /// The upgrade is ready to exec: the loop does it next, with every
+    /// signal blocked and those already taken raised again (`running.rs`).
+    exec_pending: bool,
 }
 
 impl Guardian {
@@ -1079,9 +1082,9 @@ impl Guardian {
         match step {
             upgrade::Step::Wait => {}
             upgrade::Step::Over => self.upgrade = None,
-            upgrade::Step::Exec => self.upgrade_exec(),
+            upgrade::Step::Exec => self.exec_pending = true,
             upgrade::Step::Quiesce => match self.launch.quiesce() {
-                None => self.upgrade_exec(),
+                None => self.exec_pending = true,
                 Some(done) => {
                     info!("upgrade: waiting for client connections to finish; new ones wait");
                     let events = self.events.clone();
@@ -1096,7 +1099,8 @@ impl Guardian {
     }
 
     /// Replaces this image with the checked binary. Returns only if that
-    /// failed (the client is told, and baton goes on).
+    /// failed (the client is told, and baton goes on). Called by the loop
+    /// with every signal blocked.
     fn upgrade_exec(&mut self) {
         let Some(mut up) = self.upgrade.take() else {
             return;

@@ -179,6 +179,8 @@ impl Releases {
             let _ = std::thread::Builder::new()
                 .name("baton-hash".into())
                 .spawn(move || {
+                    // Signals go to the guardian's thread alone.
+                    let _ = crate::sys::exec::block_signals();
                     if let Ok(h) = hash(&copy) {
                         let _ = slot.set(h);
                     }

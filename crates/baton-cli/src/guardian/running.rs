@@ -188,6 +188,7 @@ impl Running {
                 .map_or(now, |h| sys::clock::instant(h.started_ns)),
             event_at: now,
             exit: None,
+            exec_pending: false,
         };
         match (handover, adopt) {
             (Some(h), _) => g.resume(h),
@@ -231,6 +232,9 @@ impl Running {
             ..
         } = self;
         while g.exit.is_none() {
+            if std::mem::take(&mut g.exec_pending) {
+                exec_with_signals_kept(g, signals).await;
+            }
             let deadline = g.next_deadline();
             let sleep = async {
                 match deadline {
@@ -329,4 +333,37 @@ impl Signals {
             winch: signal(SignalKind::window_change())?,
         })
     }
+}
+
+/// The upgrade's exec, losing no signal: every signal is blocked (the
+/// proxy's and helper threads block them from their start, so only this
+/// thread takes any), those the runtime already took are raised again,
+/// now pending, and pending signals survive `execve` for the new image to
+/// take once its handlers are installed (children that exit meanwhile are
+/// reaped by the new image as it resumes). If the exec fails, the mask is
+/// restored and they reach this image's handlers as usual.
+async fn exec_with_signals_kept(g: &mut Guardian, signals: &mut Signals) {
+    let Ok(mask) = sys::exec::block_signals() else {
+        g.upgrade_exec();
+        return;
+    };
+    // A signal taken just before the block is in the runtime's pipe: one
+    // turn of the runtime's driver passes it on to its stream.
+    tokio::task::yield_now().await;
+    for (stream, signal) in [
+        (&mut signals.hup, Signal::HUP),
+        (&mut signals.usr2, Signal::USR2),
+        (&mut signals.term, Signal::TERM),
+        (&mut signals.int, Signal::INT),
+        (&mut signals.quit, Signal::QUIT),
+        (&mut signals.usr1, Signal::USR1),
+        (&mut signals.winch, Signal::WINCH),
+    ] {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if stream.poll_recv(&mut cx).is_ready() {
+            let _ = sys::signal::send(std::process::id() as i32, signal);
+        }
+    }
+    g.upgrade_exec();
+    sys::exec::restore_signals(&mask);
 }

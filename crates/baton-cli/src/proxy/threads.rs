@@ -82,6 +82,9 @@ pub fn start(
         std::thread::Builder::new()
             .name(format!("baton-proxy-{index}"))
             .spawn(move || {
+                // Signals go to the guardian's thread alone (an upgrade
+                // counts on it to keep them across its exec).
+                let _ = crate::sys::exec::block_signals();
                 slot::enter(index);
                 runtime.block_on(async move {
                     let ticks = slot::start_ticks();

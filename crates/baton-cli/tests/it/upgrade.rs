@@ -288,3 +288,68 @@ fn upgrades_leave_no_descriptor_behind() {
     });
     assert_eq!(b.status_json()["keeper_pid"], keeper, "the same keeper");
 }
+
+/// `n` upgrades of `b`, each with `signal` sent to baton the moment it logs
+/// that it hands over (the worst moment: between its last look at its
+/// signals and the exec). Each upgrade's binary is a link of its own to
+/// baton, so that each log line names it.
+fn signal_at_each_handover(b: &Baton, n: usize, signal: rustix::process::Signal) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..n {
+        let binary = dir.path().join(format!("baton-link-{i}"));
+        std::fs::hard_link(support::exe(), &binary).expect("link");
+        let control = b.control.clone();
+        let path = binary.clone();
+        let client = std::thread::spawn(move || {
+            support::run(
+                &[
+                    "upgrade".into(),
+                    "--control".into(),
+                    control.into(),
+                    "--binary".into(),
+                    path.into(),
+                ],
+                LONG,
+            )
+        });
+        let name = binary.display().to_string();
+        b.wait_for(
+            "the handover",
+            |l| l.contains("upgrade: handing over") && l.contains(&name),
+            LONG,
+        );
+        b.signal(signal);
+        let out = client.join().expect("client");
+        assert_eq!(out.code, Some(0), "upgrade {i}: {out:?}\n{}", b.dump());
+        if signal == rustix::process::Signal::TERM {
+            return;
+        }
+        support::wait_until(&format!("the SIGHUP of upgrade {i} reloaded"), LONG, || {
+            b.status_json()["reloads_ok"].as_u64() == Some(i as u64 + 1)
+        });
+    }
+}
+
+#[test]
+fn signals_sent_as_baton_hands_over_are_not_lost() {
+    for proxy in [false, true] {
+        let trials = if proxy { 10 } else { 30 };
+        let start = || {
+            if proxy {
+                Baton::behind_proxy("http", &[], &[])
+            } else {
+                Baton::serving(&[], &[])
+            }
+        };
+        // SIGHUP: a reload follows each upgrade.
+        let b = start();
+        signal_at_each_handover(&b, trials, rustix::process::Signal::HUP);
+        // SIGTERM: the new image stops.
+        for _ in 0..trials {
+            let mut b = start();
+            signal_at_each_handover(&b, 1, rustix::process::Signal::TERM);
+            let status = b.wait_exit(LONG);
+            assert_eq!(status.code(), Some(0), "{}", b.dump());
+        }
+    }
+}
