@@ -48,6 +48,47 @@ pub struct Orphans {
     write_failed: bool,
     /// The pid of the baton that died, whose service this one adopted.
     pub adopted_from: Option<i32>,
+    /// Calls to the keeper, made off the loop (a keeper that is stopped or
+    /// slow never holds the loop up).
+    courier: Option<std::sync::mpsc::Sender<Call>>,
+}
+
+/// A call to the keeper, carried by the courier thread.
+#[derive(Debug)]
+enum Call {
+    /// Hold a worker's output pipes.
+    Hold(Slot, OwnedFd, OwnedFd),
+    /// Let them go.
+    Release(Slot),
+}
+
+/// Starts the thread that makes the calls to the keeper at `path`, one
+/// after another, each bounded by the keeper client's timeouts; it ends
+/// with the sender.
+fn courier(path: PathBuf) -> std::sync::mpsc::Sender<Call> {
+    let (tx, rx) = std::sync::mpsc::channel::<Call>();
+    let spawned = std::thread::Builder::new()
+        .name("baton-keeper-calls".into())
+        .spawn(move || {
+            // Signals go to the guardian's thread alone.
+            let _ = sys::exec::block_signals();
+            for call in rx {
+                match call {
+                    Call::Hold(slot, out, err) => {
+                        if let Err(e) = keeper::hold(&path, slot, out.as_fd(), err.as_fd()) {
+                            warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+                        }
+                    }
+                    Call::Release(slot) => {
+                        let _ = keeper::release(&path, slot);
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "keeper: no thread for its calls; outputs are not held");
+    }
+    tx
 }
 
 impl Orphans {
@@ -62,6 +103,8 @@ impl Orphans {
             written: Vec::new(),
             write_failed: false,
             adopted_from: None,
+            courier: (cfg.orphans == Mode::Keep)
+                .then(|| courier(state::keeper_path(&cfg.control_path))),
         }
     }
 
@@ -139,20 +182,24 @@ impl Orphans {
         if self.keeper.is_none() {
             return;
         }
-        if let Err(e) = keeper::hold(
-            &self.keeper_path,
-            slot,
-            readers.0.as_fd(),
-            readers.1.as_fd(),
-        ) {
-            warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+        match (readers.0.try_clone(), readers.1.try_clone()) {
+            (Ok(out), Ok(err)) => {
+                if let Some(courier) = &self.courier {
+                    let _ = courier.send(Call::Hold(slot, out, err));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+            }
         }
     }
 
     /// Worker process `slot` is gone: the keeper lets its pipes go.
     pub fn release(&self, slot: Slot) {
-        if self.keeper.is_some() {
-            let _ = keeper::release(&self.keeper_path, slot);
+        if self.keeper.is_some()
+            && let Some(courier) = &self.courier
+        {
+            let _ = courier.send(Call::Release(slot));
         }
     }
 

@@ -254,6 +254,26 @@ fn status_says_when_no_keeper_will_be_started_again() {
 }
 
 #[test]
+fn a_stopped_keeper_holds_up_no_reload_and_gets_the_outputs_once_it_runs() {
+    let b = Baton::serving(&["--log-prefix", "--workers", "3"], &[]);
+    let keeper = b.status_json()["keeper_pid"].as_u64().expect("a keeper") as u32;
+    support::send(keeper, Signal::STOP);
+    // The calls that hand the keeper the new workers' pipes wait on their
+    // own thread; the reload and status do not wait on them.
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", b.dump());
+    assert_eq!(b.status_json()["serving"], 2);
+    support::send(keeper, Signal::CONT);
+    let (code, json) = b.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", b.dump());
+    assert_eq!(
+        b.status_json()["keeper_pid"],
+        keeper,
+        "the same keeper serves on"
+    );
+}
+
+#[test]
 fn with_orphans_stop_the_app_dies_with_baton() {
     let mut b = Baton::serving(&["--orphans", "stop"], &[]);
     let app = b.gen_pid(1);
