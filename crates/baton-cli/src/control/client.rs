@@ -31,31 +31,58 @@ pub fn locate(target: &Target<'_>) -> Result<PathBuf, ControlError> {
         super::validate_name(name).map_err(ControlError::NoSocket)?;
         return Ok(super::default_path(name));
     }
-    let dir = super::default_dir();
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+    find_in(&super::default_dir())
+}
+
+/// The only live control socket in `dir`: keepers' sockets are not
+/// services, and a socket nothing listens on any more (a baton that was
+/// killed) is skipped and mentioned.
+fn find_in(dir: &Path) -> Result<PathBuf, ControlError> {
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".keeper.sock"))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    found.sort();
-    match found.len() {
-        1 => Ok(found.remove(0)),
+    candidates.sort();
+    let (mut live, stale): (Vec<PathBuf>, Vec<PathBuf>) = candidates.into_iter().partition(|p| {
+        !matches!(
+            std::os::unix::net::UnixStream::connect(p),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    });
+    let names = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .filter_map(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let skipped = if stale.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (skipped, nothing listens on them any more: {})",
+            names(&stale)
+        )
+    };
+    match live.len() {
+        1 => Ok(live.remove(0)),
         0 => Err(ControlError::NoSocket(format!(
-            "no baton control socket in {}; is `baton run` running? (or pass --name or --control)",
+            "no running baton's control socket in {}{skipped}; is `baton run` running? (or pass --name or --control)",
             dir.display()
         ))),
         _ => Err(ControlError::NoSocket(format!(
-            "several services run ({}); pass --name to choose one",
-            found
-                .iter()
-                .filter_map(|p| p.file_stem())
-                .map(|s| s.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "several services run ({}){skipped}; pass --name to choose one",
+            names(&live)
         ))),
     }
 }
@@ -358,5 +385,39 @@ fn unexpected(response: Response) -> anyhow::Result<ExitCode> {
         Response::Error { message } => anyhow::bail!("baton refused the request: {message}"),
         Response::Stopping => anyhow::bail!("baton is stopping"),
         other => anyhow::bail!("unexpected answer from baton: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_only_live_service_is_found_past_keepers_and_stale_sockets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listen = |name: &str| {
+            std::os::unix::net::UnixListener::bind(dir.path().join(name)).expect("bind")
+        };
+        let _app = listen("app.sock");
+        let _keeper = listen("app.keeper.sock");
+        drop(listen("dead.sock"));
+        assert_eq!(
+            find_in(dir.path()).expect("found"),
+            dir.path().join("app.sock")
+        );
+        let _other = listen("web.sock");
+        let err = find_in(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("several services run (app, web)"), "{err}");
+        assert!(
+            err.contains("skipped, nothing listens on them any more: dead"),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(
+            find_in(empty.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no running baton")
+        );
     }
 }
