@@ -134,20 +134,24 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
             .replace(".sock", ".state.json"),
     );
     assert!(state.is_file(), "{}", state.display());
+    // Another `baton run` on the same control socket and port.
+    let again = || {
+        support::run(
+            &[
+                "run".into(),
+                "--control".into(),
+                first.control.clone().into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}").into(),
+                "--".into(),
+                support::exe().into(),
+                "demo-app".into(),
+            ],
+            LONG,
+        )
+    };
     std::fs::write(&state, b"{damaged").expect("damage it");
-    let out = support::run(
-        &[
-            "run".into(),
-            "--control".into(),
-            first.control.clone().into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}").into(),
-            "--".into(),
-            support::exe().into(),
-            "demo-app".into(),
-        ],
-        LONG,
-    );
+    let out = again();
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
         out.stderr.contains("cannot be read") && out.stderr.contains(&format!("(pid {keeper},")),
@@ -168,19 +172,7 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
         0,
     )
     .expect("mkfifo");
-    let out = support::run(
-        &[
-            "run".into(),
-            "--control".into(),
-            first.control.clone().into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}").into(),
-            "--".into(),
-            support::exe().into(),
-            "demo-app".into(),
-        ],
-        LONG,
-    );
+    let out = again();
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
         out.stderr.contains("not a regular file (a FIFO)"),

@@ -192,20 +192,7 @@ fn stopping_during_an_upgrade_check_kills_the_check() {
     .expect("write");
     std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let control = b.control.clone();
-    let hang_path = hang.to_str().expect("utf-8").to_owned();
-    let client = std::thread::spawn(move || {
-        support::run(
-            &[
-                "upgrade".into(),
-                "--control".into(),
-                control.into(),
-                "--binary".into(),
-                hang_path.into(),
-            ],
-            LONG,
-        )
-    });
+    let client = upgrade_in_background(&b, &hang);
     let read_pid = || -> Option<u32> {
         std::fs::read_to_string(&marker)
             .ok()
@@ -289,6 +276,26 @@ fn upgrades_leave_no_descriptor_behind() {
     assert_eq!(b.status_json()["keeper_pid"], keeper, "the same keeper");
 }
 
+/// `baton upgrade --binary BINARY` of `b`, on a thread of its own.
+fn upgrade_in_background(
+    b: &Baton,
+    binary: &std::path::Path,
+) -> std::thread::JoinHandle<support::Output> {
+    let (control, binary) = (b.control.clone(), binary.to_owned());
+    std::thread::spawn(move || {
+        support::run(
+            &[
+                "upgrade".into(),
+                "--control".into(),
+                control.into(),
+                "--binary".into(),
+                binary.into(),
+            ],
+            LONG,
+        )
+    })
+}
+
 /// `n` upgrades of `b`, each with `signal` sent to baton the moment it logs
 /// that it hands over (the worst moment: between its last look at its
 /// signals and the exec). Each upgrade's binary is a link of its own to
@@ -298,20 +305,7 @@ fn signal_at_each_handover(b: &Baton, n: usize, signal: rustix::process::Signal)
     for i in 0..n {
         let binary = dir.path().join(format!("baton-link-{i}"));
         std::fs::hard_link(support::exe(), &binary).expect("link");
-        let control = b.control.clone();
-        let path = binary.clone();
-        let client = std::thread::spawn(move || {
-            support::run(
-                &[
-                    "upgrade".into(),
-                    "--control".into(),
-                    control.into(),
-                    "--binary".into(),
-                    path.into(),
-                ],
-                LONG,
-            )
-        });
+        let client = upgrade_in_background(b, &binary);
         let name = binary.display().to_string();
         b.wait_for(
             "the handover",
