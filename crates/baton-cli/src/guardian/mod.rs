@@ -983,6 +983,7 @@ impl Guardian {
     fn housekeeping(&mut self) {
         self.check_listeners(None);
         self.check_rss();
+        self.releases.recheck();
         self.pressure.report(Instant::now());
         if self.pressure.should_trim() {
             let returned = sys::memory::trim();

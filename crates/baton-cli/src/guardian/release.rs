@@ -14,10 +14,14 @@
 //! baton keeps the releases that served most recently ([`KEEP`]): the
 //! current one and the ones before it, a descriptor and a few kilobytes
 //! each. A release is run again only if it can be reproduced: its file
-//! was not written to since (its size and modification time are what they
-//! were; a deploy that renames a new file over the path leaves the old
-//! inode as it was) and its working directory is still the same
-//! directory. These checks cost one
+//! was not written to since and its working directory is still the same
+//! directory. Its size and modification time must be what they were; an
+//! edit in place that keeps both (its mtime put back) still changes the
+//! inode's ctime, and so does a deploy that renames a new file over the
+//! path (the old inode loses a link): when the ctime moves, the kept file
+//! is hashed again on a thread of its own ([`Releases::recheck`], from the
+//! guardian's once-a-second housekeeping) and a release whose contents
+//! differ from when it ran is refused. The checks on the loop cost one
 //! `fstat` and one `stat`, so a revert is never slowed down; the content
 //! hash, shown in `status`, is computed once per new release on a thread
 //! of its own, off the guardian's loop.
@@ -57,6 +61,9 @@ pub struct Info {
     pub size: u64,
     /// Modification time (seconds, nanoseconds).
     pub mtime: (i64, i64),
+    /// Status change time (seconds, nanoseconds).
+    #[serde(default)]
+    pub ctime: (i64, i64),
     /// The first 12 hex digits of the FNV-1a 64 hash of its contents, once
     /// known.
     pub hash: Option<String>,
@@ -81,6 +88,24 @@ pub struct Release {
     pub exe: Arc<OwnedFd>,
     /// The content hash, filled in by a thread of its own.
     hashed: Arc<std::sync::OnceLock<String>>,
+    /// The last look again at its contents, once its ctime moved: the
+    /// file's (size, mtime, ctime) then, and whether the contents were the
+    /// same (`None`: still hashing).
+    rechecked: Rechecked,
+}
+
+/// The last look again at a release's contents: when, and what was found.
+type Rechecked = Arc<std::sync::Mutex<Option<(Stamp, Option<bool>)>>>;
+
+/// A file's size, modification time and status change time.
+type Stamp = (u64, (i64, i64), (i64, i64));
+
+fn stamp(st: &rustix::fs::Stat) -> Stamp {
+    (
+        st.st_size as u64,
+        (st.st_mtime, st.st_mtime_nsec as i64),
+        (st.st_ctime, st.st_ctime_nsec as i64),
+    )
 }
 
 impl Release {
@@ -94,7 +119,47 @@ impl Release {
             info,
             exe: Arc::new(exe),
             hashed,
+            rechecked: Arc::default(),
         }
+    }
+
+    /// Hashes the file again, on a thread of its own, if its ctime moved
+    /// since it ran and since the last look.
+    fn recheck(&self) {
+        let Ok(st) = rustix::fs::fstat(&*self.exe) else {
+            return;
+        };
+        let now = stamp(&st);
+        let i = &self.info;
+        if now == (i.size, i.mtime, i.ctime) {
+            return;
+        }
+        let Some(ran) = self.hashed.get().cloned() else {
+            return;
+        };
+        {
+            let Ok(mut last) = self.rechecked.lock() else {
+                return;
+            };
+            if last.as_ref().is_some_and(|(at, _)| *at == now) {
+                return;
+            }
+            *last = Some((now, None));
+        }
+        let (Ok(exe), slot) = (self.exe.try_clone(), Arc::clone(&self.rechecked)) else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("baton-hash".into())
+            .spawn(move || {
+                let _ = crate::sys::exec::block_signals();
+                let same = hash(&exe).ok().map(|h| h == ran);
+                if let Ok(mut last) = slot.lock()
+                    && last.as_ref().is_some_and(|(at, _)| *at == now)
+                {
+                    *last = Some((now, same));
+                }
+            });
     }
 
     /// Its description, with the hash if known by now.
@@ -146,8 +211,7 @@ impl Releases {
             dev: st.st_dev,
             ino: st.st_ino,
         };
-        let size = st.st_size as u64;
-        let mtime = (st.st_mtime, st.st_mtime_nsec as i64);
+        let (size, mtime, ctime) = stamp(&st);
         let cwd_file = FileId {
             dev: cwd_meta.dev(),
             ino: cwd_meta.ino(),
@@ -193,6 +257,7 @@ impl Releases {
                 file,
                 size,
                 mtime,
+                ctime,
                 hash: None,
                 cwd,
                 cwd_file,
@@ -202,6 +267,7 @@ impl Releases {
             },
             exe: Arc::new(exe),
             hashed,
+            rechecked: Arc::default(),
         };
         self.pending.push(release.clone());
         Ok(release)
@@ -293,6 +359,12 @@ impl Releases {
     pub fn next_id(&self) -> u64 {
         self.next_id
     }
+
+    /// Looks again at every kept release whose file's ctime moved (see the
+    /// module's header); off the loop.
+    pub fn recheck(&self) {
+        self.all().for_each(Release::recheck);
+    }
 }
 
 /// Whether `release` can still be run as it ran: its file's contents and
@@ -301,8 +373,14 @@ pub fn check(release: &Release) -> Result<(), String> {
     let i = &release.info;
     let st = rustix::fs::fstat(&*release.exe)
         .map_err(|e| format!("looking at {}: {e}", i.program.display()))?;
-    let now = (st.st_size as u64, (st.st_mtime, st.st_mtime_nsec as i64));
-    if now != (i.size, i.mtime) {
+    let now = stamp(&st);
+    let differs = release
+        .rechecked
+        .lock()
+        .ok()
+        .and_then(|last| last.as_ref().filter(|(at, _)| *at == now).and_then(|l| l.1))
+        == Some(false);
+    if (now.0, now.1) != (i.size, i.mtime) || differs {
         return Err(format!(
             "release {} ({}) was changed in place since it ran",
             i.id,
@@ -415,5 +493,73 @@ mod tests {
         assert!(check(&v1).unwrap_err().contains("working directory"));
         std::fs::write(&exe, b"v1 patched").expect("write in place");
         assert!(check(&v1).unwrap_err().contains("changed in place"));
+    }
+
+    /// Waits until the kept file's contents were looked at again.
+    fn rechecked(r: &Releases, release: &Release) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            r.recheck();
+            let done = release
+                .rechecked
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .is_some_and(|(_, same)| same.is_some());
+            if done {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never rechecked");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the hash taken when `release` first ran.
+    fn hashed(release: &Release) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while release.hashed.get().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never hashed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_edit_in_place_that_puts_the_mtime_back_is_found_by_its_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("app");
+        std::fs::write(&exe, b"v1 code").expect("write");
+        let mut r = Releases::default();
+        let v1 = r.resolve(&exe, dir.path(), &[], 0, None).expect("v1");
+        r.served(v1.info.id);
+        hashed(&v1);
+        // The same size, and the old mtime put back.
+        let mtime = std::fs::metadata(&exe)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::fs::write(&exe, b"v1 evil").expect("edit");
+        std::fs::File::options()
+            .write(true)
+            .open(&exe)
+            .expect("open")
+            .set_modified(mtime)
+            .expect("put the mtime back");
+        assert_eq!(check(&v1), Ok(()), "size and mtime alone are fooled");
+        rechecked(&r, &v1);
+        assert!(check(&v1).unwrap_err().contains("changed in place"));
+        // A deploy that renames a new file over the path moves the old
+        // inode's ctime too, but not its contents: it still rolls back.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let exe2 = dir2.path().join("app");
+        std::fs::write(&exe2, b"v1 code").expect("write");
+        let mut r2 = Releases::default();
+        let old = r2.resolve(&exe2, dir2.path(), &[], 0, None).expect("old");
+        r2.served(old.info.id);
+        hashed(&old);
+        let tmp = dir2.path().join("app.new");
+        std::fs::write(&tmp, b"v2 code").expect("write");
+        std::fs::rename(&tmp, &exe2).expect("rename over");
+        rechecked(&r2, &old);
+        assert_eq!(check(&old), Ok(()));
     }
 }
