@@ -274,7 +274,7 @@ impl Orphans {
     pub fn finish(&mut self) {
         if let Some(k) = self.keeper.take()
             && keeper::quit(&self.keeper_path).is_err()
-            && sys::inspect::alive(k.pid, k.start_time)
+            && sys::inspect::alive_exactly(k.pid, k.start_time)
         {
             let _ = sys::signal::send(k.pid, crate::spec::Signal::TERM);
         }
@@ -333,7 +333,7 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
             return Ok(None);
         }
     };
-    if sys::inspect::alive(s.baton.pid, s.baton.start_time) {
+    if sys::inspect::alive_exactly(s.baton.pid, s.baton.start_time) {
         return Err(StartupError::Invalid(format!(
             "baton pid {} (which wrote {}) still runs but does not answer on {}; stop it first",
             s.baton.pid,
@@ -343,7 +343,7 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
     }
     let live: Vec<(u64, Process)> = s
         .processes()
-        .filter(|(_, p)| sys::inspect::alive(p.pid, p.start_time))
+        .filter(|(_, p)| sys::inspect::alive_exactly(p.pid, p.start_time))
         .collect();
     let matches = same_listeners(specs, &s);
     if let (Some(&(generation, p)), Err(why)) = (live.first(), &matches) {
@@ -425,7 +425,7 @@ impl Guardian {
         let mut adopted = Vec::new();
         for mut g in s.generations {
             g.processes
-                .retain(|p| sys::inspect::alive(p.pid, p.start_time));
+                .retain(|p| sys::inspect::alive_exactly(p.pid, p.start_time));
             let Some(&main) = g.processes.first() else {
                 continue;
             };

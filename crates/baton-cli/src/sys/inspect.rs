@@ -61,6 +61,13 @@ pub fn alive(pid: i32, start_time: Option<u64>) -> bool {
         })
 }
 
+/// Whether process `pid` runs and started at exactly `start_time`, for a
+/// process named by a file: without a start time, it is never taken for
+/// ours (a file could name any process).
+pub fn alive_exactly(pid: i32, start_time: Option<u64>) -> bool {
+    start_time.is_some() && alive(pid, start_time)
+}
+
 /// The state letter and start time of process `pid`.
 fn stat(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -260,6 +267,11 @@ mod tests {
         let t = start_time(me).expect("start time");
         assert_eq!(start_time(me), Some(t));
         assert!(start_time(0).is_none());
+        // A process named by a file must be named exactly.
+        assert!(alive(me, None) && alive(me, Some(t)));
+        assert!(alive_exactly(me, Some(t)));
+        assert!(!alive_exactly(me, None), "no start time never matches");
+        assert!(!alive_exactly(me, Some(t + 1)));
     }
 
     #[test]

@@ -266,6 +266,63 @@ fn a_stopped_keeper_holds_up_no_reload_and_gets_the_outputs_once_it_runs() {
 }
 
 #[test]
+fn a_state_file_that_names_a_process_without_its_start_time_is_not_believed() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let keeper = first.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper") as u32;
+    kill(&mut first);
+    // Nothing of the service is left: the file alone speaks of it.
+    support::send(app, Signal::KILL);
+    support::send(keeper, Signal::KILL);
+    wait_until("the app and the keeper are gone", LONG, || {
+        pid_gone(app) && pid_gone(keeper)
+    });
+    // An unrelated process of the same user, named in the file with no
+    // start time (which used to match any).
+    struct Bystander(std::process::Child);
+    impl Drop for Bystander {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let bystander = Bystander(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sleep"),
+    );
+    let path = first.control.with_file_name(
+        first
+            .control
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .replace(".sock", ".state.json"),
+    );
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state")).expect("json");
+    state["generations"][0]["processes"] = serde_json::json!([
+        {"pid": bystander.0.id(), "start_time": null}
+    ]);
+    std::fs::write(&path, serde_json::to_vec(&state).expect("json")).expect("forge");
+    let second = second_baton(&first, port, &[]);
+    second.wait_for_event("ready", 1);
+    let status = second.status_json();
+    assert!(status["adopted_from"].is_null(), "not adopted: {status}");
+    assert!(
+        !pid_gone(bystander.0.id()),
+        "the bystander was not signalled\n{}",
+        second.dump()
+    );
+}
+
+#[test]
 fn with_orphans_stop_the_app_dies_with_baton() {
     let mut b = Baton::serving(&["--orphans", "stop"], &[]);
     let app = b.gen_pid(1);
