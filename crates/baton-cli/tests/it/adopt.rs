@@ -43,6 +43,13 @@ fn second_baton(first: &Baton, port: u16, run_args: &[&str]) -> Baton {
         .start()
 }
 
+/// The state file beside `b`'s control socket.
+fn state_file(b: &Baton) -> std::path::PathBuf {
+    let name = b.control.file_name().expect("name").to_string_lossy();
+    b.control
+        .with_file_name(name.replace(".sock", ".state.json"))
+}
+
 /// Waits until the baton at `b`'s control socket has adopted the service of
 /// the baton `from`; returns its status.
 fn wait_adopted(b: &Baton, from: u32) -> serde_json::Value {
@@ -125,14 +132,7 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
         .as_u64()
         .expect("a keeper");
     kill(&mut first);
-    let state = first.control.with_file_name(
-        first
-            .control
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .replace(".sock", ".state.json"),
-    );
+    let state = state_file(&first);
     assert!(state.is_file(), "{}", state.display());
     // Another `baton run` on the same control socket and port.
     let again = || {
@@ -297,14 +297,7 @@ fn a_state_file_that_names_a_process_without_its_start_time_is_not_believed() {
             .spawn()
             .expect("sleep"),
     );
-    let path = first.control.with_file_name(
-        first
-            .control
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .replace(".sock", ".state.json"),
-    );
+    let path = state_file(&first);
     let mut state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).expect("state")).expect("json");
     state["generations"][0]["processes"] = serde_json::json!([
