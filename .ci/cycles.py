@@ -7,8 +7,7 @@ writes an inherent `impl T` for a type T that B defines (the methods then live
 in A while B's code calls them). Test modules (`#[cfg(test)]` to the end of a
 file) do not count. Each strongly connected group of more than one file is a
 circle; they are printed with the arrows that tie them, and the exit status is
-1 if there is any beyond the known ones below (which are still to be untied:
-a circle among them is reported, and any other file joining it fails).
+1 if there is any.
 
     .ci/cycles.py [CRATE_SRC_DIR ...]     (default: crates/*/src)
 """
@@ -222,25 +221,15 @@ def circles(nodes, edges):
     return out
 
 
-# Files whose `impl Guardian` blocks still tie them to the loop's file.
-KNOWN = {
-    "crates/baton-cli/src/guardian/mod.rs",
-    "crates/baton-cli/src/guardian/orphans.rs",
-    "crates/baton-cli/src/guardian/pool.rs",
-}
-
-
 def main():
     srcs = sys.argv[1:] or sorted(glob.glob("crates/*/src"))
-    found = known_seen = 0
+    found = 0
     for src in srcs:
         mods, edges = arrows(src)
         for group in circles(mods.keys(), edges):
             names = sorted(os.path.relpath(mods[k]) for k in group)
-            known = set(names) <= KNOWN
-            found += 0 if known else 1
-            known_seen += 1 if known else 0
-            print(f"{'known ' if known else ''}circle: {len(group)} files: {', '.join(names)}")
+            found += 1
+            print(f"circle: {len(group)} files: {', '.join(names)}")
             members = set(group)
             for (a, b), why in sorted(edges.items()):
                 if a in members and b in members:
@@ -248,7 +237,7 @@ def main():
     if found:
         print(f"{found} import circle(s): files that import each other in a loop")
         return 1
-    print(f"no new import circles in {', '.join(srcs)} ({known_seen} known)")
+    print(f"no import circles in {', '.join(srcs)}")
     return 0
 
 

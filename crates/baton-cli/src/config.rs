@@ -41,11 +41,6 @@ pub struct RunConfig {
     pub orphans: crate::spec::Orphans,
     /// The app's working directory, as given (resolved at each start).
     pub workdir: PathBuf,
-    /// `--shutdown-delay`: how long baton serves on, not ready, after a
-    /// stop request.
-    pub shutdown_delay: Option<Duration>,
-    /// `--workers`: processes per generation.
-    pub workers: usize,
     /// `--max-rss`: bytes.
     pub max_rss: Option<u64>,
     /// Timeouts, signals and backoff.
@@ -143,8 +138,6 @@ impl RunConfig {
             notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
             orphans: args.orphans.unwrap_or_default(),
             workdir,
-            shutdown_delay: args.shutdown_delay.filter(|d| !d.is_zero()),
-            workers: args.workers.map_or(1, crate::spec::Workers::count),
             max_rss: args.max_rss,
             policy,
             name,
@@ -366,6 +359,8 @@ fn policy(args: &RunArgs, proxy: Option<&ProxyConfig>, ready: &ReadyMode) -> Pol
         not_ready_hint,
         bake: args.bake.filter(|d| !d.is_zero()),
         keep_warm: proxy.is_some(),
+        workers: args.workers.map_or(1, crate::spec::Workers::count),
+        shutdown_delay: args.shutdown_delay.filter(|d| !d.is_zero()),
         ..defaults
     }
 }

@@ -42,6 +42,11 @@ pub struct PolicyConfig {
     /// it takes no new traffic, or its canary share, and a revert is a
     /// switch back to it).
     pub keep_warm: bool,
+    /// `--workers`: processes per generation.
+    pub workers: usize,
+    /// `--shutdown-delay`: at a stop, how long baton serves on, not ready
+    /// (`/readyz` 503), before it stops the app.
+    pub shutdown_delay: Option<Duration>,
 }
 
 /// `now + d`, for deadlines. Durations are capped at parse time
@@ -71,6 +76,8 @@ impl Default for PolicyConfig {
             },
             bake: None,
             keep_warm: false,
+            workers: 1,
+            shutdown_delay: None,
         }
     }
 }

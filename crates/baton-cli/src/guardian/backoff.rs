@@ -5,19 +5,22 @@
 //! its interval, after which the caller gives up (baton stops, or the worker
 //! stays down). Pure: the caller passes the time.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use super::stamp;
 use crate::knobs::{PolicyConfig, later};
 use crate::spec::StartLimit;
 
 /// Consecutive failures and recent restarts of one restartable thing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backoff {
     /// Consecutive failures (the delay's exponent).
     pub failures: u32,
     /// When recent restarts began, for the start limit.
-    pub recent: VecDeque<Instant>,
+    #[serde(with = "stamp::vec")]
+    pub recent: Vec<Instant>,
 }
 
 /// What follows a failure.
@@ -70,7 +73,7 @@ impl Backoff {
 
     /// A replacement started at `now` (it counts toward the start limit).
     pub fn restarted(&mut self, now: Instant) {
-        self.recent.push_back(now);
+        self.recent.push(now);
     }
 }
 

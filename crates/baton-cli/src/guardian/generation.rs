@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::task::AbortHandle;
 
+use super::backoff::Backoff;
 use super::readiness::Gate;
+use super::stamp;
 use crate::spec::Signal;
 
 /// Where a generation is in its life:
@@ -61,7 +63,7 @@ impl std::fmt::Display for State {
     }
 }
 
-/// One process of a generation (a pool of one today).
+/// A process, told apart from a later one that reuses its pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {
     /// Its pid.
@@ -95,6 +97,14 @@ impl Slot {
             generation,
             worker,
             incarnation: 0,
+        }
+    }
+
+    /// The next start of the same worker.
+    pub fn next(self) -> Slot {
+        Slot {
+            incarnation: self.incarnation.saturating_add(1),
+            ..self
         }
     }
 
@@ -147,6 +157,93 @@ impl std::fmt::Display for Slot {
     }
 }
 
+/// One worker process of a generation: the one description of it that the
+/// policy decides on, the handover passes to an upgraded baton and the
+/// state file keeps for an adopting one. Runtime things (tasks, descriptors)
+/// are in [`Handles`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// The worker's index (0..N).
+    #[serde(default)]
+    pub worker: u32,
+    /// Which start of that worker.
+    #[serde(default)]
+    pub incarnation: u32,
+    /// Its pid and start time.
+    #[serde(flatten)]
+    pub process: Process,
+    /// It passed its readiness check.
+    #[serde(default)]
+    pub ready: bool,
+    /// It is being replaced (its successor is starting or took over, or
+    /// its generation was retired): no new traffic, and its exit is no
+    /// crash.
+    #[serde(default)]
+    pub replaced: bool,
+    /// How clients reach it (its own port in proxy mode).
+    #[serde(default)]
+    pub route: Option<Route>,
+    /// Its notification socket's address.
+    #[serde(default)]
+    pub notify: Option<String>,
+    /// When it started, as far as a baton saw.
+    #[serde(default, with = "stamp::option")]
+    pub started: Option<Instant>,
+    /// Reserved for an identity stronger than pid and start time (a
+    /// pidfd's inode, as a keeper holding pidfds would see it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u64>,
+}
+
+impl WorkerRecord {
+    /// A process just started as `slot`.
+    pub fn started(slot: Slot, process: Process, route: Route, notify: Option<String>) -> Self {
+        WorkerRecord {
+            worker: slot.worker,
+            incarnation: slot.incarnation,
+            process,
+            ready: false,
+            replaced: false,
+            route: Some(route),
+            notify,
+            started: None,
+            identity: None,
+        }
+    }
+
+    /// Its slot in generation `generation`.
+    pub fn slot(&self, generation: u64) -> Slot {
+        Slot {
+            generation,
+            worker: self.worker,
+            incarnation: self.incarnation,
+        }
+    }
+
+    /// It takes traffic: ready, and not being replaced.
+    pub fn serves(&self) -> bool {
+        self.ready && !self.replaced
+    }
+}
+
+/// One worker index of a generation's pool, across its replacements.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    /// Its latest start (the slot's incarnation).
+    pub incarnation: u32,
+    /// Its restart delay and start limit (the same rule as a generation's).
+    pub backoff: Backoff,
+    /// Replacements after it died.
+    pub restarts: u32,
+    /// Replacements because it grew past `--max-rss`.
+    pub rss_replacements: u32,
+    /// When its replacement starts.
+    #[serde(with = "stamp::option")]
+    pub restart_at: Option<Instant>,
+    /// It exceeded its start limit (or `--restart` said no): it stays down.
+    pub down: bool,
+}
+
 /// How clients reach a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -167,8 +264,12 @@ pub struct Generation {
     pub id: u64,
     /// Where it is in its life.
     pub state: State,
-    /// Its processes, once spawned.
-    pub processes: Vec<Process>,
+    /// Its worker processes, once spawned (one per worker, two while
+    /// one hands over to its successor).
+    pub processes: Vec<WorkerRecord>,
+    /// Its pool of workers (`--workers`), by index.
+    #[serde(default)]
+    pub workers: Vec<Worker>,
     /// How clients reach it.
     pub route: Route,
     /// When it was spawned.
@@ -195,6 +296,7 @@ impl Generation {
             id,
             state: State::Starting,
             processes: Vec::new(),
+            workers: Vec::new(),
             route: Route::Sockets,
             spawned_at: now,
             state_since: now,
@@ -204,9 +306,32 @@ impl Generation {
         }
     }
 
-    /// The pid of its main process, once spawned.
+    /// The pid of its first process, once spawned.
     pub fn pid(&self) -> Option<i32> {
-        self.processes.first().map(|p| p.pid)
+        self.processes.first().map(|p| p.process.pid)
+    }
+
+    /// Its worker process `slot`.
+    pub fn process(&self, slot: Slot) -> Option<&WorkerRecord> {
+        self.processes
+            .iter()
+            .find(|p| p.worker == slot.worker && p.incarnation == slot.incarnation)
+    }
+
+    /// Its worker process `slot`, to change.
+    pub fn process_mut(&mut self, slot: Slot) -> Option<&mut WorkerRecord> {
+        self.processes
+            .iter_mut()
+            .find(|p| p.worker == slot.worker && p.incarnation == slot.incarnation)
+    }
+
+    /// Worker `index` of its pool (grown to hold it).
+    pub fn worker(&mut self, index: u32) -> &mut Worker {
+        let i = index as usize;
+        if self.workers.len() <= i {
+            self.workers.resize(i + 1, Worker::default());
+        }
+        &mut self.workers[i]
     }
 
     /// Moves it to `state` at `now`.
@@ -221,19 +346,9 @@ impl Generation {
 /// (tasks aborted) when the generation is gone.
 #[derive(Debug, Default)]
 pub struct Handles {
-    /// Its process's pid (0 until spawned).
+    /// Its process's pid (0 until spawned); the rest of what is known of
+    /// the process is its [`WorkerRecord`], in the policy.
     pub pid: i32,
-    /// When its process started (`/proc` start time).
-    pub start_time: Option<u64>,
-    /// Whether it has said it is ready.
-    pub ready: bool,
-    /// It is being replaced (its successor is starting, or took over):
-    /// no new traffic, and its exit is no crash.
-    pub replaced: bool,
-    /// When it was started.
-    pub started_at: Option<Instant>,
-    /// How clients reach it.
-    pub route: Option<Route>,
     /// Tasks working for it (its notification reader, readiness checks).
     pub tasks: Vec<AbortHandle>,
     /// How it is judged ready.
@@ -250,24 +365,19 @@ pub struct Handles {
     pub pending_stop: Option<Signal>,
     /// Its last `STATUS=`.
     pub status: Option<String>,
-    /// A second descriptor of its notification socket, and the socket's
-    /// address (handed over by an upgrade).
-    pub notify: Option<(std::os::fd::OwnedFd, String)>,
+    /// A second descriptor of its notification socket (handed over by an
+    /// upgrade).
+    pub notify: Option<std::os::fd::OwnedFd>,
     /// Second descriptors of the read ends of its `--log-prefix` pipes
     /// (stdout, stderr), handed over by an upgrade.
     pub log_readers: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
 }
 
 impl Handles {
-    /// The handles of a process already running (handed over by an
-    /// upgrade, or adopted), started at `now` as far as this baton knows.
-    pub fn running(process: Process, ready: bool, route: Option<Route>, now: Instant) -> Handles {
+    /// The handles of process `pid`, with nothing running for it yet.
+    pub fn of(pid: i32) -> Handles {
         let mut h = Handles::default();
-        h.pid = process.pid;
-        h.start_time = process.start_time;
-        h.ready = ready;
-        h.started_at = Some(now);
-        h.route = route;
+        h.pid = pid;
         h
     }
 }
@@ -283,55 +393,6 @@ impl Drop for Handles {
     }
 }
 
-/// Instants as nanoseconds of `CLOCK_MONOTONIC`, for serde.
-pub(crate) mod stamp {
-    use std::time::Instant;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(at: &Instant, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(crate::sys::clock::monotonic_ns(*at))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
-        Ok(crate::sys::clock::instant(u64::deserialize(d)?))
-    }
-
-    pub mod option {
-        use std::time::Instant;
-
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(at: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
-            match at {
-                Some(at) => s.serialize_some(&crate::sys::clock::monotonic_ns(*at)),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
-            Ok(Option::<u64>::deserialize(d)?.map(crate::sys::clock::instant))
-        }
-    }
-
-    pub mod vec {
-        use std::time::Instant;
-
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(at: &[Instant], s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(at.iter().map(|a| crate::sys::clock::monotonic_ns(*a)))
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Instant>, D::Error> {
-            Ok(Vec::<u64>::deserialize(d)?
-                .into_iter()
-                .map(crate::sys::clock::instant)
-                .collect())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,10 +401,15 @@ mod tests {
     fn the_data_goes_through_json_and_back() {
         let now = Instant::now();
         let mut g = Generation::new(7, now, Some(now + Duration::from_secs(30)));
-        g.processes.push(Process {
-            pid: 4242,
-            start_time: Some(123),
-        });
+        g.processes.push(WorkerRecord::started(
+            Slot::new(7, 0),
+            Process {
+                pid: 4242,
+                start_time: Some(123),
+            },
+            Route::Sockets,
+            None,
+        ));
         g.route = Route::Private { port: 40000 };
         g.enter(State::Serving, now + Duration::from_millis(300), None);
         g.ready_after = Some(Duration::from_millis(300));

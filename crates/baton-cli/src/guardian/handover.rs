@@ -19,7 +19,7 @@ use super::policy::Snapshot;
 use crate::sys::limits::Nofile;
 
 /// The version of the handover format this baton writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The environment variable naming the memfd that holds the handover.
 pub const ENV: &str = crate::knobs::UPGRADE_STATE_ENV;
@@ -46,21 +46,14 @@ pub struct Listener {
     pub unix_path: Option<PathBuf>,
 }
 
-/// A live worker process's descriptors in baton.
+/// A live worker process's descriptors in baton (what else is known of
+/// it is its record in the policy's state).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerationFds {
+pub struct WorkerFds {
     /// The worker process.
     pub slot: super::generation::Slot,
-    /// Its pid and start time.
-    pub process: super::generation::Process,
-    /// Whether it was ready, and whether it was being replaced.
-    pub ready: bool,
-    /// See [`super::generation::Handles::replaced`].
-    pub replaced: bool,
-    /// How clients reach it.
-    pub route: Option<super::generation::Route>,
-    /// Its notification socket, and the socket's address.
-    pub notify: Option<(RawFd, String)>,
+    /// Its notification socket.
+    pub notify: Option<RawFd>,
     /// The read ends of its `--log-prefix` pipes (stdout, stderr).
     pub log_readers: Option<(RawFd, RawFd)>,
     /// Ports it was seen listening on by itself.
@@ -86,8 +79,8 @@ pub struct Handover {
     pub metrics_fd: Option<RawFd>,
     /// The policy's state.
     pub policy: Snapshot,
-    /// The live generations' descriptors.
-    pub generations: Vec<GenerationFds>,
+    /// The live worker processes' descriptors.
+    pub workers: Vec<WorkerFds>,
     /// The descriptor limit baton found at its first start.
     pub nofile: Nofile,
     /// Listeners re-armed so far.
@@ -220,21 +213,14 @@ pub fn build(p: Parts<'_>) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
         fds.push(m.as_fd());
         m.as_raw_fd()
     });
-    let generations = p
+    let workers = p
         .handles
         .iter()
-        .map(|(slot, h)| GenerationFds {
+        .map(|(slot, h)| WorkerFds {
             slot: *slot,
-            process: super::generation::Process {
-                pid: h.pid,
-                start_time: h.start_time,
-            },
-            ready: h.ready,
-            replaced: h.replaced,
-            route: h.route,
-            notify: h.notify.as_ref().map(|(fd, address)| {
+            notify: h.notify.as_ref().map(|fd| {
                 fds.push(fd.as_fd());
-                (fd.as_raw_fd(), address.clone())
+                fd.as_raw_fd()
             }),
             log_readers: h.log_readers.as_ref().map(|(out, err)| {
                 fds.push(out.as_fd());
@@ -253,7 +239,7 @@ pub fn build(p: Parts<'_>) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
         control_fd: p.control_fd.as_raw_fd(),
         metrics_fd,
         policy: p.policy,
-        generations,
+        workers,
         nofile: p.cfg.nofile,
         listener_rearms: p.listener_rearms,
         notify_rejected: p.notify_rejected,

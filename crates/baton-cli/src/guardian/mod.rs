@@ -36,21 +36,22 @@ mod notify;
 pub mod orphans;
 mod output;
 pub mod policy;
-mod pool;
 mod pressure;
 pub mod readiness;
 pub mod release;
 mod report;
 pub mod running;
+pub mod stamp;
 pub mod state;
 mod systemd;
+mod takeover;
 pub mod upgrade;
 mod watch;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use baton::vars;
 use tokio::sync::{mpsc, oneshot};
@@ -77,11 +78,18 @@ type Waiter = oneshot::Sender<Response>;
 
 /// The handles of `generation`'s worker processes that take traffic:
 /// ready, and not being replaced.
-fn serving_handles(handles: &BTreeMap<Slot, Handles>, generation: u64) -> Vec<&Handles> {
-    handles
-        .range(Slot::range(generation))
-        .map(|(_, h)| h)
-        .filter(|h| h.ready && !h.replaced)
+fn serving_handles<'a>(
+    policy: &Policy<Waiter>,
+    handles: &'a BTreeMap<Slot, Handles>,
+    generation: u64,
+) -> Vec<&'a Handles> {
+    let Some(g) = policy.generations().find(|g| g.id == generation) else {
+        return Vec::new();
+    };
+    g.processes
+        .iter()
+        .filter(|p| p.serves())
+        .filter_map(|p| handles.get(&p.slot(generation)))
         .collect()
 }
 
@@ -108,9 +116,6 @@ struct Guardian {
     orphans: orphans::Orphans,
     /// The releases kept for a rollback.
     releases: release::Releases,
-    /// When the shutdown delay ends (`--shutdown-delay`), once a stop was
-    /// asked for.
-    shutdown_at: Option<Instant>,
     /// When this image took over.
     upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
@@ -121,8 +126,6 @@ struct Guardian {
     children: Children,
     /// Each live worker process's runtime handles.
     handles: BTreeMap<Slot, Handles>,
-    /// Each live generation's pool of workers (`--workers`).
-    pools: BTreeMap<u64, pool::Pool>,
     /// The helper tasks' way to the loop.
     events: mpsc::UnboundedSender<Event>,
     /// Where the notify sockets' readers send what passed their checks.
@@ -162,70 +165,14 @@ struct Guardian {
 impl Guardian {
     fn trigger(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
         self.event_at = Instant::now();
-        if self.shutdown_at.is_some() {
-            // Shutting down (--shutdown-delay): no new generation.
-            info!(%trigger, "reload refused: baton is shutting down (--shutdown-delay)");
-            if let Some(waiter) = waiter {
-                let outcome = Outcome::RolledBack {
-                    generation: None,
-                    pid: None,
-                    reason: crate::error::RollbackReason::Stopping,
-                    serving: self.policy.serving(),
-                };
-                let _ = waiter.send(report::response(&outcome));
-            }
-            return;
-        }
         let actions = self.policy.trigger(self.event_at, trigger, waiter);
         self.apply(actions);
     }
 
-    /// A stop request (a signal, `baton stop`). With `--shutdown-delay`,
-    /// the first one only turns `/readyz` to 503 and keeps serving for the
-    /// delay (load balancers notice and move away); the stop proper
-    /// follows, or at once on a second request.
+    /// A stop request (a signal, `baton stop`; see [`Policy::stop`] for
+    /// `--shutdown-delay`).
     fn stop(&mut self, why: &str) {
         self.event_at = Instant::now();
-        if let Some(delay) = self.cfg.shutdown_delay
-            && !self.policy.is_stopping()
-        {
-            if self.shutdown_at.take().is_none() {
-                self.shutdown_at = Some(crate::knobs::later(self.event_at, delay));
-                info!(
-                    reason = why,
-                    delay_ms = delay.as_millis() as u64,
-                    "shutdown: not ready any more (/readyz 503); serving on for {} before stopping",
-                    humantime::format_duration(delay)
-                );
-                self.systemd.stopping();
-                self.launch.lame_duck();
-                return;
-            }
-            info!(
-                reason = why,
-                "stop requested again: the rest of the shutdown delay is skipped"
-            );
-        }
-        self.stop_now(why);
-    }
-
-    /// Stops now: an upgrade under way is abandoned, generations with no
-    /// process left are not waited for, and the policy stops the rest.
-    fn stop_now(&mut self, why: &str) {
-        if let Some(mut up) = self.upgrade.take()
-            && let Some(pid) = up.stopping()
-        {
-            let _ = sys::signal::send_group(pid, Signal::KILL);
-        }
-        let idle: Vec<u64> = self
-            .policy
-            .generations()
-            .map(|g| g.id)
-            .filter(|&id| self.handles.range(Slot::range(id)).next().is_none())
-            .collect();
-        for id in idle {
-            self.policy.no_processes(id);
-        }
         let actions = self.policy.stop(self.event_at, why);
         self.apply(actions);
     }
@@ -234,8 +181,6 @@ impl Guardian {
     fn next_deadline(&self) -> Option<Instant> {
         [
             self.policy.next_deadline(),
-            self.shutdown_at,
-            self.next_worker_restart(),
             self.upgrade.as_ref().and_then(upgrade::Upgrade::deadline),
         ]
         .into_iter()
@@ -278,13 +223,6 @@ impl Guardian {
     fn tick(&mut self) {
         self.event_at = Instant::now();
         let now = self.event_at;
-        if self.shutdown_at.is_some_and(|at| at <= now) {
-            self.shutdown_at = None;
-            info!("shutdown: the delay is over; stopping");
-            self.stop_now("shutdown delay over");
-            return;
-        }
-        self.restart_workers(now);
         if let Some(up) = self.upgrade.as_mut()
             && let Some(pid) = up.overdue(now, self.cfg.check_timeout)
         {
@@ -295,12 +233,11 @@ impl Guardian {
             .policy
             .generations()
             .find(|g| g.state == State::Starting && g.deadline.is_some_and(|d| d <= now))
-            .map(|g| g.id);
-        if let Some(id) = timing_out
-            && let Some((slot, handles)) =
-                self.handles.range(Slot::range(id)).find(|(_, h)| !h.ready)
+            .and_then(|g| g.processes.iter().find(|p| !p.ready).map(|p| p.slot(g.id)));
+        if let Some(slot) = timing_out
+            && let Some(handles) = self.handles.get(&slot)
         {
-            self.failed_hint = self.launch.failure_hint(*slot, handles.pid, handles);
+            self.failed_hint = self.launch.failure_hint(slot, handles.pid, handles);
         }
         let actions = self.policy.tick(now);
         self.apply(actions);
@@ -337,27 +274,13 @@ impl Guardian {
             .collect()
     }
 
-    /// Tells the policy which processes `generation` has now.
-    fn sync_processes(&mut self, generation: u64) {
-        let processes: Vec<generation::Process> = self
-            .handles
-            .range(Slot::range(generation))
-            .filter(|(_, h)| h.pid > 0)
-            .map(|(_, h)| generation::Process {
-                pid: h.pid,
-                start_time: h.start_time,
-            })
-            .collect();
-        self.policy.set_processes(generation, processes);
-    }
-
     /// New traffic goes to the serving generation (or, while none serves,
     /// waits for one).
     fn cut_over(&mut self) {
         let serving = self
             .policy
             .serving()
-            .map(|id| serving_handles(&self.handles, id))
+            .map(|id| serving_handles(&self.policy, &self.handles, id))
             .unwrap_or_default();
         self.launch.cut_over(&serving);
     }
@@ -370,9 +293,9 @@ impl Guardian {
             let total = self.cfg.policy.bake?;
             let elapsed = Instant::now().saturating_duration_since(g.state_since);
             Some(launch::Probation {
-                new: serving_handles(&self.handles, new),
+                new: serving_handles(&self.policy, &self.handles, new),
                 old: old
-                    .map(|o| serving_handles(&self.handles, o))
+                    .map(|o| serving_handles(&self.policy, &self.handles, o))
                     .unwrap_or_default(),
                 progress: elapsed.as_secs_f64() / total.as_secs_f64().max(1e-9),
             })
@@ -382,22 +305,7 @@ impl Guardian {
             self.systemd.stopping();
             self.launch.stop();
         }
-        let notify: Vec<state::Notify> = self
-            .handles
-            .iter()
-            .filter_map(|(slot, h)| {
-                Some(state::Notify {
-                    generation: slot.generation,
-                    worker: slot.worker,
-                    incarnation: slot.incarnation,
-                    pid: h.pid,
-                    route: h.route,
-                    address: h.notify.as_ref()?.1.clone(),
-                })
-            })
-            .collect();
-        self.orphans
-            .record(&self.cfg, &self.policy.record(), &notify);
+        self.orphans.record(&self.cfg, &self.policy.record());
         let not_ready = self.not_ready();
         if let Ok(mut m) = self.metrics.lock() {
             m.not_ready = not_ready;
@@ -429,8 +337,7 @@ impl Guardian {
                     adopted_from: self.orphans.adopted_from,
                     releases: self.releases.describe(),
                     not_ready: self.not_ready(),
-                    shutdown_at: self.shutdown_at,
-                    workers: self.describe_workers(),
+                    shutdown_at: self.policy.lame_duck(),
                     stray_answers: self.pressure.stray_answers(),
                 };
                 let status = report::status(
@@ -508,9 +415,8 @@ impl Guardian {
     }
 
     /// A source of readiness passed for worker process `slot`: once its
-    /// gate opens it is ready; once every worker of a starting generation
-    /// is, the policy hears the generation is. A worker started to replace
-    /// one (a crash, `--max-rss`) takes its place once ready.
+    /// gate opens, the policy hears it is ready (see
+    /// [`Policy::worker_ready`]).
     fn ready(&mut self, slot: Slot, source: Source) {
         let Some(handles) = self.handles.get_mut(&slot) else {
             return;
@@ -518,51 +424,18 @@ impl Guardian {
         if !handles.gate.pass(source) {
             return;
         }
-        handles.ready = true;
-        let pid = handles.pid;
-        let generation = slot.generation;
-        match self.policy.state(generation) {
-            Some(State::Starting) => {
-                let all = self.handles.range(Slot::range(generation)).count();
-                let ready = serving_handles(&self.handles, generation).len();
-                if all == ready && all == self.cfg.workers {
-                    let actions = self.policy.ready(self.event_at, generation);
-                    self.apply(actions);
-                } else if self.cfg.workers > 1 {
-                    debug!(
-                        generation,
-                        worker = slot.worker,
-                        pid,
-                        ready,
-                        of = self.cfg.workers,
-                        "worker ready"
-                    );
-                }
-            }
-            Some(State::Serving | State::Baking | State::Ready) => {
-                info!(
-                    generation,
-                    worker = slot.worker,
-                    pid,
-                    "worker ready: it takes its place"
-                );
-                // Its predecessors (a `--max-rss` replacement) retire now.
-                let older: Vec<Slot> = self
-                    .handles
-                    .range(Slot::range(generation))
-                    .filter(|(s, h)| {
-                        s.worker == slot.worker && s.incarnation < slot.incarnation && !h.replaced
-                    })
-                    .map(|(s, _)| *s)
-                    .collect();
-                self.cut_over();
-                for old in older {
-                    self.retire_slot(old, self.cfg.policy.stop_signal);
-                }
-                self.sync_processes(generation);
-            }
-            _ => {}
-        }
+        let actions = self.policy.worker_ready(self.event_at, slot);
+        self.cut_over();
+        self.apply(actions);
+    }
+
+    /// Whether the policy knows worker process `slot` as ready.
+    fn is_ready(&self, slot: Slot) -> bool {
+        self.policy
+            .generations()
+            .find(|g| g.id == slot.generation)
+            .and_then(|g| g.process(slot))
+            .is_some_and(|p| p.ready)
     }
 
     /// Reaps every exited child and routes each exit to its owner.
@@ -644,9 +517,8 @@ impl Guardian {
                     generation,
                     release,
                 } => match self.spawn(generation, release) {
-                    Ok((process, route, release)) => {
-                        self.policy.spawned(generation, process, route, release);
-                        self.sync_processes(generation);
+                    Ok((route, release)) => {
+                        self.policy.spawned(generation, route, release);
                         if self.policy.serving().is_some() {
                             self.systemd.reloading(generation);
                         }
@@ -656,55 +528,67 @@ impl Guardian {
                         queue.extend(self.policy.spawn_failed(now, generation, &e));
                     }
                 },
+                Action::SpawnWorker { slot } => {
+                    if let Err(e) = self.spawn_worker(slot) {
+                        let now = Instant::now();
+                        queue.extend(self.policy.worker_spawn_failed(now, slot, &e));
+                    }
+                }
                 Action::Signal {
-                    generation,
+                    slot,
                     signal,
                     cause: SignalCause::Retire,
                     ..
-                } => self.retire(generation, signal),
+                } => self.retire_slot(slot, signal),
                 Action::Signal {
-                    generation,
+                    slot,
+                    pid,
                     signal,
                     cause: SignalCause::Stop,
-                    ..
                 } => {
-                    for (slot, pid) in self.pids_of(generation) {
+                    if self.live(slot, pid) {
                         if let Err(e) = sys::signal::send(pid, signal) {
-                            warn!(generation, worker = slot.worker, pid, %signal, error = %e, "cannot signal the generation");
+                            warn!(generation = slot.generation, worker = slot.worker, pid, %signal, error = %e, "cannot signal the generation");
                         }
-                        debug!(generation, worker = slot.worker, pid, %signal, "stop signal sent");
+                        debug!(generation = slot.generation, worker = slot.worker, pid, %signal, "stop signal sent");
                     }
                 }
-                // Each worker's process group. After an exit the group was
-                // swept before reaping (see `Children::reap`); once reaped,
-                // its id may belong to someone else, so only live workers'.
-                Action::KillGroup { generation, .. } => {
-                    for (slot, pid) in self.pids_of(generation) {
-                        if let Err(e) = sys::signal::send_group(pid, Signal::KILL) {
-                            warn!(generation, worker = slot.worker, pid, error = %e, "cannot kill the process group");
-                        }
+                // After an exit the group was swept before reaping (see
+                // `Children::reap`); once reaped, its id may belong to
+                // someone else, so only a live worker's.
+                Action::KillGroup { slot, pid } => {
+                    if self.live(slot, pid)
+                        && let Err(e) = sys::signal::send_group(pid, Signal::KILL)
+                    {
+                        warn!(generation = slot.generation, worker = slot.worker, pid, error = %e, "cannot kill the process group");
                     }
+                }
+                Action::LameDuck { .. } => {
+                    self.systemd.stopping();
+                    self.launch.lame_duck();
                 }
                 Action::Report { waiters, outcome } => self.report(waiters, &outcome),
                 Action::Exit { code } => self.exit = Some(code),
             }
         }
+        // A stop abandons an upgrade under way.
+        if self.policy.is_stopping()
+            && let Some(mut up) = self.upgrade.take()
+            && let Some(pid) = up.stopping()
+        {
+            let _ = sys::signal::send_group(pid, Signal::KILL);
+        }
     }
 
-    /// Generation `generation` was retired by its successor: the successor
-    /// takes the traffic first, then each of the old one's workers is asked
-    /// to drain.
-    fn retire(&mut self, generation: u64, signal: Signal) {
-        self.cut_over();
-        for (slot, _) in self.pids_of(generation) {
-            self.retire_slot(slot, signal);
-        }
+    /// Whether worker process `slot` is still `pid`, not yet reaped.
+    fn live(&self, slot: Slot, pid: i32) -> bool {
+        pid > 0 && self.handles.get(&slot).is_some_and(|h| h.pid == pid)
     }
 
     /// A reload ended: its effects, then the answer to whoever asked.
     /// Why `/readyz` says no (`None`: ready to take traffic).
     fn not_ready(&self) -> Option<&'static str> {
-        if self.shutdown_at.is_some() || self.policy.is_stopping() {
+        if self.policy.lame_duck().is_some() || self.policy.is_stopping() {
             Some("shutting down")
         } else if self.policy.serving().is_none() {
             Some("no generation serves")
@@ -779,7 +663,7 @@ impl Guardian {
         &mut self,
         generation: u64,
         pick: policy::Pick,
-    ) -> std::io::Result<(generation::Process, generation::Route, u64)> {
+    ) -> std::io::Result<(generation::Route, u64)> {
         if self.launch.shares_listeners() {
             self.check_listeners(None);
         }
@@ -803,13 +687,7 @@ impl Guardian {
         };
         let release = match kept {
             Some(r) => r,
-            None => self.releases.resolve(
-                &self.cfg.program,
-                &self.cfg.workdir,
-                &self.cfg.args,
-                self.cfg.base_env.len(),
-                self.cfg.user.as_ref().map(|u| u.name.as_str()),
-            )?,
+            None => self.resolve_command()?,
         };
         if pick == policy::Pick::Previous {
             info!(
@@ -821,11 +699,11 @@ impl Guardian {
                 "starting the previous release"
             );
         }
-        let mut first = None;
-        for worker in 0..self.cfg.workers as u32 {
+        let mut route = None;
+        for worker in 0..self.cfg.policy.workers.max(1) as u32 {
             match self.spawn_slot(Slot::new(generation, worker), &release) {
-                Ok(spawned) => {
-                    first.get_or_insert(spawned);
+                Ok(r) => {
+                    route.get_or_insert(r);
                 }
                 Err(e) => {
                     // The workers already started go: the generation failed.
@@ -836,21 +714,54 @@ impl Guardian {
                 }
             }
         }
-        self.pools.insert(
-            generation,
-            pool::Pool::new(self.cfg.workers, Some(release.clone())),
+        let route = route.ok_or_else(|| std::io::Error::other("no workers"))?;
+        Ok((route, release.info.id))
+    }
+
+    /// The command as it is now, as a release.
+    fn resolve_command(&mut self) -> std::io::Result<release::Release> {
+        self.releases.resolve(
+            &self.cfg.program,
+            &self.cfg.workdir,
+            &self.cfg.args,
+            self.cfg.base_env.len(),
+            self.cfg.user.as_ref().map(|u| u.name.as_str()),
+        )
+    }
+
+    /// Starts worker process `slot` of a live generation again (a
+    /// replacement, or a `--max-rss` successor), from the release its
+    /// generation runs (the command as it is now if that one is not kept).
+    fn spawn_worker(&mut self, slot: Slot) -> std::io::Result<()> {
+        let kept = self
+            .policy
+            .generations()
+            .find(|g| g.id == slot.generation)
+            .and_then(|g| g.release)
+            .and_then(|id| self.releases.get(id))
+            .filter(|r| release::check(r).is_ok())
+            .cloned();
+        let release = match kept {
+            Some(r) => r,
+            None => self.resolve_command()?,
+        };
+        self.spawn_slot(slot, &release)?;
+        info!(
+            generation = slot.generation,
+            worker = slot.worker,
+            "worker {} started again",
+            slot.worker
         );
-        let (process, route) = first.ok_or_else(|| std::io::Error::other("no workers"))?;
-        Ok((process, route, release.info.id))
+        Ok(())
     }
 
     /// Starts worker process `slot` from `release` through the launch
-    /// strategy, and reads its notifications.
+    /// strategy, reads its notifications, and tells the policy.
     fn spawn_slot(
         &mut self,
         slot: Slot,
         release: &release::Release,
-    ) -> std::io::Result<(generation::Process, generation::Route)> {
+    ) -> std::io::Result<generation::Route> {
         let cx = Cx {
             cfg: &self.cfg,
             children: &mut self.children,
@@ -859,14 +770,14 @@ impl Guardian {
         let launched = self.launch.launch(cx, slot, release)?;
         let mut handles = launched.handles;
         handles.pid = launched.process.pid;
-        handles.start_time = launched.process.start_time;
-        handles.started_at = Some(Instant::now());
-        handles.route = Some(launched.route);
-        handles.notify = launched
-            .notify
-            .dup()
-            .ok()
-            .map(|fd| (fd, launched.notify.address.clone()));
+        handles.notify = launched.notify.dup().ok();
+        let mut record = generation::WorkerRecord::started(
+            slot,
+            launched.process,
+            launched.route,
+            Some(launched.notify.address.clone()),
+        );
+        record.started = Some(Instant::now());
         handles
             .tasks
             .push(self.read_notifications(slot, launched.process.pid, launched.notify));
@@ -874,7 +785,8 @@ impl Guardian {
             self.orphans.hold(slot, readers);
         }
         self.handles.insert(slot, handles);
-        Ok((launched.process, launched.route))
+        self.policy.worker_spawned(slot, record);
+        Ok(launched.route)
     }
 
     /// Passes `slot`'s notifications to the loop (see `notify`).
@@ -901,7 +813,7 @@ impl Guardian {
         let Some(handles) = self.handles.get(&slot) else {
             return;
         };
-        if handles.ready || handles.pid <= 0 {
+        if self.is_ready(slot) || handles.pid <= 0 {
             return;
         }
         let pid = handles.pid;
@@ -930,6 +842,7 @@ impl Guardian {
     }
 
     fn check_done(&mut self, slot: Slot, pid: i32, status: ExitStatus) {
+        let ready = self.is_ready(slot);
         let Some(handles) = self.handles.get_mut(&slot) else {
             return;
         };
@@ -938,7 +851,7 @@ impl Guardian {
         }
         if status.success() {
             self.ready(slot, Source::Exec);
-        } else if !handles.ready {
+        } else if !ready {
             debug!(
                 generation = slot.generation,
                 worker = slot.worker,
@@ -1142,9 +1055,6 @@ impl Guardian {
         reply: Option<(std::os::fd::RawFd, Instant)>,
         nonce: u64,
     ) -> Result<(handover::Handover, Vec<std::os::fd::BorrowedFd<'_>>), String> {
-        if self.shutdown_at.is_some() {
-            return Err("baton is shutting down (--shutdown-delay)".to_owned());
-        }
         Ok(handover::build(handover::Parts {
             cfg: &self.cfg,
             policy: self.policy.snapshot()?,
@@ -1162,133 +1072,86 @@ impl Guardian {
         }))
     }
 
-    /// The new image's first steps after `baton upgrade`: the previous
-    /// image's generations are ours (their processes are still this pid's
-    /// children), their notification sockets and output pipes are read
-    /// again, and the client is told.
-    fn resume(&mut self, h: handover::Handover) {
-        let mut releases = Vec::new();
-        for (info, fd) in &h.releases {
-            match sys::exec::take_fd(*fd) {
-                Ok(exe) => releases.push(release::Release::handed_over(info.clone(), exe)),
-                Err(e) => warn!(release = info.id, error = %e, "a release was not handed over"),
+    /// A worker process exited: its effects here, then the policy's
+    /// decision (see [`Policy::worker_exited`]).
+    fn worker_exited(&mut self, slot: Slot, exit: children::Exit) {
+        let generation = slot.generation;
+        if self.policy.state(generation) == Some(State::Starting)
+            && let Some(handles) = self.handles.get(&slot)
+        {
+            self.failed_hint = self.launch.failure_hint(slot, exit.pid, handles);
+        }
+        if self.cfg.log_prefix {
+            self.orphans.release(slot);
+        }
+        if let Some(h) = self.handles.remove(&slot) {
+            self.observed.exited(exit.status);
+            if let Some(at) = h.retired_at {
+                self.observed
+                    .drained(self.event_at.saturating_duration_since(at));
             }
         }
-        let served = h.releases_served.min(releases.len());
-        self.releases = release::Releases::restore(releases, served, h.release_next_id);
-        if let Some(k) = h.keeper {
-            self.children.adopt(k.pid, Owner::Keeper);
-        }
-        let routes: BTreeMap<u64, (generation::Route, Option<u64>)> = self
+        self.check_listeners(Some((generation, exit.pid)));
+        let actions = self.policy.worker_exited(self.event_at, slot, exit.status);
+        self.cut_over();
+        self.apply(actions);
+    }
+
+    /// `--max-rss`: a serving worker above the limit gets a successor; it
+    /// is retired once the successor is ready.
+    fn check_rss(&mut self) {
+        let Some(limit) = self.cfg.max_rss else {
+            return;
+        };
+        let Some(generation) = self.policy.serving() else {
+            return;
+        };
+        let candidates: Vec<(Slot, i32)> = self
             .policy
             .generations()
-            .map(|g| (g.id, (g.route, g.release)))
+            .filter(|g| g.id == generation)
+            .flat_map(|g| g.processes.iter().filter(|p| p.serves()))
+            .map(|p| (p.slot(generation), p.process.pid))
             .collect();
-        let now = Instant::now();
-        for fds in &h.generations {
-            let slot = fds.slot;
-            let Some(&(route, release)) = routes.get(&slot.generation) else {
+        for (slot, pid) in candidates {
+            let Some(rss) = sys::inspect::rss(pid).filter(|&rss| rss > limit) else {
                 continue;
             };
-            let pid = fds.process.pid;
-            self.children.adopt(pid, Owner::Generation(slot));
-            let pool = self.pools.entry(slot.generation).or_insert_with(|| {
-                pool::Pool::new(
-                    self.cfg.workers,
-                    release.and_then(|r| self.releases.get(r).cloned()),
-                )
-            });
-            pool::Pool::note_incarnation(pool, slot);
-            let mut handles = Handles::running(fds.process, fds.ready, fds.route, now);
-            handles.replaced = fds.replaced;
-            let route = fds.route.unwrap_or(route);
-            handles.self_bound = fds.self_bound.clone();
-            if let Some((fd, address)) = &fds.notify {
-                match sys::exec::take_fd(*fd)
-                    .and_then(|fd| NotifySocket::from_fd(fd, address.clone()))
-                {
-                    Ok(socket) => {
-                        handles.notify = socket.dup().ok().map(|d| (d, address.clone()));
-                        handles
-                            .tasks
-                            .push(self.read_notifications(slot, pid, socket));
-                    }
-                    Err(e) => {
-                        warn!(generation = %slot, error = %e, "its notification socket was not handed over")
-                    }
-                }
+            let actions = self.policy.worker_too_big(slot);
+            if actions.is_empty() {
+                continue;
             }
-            if let Some((out, err)) = fds.log_readers {
-                let taken = sys::exec::take_fd(out).and_then(|o| Ok((o, sys::exec::take_fd(err)?)));
-                match taken {
-                    Ok((out, err)) => {
-                        handles.log_readers =
-                            out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-                        if let Err(e) = output::resume(&self.cfg.name, slot, out, err) {
-                            warn!(generation = %slot, error = %e, "its output cannot be copied");
-                        }
-                    }
-                    Err(e) => {
-                        warn!(generation = %slot, error = %e, "its output pipes were not handed over")
-                    }
-                }
-            }
-            let cx = Cx {
-                cfg: &self.cfg,
-                children: &mut self.children,
-                events: &self.events,
-            };
-            self.launch.adopt(cx, slot, route, &mut handles);
-            self.handles.insert(slot, handles);
+            warn!(
+                generation,
+                worker = slot.worker,
+                pid,
+                rss_mb = rss >> 20,
+                limit_mb = limit >> 20,
+                "max-rss: worker {} uses {} MB, over the limit: starting its successor, then retiring it",
+                slot.worker,
+                rss >> 20
+            );
+            self.observed.rss_replacements += 1;
+            self.apply(actions);
         }
-        // A worker whose replacement was pending starts again now.
-        if let Some(serving) = self.policy.serving() {
-            let live: HashSet<u32> = self
-                .handles
-                .range(Slot::range(serving))
-                .map(|(s, _)| s.worker)
-                .collect();
-            if let Some(pool) = self.pools.get_mut(&serving) {
-                for (i, w) in pool.workers.iter_mut().enumerate() {
-                    if !live.contains(&(i as u32)) && !w.down {
-                        w.restart_at = Some(now);
-                    }
-                }
-            }
-        }
+    }
+
+    /// Asks worker process `slot` to drain with `signal`: no new traffic,
+    /// then the signal (see [`launch::Launch::drain`]).
+    fn retire_slot(&mut self, slot: Slot, signal: Signal) {
+        let handover_us = self.event_at.elapsed().as_micros() as u64;
+        let Some(pid) = self.handles.get(&slot).map(|h| h.pid) else {
+            return;
+        };
         self.cut_over();
-        let took_ms =
-            sys::clock::monotonic_ns(Instant::now()).saturating_sub(h.upgrade_began_ns) / 1_000_000;
-        info!(
-            from = %h.from,
-            to = handover::baton_version(),
-            upgrades = h.upgrades,
-            took_ms,
-            generations = self.handles.len(),
-            "upgraded: this image took over"
-        );
-        if let Some(fd) = h.reply_fd {
-            match sys::exec::take_fd(fd) {
-                Ok(fd) => {
-                    let mut conn = std::os::unix::net::UnixStream::from(fd);
-                    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-                    let answer = Response::Upgraded {
-                        from: h.from.clone(),
-                        to: handover::baton_version().to_owned(),
-                        pid: std::process::id(),
-                        took_ms,
-                    };
-                    if let Ok(mut line) = serde_json::to_string(&answer) {
-                        line.push('\n');
-                        let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
-                    }
-                }
-                Err(e) => warn!(error = %e, "the upgrade's client connection was not handed over"),
-            }
+        let cx = Cx {
+            cfg: &self.cfg,
+            children: &mut self.children,
+            events: &self.events,
+        };
+        if let Some(handles) = self.handles.get_mut(&slot) {
+            self.launch
+                .drain(cx, slot, pid, signal, handles, handover_us);
         }
-        // The signals blocked for the exec: what arrived meanwhile is
-        // delivered now, to the handlers installed above.
-        sys::exec::unblock_signals();
-        self.reap();
     }
 }

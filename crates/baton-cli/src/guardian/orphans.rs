@@ -7,7 +7,7 @@
 //! A new `baton run` that finds a state file whose baton is gone
 //! ([`find`], before it binds anything) takes the listeners back from the
 //! keeper (they must be the ones it was asked for), and then
-//! ([`Guardian::adopt`]) watches the processes still alive through pidfds
+//! (`takeover.rs`) watches the processes still alive through pidfds
 //! (they are not its children, so their exit status is unknown), listens
 //! again on their notification sockets, and goes on as if it had started
 //! them: the serving generation serves on, and the next reload replaces it
@@ -18,20 +18,19 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::children::{Children, Exit, Owner};
-use super::generation::{Handles, Process, Slot, State as GenState};
-use super::policy::{Policy, Snapshot};
+use super::generation::{Process, Slot, State as GenState};
+use super::policy::Snapshot;
 use super::state::{self, State};
-use super::{Guardian, handover, keeper};
+use super::{handover, keeper};
 use crate::config::RunConfig;
 use crate::error::StartupError;
 use crate::spec::{ListenSpec, Orphans as Mode};
 use crate::sys;
-use crate::sys::notify_socket::NotifySocket;
 
 /// How many times a keeper that exits on its own is started again.
 const KEEPER_RESTARTS: u32 = 5;
@@ -228,7 +227,7 @@ impl Orphans {
     }
 
     /// Rewrites the state file if the state changed.
-    pub fn record(&mut self, cfg: &RunConfig, policy: &Snapshot, workers: &[state::Notify]) {
+    pub fn record(&mut self, cfg: &RunConfig, policy: &Snapshot) {
         if !self.keep {
             return;
         }
@@ -248,7 +247,6 @@ impl Orphans {
             serving: policy.serving,
             next_id: policy.next_id,
             stats: policy.stats.clone(),
-            notify: workers.to_vec(),
         };
         let Ok(bytes) = serde_json::to_vec(&s) else {
             return;
@@ -412,150 +410,79 @@ fn same_listeners(specs: &[ListenSpec], s: &State) -> Result<(), String> {
     }
 }
 
-impl Guardian {
-    /// Goes on from the state of a baton that died: what still runs of it
-    /// is watched and kept (the serving generation) or stopped (the rest);
-    /// if nothing serves, generation `next_id` starts as usual.
-    pub(super) fn adopt(&mut self, adoption: Adoption) {
-        let Adoption { state: s, mut logs } = adoption;
-        let now = Instant::now();
-        self.orphans.adopted_from = Some(s.baton.pid);
-        let stop_deadline = Some(crate::knobs::later(now, self.cfg.policy.stop_timeout));
-        let mut kept = Vec::new();
-        let mut adopted = Vec::new();
-        for mut g in s.generations {
-            g.processes
-                .retain(|p| sys::inspect::alive_exactly(p.pid, p.start_time));
-            let Some(&main) = g.processes.first() else {
-                continue;
-            };
-            // A release on probation serves: its bake ends with the baton
-            // that ran it, and it is kept.
-            let serving =
-                s.serving == Some(g.id) && matches!(g.state, GenState::Serving | GenState::Baking);
-            if serving {
-                g.enter(GenState::Serving, now, None);
-            } else {
-                if !matches!(g.state, GenState::Draining | GenState::Killed) {
-                    let _ = sys::signal::send_group(main.pid, self.cfg.policy.stop_signal);
-                }
-                warn!(generation = g.id, pid = main.pid, state = %g.state, "a generation of the baton that died was not serving: stopping it");
-                g.enter(GenState::Draining, now, stop_deadline);
-            }
-            // Each live process is a worker: by its record, else in order.
-            let mut watched = Vec::new();
-            for (i, p) in g.processes.iter().enumerate() {
-                let record = s
-                    .notify
-                    .iter()
-                    .find(|n| n.generation == g.id && n.pid == p.pid);
-                let slot = record.map_or(Slot::new(g.id, i as u32), state::Notify::slot);
-                match self.children.watch(*p, slot, &self.events) {
-                    Ok(()) => watched.push((slot, *p, record.cloned())),
-                    Err(e) => {
-                        warn!(generation = g.id, pid = p.pid, error = %e, "gone before it could be watched")
-                    }
-                }
-            }
-            if watched.is_empty() {
-                continue;
-            }
-            adopted.push((g.id, watched));
-            kept.push(g);
-        }
-        let serving = kept
-            .iter()
-            .find(|g| g.state == GenState::Serving)
-            .map(|g| (g.id, g.pid().unwrap_or_default(), g.route));
-        self.policy = Policy::restore(
-            self.cfg.policy.clone(),
-            Snapshot {
-                generations: kept.clone(),
-                next_id: s.next_id,
-                serving: serving.map(|(id, _, _)| id),
-                restart_at: None,
-                failures: 0,
-                ever_ready: serving.is_some(),
-                recent_restarts: Vec::new(),
-                stats: s.stats,
-            },
-        );
-        for (generation, workers) in adopted {
-            let route = kept
-                .iter()
-                .find(|g| g.id == generation)
-                .map_or(super::generation::Route::Sockets, |g| g.route);
-            let serving_now = Some(generation) == serving.map(|(id, _, _)| id);
-            self.pools
-                .insert(generation, super::pool::Pool::new(workers.len(), None));
-            for (slot, process, record) in workers {
-                let mut handles = Handles::running(
-                    process,
-                    serving_now,
-                    Some(record.as_ref().and_then(|r| r.route).unwrap_or(route)),
-                    now,
-                );
-                if let Some(n) = &record {
-                    match NotifySocket::bind_name(&n.address) {
-                        Ok(socket) => {
-                            handles.notify = socket.dup().ok().map(|d| (d, n.address.clone()));
-                            handles
-                                .tasks
-                                .push(self.read_notifications(slot, process.pid, socket));
-                        }
-                        Err(e) => {
-                            warn!(generation, error = %e, "its notification socket cannot be bound again")
-                        }
-                    }
-                }
-                if let Some(i) = logs.iter().position(|(id, _, _)| *id == slot) {
-                    let (_, out, err) = logs.swap_remove(i);
-                    handles.log_readers =
-                        out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-                    if let Err(e) = super::output::resume(&self.cfg.name, slot, out, err) {
-                        warn!(generation, error = %e, "its output cannot be copied");
-                    }
-                    if let Some(readers) = &handles.log_readers {
-                        self.orphans.hold(slot, readers);
-                    }
-                }
-                let cx = super::launch::Cx {
-                    cfg: &self.cfg,
-                    children: &mut self.children,
-                    events: &self.events,
-                };
-                let route = handles.route.unwrap_or(route);
-                self.launch.adopt(cx, slot, route, &mut handles);
-                self.handles.insert(slot, handles);
+/// What an adopting baton goes on from: the generations of a baton that
+/// died that still have a live process, each process by its record.
+#[derive(Debug)]
+pub struct Plan {
+    /// The policy's state: the serving generation serving (a release on
+    /// probation too: its bake ended with the baton that ran it), the rest
+    /// draining from `now`.
+    pub snapshot: Snapshot,
+    /// The generations that were starting or serving beside it: to be
+    /// asked to stop.
+    pub stop: Vec<(Slot, i32)>,
+}
+
+/// The plan for adopting `s` at `now`: processes for which `alive` says no
+/// are left out, and generations with none left.
+pub fn plan(
+    s: &State,
+    now: Instant,
+    stop_timeout: Duration,
+    alive: impl Fn(&Process) -> bool,
+) -> Plan {
+    let stop_deadline = Some(crate::knobs::later(now, stop_timeout));
+    let mut stop = Vec::new();
+    let mut generations = Vec::new();
+    for g in &s.generations {
+        let mut g = g.clone();
+        // A state file of an older baton numbers no workers: each live
+        // process is one, in order.
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in g.processes.iter_mut().enumerate() {
+            if !seen.insert((p.worker, p.incarnation)) {
+                (p.worker, p.incarnation) = (i as u32, 0);
             }
         }
-        match serving {
-            Some((id, pid, _)) => {
-                let addrs: Vec<&str> = self
-                    .cfg
-                    .listeners
-                    .iter()
-                    .map(|l| l.local.as_str())
-                    .collect();
-                info!(
-                    generation = id,
-                    pid,
-                    from = s.baton.pid,
-                    addr = %addrs.join(","),
-                    "adopted generation {id} (pid {pid}) serving {}; its exit status will not be known",
-                    addrs.join(", ")
-                );
-                self.cut_over();
-                self.systemd.serving(id);
-            }
-            None => {
-                info!(
-                    from = s.baton.pid,
-                    "nothing of the baton that died serves any more: starting a new generation"
-                );
-                let start = self.policy.start(now);
-                self.apply(start);
-            }
+        g.processes.retain(|p| alive(&p.process));
+        if g.processes.is_empty() {
+            continue;
         }
+        let serving =
+            s.serving == Some(g.id) && matches!(g.state, GenState::Serving | GenState::Baking);
+        if serving {
+            g.enter(GenState::Serving, now, None);
+        } else {
+            if !matches!(g.state, GenState::Draining | GenState::Killed) {
+                stop.extend(g.processes.iter().map(|p| (p.slot(g.id), p.process.pid)));
+            }
+            warn!(generation = g.id, pid = g.pid().unwrap_or_default(), state = %g.state, "a generation of the baton that died was not serving: stopping it");
+            g.enter(GenState::Draining, now, stop_deadline);
+        }
+        // A state file of an older baton says nothing of readiness: a
+        // serving generation's processes served.
+        let unknown = !g.processes.iter().any(|p| p.ready);
+        for p in &mut g.processes {
+            p.replaced |= !serving;
+            p.ready |= serving && unknown;
+        }
+        generations.push(g);
+    }
+    let serving = generations
+        .iter()
+        .find(|g| g.state == GenState::Serving)
+        .map(|g| g.id);
+    Plan {
+        snapshot: Snapshot {
+            generations,
+            next_id: s.next_id,
+            serving,
+            restart_at: None,
+            failures: 0,
+            ever_ready: serving.is_some(),
+            recent_restarts: Vec::new(),
+            stats: s.stats.clone(),
+        },
+        stop,
     }
 }

@@ -6,13 +6,62 @@ use std::time::Instant;
 
 use baton::serve::Connections;
 
+use super::generation::Generation;
 use super::policy::{Outcome, Policy};
 use super::pressure::Pressure;
 use crate::config::RunConfig;
 use crate::control::proto::{
-    ConnectionsInfo, GenerationInfo, Guard, ListenerInfo, Response, Status,
+    ConnectionsInfo, GenerationInfo, Guard, ListenerInfo, Response, Status, WorkerInfo,
 };
 use crate::sys;
+
+/// A generation's workers as `status` shows them: each live process, and
+/// each worker index with none (restarting, or down).
+fn workers(g: &Generation) -> Vec<WorkerInfo> {
+    let counts = |i: u32| {
+        g.workers
+            .get(i as usize)
+            .map_or((0, 0), |w| (w.restarts, w.rss_replacements))
+    };
+    let mut out: Vec<WorkerInfo> = g
+        .processes
+        .iter()
+        .map(|p| {
+            let (restarts, rss_replacements) = counts(p.worker);
+            WorkerInfo {
+                worker: p.worker,
+                pid: p.process.pid,
+                state: if p.replaced {
+                    "replaced"
+                } else if p.ready {
+                    "ready"
+                } else {
+                    "starting"
+                }
+                .to_owned(),
+                rss_bytes: sys::inspect::rss(p.process.pid),
+                restarts,
+                rss_replacements,
+            }
+        })
+        .collect();
+    for (i, w) in g.workers.iter().enumerate() {
+        let i = i as u32;
+        if out.iter().any(|x| x.worker == i) {
+            continue;
+        }
+        out.push(WorkerInfo {
+            worker: i,
+            pid: 0,
+            state: if w.down { "down" } else { "restarting" }.to_owned(),
+            rss_bytes: None,
+            restarts: w.restarts,
+            rss_replacements: w.rss_replacements,
+        });
+    }
+    out.sort_by_key(|w| w.worker);
+    out
+}
 
 /// Counters the guardian keeps besides the policy's.
 #[derive(Debug, Default, Clone)]
@@ -37,8 +86,6 @@ pub struct Counters {
     pub not_ready: Option<&'static str>,
     /// When the shutdown delay ends, if one runs.
     pub shutdown_at: Option<Instant>,
-    /// Each generation's workers, and whether one is down.
-    pub workers: std::collections::BTreeMap<u64, (Vec<crate::control::proto::WorkerInfo>, bool)>,
     /// Connections to the app closed for bytes it sent out of turn.
     pub stray_answers: u64,
 }
@@ -81,12 +128,8 @@ pub fn status<W>(
                 age_ms: now.saturating_duration_since(g.spawned_at).as_millis() as u64,
                 ready_ms: g.ready_after.map(|d| d.as_millis() as u64),
                 release: g.release,
-                workers: counters
-                    .workers
-                    .get(&g.id)
-                    .map(|w| w.0.clone())
-                    .unwrap_or_default(),
-                degraded: counters.workers.get(&g.id).is_some_and(|w| w.1),
+                workers: workers(g),
+                degraded: g.workers.iter().any(|w| w.down),
             })
             .collect(),
         serving: policy.serving(),

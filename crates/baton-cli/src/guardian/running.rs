@@ -24,7 +24,7 @@ use super::launch::{self, Launch};
 use super::policy::{Policy, Trigger};
 use super::{
     Guardian, handover, listener_inodes, metrics, notify, orphans, pressure, release, systemd,
-    watch,
+    takeover, watch,
 };
 use crate::config::RunConfig;
 use crate::control::proto::Response;
@@ -156,7 +156,6 @@ impl Running {
         let mut g = Guardian {
             orphans: orphans::Orphans::new(&cfg, keeper),
             releases: release::Releases::default(),
-            shutdown_at: None,
             control_fd,
             upgrade: None,
             upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
@@ -171,7 +170,6 @@ impl Running {
             cfg,
             launch,
             handles: BTreeMap::new(),
-            pools: BTreeMap::new(),
             events: events_tx,
             notify_tx,
             rejected,
@@ -191,7 +189,7 @@ impl Running {
             exec_pending: false,
         };
         match (handover, adopt) {
-            (Some(h), _) => g.resume(h),
+            (Some(h), _) => takeover::resume(&mut g, h),
             (None, adopt) => {
                 // Children that exited before the handler was installed are
                 // reaped on the first SIGCHLD or here.
@@ -199,7 +197,7 @@ impl Running {
                 g.systemd.store(&g.cfg.listeners);
                 g.orphans.start_keeper(&g.cfg, &mut g.children);
                 match adopt {
-                    Some(s) => g.adopt(s),
+                    Some(s) => takeover::adopt(&mut g, s),
                     None => {
                         let start = g.policy.start(now);
                         g.apply(start);

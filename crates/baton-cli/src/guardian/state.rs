@@ -26,38 +26,6 @@ pub const VERSION: u32 = 1;
 /// The largest state file read (a few kilobytes in practice).
 const MAX_BYTES: u64 = 1 << 20;
 
-/// A live generation's notification socket address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notify {
-    /// The generation.
-    pub generation: u64,
-    /// The worker, and which start of it.
-    #[serde(default)]
-    pub worker: u32,
-    /// See [`super::generation::Slot`].
-    #[serde(default)]
-    pub incarnation: u32,
-    /// Its pid.
-    #[serde(default)]
-    pub pid: i32,
-    /// How clients reach it.
-    #[serde(default)]
-    pub route: Option<super::generation::Route>,
-    /// The abstract socket's name.
-    pub address: String,
-}
-
-impl Notify {
-    /// Its slot.
-    pub fn slot(&self) -> super::generation::Slot {
-        super::generation::Slot {
-            generation: self.generation,
-            worker: self.worker,
-            incarnation: self.incarnation,
-        }
-    }
-}
-
 /// The state file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
@@ -83,8 +51,6 @@ pub struct State {
     pub next_id: u64,
     /// Reloads, restarts and rollbacks so far.
     pub stats: super::policy::Stats,
-    /// The generations' notification sockets.
-    pub notify: Vec<Notify>,
 }
 
 impl State {
@@ -92,7 +58,7 @@ impl State {
     pub fn processes(&self) -> impl Iterator<Item = (u64, Process)> + '_ {
         self.generations
             .iter()
-            .flat_map(|g| g.processes.iter().map(move |p| (g.id, *p)))
+            .flat_map(|g| g.processes.iter().map(move |p| (g.id, p.process)))
     }
 }
 
@@ -286,7 +252,6 @@ mod tests {
             serving: None,
             next_id: 1,
             stats: Default::default(),
-            notify: Vec::new(),
         };
         write(&p, &state).expect("written");
         write(&p, &state).expect("written again");

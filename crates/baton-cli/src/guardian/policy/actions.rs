@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::RollbackReason;
-use crate::guardian::generation::Generation;
+use crate::guardian::generation::{Generation, Slot};
 use crate::knobs::Reverts;
 use crate::spec::Signal;
 
@@ -154,10 +154,17 @@ pub enum Action<W> {
         /// Which release it runs.
         release: Pick,
     },
-    /// Send `signal` to the generation's main process.
+    /// Start worker process `slot` (a replacement, or a `--max-rss`
+    /// successor) from its generation's release (then call
+    /// `worker_spawned` or `worker_spawn_failed`).
+    SpawnWorker {
+        /// The worker process to start.
+        slot: Slot,
+    },
+    /// Send `signal` to worker process `slot`.
     Signal {
-        /// The generation.
-        generation: u64,
+        /// The worker process.
+        slot: Slot,
         /// Its pid.
         pid: i32,
         /// The signal.
@@ -165,12 +172,18 @@ pub enum Action<W> {
         /// Why.
         cause: SignalCause,
     },
-    /// SIGKILL the generation's whole process group.
+    /// SIGKILL worker process `slot`'s whole process group.
     KillGroup {
-        /// The generation.
-        generation: u64,
+        /// The worker process.
+        slot: Slot,
         /// Its pid, which is also its process group id.
         pid: i32,
+    },
+    /// A stop with `--shutdown-delay` began: not ready any more (`/readyz`
+    /// 503), serving on for `delay` before the stop proper.
+    LameDuck {
+        /// How long.
+        delay: Duration,
     },
     /// Tell the waiters how their reload ended.
     Report {
@@ -213,14 +226,14 @@ pub struct Snapshot {
     /// The generation serving.
     pub serving: Option<u64>,
     /// When a crashed generation's replacement starts.
-    #[serde(with = "crate::guardian::generation::stamp::option")]
+    #[serde(with = "crate::guardian::stamp::option")]
     pub restart_at: Option<Instant>,
     /// Consecutive failures (for the restart delay).
     pub failures: u32,
     /// Whether a generation was ever ready.
     pub ever_ready: bool,
     /// Recent crash restarts (for the start limit).
-    #[serde(with = "crate::guardian::generation::stamp::vec")]
+    #[serde(with = "crate::guardian::stamp::vec")]
     pub recent_restarts: Vec<Instant>,
     /// The counters.
     pub stats: Stats,

@@ -24,39 +24,21 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 mod actions;
+mod ending;
+mod workers;
 
 pub use actions::{Action, Outcome, Pick, SignalCause, Snapshot, Stats, Trigger};
+use ending::{Stopping, log_exit};
+pub use workers::Crash;
+use workers::{kill_all, signal_all};
 
 use super::backoff::{Backoff, Next};
-use super::generation::{Generation, Process, Route, State};
+use super::generation::{Generation, Route, Slot, State, Worker, WorkerRecord};
 use crate::error::RollbackReason;
 use crate::exit::ExitStatus;
 use crate::knobs::later;
 pub use crate::knobs::{PolicyConfig, Reverts};
 use crate::spec::RestartMode;
-
-/// The `exit` event of a retired generation: how long it drained, unless
-/// it had to be killed.
-fn log_exit(g: &Generation, status: ExitStatus, lived: Duration) {
-    let (id, pid) = (g.id, g.pid().unwrap_or_default());
-    if g.state == State::Killed {
-        info!(
-            generation = id,
-            pid,
-            status = %status.word(),
-            "exit: generation {id} {status}"
-        );
-    } else {
-        let drain_ms = lived.as_millis() as u64;
-        info!(
-            generation = id,
-            pid,
-            status = %status.word(),
-            drain_ms,
-            "exit: generation {id} {status}"
-        );
-    }
-}
 
 #[derive(Debug)]
 struct InFlight<W> {
@@ -79,25 +61,6 @@ struct Baking<W> {
     standby: Option<u64>,
 }
 
-/// A stop in progress, and what baton's exit code will be. For a requested
-/// stop: 0 if every generation exited 0 or died of the stop signal baton
-/// sent; otherwise a generation's own code (128+N for a signal baton did
-/// not send; the serving generation's first); else 137 if one had to be
-/// killed.
-#[derive(Debug)]
-struct Stopping {
-    /// The generation serving when the stop began.
-    serving: Option<u64>,
-    /// An exit code decided up front (a failed first start, `--restart
-    /// never`, the start limit).
-    code: Option<u8>,
-    /// A generation's own failure code, if one failed.
-    failed: Option<u8>,
-    /// Whether a generation had to be killed.
-    killed: bool,
-    forced: bool,
-}
-
 /// The guardian's state and decisions. `W` is whatever identifies a waiter
 /// for a reload's outcome (a reply channel in the real loop).
 #[derive(Debug)]
@@ -114,6 +77,9 @@ pub struct Policy<W> {
     backoff: Backoff,
     ever_ready: bool,
     stopping: Option<Stopping>,
+    /// When the shutdown delay ends (`--shutdown-delay`): a stop was asked
+    /// for, and baton serves on, not ready, until then.
+    lame_duck: Option<Instant>,
     stats: Stats,
 }
 
@@ -134,6 +100,7 @@ impl<W> Policy<W> {
             backoff: Backoff::default(),
             ever_ready: false,
             stopping: None,
+            lame_duck: None,
             stats: Stats::default(),
         }
     }
@@ -156,6 +123,9 @@ impl<W> Policy<W> {
         if self.stopping.is_some() {
             return Err("baton is stopping".to_owned());
         }
+        if self.lame_duck.is_some() {
+            return Err("baton is shutting down (--shutdown-delay)".to_owned());
+        }
         Ok(self.record())
     }
 
@@ -169,7 +139,7 @@ impl<W> Policy<W> {
             restart_at: self.restart_at,
             failures: self.backoff.failures,
             ever_ready: self.ever_ready,
-            recent_restarts: self.backoff.recent.iter().copied().collect(),
+            recent_restarts: self.backoff.recent.clone(),
             stats: self.stats.clone(),
         }
     }
@@ -188,7 +158,7 @@ impl<W> Policy<W> {
         p.restart_at = snapshot.restart_at;
         p.backoff = Backoff {
             failures: snapshot.failures,
-            recent: snapshot.recent_restarts.into_iter().collect(),
+            recent: snapshot.recent_restarts,
         };
         p.ever_ready = snapshot.ever_ready;
         p.stats = snapshot.stats;
@@ -202,7 +172,10 @@ impl<W> Policy<W> {
 
     /// A reload was asked for; `waiter` (if any) will get its outcome.
     pub fn trigger(&mut self, now: Instant, trigger: Trigger, waiter: Option<W>) -> Actions<W> {
-        if self.stopping.is_some() {
+        if self.stopping.is_some() || self.lame_duck.is_some() {
+            if self.lame_duck.is_some() {
+                info!(%trigger, "reload refused: baton is shutting down (--shutdown-delay)");
+            }
             return match waiter {
                 Some(w) => vec![Action::Report {
                     waiters: vec![w],
@@ -210,7 +183,7 @@ impl<W> Policy<W> {
                         generation: None,
                         pid: None,
                         reason: RollbackReason::Stopping,
-                        serving: None,
+                        serving: self.serving.filter(|_| self.stopping.is_none()),
                     },
                 }],
                 None => Vec::new(),
@@ -234,32 +207,95 @@ impl<W> Policy<W> {
         self.begin(now, waiter.into_iter().collect(), trigger)
     }
 
-    /// Generation `id` was spawned as `process` from release `release`,
-    /// reached by `route`.
-    pub fn spawned(&mut self, id: u64, process: Process, route: Route, release: u64) {
+    /// Every worker of generation `id` was spawned (see `worker_spawned`),
+    /// from release `release`, reached by `route`.
+    pub fn spawned(&mut self, id: u64, route: Route, release: u64) {
+        let workers = self.cfg.workers.max(1);
         if let Some(g) = self.gens.get_mut(&id) {
-            g.processes = vec![process];
             g.route = route;
             g.release = Some(release);
+            if g.workers.len() < workers {
+                g.workers.resize(workers, Worker::default());
+            }
         }
     }
 
-    /// Generation `id`'s processes now (its workers, after one was
-    /// replaced or died).
-    pub fn set_processes(&mut self, id: u64, processes: Vec<Process>) {
-        if let Some(g) = self.gens.get_mut(&id)
-            && !processes.is_empty()
-        {
-            g.processes = processes;
+    /// Worker process `slot` started (see [`workers::spawned`]).
+    pub fn worker_spawned(&mut self, slot: Slot, record: WorkerRecord) {
+        if let Some(g) = self.gens.get_mut(&slot.generation) {
+            workers::spawned(g, slot, record);
         }
     }
 
-    /// Generation `id` has no process left (every worker of its pool waits
-    /// to restart). The last ones are otherwise kept, for the logs of its
-    /// exit.
-    pub fn no_processes(&mut self, id: u64) {
-        if let Some(g) = self.gens.get_mut(&id) {
-            g.processes.clear();
+    /// Worker process `slot` passed its readiness check (see
+    /// [`workers::ready`]).
+    pub fn worker_ready(&mut self, now: Instant, slot: Slot) -> Actions<W> {
+        let Some(g) = self.gens.get_mut(&slot.generation) else {
+            return Vec::new();
+        };
+        match workers::ready(g, &self.cfg, slot) {
+            workers::Ready::Nothing => Vec::new(),
+            workers::Ready::Generation => self.ready(now, slot.generation),
+            workers::Ready::Retire(actions) => actions,
+        }
+    }
+
+    /// Worker process `slot` exited with `status` (see
+    /// [`workers::exited`]).
+    pub fn worker_exited(&mut self, now: Instant, slot: Slot, status: ExitStatus) -> Actions<W> {
+        let id = slot.generation;
+        let Some(g) = self.gens.get_mut(&id) else {
+            return Vec::new();
+        };
+        match workers::exited(g, &self.cfg, now, slot, status) {
+            workers::Exited::Nothing => Vec::new(),
+            workers::Exited::Over { pid } => self.ended(now, id, pid, status),
+            workers::Exited::Revert { why, pid } => {
+                let mut actions = self.revert(now, "exited", why);
+                if self.gens.get(&id).is_some_and(workers::over) {
+                    actions.extend(self.ended(now, id, pid, status));
+                }
+                actions
+            }
+        }
+    }
+
+    /// Worker process `slot`, asked for by [`Action::SpawnWorker`], could
+    /// not be started (see [`workers::spawn_failed`]).
+    pub fn worker_spawn_failed(
+        &mut self,
+        now: Instant,
+        slot: Slot,
+        error: &std::io::Error,
+    ) -> Actions<W> {
+        let id = slot.generation;
+        let over = self
+            .gens
+            .get_mut(&id)
+            .is_some_and(|g| workers::spawn_failed(g, &self.cfg, now, slot, error));
+        if over {
+            self.ended(now, id, None, ExitStatus::Exited(127))
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `--max-rss`: serving worker process `slot` grew past the limit (see
+    /// [`workers::too_big`]).
+    pub fn worker_too_big(&mut self, slot: Slot) -> Actions<W> {
+        self.gens
+            .get_mut(&slot.generation)
+            .and_then(|g| workers::too_big(g, slot))
+            .map(|slot| Action::SpawnWorker { slot })
+            .into_iter()
+            .collect()
+    }
+
+    /// After an upgrade or an adoption (see [`workers::restore`]).
+    pub fn restore_workers(&mut self, now: Instant) {
+        let workers = self.cfg.workers.max(1);
+        if let Some(g) = self.serving.and_then(|id| self.gens.get_mut(&id)) {
+            workers::restore(g, now, workers);
         }
     }
 
@@ -467,20 +503,20 @@ impl<W> Policy<W> {
     }
 
     /// Asks generation `id` to drain (its successor serves): the stop
-    /// signal, and the stop timeout from now.
-    fn retire(&mut self, now: Instant, id: u64) -> Option<Action<W>> {
-        let g = self.gens.get_mut(&id)?;
+    /// signal to each of its processes, and the stop timeout from now.
+    fn retire(&mut self, now: Instant, id: u64) -> Actions<W> {
+        let Some(g) = self.gens.get_mut(&id) else {
+            return Vec::new();
+        };
         g.enter(
             State::Draining,
             now,
             Some(later(now, self.cfg.stop_timeout)),
         );
-        Some(Action::Signal {
-            generation: id,
-            pid: g.pid()?,
-            signal: self.cfg.stop_signal,
-            cause: SignalCause::Retire,
-        })
+        for p in &mut g.processes {
+            p.replaced = true;
+        }
+        signal_all(g, self.cfg.stop_signal, SignalCause::Retire)
     }
 
     /// The generation on probation, and the one kept warm beside it.
@@ -488,36 +524,28 @@ impl<W> Policy<W> {
         self.baking.as_ref().map(|b| (b.generation, b.standby))
     }
 
-    /// Generation `id`'s main process exited.
+    /// Generation `id` is over: its last process exited with `status`
+    /// (any left are swept).
     pub fn exited(&mut self, now: Instant, id: u64, status: ExitStatus) -> Actions<W> {
+        self.ended(now, id, None, status)
+    }
+
+    /// Generation `id` is over: its process `pid` (if known) exited last
+    /// with `status`.
+    fn ended(&mut self, now: Instant, id: u64, pid: Option<i32>, status: ExitStatus) -> Actions<W> {
         let Some(g) = self.gens.remove(&id) else {
             return Vec::new();
         };
-        let pid = g.pid().unwrap_or_default();
+        let pid = pid.or(g.pid()).unwrap_or_default();
         let lived = now.saturating_duration_since(g.state_since);
-        // Its process group may still hold stragglers (and copies of the
-        // listening sockets): sweep it.
-        let mut actions = vec![Action::KillGroup {
-            generation: id,
-            pid,
-        }];
+        // The process groups of any process left may still hold stragglers
+        // (and copies of the listening sockets): sweep them. (The group of
+        // the one that exited was swept before it was reaped.)
+        let mut actions = kill_all(&g);
 
         if let Some(stopping) = &mut self.stopping {
-            let stop_signal = self.cfg.stop_signal.number();
-            match status {
-                ExitStatus::Exited(0) => {}
-                ExitStatus::Signaled(sig) if sig == stop_signal => {}
-                // An adopted generation asked to stop: it is gone, and
-                // nothing says it failed.
-                ExitStatus::Unknown => {}
-                ExitStatus::Signaled(9) if g.state == State::Killed => stopping.killed = true,
-                _ => {
-                    if stopping.failed.is_none() || stopping.serving == Some(id) {
-                        stopping.failed = Some(status.shell_code());
-                    }
-                }
-            }
-            log_exit(&g, status, lived);
+            stopping.exited(&g, status, self.cfg.stop_signal);
+            log_exit(&g, pid, status, lived);
             if self.gens.is_empty() {
                 actions.push(Action::Exit {
                     code: self.exit_code(),
@@ -598,7 +626,7 @@ impl<W> Policy<W> {
                     }
                 }
             }
-            State::Draining | State::Killed => log_exit(&g, status, lived),
+            State::Draining | State::Killed => log_exit(&g, pid, status, lived),
         }
         actions
     }
@@ -623,10 +651,7 @@ impl<W> Policy<W> {
                     g.state = State::Killed;
                     g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
-                    actions.push(Action::KillGroup {
-                        generation: id,
-                        pid,
-                    });
+                    actions.extend(kill_all(g));
                     let reason = RollbackReason::NotReady {
                         timeout: humantime::format_duration(self.cfg.ready_timeout).to_string(),
                         hint: self.cfg.not_ready_hint.clone(),
@@ -643,10 +668,7 @@ impl<W> Policy<W> {
                     g.state = State::Killed;
                     g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
-                    actions.push(Action::KillGroup {
-                        generation: id,
-                        pid,
-                    });
+                    actions.extend(kill_all(g));
                 }
                 State::Killed => {
                     error!(
@@ -673,12 +695,49 @@ impl<W> Policy<W> {
             self.backoff.restarted(now);
             actions.extend(self.begin(now, Vec::new(), Trigger::Restart));
         }
+        let serving = self.stopping.is_none();
+        for g in self.gens.values_mut() {
+            let due = workers::due(g, now, serving);
+            actions.extend(due.into_iter().map(|slot| Action::SpawnWorker { slot }));
+        }
+        if self.lame_duck.is_some_and(|t| t <= now) {
+            self.lame_duck = None;
+            info!("shutdown: the delay is over; stopping");
+            actions.extend(self.stop_now(now, "shutdown delay over"));
+        }
         actions
     }
 
     /// Stop everything: the stop signal to every generation, then exit with
     /// the serving generation's status. A second call kills at once.
+    /// With `--shutdown-delay`, the first request only begins the delay
+    /// (see [`Action::LameDuck`]) and the stop proper follows when it ends,
+    /// or at once on a second request.
     pub fn stop(&mut self, now: Instant, why: &str) -> Actions<W> {
+        if let Some(delay) = self.cfg.shutdown_delay
+            && self.stopping.is_none()
+            && self.lame_duck.is_none()
+        {
+            self.lame_duck = Some(later(now, delay));
+            info!(
+                reason = why,
+                delay_ms = delay.as_millis() as u64,
+                "shutdown: not ready any more (/readyz 503); serving on for {} before stopping",
+                humantime::format_duration(delay)
+            );
+            return vec![Action::LameDuck { delay }];
+        }
+        if self.lame_duck.take().is_some() {
+            info!(
+                reason = why,
+                "stop requested again: the rest of the shutdown delay is skipped"
+            );
+        }
+        self.stop_now(now, why)
+    }
+
+    /// The stop proper (a second one kills).
+    fn stop_now(&mut self, now: Instant, why: &str) -> Actions<W> {
         if let Some(stopping) = &mut self.stopping {
             if stopping.forced {
                 return Vec::new();
@@ -690,16 +749,11 @@ impl<W> Policy<W> {
             );
             let mut actions = Vec::new();
             for g in self.gens.values_mut() {
-                if g.state != State::Killed
-                    && let Some(pid) = g.pid()
-                {
+                if g.state != State::Killed && !g.processes.is_empty() {
                     g.state = State::Killed;
                     g.state_since = now;
                     g.deadline = Some(later(now, self.cfg.kill_grace));
-                    actions.push(Action::KillGroup {
-                        generation: g.id,
-                        pid,
-                    });
+                    actions.extend(kill_all(g));
                 }
             }
             return actions;
@@ -712,7 +766,10 @@ impl<W> Policy<W> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let gens = self.gens.values().filter_map(|g| g.deadline);
         let restart = self.restart_at.filter(|_| self.stopping.is_none());
-        gens.chain(restart).min()
+        gens.chain(restart)
+            .chain(self.gens.values().filter_map(workers::next_restart))
+            .chain(self.lame_duck)
+            .min()
     }
 
     /// Every live generation, oldest first.
@@ -733,6 +790,11 @@ impl<W> Policy<W> {
     /// Whether baton is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stopping.is_some()
+    }
+
+    /// When the shutdown delay ends, while it runs.
+    pub fn lame_duck(&self) -> Option<Instant> {
+        self.lame_duck
     }
 
     /// The counters.
@@ -868,14 +930,9 @@ impl<W> Policy<W> {
     }
 
     fn shut_down(&mut self, now: Instant, code: Option<u8>) -> Actions<W> {
-        self.stopping = Some(Stopping {
-            serving: self.serving,
-            code,
-            failed: None,
-            killed: false,
-            forced: false,
-        });
+        self.stopping = Some(Stopping::new(self.serving, code));
         self.restart_at = None;
+        self.lame_duck = None;
         let mut actions = Vec::new();
         let stopping = |generation| Outcome::RolledBack {
             generation,
@@ -918,17 +975,12 @@ impl<W> Policy<W> {
             if matches!(
                 g.state,
                 State::Starting | State::Ready | State::Baking | State::Serving
-            ) && let Some(pid) = g.pid()
+            ) && !g.processes.is_empty()
             {
                 g.state = State::Draining;
                 g.state_since = now;
                 g.deadline = Some(later(now, self.cfg.stop_timeout));
-                actions.push(Action::Signal {
-                    generation: g.id,
-                    pid,
-                    signal: self.cfg.stop_signal,
-                    cause: SignalCause::Stop,
-                });
+                actions.extend(signal_all(g, self.cfg.stop_signal, SignalCause::Stop));
             }
         }
         if self.gens.is_empty() {
@@ -940,20 +992,14 @@ impl<W> Policy<W> {
     }
 
     fn exit_code(&self) -> u8 {
-        let Some(stopping) = &self.stopping else {
-            return 0;
-        };
-        stopping
-            .code
-            .or(stopping.failed)
-            .or(stopping.killed.then_some(137))
-            .unwrap_or(0)
+        self.stopping.as_ref().map_or(0, Stopping::code)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guardian::generation::{Slot, WorkerRecord};
     use crate::spec::{Signal, StartLimit};
 
     type P = Policy<u32>;
@@ -962,15 +1008,16 @@ mod tests {
 
     /// Generation `id` was spawned as `pid`.
     fn spawn_as(p: &mut P, id: u64, pid: i32) {
-        p.spawned(
-            id,
-            Process {
-                pid,
-                start_time: None,
-            },
-            Route::Sockets,
-            1,
+        let process = crate::guardian::generation::Process {
+            pid,
+            start_time: None,
+        };
+        let slot = Slot::new(id, 0);
+        p.worker_spawned(
+            slot,
+            WorkerRecord::started(slot, process, Route::Sockets, None),
         );
+        p.spawned(id, Route::Sockets, 1);
     }
 
     fn cfg() -> PolicyConfig {
@@ -1041,7 +1088,7 @@ mod tests {
         assert_eq!(
             a[0],
             Action::Signal {
-                generation: 1,
+                slot: Slot::new(1, 0),
                 pid: 100,
                 signal: Signal::TERM,
                 cause: SignalCause::Retire
@@ -1066,7 +1113,7 @@ mod tests {
         assert_eq!(
             a,
             vec![Action::KillGroup {
-                generation: 1,
+                slot: Slot::new(1, 0),
                 pid: 100
             }]
         );
@@ -1112,7 +1159,7 @@ mod tests {
         assert!(
             !a.iter().any(|a| matches!(
                 a,
-                Action::Signal { generation: 1, .. } | Action::KillGroup { generation: 1, .. }
+                Action::Signal { slot, .. } | Action::KillGroup { slot, .. } if slot.generation == 1
             )),
             "generation 1 must not be touched: {a:?}"
         );
@@ -1145,7 +1192,7 @@ mod tests {
         assert_eq!(
             a[0],
             Action::KillGroup {
-                generation: 2,
+                slot: Slot::new(2, 0),
                 pid: 200
             }
         );
@@ -1178,7 +1225,7 @@ mod tests {
         assert_eq!(
             a,
             vec![Action::KillGroup {
-                generation: 1,
+                slot: Slot::new(1, 0),
                 pid: 100
             }]
         );
@@ -1254,7 +1301,7 @@ mod tests {
         spawn_as(&mut p, 1, 100);
         let a = p.tick(t0 + 1000 * MS);
         assert!(a.contains(&Action::KillGroup {
-            generation: 1,
+            slot: Slot::new(1, 0),
             pid: 100
         }));
         assert!(!a.iter().any(|a| matches!(a, Action::Exit { .. })));
@@ -1270,13 +1317,13 @@ mod tests {
         spawn_as(&mut p, 2, 200);
         let a = p.stop(t0 + MS, "SIGTERM");
         assert!(a.contains(&Action::Signal {
-            generation: 1,
+            slot: Slot::new(1, 0),
             pid: 100,
             signal: Signal::TERM,
             cause: SignalCause::Stop
         }));
         assert!(a.contains(&Action::Signal {
-            generation: 2,
+            slot: Slot::new(2, 0),
             pid: 200,
             signal: Signal::TERM,
             cause: SignalCause::Stop
@@ -1379,9 +1426,32 @@ mod tests {
     #[test]
     fn a_generation_with_no_process_left_is_not_waited_for_at_a_stop() {
         let t0 = Instant::now();
-        let mut p = serving(t0);
-        p.no_processes(1);
-        let actions = p.stop(t0 + MS, "test");
+        let mut p = P::new(PolicyConfig {
+            workers: 2,
+            ..cfg()
+        });
+        p.start(t0);
+        for i in 0..2 {
+            let slot = Slot::new(1, i);
+            let process = crate::guardian::generation::Process {
+                pid: 100 + i as i32,
+                start_time: None,
+            };
+            p.worker_spawned(
+                slot,
+                WorkerRecord::started(slot, process, Route::Sockets, None),
+            );
+        }
+        p.spawned(1, Route::Sockets, 1);
+        for i in 0..2 {
+            p.worker_ready(t0, Slot::new(1, i));
+        }
+        // Both workers died and wait out their restart delay.
+        for i in 0..2 {
+            p.worker_exited(t0 + MS, Slot::new(1, i), ExitStatus::Exited(1));
+        }
+        assert_eq!(p.state(1), Some(State::Serving));
+        let actions = p.stop(t0 + 2 * MS, "test");
         assert!(
             actions.iter().any(|a| matches!(a, Action::Exit { .. })),
             "exits at once: {actions:?}"
@@ -1428,7 +1498,7 @@ mod tests {
         assert_eq!(
             a,
             vec![Action::KillGroup {
-                generation: 1,
+                slot: Slot::new(1, 0),
                 pid: 100
             }]
         );
@@ -1543,10 +1613,10 @@ mod tests {
         assert!(a.iter().any(|x| matches!(
             x,
             Action::Signal {
-                generation: 2,
+                slot,
                 cause: SignalCause::Retire,
                 ..
-            }
+            } if slot.generation == 2
         )));
         // Passed instead: the warm one drains.
         let (mut p, _) = baking(t0, true);
@@ -1555,10 +1625,61 @@ mod tests {
         assert!(a.iter().any(|x| matches!(
             x,
             Action::Signal {
-                generation: 1,
+                slot,
                 cause: SignalCause::Retire,
                 ..
-            }
+            } if slot.generation == 1
         )));
+    }
+
+    #[test]
+    fn a_shutdown_delay_serves_on_not_ready_then_stops_or_stops_at_a_second_request() {
+        let t0 = Instant::now();
+        let delayed = PolicyConfig {
+            shutdown_delay: Some(3000 * MS),
+            ..cfg()
+        };
+        let mut p = P::new(delayed.clone());
+        p.start(t0);
+        spawn_as(&mut p, 1, 100);
+        p.ready(t0 + MS, 1);
+        let a = p.stop(t0 + 10 * MS, "test");
+        assert_eq!(a, vec![Action::LameDuck { delay: 3000 * MS }]);
+        assert!(!p.is_stopping(), "it serves on");
+        assert_eq!(p.lame_duck(), Some(t0 + 3010 * MS));
+        assert!(p.snapshot().is_err(), "no upgrade meanwhile");
+        let refused = reports(p.trigger(t0 + 20 * MS, Trigger::Control, Some(7)));
+        assert!(
+            matches!(
+                &refused[..],
+                [(w, Outcome::RolledBack { reason: RollbackReason::Stopping, serving: Some(1), .. })] if w == &[7]
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(p.next_deadline(), Some(t0 + 3010 * MS));
+        assert!(p.tick(t0 + 3009 * MS).is_empty());
+        let a = p.tick(t0 + 3010 * MS);
+        assert!(p.is_stopping() && p.lame_duck().is_none());
+        assert!(a.contains(&Action::Signal {
+            slot: Slot::new(1, 0),
+            pid: 100,
+            signal: Signal::TERM,
+            cause: SignalCause::Stop,
+        }));
+        // A second request skips the rest of the delay.
+        let mut p = P::new(delayed);
+        p.start(t0);
+        spawn_as(&mut p, 1, 100);
+        p.ready(t0 + MS, 1);
+        p.stop(t0 + 10 * MS, "first");
+        let a = p.stop(t0 + 20 * MS, "second");
+        assert!(p.is_stopping(), "{a:?}");
+        assert!(matches!(
+            a[..],
+            [Action::Signal {
+                cause: SignalCause::Stop,
+                ..
+            }]
+        ));
     }
 }

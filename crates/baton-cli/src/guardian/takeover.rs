@@ -1,0 +1,264 @@
+//! An image's first steps when it takes over a running service rather than
+//! starting one: [`resume`] after `baton upgrade` (the previous
+//! image's processes are still this pid's children, its descriptors were
+//! inherited) and [`adopt`] after a baton was killed (its
+//! processes are watched through pidfds, its notification sockets bound
+//! again, its output pipes taken back from the keeper). Both rebuild each
+//! worker process's handles from its record in the policy's state with
+//! one step, [`restore_worker`].
+//!
+//! This room builds on the loop's [`Guardian`] (`running.rs` calls it once,
+//! before the loop runs); the loop does not call into it.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::children::Owner;
+use super::generation::{Handles, Route, Slot};
+use super::launch::Cx;
+use super::orphans::Adoption;
+use super::policy::Policy;
+use super::{Guardian, handover, orphans, output, release};
+use crate::control::proto::Response;
+use crate::sys;
+use crate::sys::notify_socket::NotifySocket;
+
+/// What a worker process's handles are rebuilt from, besides its record.
+struct Restored {
+    /// Its notification socket.
+    notify: Option<NotifySocket>,
+    /// Its output pipes' read ends (stdout, stderr).
+    logs: Option<(OwnedFd, OwnedFd)>,
+    /// Ports it was seen listening on by itself.
+    self_bound: Vec<std::net::SocketAddr>,
+}
+
+/// Worker process `slot`, running as `pid` and reached by `route`,
+/// is this baton's from now on: its notifications are read, its output
+/// copied, and the launch strategy routes to it again.
+fn restore_worker(g: &mut Guardian, slot: Slot, pid: i32, route: Route, from: Restored) {
+    let mut handles = Handles::of(pid);
+    handles.self_bound = from.self_bound;
+    if let Some(socket) = from.notify {
+        handles.notify = socket.dup().ok();
+        handles.tasks.push(g.read_notifications(slot, pid, socket));
+    }
+    if let Some((out, err)) = from.logs {
+        handles.log_readers = out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
+        if let Err(e) = output::resume(&g.cfg.name, slot, out, err) {
+            warn!(generation = %slot, error = %e, "its output cannot be copied");
+        }
+    }
+    let cx = Cx {
+        cfg: &g.cfg,
+        children: &mut g.children,
+        events: &g.events,
+    };
+    g.launch.adopt(cx, slot, route, &mut handles);
+    g.handles.insert(slot, handles);
+}
+
+/// The worker processes of the policy's live generations: slot, pid
+/// and route.
+fn recorded_workers(g: &Guardian) -> Vec<(Slot, i32, Route)> {
+    g.policy
+        .generations()
+        .flat_map(|g| {
+            g.processes
+                .iter()
+                .map(move |p| (p.slot(g.id), p.process.pid, p.route.unwrap_or(g.route)))
+        })
+        .collect()
+}
+
+/// The new image's first steps after `baton upgrade`: the previous
+/// image's generations are ours (their processes are still this pid's
+/// children), their notification sockets and output pipes are read
+/// again, and the client is told.
+pub fn resume(g: &mut Guardian, h: handover::Handover) {
+    let mut releases = Vec::new();
+    for (info, fd) in &h.releases {
+        match sys::exec::take_fd(*fd) {
+            Ok(exe) => releases.push(release::Release::handed_over(info.clone(), exe)),
+            Err(e) => warn!(release = info.id, error = %e, "a release was not handed over"),
+        }
+    }
+    let served = h.releases_served.min(releases.len());
+    g.releases = release::Releases::restore(releases, served, h.release_next_id);
+    if let Some(k) = h.keeper {
+        g.children.adopt(k.pid, Owner::Keeper);
+    }
+    let mut fds: HashMap<Slot, &handover::WorkerFds> =
+        h.workers.iter().map(|w| (w.slot, w)).collect();
+    let notify: HashMap<Slot, String> = g
+        .policy
+        .generations()
+        .flat_map(|g| g.processes.iter().map(move |p| (p.slot(g.id), p)))
+        .filter_map(|(slot, p)| Some((slot, p.notify.clone()?)))
+        .collect();
+    for (slot, pid, route) in recorded_workers(g) {
+        g.children.adopt(pid, Owner::Generation(slot));
+        let w = fds.remove(&slot);
+        let notify = w.and_then(|w| w.notify).and_then(|fd| {
+            let address = notify.get(&slot)?.clone();
+            sys::exec::take_fd(fd)
+                .and_then(|fd| NotifySocket::from_fd(fd, address))
+                .map_err(|e| warn!(generation = %slot, error = %e, "its notification socket was not handed over"))
+                .ok()
+        });
+        let logs = w.and_then(|w| w.log_readers).and_then(|(out, err)| {
+            sys::exec::take_fd(out)
+                .and_then(|o| Ok((o, sys::exec::take_fd(err)?)))
+                .map_err(|e| warn!(generation = %slot, error = %e, "its output pipes were not handed over"))
+                .ok()
+        });
+        let self_bound = w.map(|w| w.self_bound.clone()).unwrap_or_default();
+        let from = Restored {
+            notify,
+            logs,
+            self_bound,
+        };
+        restore_worker(g, slot, pid, route, from);
+    }
+    // A worker whose replacement was pending starts again now.
+    g.policy.restore_workers(Instant::now());
+    g.cut_over();
+    let took_ms =
+        sys::clock::monotonic_ns(Instant::now()).saturating_sub(h.upgrade_began_ns) / 1_000_000;
+    info!(
+        from = %h.from,
+        to = handover::baton_version(),
+        upgrades = h.upgrades,
+        took_ms,
+        generations = g.handles.len(),
+        "upgraded: this image took over"
+    );
+    if let Some(fd) = h.reply_fd {
+        match sys::exec::take_fd(fd) {
+            Ok(fd) => {
+                let mut conn = std::os::unix::net::UnixStream::from(fd);
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+                let answer = Response::Upgraded {
+                    from: h.from.clone(),
+                    to: handover::baton_version().to_owned(),
+                    pid: std::process::id(),
+                    took_ms,
+                };
+                if let Ok(mut line) = serde_json::to_string(&answer) {
+                    line.push('\n');
+                    let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
+                }
+            }
+            Err(e) => warn!(error = %e, "the upgrade's client connection was not handed over"),
+        }
+    }
+    // The signals blocked for the exec: what arrived meanwhile is
+    // delivered now, to the handlers installed above.
+    sys::exec::unblock_signals();
+    g.reap();
+}
+
+/// Goes on from the state of a baton that died: what still runs of it
+/// is watched and kept (the serving generation) or stopped (the rest);
+/// if nothing serves, a new generation starts as usual.
+pub fn adopt(g: &mut Guardian, adoption: Adoption) {
+    let Adoption { state: s, mut logs } = adoption;
+    let now = Instant::now();
+    g.orphans.adopted_from = Some(s.baton.pid);
+    let mut plan = orphans::plan(&s, now, g.cfg.policy.stop_timeout, |p| {
+        sys::inspect::alive_exactly(p.pid, p.start_time)
+    });
+    for (slot, pid) in &plan.stop {
+        let _ = sys::signal::send_group(*pid, g.cfg.policy.stop_signal);
+        info!(generation = %slot, pid, "asked to stop");
+    }
+    // Each live process is watched (it is not our child); one gone
+    // meanwhile is left out.
+    for generation in &mut plan.snapshot.generations {
+        let id = generation.id;
+        generation.processes.retain(|p| {
+            let slot = p.slot(id);
+            match g.children.watch(p.process, slot, &g.events) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(generation = %slot, pid = p.process.pid, error = %e, "gone before it could be watched");
+                    false
+                }
+            }
+        });
+    }
+    plan.snapshot
+        .generations
+        .retain(|g| !g.processes.is_empty());
+    if plan
+        .snapshot
+        .serving
+        .is_some_and(|id| !plan.snapshot.generations.iter().any(|g| g.id == id))
+    {
+        plan.snapshot.serving = None;
+        plan.snapshot.ever_ready = false;
+    }
+    let notify: HashMap<Slot, String> = plan
+        .snapshot
+        .generations
+        .iter()
+        .flat_map(|g| g.processes.iter().map(move |p| (p.slot(g.id), p)))
+        .filter_map(|(slot, p)| Some((slot, p.notify.clone()?)))
+        .collect();
+    let serving = plan.snapshot.serving;
+    g.policy = Policy::restore(g.cfg.policy.clone(), plan.snapshot);
+    g.policy.restore_workers(now);
+    for (slot, pid, route) in recorded_workers(g) {
+        let notify = notify.get(&slot).and_then(|address| {
+            NotifySocket::bind_name(address)
+                .map_err(|e| warn!(generation = %slot, error = %e, "its notification socket cannot be bound again"))
+                .ok()
+        });
+        let logs = logs
+            .iter()
+            .position(|(id, _, _)| *id == slot)
+            .map(|i| logs.swap_remove(i))
+            .map(|(_, out, err)| (out, err));
+        let from = Restored {
+            notify,
+            logs,
+            self_bound: Vec::new(),
+        };
+        restore_worker(g, slot, pid, route, from);
+        if let Some(readers) = g.handles.get(&slot).and_then(|h| h.log_readers.as_ref()) {
+            g.orphans.hold(slot, readers);
+        }
+    }
+    match serving {
+        Some(id) => {
+            let pid = g
+                .policy
+                .generations()
+                .find(|g| g.id == id)
+                .and_then(|g| g.pid())
+                .unwrap_or_default();
+            let addrs: Vec<&str> = g.cfg.listeners.iter().map(|l| l.local.as_str()).collect();
+            info!(
+                generation = id,
+                pid,
+                from = s.baton.pid,
+                addr = %addrs.join(","),
+                "adopted generation {id} (pid {pid}) serving {}; its exit status will not be known",
+                addrs.join(", ")
+            );
+            g.cut_over();
+            g.systemd.serving(id);
+        }
+        None => {
+            info!(
+                from = s.baton.pid,
+                "nothing of the baton that died serves any more: starting a new generation"
+            );
+            let start = g.policy.start(now);
+            g.apply(start);
+        }
+    }
+}
