@@ -37,6 +37,7 @@ pub mod orphans;
 mod output;
 pub mod policy;
 mod pressure;
+pub mod processes;
 pub mod readiness;
 pub mod release;
 mod report;
@@ -48,60 +49,29 @@ mod takeover;
 pub mod upgrade;
 mod watch;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::time::Instant;
 
-use baton::vars;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::config::RunConfig;
 use crate::control::proto::{Request, Response};
 use crate::control::server::ControlRequest;
 use crate::exit::ExitStatus;
-use crate::spec::{NotifyAccess, ReadyMode, Signal};
+use crate::spec::Signal;
 use crate::sys;
-use crate::sys::notify_socket::{Datagram, Fields, NotifySocket};
+use crate::sys::notify_socket::{Datagram, Fields};
 
-use children::{Children, Owner};
+use children::Owner;
 pub use event::Event;
-use generation::{Handles, Slot, State};
-use launch::{Cx, Launch};
+use generation::{Slot, State};
 use policy::{Action, Outcome, Policy, SignalCause, Trigger};
 use readiness::Source;
 
 /// Whoever waits for a reload's (or a stop's) outcome.
 type Waiter = oneshot::Sender<Response>;
-
-/// The handles of `generation`'s worker processes that take traffic:
-/// ready, and not being replaced.
-fn serving_handles<'a>(
-    policy: &Policy<Waiter>,
-    handles: &'a BTreeMap<Slot, Handles>,
-    generation: u64,
-) -> Vec<&'a Handles> {
-    let Some(g) = policy.generations().find(|g| g.id == generation) else {
-        return Vec::new();
-    };
-    g.processes
-        .iter()
-        .filter(|p| p.serves())
-        .filter_map(|p| handles.get(&p.slot(generation)))
-        .collect()
-}
-
-/// Inodes of baton's listening sockets (to tell them from an app's own).
-fn listener_inodes(cfg: &RunConfig) -> Arc<HashSet<u64>> {
-    Arc::new(
-        cfg.listeners
-            .iter()
-            .filter_map(|l| sys::inspect::inode(&l.fd))
-            .collect(),
-    )
-}
 
 struct Guardian {
     cfg: RunConfig,
@@ -120,18 +90,8 @@ struct Guardian {
     upgraded_at: Option<Instant>,
     /// The decisions, and the one map of generations' data.
     policy: Policy<Waiter>,
-    /// How generations reach clients.
-    launch: Box<dyn Launch>,
-    /// Starting and reaping processes.
-    children: Children,
-    /// Each live worker process's runtime handles.
-    handles: BTreeMap<Slot, Handles>,
-    /// The helper tasks' way to the loop.
-    events: mpsc::UnboundedSender<Event>,
-    /// Where the notify sockets' readers send what passed their checks.
-    notify_tx: mpsc::Sender<(Slot, Datagram)>,
-    /// Notifications the readers refused.
-    rejected: Arc<pressure::Rejected>,
+    /// The worker processes' runtime side.
+    procs: processes::Processes,
     /// Summaries of what caps and filters turned away.
     pressure: pressure::Pressure,
     /// `STATUS=` lines logged, at most so many per interval.
@@ -146,10 +106,6 @@ struct Guardian {
     observed: metrics::Observed,
     /// What systemd (if it runs baton) has been told.
     systemd: systemd::Systemd,
-    /// The uid the app runs as: only it (or root) may notify.
-    app_uid: u32,
-    /// Inodes of baton's listening sockets.
-    listener_inodes: Arc<HashSet<u64>>,
     /// `baton stop` clients, answered when baton has stopped.
     stop_waiters: Vec<Waiter>,
     started: Instant,
@@ -235,9 +191,9 @@ impl Guardian {
             .find(|g| g.state == State::Starting && g.deadline.is_some_and(|d| d <= now))
             .and_then(|g| g.processes.iter().find(|p| !p.ready).map(|p| p.slot(g.id)));
         if let Some(slot) = timing_out
-            && let Some(handles) = self.handles.get(&slot)
+            && let Some(pid) = self.procs.handles.get(&slot).map(|h| h.pid)
         {
-            self.failed_hint = self.launch.failure_hint(slot, handles.pid, handles);
+            self.failed_hint = self.procs.failure_hint(slot, pid);
         }
         let actions = self.policy.tick(now);
         self.apply(actions);
@@ -250,39 +206,14 @@ impl Guardian {
             warn!(%signal, "no generation is serving; the signal is not forwarded");
             return None;
         };
-        let mut first = None;
-        for (slot, pid) in self.pids_of(generation) {
-            match sys::signal::send(pid, signal) {
-                Ok(()) => {
-                    info!(generation, worker = slot.worker, pid, %signal, "forwarded");
-                    first.get_or_insert((generation, pid));
-                }
-                Err(e) => {
-                    warn!(generation, worker = slot.worker, pid, %signal, error = %e, "cannot forward the signal");
-                }
-            }
-        }
-        first
-    }
-
-    /// The live worker processes of `generation`, with their pids.
-    fn pids_of(&self, generation: u64) -> Vec<(Slot, i32)> {
-        self.handles
-            .range(Slot::range(generation))
-            .filter(|(_, h)| h.pid > 0)
-            .map(|(s, h)| (*s, h.pid))
-            .collect()
+        let pid = self.procs.forward(generation, signal)?;
+        Some((generation, pid))
     }
 
     /// New traffic goes to the serving generation (or, while none serves,
     /// waits for one).
     fn cut_over(&mut self) {
-        let serving = self
-            .policy
-            .serving()
-            .map(|id| serving_handles(&self.policy, &self.handles, id))
-            .unwrap_or_default();
-        self.launch.cut_over(&serving);
+        self.procs.cut_over(&self.policy);
     }
 
     /// Refreshes what `/metrics`, the launch strategy and systemd see.
@@ -293,24 +224,24 @@ impl Guardian {
             let total = self.cfg.policy.bake?;
             let elapsed = Instant::now().saturating_duration_since(g.state_since);
             Some(launch::Probation {
-                new: serving_handles(&self.policy, &self.handles, new),
+                new: processes::serving_handles(&self.policy, &self.procs.handles, new),
                 old: old
-                    .map(|o| serving_handles(&self.policy, &self.handles, o))
+                    .map(|o| processes::serving_handles(&self.policy, &self.procs.handles, o))
                     .unwrap_or_default(),
                 progress: elapsed.as_secs_f64() / total.as_secs_f64().max(1e-9),
             })
         });
-        self.launch.probation(bake, &self.events);
+        self.procs.launch.probation(bake, &self.procs.events);
         if self.policy.is_stopping() {
             self.systemd.stopping();
-            self.launch.stop();
+            self.procs.launch.stop();
         }
         self.orphans.record(&self.cfg, &self.policy.record());
         let not_ready = self.not_ready();
         if let Ok(mut m) = self.metrics.lock() {
             m.not_ready = not_ready;
             m.observed.clone_from(&self.observed);
-            m.notify_rejected = self.rejected.count();
+            m.notify_rejected = self.procs.rejected.count();
             m.listener_rearms = self.listener_rearms;
             let stats = self.policy.stats();
             m.reloads_ok = stats.reloads_ok;
@@ -328,7 +259,7 @@ impl Guardian {
             Request::Rollback => self.rollback(req.reply),
             Request::Status => {
                 let counters = report::Counters {
-                    notify_rejected: self.rejected.count(),
+                    notify_rejected: self.procs.rejected.count(),
                     listener_rearms: self.listener_rearms,
                     upgrades: self.upgrades,
                     upgraded_at: self.upgraded_at,
@@ -381,17 +312,15 @@ impl Guardian {
         match event {
             Event::Notify { slot, datagram } => self.notified(slot, datagram),
             Event::Ready(slot, source) => self.ready(slot, source),
-            Event::RunCheck(slot) => self.run_check(slot),
-            Event::Drained(slot) => {
-                if let Some(handles) = self.handles.get_mut(&slot) {
-                    let pid = handles.pid;
-                    self.launch.drained(slot, pid, handles);
-                }
+            Event::RunCheck(slot) => {
+                let ready = self.is_ready(slot);
+                self.procs.run_check(&self.cfg, slot, ready);
             }
+            Event::Drained(slot) => self.procs.drained(slot),
             Event::Watched => self.trigger(Trigger::Watch, None),
             Event::Quiesced(done) => self.upgrade_quiesced(done),
             Event::Gone(pid) => {
-                if let Some(exit) = self.children.gone(pid) {
+                if let Some(exit) = self.procs.children.gone(pid) {
                     self.exited(exit);
                 }
             }
@@ -401,16 +330,7 @@ impl Guardian {
                     self.apply(actions);
                 }
             }
-            Event::SelfBound { slot, addrs } => {
-                if let Some(handles) = self.handles.get_mut(&slot) {
-                    let pid = handles.pid;
-                    if let Some(advice) = self.launch.self_bound(slot, pid, handles, &addrs) {
-                        let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                        warn!(generation = slot.generation, worker = slot.worker, pid, addrs = %shown.join(","), "listens on its own port: {advice}");
-                    }
-                    handles.self_bound = addrs;
-                }
-            }
+            Event::SelfBound { slot, addrs } => self.procs.self_bound(slot, addrs),
         }
     }
 
@@ -418,7 +338,7 @@ impl Guardian {
     /// gate opens, the policy hears it is ready (see
     /// [`Policy::worker_ready`]).
     fn ready(&mut self, slot: Slot, source: Source) {
-        let Some(handles) = self.handles.get_mut(&slot) else {
+        let Some(handles) = self.procs.handles.get_mut(&slot) else {
             return;
         };
         if !handles.gate.pass(source) {
@@ -440,7 +360,7 @@ impl Guardian {
 
     /// Reaps every exited child and routes each exit to its owner.
     fn reap(&mut self) {
-        for exit in self.children.reap() {
+        for exit in self.procs.children.reap() {
             self.exited(exit);
         }
     }
@@ -452,7 +372,10 @@ impl Guardian {
             match exit.owner {
                 Some(Owner::Generation(slot)) => self.worker_exited(slot, exit),
                 Some(Owner::Check(slot)) => {
-                    self.check_done(slot, exit.pid, exit.status);
+                    let ready = self.is_ready(slot);
+                    if self.procs.check_done(slot, exit.pid, exit.status, ready) {
+                        self.ready(slot, Source::Exec);
+                    }
                 }
                 Some(Owner::UpgradeCheck) => {
                     // What it left behind (its group) goes with it.
@@ -462,9 +385,9 @@ impl Guardian {
                 Some(Owner::Keeper) => {
                     let stopping = self.policy.is_stopping();
                     self.orphans
-                        .keeper_exited(&self.cfg, &mut self.children, exit, stopping);
+                        .keeper_exited(&self.cfg, &mut self.procs.children, exit, stopping);
                     // A new keeper holds the live generations' output too.
-                    for (id, h) in &self.handles {
+                    for (id, h) in &self.procs.handles {
                         if let Some(readers) = &h.log_readers {
                             self.orphans.hold(*id, readers);
                         }
@@ -477,7 +400,7 @@ impl Guardian {
 
     fn notified(&mut self, slot: Slot, datagram: Datagram) {
         let generation = slot.generation;
-        let Some(handles) = self.handles.get_mut(&slot) else {
+        let Some(handles) = self.procs.handles.get_mut(&slot) else {
             return;
         };
         let pid = handles.pid;
@@ -546,7 +469,7 @@ impl Guardian {
                     signal,
                     cause: SignalCause::Stop,
                 } => {
-                    if self.live(slot, pid) {
+                    if self.procs.live(slot, pid) {
                         if let Err(e) = sys::signal::send(pid, signal) {
                             warn!(generation = slot.generation, worker = slot.worker, pid, %signal, error = %e, "cannot signal the generation");
                         }
@@ -557,7 +480,7 @@ impl Guardian {
                 // `Children::reap`); once reaped, its id may belong to
                 // someone else, so only a live worker's.
                 Action::KillGroup { slot, pid } => {
-                    if self.live(slot, pid)
+                    if self.procs.live(slot, pid)
                         && let Err(e) = sys::signal::send_group(pid, Signal::KILL)
                     {
                         warn!(generation = slot.generation, worker = slot.worker, pid, error = %e, "cannot kill the process group");
@@ -565,7 +488,7 @@ impl Guardian {
                 }
                 Action::LameDuck { .. } => {
                     self.systemd.stopping();
-                    self.launch.lame_duck();
+                    self.procs.launch.lame_duck();
                 }
                 Action::Report { waiters, outcome } => self.report(waiters, &outcome),
                 Action::Exit { code } => self.exit = Some(code),
@@ -578,11 +501,6 @@ impl Guardian {
         {
             let _ = sys::signal::send_group(pid, Signal::KILL);
         }
-    }
-
-    /// Whether worker process `slot` is still `pid`, not yet reaped.
-    fn live(&self, slot: Slot, pid: i32) -> bool {
-        pid > 0 && self.handles.get(&slot).is_some_and(|h| h.pid == pid)
     }
 
     /// A reload ended: its effects, then the answer to whoever asked.
@@ -620,15 +538,7 @@ impl Guardian {
                 _,
             ) => {
                 self.cut_over();
-                let inherited = Arc::clone(&self.listener_inodes);
-                for (slot, pid) in self.pids_of(*generation) {
-                    let cx = Cx {
-                        cfg: &self.cfg,
-                        children: &mut self.children,
-                        events: &self.events,
-                    };
-                    self.launch.serving(cx, slot, pid, &inherited);
-                }
+                self.procs.serving(&self.cfg, *generation);
                 self.systemd.serving(*generation);
                 self.observed.ready(*ready_after);
             }
@@ -638,11 +548,10 @@ impl Guardian {
                 },
                 Response::RolledBack { message, .. },
             ) => {
-                let hint = self.failed_hint.take().or_else(|| {
-                    let serving = (*serving)?;
-                    let (slot, handles) = self.handles.range(Slot::range(serving)).next()?;
-                    self.launch.reload_hint(*slot, handles.pid, handles)
-                });
+                let hint = self
+                    .failed_hint
+                    .take()
+                    .or_else(|| self.procs.reload_hint((*serving)?));
                 if let Some(hint) = hint {
                     warn!("hint: {hint}");
                     message.push_str("; ");
@@ -664,41 +573,13 @@ impl Guardian {
         generation: u64,
         pick: policy::Pick,
     ) -> std::io::Result<(generation::Route, u64)> {
-        if self.launch.shares_listeners() {
+        if self.procs.launch.shares_listeners() {
             self.check_listeners(None);
         }
-        let kept = match pick {
-            policy::Pick::Command => None,
-            policy::Pick::Previous => Some(self.releases.previous().cloned().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no previous release is kept")
-            })?),
-            policy::Pick::Current => match self.releases.current() {
-                Some(r) => match release::check(r) {
-                    Ok(()) => Some(r.clone()),
-                    Err(why) => {
-                        warn!(
-                            "the release that last served cannot be run as it ran ({why}); starting the command as it is now"
-                        );
-                        None
-                    }
-                },
-                None => None,
-            },
-        };
-        let release = match kept {
+        let release = match self.releases.kept(pick)? {
             Some(r) => r,
             None => self.resolve_command()?,
         };
-        if pick == policy::Pick::Previous {
-            info!(
-                generation,
-                release = release.info.id,
-                program = %release.info.program.display(),
-                hash = %release.describe().hash.unwrap_or_default(),
-                cwd = %release.info.cwd.display(),
-                "starting the previous release"
-            );
-        }
         let mut route = None;
         for worker in 0..self.cfg.policy.workers.max(1) as u32 {
             match self.spawn_slot(Slot::new(generation, worker), &release) {
@@ -707,7 +588,7 @@ impl Guardian {
                 }
                 Err(e) => {
                     // The workers already started go: the generation failed.
-                    for (_, pid) in self.pids_of(generation) {
+                    for (_, pid) in self.procs.pids_of(generation) {
                         let _ = sys::signal::send_group(pid, Signal::KILL);
                     }
                     return Err(e);
@@ -755,125 +636,35 @@ impl Guardian {
         Ok(())
     }
 
-    /// Starts worker process `slot` from `release` through the launch
-    /// strategy, reads its notifications, and tells the policy.
+    /// Starts worker process `slot` from `release`, and tells the policy.
     fn spawn_slot(
         &mut self,
         slot: Slot,
         release: &release::Release,
     ) -> std::io::Result<generation::Route> {
-        let cx = Cx {
-            cfg: &self.cfg,
-            children: &mut self.children,
-            events: &self.events,
-        };
-        let launched = self.launch.launch(cx, slot, release)?;
-        let mut handles = launched.handles;
-        handles.pid = launched.process.pid;
-        handles.notify = launched.notify.dup().ok();
-        let mut record = generation::WorkerRecord::started(
-            slot,
-            launched.process,
-            launched.route,
-            Some(launched.notify.address.clone()),
-        );
-        record.started = Some(Instant::now());
-        handles
-            .tasks
-            .push(self.read_notifications(slot, launched.process.pid, launched.notify));
-        if let Some(readers) = &handles.log_readers {
+        let record = self.procs.start(&self.cfg, slot, release)?;
+        if let Some(readers) = self
+            .procs
+            .handles
+            .get(&slot)
+            .and_then(|h| h.log_readers.as_ref())
+        {
             self.orphans.hold(slot, readers);
         }
-        self.handles.insert(slot, handles);
+        let route = record.route.unwrap_or(generation::Route::Sockets);
         self.policy.worker_spawned(slot, record);
-        Ok(launched.route)
-    }
-
-    /// Passes `slot`'s notifications to the loop (see `notify`).
-    fn read_notifications(&self, slot: Slot, pid: i32, socket: NotifySocket) -> AbortHandle {
-        let filter = notify::Filter {
-            app_uid: self.app_uid,
-            main_only: self.cfg.notify_access == NotifyAccess::Main,
-            pid,
-        };
-        notify::read(
-            slot,
-            socket,
-            filter,
-            self.notify_tx.clone(),
-            Arc::clone(&self.rejected),
-        )
-    }
-
-    /// Runs the `--ready exec:` command for a starting worker process.
-    fn run_check(&mut self, slot: Slot) {
-        let ReadyMode::Exec(command) = &self.cfg.ready else {
-            return;
-        };
-        let Some(handles) = self.handles.get(&slot) else {
-            return;
-        };
-        if self.is_ready(slot) || handles.pid <= 0 {
-            return;
-        }
-        let pid = handles.pid;
-        let mut env = self.cfg.base_env.clone();
-        env.push((
-            vars::BATON_GENERATION.into(),
-            slot.generation.to_string().into(),
-        ));
-        env.push(("BATON_WORKER".into(), slot.worker.to_string().into()));
-        env.push(("BATON_PID".into(), pid.to_string().into()));
-        let spawned = self.children.start_check(slot, command, &env);
-        let Some(handles) = self.handles.get_mut(&slot) else {
-            return;
-        };
-        match spawned {
-            Ok(check) => handles.check = Some(check),
-            Err(e) => {
-                warn!(generation = slot.generation, worker = slot.worker, error = %e, "cannot run the readiness check; trying again");
-                handles.tasks.push(readiness::after(
-                    readiness::CHECK_INTERVAL,
-                    self.events.clone(),
-                    Event::RunCheck(slot),
-                ));
-            }
-        }
-    }
-
-    fn check_done(&mut self, slot: Slot, pid: i32, status: ExitStatus) {
-        let ready = self.is_ready(slot);
-        let Some(handles) = self.handles.get_mut(&slot) else {
-            return;
-        };
-        if handles.check == Some(pid) {
-            handles.check = None;
-        }
-        if status.success() {
-            self.ready(slot, Source::Exec);
-        } else if !ready {
-            debug!(
-                generation = slot.generation,
-                worker = slot.worker,
-                status = %status.word(),
-                "the readiness check failed; trying again"
-            );
-            handles.tasks.push(readiness::after(
-                readiness::CHECK_INTERVAL,
-                self.events.clone(),
-                Event::RunCheck(slot),
-            ));
-        }
+        Ok(route)
     }
 
     /// Makes sure every listener still listens, where generations hold them
     /// (and may shut them down). `exited` is the generation that just
     /// exited, the likely culprit.
     fn check_listeners(&mut self, exited: Option<(u64, i32)>) {
-        if !self.launch.shares_listeners() {
+        if !self.procs.launch.shares_listeners() {
             return;
         }
         let alive: Vec<(u64, i32)> = self
+            .procs
             .handles
             .iter()
             .map(|(slot, h)| (slot.generation, h.pid))
@@ -881,7 +672,7 @@ impl Guardian {
         let checked = listeners::check(&mut self.cfg.listeners, exited, &alive);
         self.listener_rearms += checked.rearmed;
         if checked.replaced {
-            self.listener_inodes = listener_inodes(&self.cfg);
+            self.procs.listener_inodes = processes::listener_inodes(&self.cfg);
             // A Unix socket was replaced: the serving generation holds the
             // dead one, and only a new generation can serve the new one.
             // (A TCP socket listens again for everyone: no reload, or an app
@@ -915,47 +706,16 @@ impl Guardian {
         binary: Option<std::path::PathBuf>,
         check_only: bool,
     ) {
-        let mut up = upgrade::Upgrade {
-            conn,
-            binary: binary.unwrap_or_else(|| self.cfg.exe.clone()),
-            check_only,
-            check: None,
-            version: None,
-            began: Instant::now(),
-            nonce: upgrade::nonce(),
-            check_deadline: crate::knobs::later(Instant::now(), self.cfg.check_timeout),
+        let binary = binary.unwrap_or_else(|| self.cfg.exe.clone());
+        let mut up = upgrade::Upgrade::new(conn, binary, check_only, self.cfg.check_timeout);
+        let started = if self.upgrade.is_some() {
+            Err("an upgrade is already under way".to_owned())
+        } else {
+            let state = self.handover(None, up.nonce).map(|(state, _)| state);
+            state.and_then(|state| {
+                up.start_check(&state, &mut self.procs.children, &self.cfg.base_env)
+            })
         };
-        let started = (|| {
-            if self.upgrade.is_some() {
-                return Err("an upgrade is already under way".to_owned());
-            }
-            up.binary = upgrade::candidate(&up.binary)?;
-            let (state, _) = self.handover(None, up.nonce)?;
-            let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-            let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
-            let (answer, answer_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| e.to_string())?;
-            let args: Vec<std::ffi::OsString> = vec![
-                up.binary.clone().into(),
-                "upgrade-check".into(),
-                "--state-fd".into(),
-                "3".into(),
-                "--answer-fd".into(),
-                "4".into(),
-            ];
-            let pid = self
-                .children
-                .start_helper(
-                    Owner::UpgradeCheck,
-                    &up.binary,
-                    &args,
-                    &self.cfg.base_env,
-                    &[memfd.as_fd(), answer_tx.as_fd()],
-                )
-                .map_err(|e| format!("{} could not be started: {e}", up.binary.display()))?;
-            up.check = Some((pid, answer));
-            Ok(())
-        })();
         match started {
             Ok(()) => {
                 info!(binary = %up.binary.display(), "upgrade: checking the new binary");
@@ -983,7 +743,7 @@ impl Guardian {
         if let Some(up) = self.upgrade.as_mut() {
             let step = up.quiesced(finished, self.cfg.policy.stop_timeout);
             if step == upgrade::Step::Over
-                && let Err(e) = self.launch.resume(&self.cfg)
+                && let Err(e) = self.procs.launch.resume(&self.cfg)
             {
                 warn!(error = %format!("{e:#}"), "the proxy could not serve again");
             }
@@ -997,11 +757,11 @@ impl Guardian {
             upgrade::Step::Wait => {}
             upgrade::Step::Over => self.upgrade = None,
             upgrade::Step::Exec => self.exec_pending = true,
-            upgrade::Step::Quiesce => match self.launch.quiesce() {
+            upgrade::Step::Quiesce => match self.procs.launch.quiesce() {
                 None => self.exec_pending = true,
                 Some(done) => {
                     info!("upgrade: waiting for client connections to finish; new ones wait");
-                    let events = self.events.clone();
+                    let events = self.procs.events.clone();
                     let limit = self.cfg.policy.stop_timeout;
                     tokio::spawn(async move {
                         let finished = tokio::time::timeout(limit, done).await.is_ok();
@@ -1019,29 +779,11 @@ impl Guardian {
         let Some(mut up) = self.upgrade.take() else {
             return;
         };
-        let failed = (|| -> Result<(), String> {
-            let (state, fds) = self.handover(Some((up.conn.as_raw_fd(), up.began)), up.nonce)?;
-            let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-            let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
-            let mut keep = fds;
-            keep.push(memfd.as_fd());
-            keep.push(up.conn.as_fd());
-            upgrade::set_inheritable(&keep, true).map_err(|e| e.to_string())?;
-            let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
-                .filter(|(k, _)| k != handover::ENV)
-                .collect();
-            env.push((handover::ENV.into(), memfd.as_raw_fd().to_string().into()));
-            info!(
-                binary = %up.binary.display(),
-                to = up.version.as_deref().unwrap_or("?"),
-                "upgrade: handing over"
-            );
-            let error = sys::exec::exec(&up.binary, &self.cfg.argv, &env);
-            let _ = upgrade::set_inheritable(&keep, false);
-            Err(format!("execve of {} failed: {error}", up.binary.display()))
-        })();
+        let failed = self
+            .handover(Some((up.conn.as_raw_fd(), up.began)), up.nonce)
+            .and_then(|(state, fds)| Err::<(), _>(up.exec(&state, fds, &self.cfg.argv)));
         if let Err(why) = failed {
-            if let Err(e) = self.launch.resume(&self.cfg) {
+            if let Err(e) = self.procs.launch.resume(&self.cfg) {
                 warn!(error = %format!("{e:#}"), "the proxy could not serve again");
             }
             up.failed(&why);
@@ -1058,10 +800,10 @@ impl Guardian {
         Ok(handover::build(handover::Parts {
             cfg: &self.cfg,
             policy: self.policy.snapshot()?,
-            handles: &self.handles,
+            handles: &self.procs.handles,
             control_fd: self.control_fd.as_fd(),
             listener_rearms: self.listener_rearms,
-            notify_rejected: self.rejected.count(),
+            notify_rejected: self.procs.rejected.count(),
             upgrades: self.upgrades,
             started: self.started,
             reply,
@@ -1077,14 +819,14 @@ impl Guardian {
     fn worker_exited(&mut self, slot: Slot, exit: children::Exit) {
         let generation = slot.generation;
         if self.policy.state(generation) == Some(State::Starting)
-            && let Some(handles) = self.handles.get(&slot)
+            && self.procs.handles.contains_key(&slot)
         {
-            self.failed_hint = self.launch.failure_hint(slot, exit.pid, handles);
+            self.failed_hint = self.procs.failure_hint(slot, exit.pid);
         }
         if self.cfg.log_prefix {
             self.orphans.release(slot);
         }
-        if let Some(h) = self.handles.remove(&slot) {
+        if let Some(h) = self.procs.handles.remove(&slot) {
             self.observed.exited(exit.status);
             if let Some(at) = h.retired_at {
                 self.observed
@@ -1137,21 +879,10 @@ impl Guardian {
     }
 
     /// Asks worker process `slot` to drain with `signal`: no new traffic,
-    /// then the signal (see [`launch::Launch::drain`]).
+    /// then the signal.
     fn retire_slot(&mut self, slot: Slot, signal: Signal) {
         let handover_us = self.event_at.elapsed().as_micros() as u64;
-        let Some(pid) = self.handles.get(&slot).map(|h| h.pid) else {
-            return;
-        };
         self.cut_over();
-        let cx = Cx {
-            cfg: &self.cfg,
-            children: &mut self.children,
-            events: &self.events,
-        };
-        if let Some(handles) = self.handles.get_mut(&slot) {
-            self.launch
-                .drain(cx, slot, pid, signal, handles, handover_us);
-        }
+        self.procs.drain(&self.cfg, slot, signal, handover_us);
     }
 }

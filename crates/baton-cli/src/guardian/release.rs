@@ -36,6 +36,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::policy::Pick;
+
 /// How many releases that served are kept (the current one included).
 pub const KEEP: usize = 3;
 
@@ -289,6 +291,37 @@ impl Releases {
         self.served.push_back(release);
         while self.served.len() > KEEP {
             self.served.pop_front();
+        }
+    }
+
+    /// The kept release a new generation runs (`None`: the command as it
+    /// is now). The one that last served is run only if it can be run as
+    /// it ran; the previous one (a rollback) must be kept.
+    pub fn kept(&self, pick: Pick) -> std::io::Result<Option<Release>> {
+        match pick {
+            Pick::Command => Ok(None),
+            Pick::Previous => {
+                let r = self.previous().ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no previous release is kept")
+                })?;
+                tracing::info!(
+                    release = r.info.id,
+                    program = %r.info.program.display(),
+                    hash = %r.describe().hash.unwrap_or_default(),
+                    cwd = %r.info.cwd.display(),
+                    "starting the previous release"
+                );
+                Ok(Some(r.clone()))
+            }
+            Pick::Current => Ok(self.current().and_then(|r| match check(r) {
+                Ok(()) => Some(r.clone()),
+                Err(why) => {
+                    tracing::warn!(
+                        "the release that last served cannot be run as it ran ({why}); starting the command as it is now"
+                    );
+                    None
+                }
+            })),
         }
     }
 

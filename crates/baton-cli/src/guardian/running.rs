@@ -23,8 +23,8 @@ use super::generation::Slot;
 use super::launch::{self, Launch};
 use super::policy::{Policy, Trigger};
 use super::{
-    Guardian, handover, listener_inodes, metrics, notify, orphans, pressure, release, systemd,
-    takeover, watch,
+    Guardian, handover, metrics, notify, orphans, pressure, processes, release, systemd, takeover,
+    watch,
 };
 use crate::config::RunConfig;
 use crate::control::proto::Response;
@@ -160,19 +160,21 @@ impl Running {
             upgrade: None,
             upgrades: handover.as_ref().map_or(0, |h| h.upgrades),
             upgraded_at: handover.as_ref().map(|_| now),
-            listener_inodes: listener_inodes(&cfg),
-            app_uid: cfg
-                .user
-                .as_ref()
-                .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid),
-            children: Children::new(&cfg),
+            procs: processes::Processes {
+                listener_inodes: processes::listener_inodes(&cfg),
+                app_uid: cfg
+                    .user
+                    .as_ref()
+                    .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid),
+                children: Children::new(&cfg),
+                launch,
+                handles: BTreeMap::new(),
+                events: events_tx,
+                notify_tx,
+                rejected,
+            },
             policy,
             cfg,
-            launch,
-            handles: BTreeMap::new(),
-            events: events_tx,
-            notify_tx,
-            rejected,
             pressure,
             status_log: pressure::Throttle::new(20, pressure::INTERVAL),
             listener_rearms: handover.as_ref().map_or(0, |h| h.listener_rearms),
@@ -195,7 +197,7 @@ impl Running {
                 // reaped on the first SIGCHLD or here.
                 g.reap();
                 g.systemd.store(&g.cfg.listeners);
-                g.orphans.start_keeper(&g.cfg, &mut g.children);
+                g.orphans.start_keeper(&g.cfg, &mut g.procs.children);
                 match adopt {
                     Some(s) => takeover::adopt(&mut g, s),
                     None => {

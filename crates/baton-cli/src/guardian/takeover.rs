@@ -5,61 +5,24 @@
 //! processes are watched through pidfds, its notification sockets bound
 //! again, its output pipes taken back from the keeper). Both rebuild each
 //! worker process's handles from its record in the policy's state with
-//! one step, [`restore_worker`].
+//! one step, [`processes::Processes::restore`].
 //!
 //! This room builds on the loop's [`Guardian`] (`running.rs` calls it once,
 //! before the loop runs); the loop does not call into it.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::children::Owner;
-use super::generation::{Handles, Route, Slot};
-use super::launch::Cx;
+use super::generation::{Route, Slot};
 use super::orphans::Adoption;
 use super::policy::Policy;
-use super::{Guardian, handover, orphans, output, release};
+use super::{Guardian, handover, orphans, processes, release};
 use crate::control::proto::Response;
 use crate::sys;
 use crate::sys::notify_socket::NotifySocket;
-
-/// What a worker process's handles are rebuilt from, besides its record.
-struct Restored {
-    /// Its notification socket.
-    notify: Option<NotifySocket>,
-    /// Its output pipes' read ends (stdout, stderr).
-    logs: Option<(OwnedFd, OwnedFd)>,
-    /// Ports it was seen listening on by itself.
-    self_bound: Vec<std::net::SocketAddr>,
-}
-
-/// Worker process `slot`, running as `pid` and reached by `route`,
-/// is this baton's from now on: its notifications are read, its output
-/// copied, and the launch strategy routes to it again.
-fn restore_worker(g: &mut Guardian, slot: Slot, pid: i32, route: Route, from: Restored) {
-    let mut handles = Handles::of(pid);
-    handles.self_bound = from.self_bound;
-    if let Some(socket) = from.notify {
-        handles.notify = socket.dup().ok();
-        handles.tasks.push(g.read_notifications(slot, pid, socket));
-    }
-    if let Some((out, err)) = from.logs {
-        handles.log_readers = out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-        if let Err(e) = output::resume(&g.cfg.name, slot, out, err) {
-            warn!(generation = %slot, error = %e, "its output cannot be copied");
-        }
-    }
-    let cx = Cx {
-        cfg: &g.cfg,
-        children: &mut g.children,
-        events: &g.events,
-    };
-    g.launch.adopt(cx, slot, route, &mut handles);
-    g.handles.insert(slot, handles);
-}
 
 /// The worker processes of the policy's live generations: slot, pid
 /// and route.
@@ -89,7 +52,7 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
     let served = h.releases_served.min(releases.len());
     g.releases = release::Releases::restore(releases, served, h.release_next_id);
     if let Some(k) = h.keeper {
-        g.children.adopt(k.pid, Owner::Keeper);
+        g.procs.children.adopt(k.pid, Owner::Keeper);
     }
     let mut fds: HashMap<Slot, &handover::WorkerFds> =
         h.workers.iter().map(|w| (w.slot, w)).collect();
@@ -100,7 +63,7 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
         .filter_map(|(slot, p)| Some((slot, p.notify.clone()?)))
         .collect();
     for (slot, pid, route) in recorded_workers(g) {
-        g.children.adopt(pid, Owner::Generation(slot));
+        g.procs.children.adopt(pid, Owner::Generation(slot));
         let w = fds.remove(&slot);
         let notify = w.and_then(|w| w.notify).and_then(|fd| {
             let address = notify.get(&slot)?.clone();
@@ -116,12 +79,12 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
                 .ok()
         });
         let self_bound = w.map(|w| w.self_bound.clone()).unwrap_or_default();
-        let from = Restored {
+        let from = processes::Restored {
             notify,
             logs,
             self_bound,
         };
-        restore_worker(g, slot, pid, route, from);
+        g.procs.restore(&g.cfg, slot, pid, route, from);
     }
     // A worker whose replacement was pending starts again now.
     g.policy.restore_workers(Instant::now());
@@ -133,7 +96,7 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
         to = handover::baton_version(),
         upgrades = h.upgrades,
         took_ms,
-        generations = g.handles.len(),
+        generations = g.procs.handles.len(),
         "upgraded: this image took over"
     );
     if let Some(fd) = h.reply_fd {
@@ -181,7 +144,7 @@ pub fn adopt(g: &mut Guardian, adoption: Adoption) {
         let id = generation.id;
         generation.processes.retain(|p| {
             let slot = p.slot(id);
-            match g.children.watch(p.process, slot, &g.events) {
+            match g.procs.children.watch(p.process, slot, &g.procs.events) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(generation = %slot, pid = p.process.pid, error = %e, "gone before it could be watched");
@@ -222,13 +185,18 @@ pub fn adopt(g: &mut Guardian, adoption: Adoption) {
             .position(|(id, _, _)| *id == slot)
             .map(|i| logs.swap_remove(i))
             .map(|(_, out, err)| (out, err));
-        let from = Restored {
+        let from = processes::Restored {
             notify,
             logs,
             self_bound: Vec::new(),
         };
-        restore_worker(g, slot, pid, route, from);
-        if let Some(readers) = g.handles.get(&slot).and_then(|h| h.log_readers.as_ref()) {
+        g.procs.restore(&g.cfg, slot, pid, route, from);
+        if let Some(readers) = g
+            .procs
+            .handles
+            .get(&slot)
+            .and_then(|h| h.log_readers.as_ref())
+        {
             g.orphans.hold(slot, readers);
         }
     }

@@ -24,8 +24,15 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::ffi::OsString;
+
+use tracing::info;
+
+use super::children::{Children, Owner};
+use super::handover::{self, Handover};
 use crate::control::proto::Response;
 use crate::exit::ExitStatus;
+use crate::sys;
 
 /// The answer a candidate writes on its fd 4 when it accepts the handover.
 pub const ACCEPTED: &str = "baton-upgrade-check ok";
@@ -77,6 +84,91 @@ pub enum Step {
 }
 
 impl Upgrade {
+    /// An upgrade to `binary` asked for on `conn` (`check_only`: only its
+    /// check), whose check must answer within `check_timeout`.
+    pub fn new(
+        conn: UnixStream,
+        binary: PathBuf,
+        check_only: bool,
+        check_timeout: Duration,
+    ) -> Upgrade {
+        let now = Instant::now();
+        Upgrade {
+            conn,
+            binary,
+            check_only,
+            check: None,
+            version: None,
+            began: now,
+            nonce: nonce(),
+            check_deadline: crate::knobs::later(now, check_timeout),
+        }
+    }
+
+    /// Starts the candidate's check (step 2) with `state` on its fd 3: the
+    /// path is resolved and vetted first ([`candidate`]).
+    pub fn start_check(
+        &mut self,
+        state: &Handover,
+        children: &mut Children,
+        env: &[(OsString, OsString)],
+    ) -> Result<(), String> {
+        self.binary = candidate(&self.binary)?;
+        let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+        let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
+        let (answer, answer_tx) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| e.to_string())?;
+        let args: Vec<OsString> = vec![
+            self.binary.clone().into(),
+            "upgrade-check".into(),
+            "--state-fd".into(),
+            "3".into(),
+            "--answer-fd".into(),
+            "4".into(),
+        ];
+        let pid = children
+            .start_helper(
+                Owner::UpgradeCheck,
+                &self.binary,
+                &args,
+                env,
+                &[memfd.as_fd(), answer_tx.as_fd()],
+            )
+            .map_err(|e| format!("{} could not be started: {e}", self.binary.display()))?;
+        self.check = Some((pid, answer));
+        Ok(())
+    }
+
+    /// Step 4: `state` in a memfd named by [`handover::ENV`], `fds` (the
+    /// descriptors it names) and the client's connection made inheritable,
+    /// and `execve` of the checked binary with `argv`. Returns only if that
+    /// failed (the flags put back): why.
+    pub fn exec(&self, state: &Handover, fds: Vec<BorrowedFd<'_>>, argv: &[OsString]) -> String {
+        let attempt = || -> Result<String, String> {
+            let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+            let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
+            let mut keep = fds;
+            keep.push(memfd.as_fd());
+            keep.push(self.conn.as_fd());
+            set_inheritable(&keep, true).map_err(|e| e.to_string())?;
+            let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+                .filter(|(k, _)| k != handover::ENV)
+                .collect();
+            env.push((handover::ENV.into(), memfd.as_raw_fd().to_string().into()));
+            info!(
+                binary = %self.binary.display(),
+                to = self.version.as_deref().unwrap_or("?"),
+                "upgrade: handing over"
+            );
+            let error = sys::exec::exec(&self.binary, argv, &env);
+            let _ = set_inheritable(&keep, false);
+            Ok(format!(
+                "execve of {} failed: {error}",
+                self.binary.display()
+            ))
+        };
+        attempt().unwrap_or_else(|why| why)
+    }
     /// The check process `pid` ended with `status`: refused (over), only
     /// a check (answered, over), or on to the quiescing.
     pub fn checked(&mut self, pid: i32, status: ExitStatus) -> Step {
