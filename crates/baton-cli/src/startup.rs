@@ -18,7 +18,7 @@ use crate::cli::RunArgs;
 use crate::config::RunConfig;
 use crate::error::StartupError;
 use crate::guardian::handover::Handover;
-use crate::guardian::orphans::{self, Adoption};
+use crate::guardian::orphans::{self, Adoption, Left};
 use crate::spec::{ListenAddr, ListenSpec};
 use crate::sys::socket;
 
@@ -29,7 +29,7 @@ pub fn start(
     args: RunArgs,
     inherited: baton::Listeners,
     handover: Option<&Handover>,
-) -> Result<(RunConfig, Option<Adoption>), StartupError> {
+) -> Result<(RunConfig, Left), StartupError> {
     let nofile = match handover {
         Some(h) => h.nofile,
         None => crate::sys::limits::raise_nofile(),
@@ -40,7 +40,7 @@ pub fn start(
             handed_over(&mut cfg, h)?;
             cfg.exe.clone_from(&h.exe);
             cfg.argv.clone_from(&h.argv);
-            None
+            Left::default()
         }
         None => bind(&mut cfg, inherited)?,
     };
@@ -58,16 +58,13 @@ pub fn start(
 
 /// Binds the control socket, the listeners and the metrics endpoint,
 /// using sockets passed to baton and those a dead baton's keeper holds.
-fn bind(
-    cfg: &mut RunConfig,
-    inherited: baton::Listeners,
-) -> Result<Option<Adoption>, StartupError> {
+fn bind(cfg: &mut RunConfig, inherited: baton::Listeners) -> Result<Left, StartupError> {
     cfg.control = Some(bind_control(&cfg.control_path)?);
     // What a baton that died here left: its listeners (from its keeper) are
     // used like sockets passed to baton.
     let found = orphans::find(&cfg.control_path, &cfg.listen)?;
     let mut inherited = inherited;
-    let mut adopt = None;
+    let mut left = Left::default();
     let mut unix_paths = Vec::new();
     if let Some(found) = found {
         if let Some(fds) = found.listeners {
@@ -82,9 +79,11 @@ fn bind(
                     .zip(found.state.listeners.iter().map(|l| l.name.clone())),
             ));
         }
-        adopt = found.adopt.then_some(Adoption {
+        left.handoff = found.handoff;
+        left.adoption = found.adopt.then_some(Adoption {
             state: found.state,
             logs: found.logs,
+            identified: found.identified,
         });
     }
     let mut listeners = listeners(&cfg.listen, inherited)?;
@@ -113,7 +112,7 @@ fn bind(
                 })
         })
         .transpose()?;
-    Ok(adopt)
+    Ok(left)
 }
 
 /// The control socket, listeners and metrics endpoint a previous image

@@ -192,9 +192,20 @@ impl Children {
         events: &tokio::sync::mpsc::UnboundedSender<super::event::Event>,
     ) -> std::io::Result<()> {
         let pidfd = sys::fdpass::pidfd(process.pid, process.start_time)?;
+        self.watch_pidfd(pidfd, process.pid, slot, events)
+    }
+
+    /// Watches process `pid` of worker `slot` through `pidfd`, which
+    /// refers to it (see [`Children::watch`]).
+    pub fn watch_pidfd(
+        &mut self,
+        pidfd: OwnedFd,
+        pid: i32,
+        slot: Slot,
+        events: &tokio::sync::mpsc::UnboundedSender<super::event::Event>,
+    ) -> std::io::Result<()> {
         let pidfd = sys::fdpass::register_readable(pidfd)?;
         let events = events.clone();
-        let pid = process.pid;
         tokio::spawn(async move {
             // Readable once the process has exited; an error means the
             // same for our purpose (nothing more can be known of it).

@@ -365,6 +365,8 @@ pub struct Handles {
     pub pending_stop: Option<Signal>,
     /// Its last `STATUS=`.
     pub status: Option<String>,
+    /// A pidfd of its process (what the keeper is given a copy of).
+    pub pidfd: Option<std::os::fd::OwnedFd>,
     /// A second descriptor of its notification socket (handed over by an
     /// upgrade).
     pub notify: Option<std::os::fd::OwnedFd>,

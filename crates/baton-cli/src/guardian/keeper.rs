@@ -1,38 +1,48 @@
 //! The descriptor keeper: a tiny process (`baton keeper`, started by
-//! `baton run` with `--orphans keep`) that holds copies of the listening
-//! sockets, and of the read ends of the generations' `--log-prefix` pipes,
-//! and outlives a baton that is killed, so that the next `baton run` with
-//! the same control socket can take them back and adopt the generation
-//! still serving. (Taking them from the app itself with `pidfd_getfd`
-//! would need ptrace rights over it, which an unprivileged baton lacks
-//! under the default Yama scope.)
+//! `baton run` with `--orphans keep`) that holds what a baton that is
+//! killed would lose, and outlives it, so that the next `baton run` with
+//! the same control socket can take it back and adopt the generation still
+//! serving: copies of the listening sockets, a pidfd of every worker
+//! process, a copy of the serialized state, and the read ends of the
+//! workers' `--log-prefix` pipes. (Taking the sockets from the app itself
+//! with `pidfd_getfd` would need ptrace rights over it, which an
+//! unprivileged baton lacks under the default Yama scope.) What it holds is
+//! the truth an adoption starts from; the state file is only a hint, read
+//! when no keeper answers.
 //!
 //! It listens on a Unix socket next to the control socket (its fd 3,
 //! bound by baton, 0600 in a 0700 directory) and answers processes of its
-//! own user (or root) only, one short message each:
+//! own user (or root) only, each client on its own with a deadline, many
+//! at once, one short message each:
 //!
 //! - `hold L` with two descriptors: the read ends of the stdout and stderr
 //!   pipes of the worker process labelled L (`3`, `3.w1`), answered `ok`;
-//!   `drop L` forgets them;
-//! - `take`: answers `ok N logs L1,L2` with the N listeners and the held
-//!   pipes attached (`SCM_RIGHTS`), then exits: the taker starts a keeper
-//!   of its own;
+//! - `pid L` with one descriptor: a pidfd of worker process L, answered
+//!   `ok`; `drop L` forgets L's pipes and pidfd;
+//! - `state` with one descriptor: a memfd holding the serialized state
+//!   (replacing the one held), answered `ok`;
+//! - `take`: answers `ok N logs L1,.. pids L1,.. state S` (`-` for an
+//!   empty list) with the N
+//!   listeners, the held pipes, pidfds and (S = 1) state attached
+//!   (`SCM_RIGHTS`), then waits on that connection: `done` (the taker's
+//!   own keeper holds copies now) and it exits; the connection closing
+//!   first, or no word within [`HANDOFF_TIMEOUT`], and it goes on holding
+//!   (the taker died half way: the next one takes again);
 //! - `quit`: answers `bye` and exits (baton stopped: nothing to keep).
 //!
 //! It never accepts on the listeners, and while its baton lives it never
 //! reads the pipes. Once its baton is gone it holds the listeners (in proxy
 //! mode, clients wait in their backlog) and copies the generations' output
 //! (so that an app writing a log line is neither blocked on a full pipe nor
-//! killed by SIGPIPE), until it is asked, or until no process of the
-//! generations the state file lists is left (nothing to adopt: the ports
-//! are freed).
+//! killed by SIGPIPE), until it is asked, or until no process it holds a
+//! pidfd of is left (nothing to adopt: the ports are freed).
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 
@@ -41,9 +51,12 @@ use super::state;
 use crate::sys;
 
 /// How long one client may take to ask, or to be answered: the keeper and
-/// baton answer at once, and baton's loop must not wait long on a keeper
-/// that is stuck.
+/// baton answer at once, and baton's loop never waits on a keeper (its
+/// calls are made on a thread of their own).
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a taker has to start its own keeper and say `done`.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the keeper looks at its baton and the generations.
 const TICK: Duration = Duration::from_millis(500);
@@ -55,6 +68,12 @@ const MAX_REQUEST: usize = 64;
 /// in the `take` answer).
 const MAX_HELD: usize = 16;
 
+/// The most pidfds held.
+const MAX_PIDS: usize = 64;
+
+/// The most clients served at once; the oldest is dropped beyond.
+const MAX_CLIENTS: usize = 64;
+
 /// A generation's output pipes, held.
 struct Held {
     label: String,
@@ -65,16 +84,50 @@ struct Held {
     err: Option<(OwnedFd, bool)>,
 }
 
+/// What the keeper holds for the next baton.
+#[derive(Default)]
+struct Holding {
+    listeners: Vec<OwnedFd>,
+    held: Vec<Held>,
+    pids: Vec<(String, OwnedFd)>,
+    state: Option<OwnedFd>,
+}
+
+/// A client being served.
+struct Client {
+    conn: UnixStream,
+    deadline: Instant,
+    /// It took everything and is to say `done`.
+    taker: bool,
+}
+
+/// What one message from a client leads to.
+enum Served {
+    /// Nothing to read yet: it stays.
+    Later,
+    /// It is dropped (not ours, a bad message, or gone).
+    Dropped,
+    /// The client is answered and gone.
+    Answered,
+    /// The client took everything: wait for its `done`.
+    Taken,
+    /// The keeper is done.
+    Exit,
+}
+
 /// `baton keeper`: fd 3 is the keeper's socket, fds 4.. the `listeners`
-/// listeners; `state` is the state file to read once baton is gone; `name`
-/// prefixes the output it copies then.
+/// listeners; `state` is the state file, read once baton is gone if no
+/// pidfd is held; `name` prefixes the output it copies then.
 pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
-    let fds = (0..listeners)
-        .map(|i| sys::exec::take_fd(4 + i as i32))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("the listeners (fds 4..)")?;
+    let mut holding = Holding {
+        listeners: (0..listeners)
+            .map(|i| sys::exec::take_fd(4 + i as i32))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("the listeners (fds 4..)")?,
+        ..Holding::default()
+    };
     let owner = rustix::process::getppid()
         .map(|p| p.as_raw_nonzero().get())
         .unwrap_or(0);
@@ -88,49 +141,95 @@ pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<Ex
     // bound the socket.
     rustix::net::listen(&socket, 64).context("listening on the keeper's socket")?;
     let mut orphaned = false;
-    let mut held: Vec<Held> = Vec::new();
+    let mut clients: Vec<Client> = Vec::new();
     let me = rustix::process::geteuid().as_raw();
     loop {
-        // The socket, then (once orphaned) every open pipe.
+        let now = Instant::now();
+        // The socket, the clients, then (once orphaned) every open pipe.
         let mut polled = vec![PollFd::new(&socket, PollFlags::IN)];
+        polled.extend(clients.iter().map(|c| PollFd::new(&c.conn, PollFlags::IN)));
         if orphaned {
-            for h in &held {
+            for h in &holding.held {
                 for (fd, _) in h.out.iter().chain(h.err.iter()) {
                     polled.push(PollFd::new(fd, PollFlags::IN));
                 }
             }
         }
+        let wait = clients
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(TICK)
+            .min(TICK);
         let timeout = rustix::time::Timespec {
             tv_sec: 0,
-            tv_nsec: TICK.as_nanos() as i64,
+            tv_nsec: wait.as_nanos() as i64,
         };
-        let ready = rustix::event::poll(&mut polled, Some(&timeout)).unwrap_or(0);
+        let _ = rustix::event::poll(&mut polled, Some(&timeout));
         let socket_ready = !polled[0].revents().is_empty();
-        let pipes_ready = polled.len() > 1 && polled[1..].iter().any(|p| !p.revents().is_empty());
+        let readable: Vec<bool> = polled[1..=clients.len()]
+            .iter()
+            .map(|p| !p.revents().is_empty())
+            .collect();
+        let pipes_ready = polled[clients.len() + 1..]
+            .iter()
+            .any(|p| !p.revents().is_empty());
         drop(polled);
-        if ready > 0 && socket_ready {
-            while let Ok((conn, _)) = socket.accept() {
-                if let Some(done) = serve(conn, me, &fds, &mut held) {
-                    return Ok(done);
+        // Clients first (in the order they came), then new ones.
+        let mut keep = Vec::with_capacity(clients.len());
+        for (i, mut c) in clients.drain(..).enumerate() {
+            let ready = readable.get(i).copied().unwrap_or(false);
+            if !ready {
+                if c.deadline > Instant::now() {
+                    keep.push(c);
                 }
+                continue;
+            }
+            match serve(&c, me, &mut holding) {
+                Served::Exit => return Ok(ExitCode::SUCCESS),
+                Served::Taken => {
+                    c.taker = true;
+                    c.deadline = Instant::now() + HANDOFF_TIMEOUT;
+                    keep.push(c);
+                }
+                Served::Later => keep.push(c),
+                Served::Answered | Served::Dropped => {}
+            }
+        }
+        clients = keep;
+        if socket_ready {
+            while let Ok((conn, _)) = socket.accept() {
+                if conn.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if clients.len() >= MAX_CLIENTS
+                    && let Some(oldest) = clients.iter().position(|c| !c.taker)
+                {
+                    clients.remove(oldest);
+                }
+                clients.push(Client {
+                    conn,
+                    deadline: Instant::now() + CLIENT_TIMEOUT,
+                    taker: false,
+                });
             }
         }
         if orphaned && pipes_ready {
-            for h in &mut held {
+            for h in &mut holding.held {
                 let prefix = format!("[{name} gen {}] ", h.label);
                 copy(&mut h.out, &prefix, &mut std::io::stdout());
                 copy(&mut h.err, &prefix, &mut std::io::stderr());
             }
-            held.retain(|h| h.out.is_some() || h.err.is_some());
+            holding.held.retain(|h| h.out.is_some() || h.err.is_some());
         }
         if !orphaned && !sys::inspect::alive(owner, owner_start) {
             orphaned = true;
             eprintln!(
                 "baton keeper: baton (pid {owner}) is gone; holding {} listener(s) for the next `baton run`",
-                fds.len()
+                holding.listeners.len()
             );
         }
-        if orphaned && !anything_to_adopt(&state) {
+        if orphaned && !clients.iter().any(|c| c.taker) && !anything_to_adopt(&holding, &state) {
             eprintln!(
                 "baton keeper: no generation of the dead baton is left; letting the listeners go"
             );
@@ -165,58 +264,117 @@ fn copy(pipe: &mut Option<(OwnedFd, bool)>, prefix: &str, to: &mut dyn Write) {
     }
 }
 
-/// Answers one client; `Some` if the keeper is done.
-fn serve(conn: UnixStream, me: u32, fds: &[OwnedFd], held: &mut Vec<Held>) -> Option<ExitCode> {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let peer = rustix::net::sockopt::socket_peercred(&conn).ok()?;
-    if peer.uid.as_raw() != me && !peer.uid.is_root() {
-        return None;
+/// Reads and answers one message of client `c` (non-blocking: a client
+/// that sent nothing yet is left for later).
+fn serve(c: &Client, me: u32, holding: &mut Holding) -> Served {
+    let ours = rustix::net::sockopt::socket_peercred(&c.conn)
+        .is_ok_and(|peer| peer.uid.as_raw() == me || peer.uid.is_root());
+    if !ours {
+        return Served::Dropped;
     }
-    let (request, mut passed) = sys::fdpass::recv(&conn, MAX_REQUEST).ok()?;
-    let request = String::from_utf8_lossy(&request);
+    match sys::fdpass::recv(&c.conn, MAX_REQUEST) {
+        Ok((request, passed)) => answer(c, &request, passed, holding).unwrap_or(Served::Dropped),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Served::Later,
+        Err(_) => Served::Dropped,
+    }
+}
+
+/// Carries out `request` (with the descriptors `passed`) of client `c`.
+fn answer(
+    c: &Client,
+    request: &[u8],
+    mut passed: Vec<OwnedFd>,
+    holding: &mut Holding,
+) -> Option<Served> {
+    let conn = &c.conn;
+    let request = String::from_utf8_lossy(request);
     let mut words = request.split_whitespace();
+    if c.taker {
+        // Anything but `done` (end of file included) leaves everything held.
+        return (words.next() == Some("done")).then_some(Served::Exit);
+    }
     let reply = |text: &str| {
-        let _ = (&conn).write_all(text.as_bytes());
+        let _ = sys::fdpass::send(conn, text.as_bytes(), &[]);
+        Some(Served::Answered)
     };
     let label = |w: Option<&str>| {
         w.filter(|l| Slot::parse_label(l).is_some())
             .map(str::to_owned)
     };
     match (words.next(), words.next()) {
-        (Some("hold"), w) if passed.len() == 2 && held.len() < MAX_HELD && label(w).is_some() => {
+        (Some("hold"), w)
+            if passed.len() == 2 && holding.held.len() < MAX_HELD && label(w).is_some() =>
+        {
             let err = passed.pop()?;
             let out = passed.pop()?;
             let label = label(w)?;
-            held.retain(|h| h.label != label);
-            held.push(Held {
+            holding.held.retain(|h| h.label != label);
+            holding.held.push(Held {
                 label,
                 out: Some((out, true)),
                 err: Some((err, true)),
             });
-            reply("ok\n");
-            None
+            reply("ok\n")
+        }
+        (Some("pid"), w)
+            if passed.len() == 1 && holding.pids.len() < MAX_PIDS && label(w).is_some() =>
+        {
+            let label = label(w)?;
+            holding.pids.retain(|(l, _)| *l != label);
+            holding.pids.push((label, passed.pop()?));
+            reply("ok\n")
+        }
+        (Some("state"), None) if passed.len() == 1 => {
+            holding.state = passed.pop();
+            reply("ok\n")
         }
         (Some("drop"), w) if label(w).is_some() => {
             let label = label(w)?;
-            held.retain(|h| h.label != label);
-            reply("ok\n");
-            None
+            holding.held.retain(|h| h.label != label);
+            holding.pids.retain(|(l, _)| *l != label);
+            reply("ok\n")
         }
         (Some("take"), None) => {
-            let mut all: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            let mut all: Vec<BorrowedFd<'_>> = holding.listeners.iter().map(AsFd::as_fd).collect();
+            let mut pids = Vec::new();
+            for (label, fd) in &holding.pids {
+                if all.len() < sys::fdpass::MAX_FDS - 1 {
+                    all.push(fd.as_fd());
+                    pids.push(label.clone());
+                }
+            }
             let mut logs = Vec::new();
-            for h in held.iter() {
-                if let (Some((out, _)), Some((err, _))) = (&h.out, &h.err) {
+            for h in &holding.held {
+                if let (Some((out, _)), Some((err, _))) = (&h.out, &h.err)
+                    && all.len() + 2 < sys::fdpass::MAX_FDS
+                {
                     all.push(out.as_fd());
                     all.push(err.as_fd());
                     logs.push(h.label.clone());
                 }
             }
-            let text = format!("ok {} logs {}\n", fds.len(), logs.join(","));
-            match sys::fdpass::send(&conn, text.as_bytes(), &all) {
-                Ok(()) => Some(ExitCode::SUCCESS),
+            let state = holding
+                .state
+                .as_ref()
+                .map(|s| all.push(s.as_fd()))
+                .is_some();
+            // An empty list is `-`.
+            let list = |l: &[String]| {
+                if l.is_empty() {
+                    "-".to_owned()
+                } else {
+                    l.join(",")
+                }
+            };
+            let text = format!(
+                "ok {} logs {} pids {} state {}\n",
+                holding.listeners.len(),
+                list(&logs),
+                list(&pids),
+                u8::from(state)
+            );
+            match sys::fdpass::send(conn, text.as_bytes(), &all) {
+                Ok(()) => Some(Served::Taken),
                 Err(e) => {
                     eprintln!("baton keeper: handing the listeners over: {e}");
                     None
@@ -225,22 +383,26 @@ fn serve(conn: UnixStream, me: u32, fds: &[OwnedFd], held: &mut Vec<Held>) -> Op
         }
         (Some("quit"), None) => {
             reply("bye\n");
-            Some(ExitCode::SUCCESS)
+            Some(Served::Exit)
         }
-        _ => {
-            reply("error: expected hold G, drop G, take or quit\n");
-            None
-        }
+        _ => reply("error: expected hold L, pid L, state, drop L, take or quit\n"),
     }
 }
 
-/// Whether a process of a generation the state file lists still runs (an
-/// unreadable file counts as yes: better keep the ports than lose them).
-fn anything_to_adopt(path: &Path) -> bool {
+/// Whether a process of the dead baton's service still runs: by the
+/// pidfds held if any, else by the state file (an unreadable file counts
+/// as yes: better keep the ports than lose them).
+fn anything_to_adopt(holding: &Holding, path: &Path) -> bool {
+    if !holding.pids.is_empty() {
+        return holding
+            .pids
+            .iter()
+            .any(|(_, fd)| !sys::fdpass::pidfd_exited(fd.as_fd()));
+    }
     match state::read(path) {
         Ok(Some(s)) => s
             .processes()
-            .any(|(_, p)| sys::inspect::alive(p.pid, p.start_time)),
+            .any(|(_, p)| sys::inspect::alive_exactly(p.pid, p.start_time)),
         Ok(None) => false,
         Err(_) => true,
     }
@@ -253,6 +415,25 @@ pub struct Taken {
     pub listeners: Vec<OwnedFd>,
     /// Worker processes' output pipes (stdout's and stderr's read ends).
     pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
+    /// A pidfd of each worker process it knew.
+    pub pids: Vec<(Slot, OwnedFd)>,
+    /// Its copy of the serialized state.
+    pub state: Option<Vec<u8>>,
+    /// The connection to say `done` on (see [`Handoff::finish`]).
+    pub handoff: Handoff,
+}
+
+/// A keeper that handed everything over and waits to hear that the taker
+/// holds copies of its own. Dropped without [`Handoff::finish`] (the taker
+/// failed, or died), the keeper goes on holding.
+#[derive(Debug)]
+pub struct Handoff(UnixStream);
+
+impl Handoff {
+    /// The taker's own keeper holds everything now: the old one exits.
+    pub fn finish(self) {
+        let _ = sys::fdpass::send(&self.0, b"done\n", &[]);
+    }
 }
 
 /// The pid of the keeper that answers on `path`, if one does.
@@ -262,11 +443,11 @@ pub fn alive(path: &Path) -> Option<i32> {
     Some(cred.pid.as_raw_nonzero().get())
 }
 
-/// Asks the keeper at `path` for everything it holds; it exits once it has
-/// handed it over.
+/// Asks the keeper at `path` for everything it holds; it waits for the
+/// [`Handoff`] to finish.
 pub fn take(path: &Path) -> std::io::Result<Taken> {
     let conn = ask(path, "take", &[])?;
-    let (text, fds) = sys::fdpass::recv(&conn, 256)?;
+    let (text, fds) = sys::fdpass::recv(&conn, 1024)?;
     let text = String::from_utf8_lossy(&text);
     let bad = || {
         std::io::Error::other(format!(
@@ -275,31 +456,47 @@ pub fn take(path: &Path) -> std::io::Result<Taken> {
             fds.len()
         ))
     };
+    let labels = |w: Option<&str>| -> Option<Vec<Slot>> {
+        w?.split(',')
+            .filter(|g| !g.is_empty() && *g != "-")
+            .map(Slot::parse_label)
+            .collect()
+    };
     let mut words = text.split_whitespace();
     let (Some("ok"), Some(n), Some("logs")) = (words.next(), words.next(), words.next()) else {
         return Err(bad());
     };
     let n: usize = n.parse().map_err(|_| bad())?;
-    let generations: Vec<Slot> = words
-        .next()
-        .unwrap_or_default()
-        .split(',')
-        .filter(|g| !g.is_empty())
-        .map(Slot::parse_label)
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
-    if fds.len() != n + 2 * generations.len() {
+    let logs_of = labels(words.next()).ok_or_else(bad)?;
+    let (Some("pids"), pids_of) = (words.next(), labels(words.next())) else {
+        return Err(bad());
+    };
+    let pids_of = pids_of.ok_or_else(bad)?;
+    let (Some("state"), Some(with_state)) = (words.next(), words.next()) else {
+        return Err(bad());
+    };
+    let with_state = usize::from(with_state == "1");
+    if fds.len() != n + pids_of.len() + 2 * logs_of.len() + with_state {
         return Err(bad());
     }
     let mut fds = fds.into_iter();
     let listeners = fds.by_ref().take(n).collect();
+    let pids = pids_of.into_iter().zip(fds.by_ref()).collect();
     let mut logs = Vec::new();
-    for generation in generations {
+    for slot in logs_of {
         if let (Some(out), Some(err)) = (fds.next(), fds.next()) {
-            logs.push((generation, out, err));
+            logs.push((slot, out, err));
         }
     }
-    Ok(Taken { listeners, logs })
+    let state = fds.next().map(sys::exec::read_all).transpose()?;
+    let _ = conn.set_read_timeout(None);
+    Ok(Taken {
+        listeners,
+        logs,
+        pids,
+        state,
+        handoff: Handoff(conn),
+    })
 }
 
 /// Gives the keeper at `path` worker process `slot`'s output pipes.
@@ -310,6 +507,18 @@ pub fn hold(
     err: BorrowedFd<'_>,
 ) -> std::io::Result<()> {
     let conn = ask(path, &format!("hold {}", slot.label()), &[out, err])?;
+    expect_ok(&conn)
+}
+
+/// Gives the keeper at `path` a pidfd of worker process `slot`.
+pub fn pid(path: &Path, slot: Slot, pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let conn = ask(path, &format!("pid {}", slot.label()), &[pidfd])?;
+    expect_ok(&conn)
+}
+
+/// Gives the keeper at `path` a copy of the serialized state (a memfd).
+pub fn state(path: &Path, memfd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let conn = ask(path, "state", &[memfd])?;
     expect_ok(&conn)
 }
 

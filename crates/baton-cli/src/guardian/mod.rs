@@ -386,11 +386,10 @@ impl Guardian {
                     let stopping = self.policy.is_stopping();
                     self.orphans
                         .keeper_exited(&self.cfg, &mut self.procs.children, exit, stopping);
-                    // A new keeper holds the live generations' output too.
-                    for (id, h) in &self.procs.handles {
-                        if let Some(readers) = &h.log_readers {
-                            self.orphans.hold(*id, readers);
-                        }
+                    // A new keeper holds the live processes' pidfds and
+                    // output too.
+                    for (slot, h) in &self.procs.handles {
+                        self.orphans.keep(*slot, h);
                     }
                 }
                 None => {}
@@ -643,13 +642,8 @@ impl Guardian {
         release: &release::Release,
     ) -> std::io::Result<generation::Route> {
         let record = self.procs.start(&self.cfg, slot, release)?;
-        if let Some(readers) = self
-            .procs
-            .handles
-            .get(&slot)
-            .and_then(|h| h.log_readers.as_ref())
-        {
-            self.orphans.hold(slot, readers);
+        if let Some(h) = self.procs.handles.get(&slot) {
+            self.orphans.keep(slot, h);
         }
         let route = record.route.unwrap_or(generation::Route::Sockets);
         self.policy.worker_spawned(slot, record);
@@ -823,9 +817,7 @@ impl Guardian {
         {
             self.failed_hint = self.procs.failure_hint(slot, exit.pid);
         }
-        if self.cfg.log_prefix {
-            self.orphans.release(slot);
-        }
+        self.orphans.release(slot);
         if let Some(h) = self.procs.handles.remove(&slot) {
             self.observed.exited(exit.status);
             if let Some(at) = h.retired_at {

@@ -14,6 +14,7 @@
 //! with the usual handover. A generation that was starting or draining
 //! when baton died is stopped.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::children::{Children, Exit, Owner};
-use super::generation::{Process, Slot, State as GenState};
+use super::generation::{Process, Route, Slot, State as GenState};
 use super::policy::Snapshot;
 use super::state::{self, State};
 use super::{handover, keeper};
@@ -57,7 +58,11 @@ pub struct Orphans {
 enum Call {
     /// Hold a worker's output pipes.
     Hold(Slot, OwnedFd, OwnedFd),
-    /// Let them go.
+    /// Hold a worker's pidfd.
+    Pid(Slot, OwnedFd),
+    /// Hold a copy of the serialized state (a memfd).
+    State(OwnedFd),
+    /// Let a worker's pipes and pidfd go.
     Release(Slot),
 }
 
@@ -76,6 +81,16 @@ fn courier(path: PathBuf) -> std::sync::mpsc::Sender<Call> {
                     Call::Hold(slot, out, err) => {
                         if let Err(e) = keeper::hold(&path, slot, out.as_fd(), err.as_fd()) {
                             warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+                        }
+                    }
+                    Call::Pid(slot, pidfd) => {
+                        if let Err(e) = keeper::pid(&path, slot, pidfd.as_fd()) {
+                            warn!(generation = %slot, error = %e, "keeper: cannot hold the process's pidfd; if baton dies, it is not adopted");
+                        }
+                    }
+                    Call::State(memfd) => {
+                        if let Err(e) = keeper::state(&path, memfd.as_fd()) {
+                            warn!(error = %e, "keeper: cannot hold a copy of the state; if baton dies, the state file is all an adoption has");
                         }
                     }
                     Call::Release(slot) => {
@@ -135,6 +150,8 @@ impl Orphans {
             Ok(p) => {
                 info!(pid = p.pid, path = %self.keeper_path.display(), "keeper: holding the listeners in case baton dies");
                 self.keeper = Some(p);
+                // It gets the state at the next record.
+                self.written.clear();
             }
             Err(e) => warn!(
                 error = %e,
@@ -144,11 +161,21 @@ impl Orphans {
     }
 
     fn spawn_keeper(&self, cfg: &RunConfig, children: &mut Children) -> io::Result<Process> {
-        // A keeper socket left here belongs to a keeper that is gone or
-        // that handed its listeners to this baton (and exits).
-        let _ = std::fs::remove_file(&self.keeper_path);
-        let socket = std::os::unix::net::UnixListener::bind(&self.keeper_path)?;
-        std::fs::set_permissions(&self.keeper_path, std::fs::Permissions::from_mode(0o600))?;
+        // Bound under a name of its own, made 0600, then renamed over the
+        // fixed path: a keeper that handed its listeners to this baton keeps
+        // answering there until this one does (it exits once told `done`),
+        // and one left by a baton that is gone is replaced.
+        let temporary = self
+            .keeper_path
+            .with_extension(format!("sock.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&temporary);
+        let socket = std::os::unix::net::UnixListener::bind(&temporary)?;
+        let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&temporary, &self.keeper_path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
         let mut fds = vec![socket.as_fd()];
         fds.extend(cfg.listeners.iter().map(|l| l.fd.as_fd()));
         let args: Vec<std::ffi::OsString> = vec![
@@ -189,6 +216,35 @@ impl Orphans {
             }
             (Err(e), _) | (_, Err(e)) => {
                 warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+            }
+        }
+    }
+
+    /// Gives the keeper what it holds of worker process `slot`: its pidfd
+    /// and its output pipes.
+    pub fn keep(&self, slot: Slot, h: &super::generation::Handles) {
+        if let Some(pidfd) = &h.pidfd {
+            self.pid(slot, pidfd);
+        }
+        if let Some(readers) = &h.log_readers {
+            self.hold(slot, readers);
+        }
+    }
+
+    /// Gives the keeper a pidfd of worker process `slot`: how an adoption
+    /// knows it, if baton dies.
+    pub fn pid(&self, slot: Slot, pidfd: &OwnedFd) {
+        if self.keeper.is_none() {
+            return;
+        }
+        match pidfd.try_clone() {
+            Ok(fd) => {
+                if let Some(courier) = &self.courier {
+                    let _ = courier.send(Call::Pid(slot, fd));
+                }
+            }
+            Err(e) => {
+                warn!(generation = %slot, error = %e, "keeper: cannot hold the process's pidfd; if baton dies, it is not adopted");
             }
         }
     }
@@ -254,17 +310,26 @@ impl Orphans {
         if bytes == self.written {
             return;
         }
-        match state::write(&self.state_path, &s) {
-            Ok(()) => {
-                self.written = bytes;
-                self.write_failed = false;
+        if self.keeper.is_some()
+            && let Some(courier) = &self.courier
+        {
+            match sys::exec::memfd("baton-state", &bytes) {
+                Ok(memfd) => {
+                    let _ = courier.send(Call::State(memfd));
+                }
+                Err(e) => warn!(error = %e, "keeper: cannot hand it a copy of the state"),
             }
+        }
+        match state::write(&self.state_path, &s) {
+            Ok(()) => self.write_failed = false,
             Err(e) if !self.write_failed => {
                 self.write_failed = true;
-                warn!(path = %self.state_path.display(), error = %e, "state file not written; a killed baton's service could not be adopted");
+                warn!(path = %self.state_path.display(), error = %e, "state file not written; if baton and its keeper both die, the service cannot be adopted");
             }
             Err(_) => {}
         }
+        // Written again at the next change (the keeper holds a copy).
+        self.written = bytes;
     }
 
     /// baton stopped: the keeper exits and the files go (nothing is left
@@ -284,14 +349,30 @@ impl Orphans {
 /// What a new `baton run` found of a baton that died.
 #[derive(Debug)]
 pub struct Found {
-    /// Its state.
+    /// Its state (its keeper's copy if it had one, else the file's).
     pub state: State,
     /// The listeners taken back from its keeper (in the state's order).
     pub listeners: Option<Vec<OwnedFd>>,
     /// The worker processes' output pipes its keeper held.
     pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
+    /// The worker processes of its state known to be the ones it ran, by
+    /// slot: with a pidfd from its keeper, or (no keeper) checked by start
+    /// time and the listening socket they hold.
+    pub identified: HashMap<Slot, Option<OwnedFd>>,
+    /// Its keeper, waiting to hear that this baton's own keeper holds
+    /// copies (see [`keeper::Handoff`]).
+    pub handoff: Option<keeper::Handoff>,
     /// Whether something of it still runs, to adopt.
     pub adopt: bool,
+}
+
+/// What a baton that died here leaves to this one.
+#[derive(Debug, Default)]
+pub struct Left {
+    /// Its service, if something of it still runs.
+    pub adoption: Option<Adoption>,
+    /// Its keeper, to be told once this baton's own keeper holds copies.
+    pub handoff: Option<keeper::Handoff>,
 }
 
 /// The service of a baton that died, to adopt.
@@ -302,25 +383,97 @@ pub struct Adoption {
     /// The worker processes' output pipes (stdout's and stderr's read
     /// ends).
     pub logs: Vec<(Slot, OwnedFd, OwnedFd)>,
+    /// Its worker processes known to be its own (see [`Found`]).
+    pub identified: HashMap<Slot, Option<OwnedFd>>,
+}
+
+/// A state of an older baton numbers no workers: each process of a
+/// generation is one, in order.
+fn number_workers(s: &mut State) {
+    for g in &mut s.generations {
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in g.processes.iter_mut().enumerate() {
+            if !seen.insert((p.worker, p.incarnation)) {
+                (p.worker, p.incarnation) = (i as u32, 0);
+            }
+        }
+    }
+}
+
+/// What a baton that died left here: its keeper's, then its file's.
+fn left_state(path: &Path, taken: Option<&keeper::Taken>) -> Result<Option<State>, String> {
+    if let Some(bytes) = taken.and_then(|t| t.state.as_deref()) {
+        match serde_json::from_slice::<State>(bytes) {
+            Ok(s) if s.version == state::VERSION => return Ok(Some(s)),
+            Ok(s) => warn!(
+                version = s.version,
+                "the keeper's copy of the state is of another version; reading the file"
+            ),
+            Err(e) => {
+                warn!(error = %e, "the keeper's copy of the state cannot be read; reading the file")
+            }
+        }
+    }
+    state::read(path)
+}
+
+/// Which of `s`'s worker processes are its own: those the keeper holds a
+/// pidfd of (naming the same pid), and without one, those with a recorded
+/// start time that hold the very listening socket (one of `listeners`, or
+/// their private port in proxy mode). A pid read from a file alone is
+/// never believed.
+fn identify(
+    s: &State,
+    pids: Vec<(Slot, OwnedFd)>,
+    listeners: &[OwnedFd],
+) -> HashMap<Slot, Option<OwnedFd>> {
+    let mut pids: HashMap<Slot, OwnedFd> = pids.into_iter().collect();
+    let inodes: Vec<u64> = listeners.iter().filter_map(sys::inspect::inode).collect();
+    let mut out = HashMap::new();
+    for g in &s.generations {
+        for p in &g.processes {
+            let slot = p.slot(g.id);
+            let pid = p.process.pid;
+            if let Some(fd) = pids.remove(&slot) {
+                if sys::fdpass::pidfd_pid(fd.as_fd()) == Some(pid) {
+                    out.insert(slot, Some(fd));
+                } else {
+                    warn!(generation = %slot, pid, "the state names a process its keeper does not: not adopted, not signalled");
+                }
+                continue;
+            }
+            let holds = match p.route.unwrap_or(g.route) {
+                Route::Private { port } => sys::inspect::listens_on(pid, port),
+                Route::Sockets => sys::inspect::holds_any(pid, &inodes),
+            };
+            if sys::inspect::alive_exactly(pid, p.process.start_time) && holds {
+                out.insert(slot, None);
+            }
+        }
+    }
+    out
 }
 
 /// Looks for a baton that died, before `baton run` binds its listeners
-/// (`specs`). `Ok(None)`: nothing of one here. An error leaves everything
-/// as it was (the keeper keeps its listeners, the service its processes).
+/// (`specs`): its keeper first, then its state file. `Ok(None)`: nothing
+/// of one here. An error leaves everything as it was (the keeper keeps its
+/// listeners, the service its processes).
 pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, StartupError> {
     let path = state::path(control);
-    let s = match state::read(&path) {
+    let keeper_path = state::keeper_path(control);
+    let taken = keeper::take(&keeper_path);
+    let mut s = match left_state(&path, taken.as_ref().ok()) {
         Ok(Some(s)) => s,
         Ok(None) => return Ok(None),
         Err(e) => {
             // Never deleted: it may be the only record of a service that
             // still runs. A keeper that answers says one does.
-            let keeper_path = state::keeper_path(control);
             if let Some(keeper) = keeper::alive(&keeper_path) {
                 return Err(StartupError::Invalid(format!(
                     "the state file cannot be read ({e}), and the descriptor keeper of a baton that \
-                     died (pid {keeper}, on {}) still holds its service's sockets: stop that service \
-                     (the keeper and the app it serves) or start this one with another --control",
+                     died (pid {keeper}, on {}) still holds its service's sockets but no copy of \
+                     its state: stop that service (the keeper and the app it serves) or start this \
+                     one with another --control",
                     keeper_path.display()
                 )));
             }
@@ -331,6 +484,7 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
             return Ok(None);
         }
     };
+    number_workers(&mut s);
     if sys::inspect::alive_exactly(s.baton.pid, s.baton.start_time) {
         return Err(StartupError::Invalid(format!(
             "baton pid {} (which wrote {}) still runs but does not answer on {}; stop it first",
@@ -339,40 +493,40 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
             control.display()
         )));
     }
-    let live: Vec<(u64, Process)> = s
-        .processes()
-        .filter(|(_, p)| sys::inspect::alive_exactly(p.pid, p.start_time))
+    let (listeners, logs, pids, handoff) = match taken {
+        Ok(t) => (Some(t.listeners), t.logs, t.pids, Some(t.handoff)),
+        Err(_) => (None, Vec::new(), Vec::new(), None),
+    };
+    let identified = identify(&s, pids, listeners.as_deref().unwrap_or_default());
+    let live: Vec<(Slot, i32)> = s
+        .generations
+        .iter()
+        .flat_map(|g| {
+            g.processes
+                .iter()
+                .map(move |p| (p.slot(g.id), p.process.pid))
+        })
+        .filter(|(slot, _)| identified.contains_key(slot))
         .collect();
     let matches = same_listeners(specs, &s);
-    if let (Some(&(generation, p)), Err(why)) = (live.first(), &matches) {
+    if let (Some(&(slot, pid)), Err(why)) = (live.first(), &matches) {
         return Err(StartupError::Invalid(format!(
-            "generation {generation} (pid {}) of the baton that died (pid {}) still runs, and {why}: \
+            "generation {} (pid {pid}) of the baton that died (pid {}) still runs, and {why}: \
              run with the same --listen to adopt it, or stop it first",
-            p.pid, s.baton.pid
+            slot.generation, s.baton.pid
         )));
     }
-    let keeper_path = state::keeper_path(control);
-    let mut logs = Vec::new();
-    let listeners = match keeper::take(&keeper_path) {
-        Ok(taken) => {
-            logs = taken.logs;
-            (taken.listeners.len() == s.listeners.len() && matches.is_ok())
-                .then_some(taken.listeners)
-        }
-        Err(e) => {
-            if !live.is_empty() && !s.proxied {
-                return Err(StartupError::Invalid(format!(
-                    "generation {} (pid {}) of the baton that died (pid {}) still runs and holds the \
-                     listeners, but they cannot be taken back from its keeper ({}: {e}): stop it first",
-                    live[0].0,
-                    live[0].1.pid,
-                    s.baton.pid,
-                    keeper_path.display()
-                )));
-            }
-            None
-        }
-    };
+    let listeners = listeners.filter(|l| l.len() == s.listeners.len() && matches.is_ok());
+    if listeners.is_none() && !live.is_empty() && !s.proxied {
+        let (slot, pid) = live[0];
+        return Err(StartupError::Invalid(format!(
+            "generation {} (pid {pid}) of the baton that died (pid {}) still runs and holds the \
+             listeners, but no keeper answers on {} to hand them back: stop it first",
+            slot.generation,
+            s.baton.pid,
+            keeper_path.display()
+        )));
+    }
     if live.is_empty() {
         info!(
             pid = s.baton.pid,
@@ -384,6 +538,8 @@ pub fn find(control: &Path, specs: &[ListenSpec]) -> Result<Option<Found>, Start
         state: s,
         listeners,
         logs,
+        identified,
+        handoff,
     }))
 }
 
@@ -424,27 +580,16 @@ pub struct Plan {
 }
 
 /// The plan for adopting `s` at `now`: processes for which `alive` says no
-/// are left out, and generations with none left.
-pub fn plan(
-    s: &State,
-    now: Instant,
-    stop_timeout: Duration,
-    alive: impl Fn(&Process) -> bool,
-) -> Plan {
+/// (not known to be its own, or gone) are left out, and generations with
+/// none left.
+pub fn plan(s: &State, now: Instant, stop_timeout: Duration, alive: impl Fn(Slot) -> bool) -> Plan {
     let stop_deadline = Some(crate::knobs::later(now, stop_timeout));
     let mut stop = Vec::new();
     let mut generations = Vec::new();
     for g in &s.generations {
         let mut g = g.clone();
-        // A state file of an older baton numbers no workers: each live
-        // process is one, in order.
-        let mut seen = std::collections::HashSet::new();
-        for (i, p) in g.processes.iter_mut().enumerate() {
-            if !seen.insert((p.worker, p.incarnation)) {
-                (p.worker, p.incarnation) = (i as u32, 0);
-            }
-        }
-        g.processes.retain(|p| alive(&p.process));
+        let id = g.id;
+        g.processes.retain(|p| alive(p.slot(id)));
         if g.processes.is_empty() {
             continue;
         }

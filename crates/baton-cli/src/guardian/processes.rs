@@ -40,6 +40,8 @@ pub struct Restored {
     pub logs: Option<(OwnedFd, OwnedFd)>,
     /// Ports it was seen listening on by itself.
     pub self_bound: Vec<std::net::SocketAddr>,
+    /// A pidfd of it (`None`: opened here, for a child of this process).
+    pub pidfd: Option<OwnedFd>,
 }
 
 /// The worker processes' runtime side.
@@ -115,6 +117,8 @@ impl Processes {
         let launched = self.launch.launch(cx, slot, release)?;
         let mut handles = launched.handles;
         handles.pid = launched.process.pid;
+        // A child not yet reaped: its pid is its own until then.
+        handles.pidfd = sys::fdpass::pidfd(launched.process.pid, None).ok();
         handles.notify = launched.notify.dup().ok();
         let mut record = WorkerRecord::started(
             slot,
@@ -139,6 +143,7 @@ impl Processes {
     pub fn restore(&mut self, cfg: &RunConfig, slot: Slot, pid: i32, route: Route, from: Restored) {
         let mut handles = Handles::of(pid);
         handles.self_bound = from.self_bound;
+        handles.pidfd = from.pidfd.or_else(|| sys::fdpass::pidfd(pid, None).ok());
         if let Some(socket) = from.notify {
             handles.notify = socket.dup().ok();
             handles

@@ -43,10 +43,10 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// from the previous image's state instead of starting generation 1.
 pub async fn run(
     cfg: RunConfig,
-    adopt: Option<orphans::Adoption>,
+    left: orphans::Left,
     handover: Option<handover::Handover>,
 ) -> anyhow::Result<ExitCode> {
-    let mut running = Running::start(cfg, adopt, handover)?;
+    let mut running = Running::start(cfg, left, handover)?;
     running.serve().await;
     Ok(running.finish().await)
 }
@@ -69,7 +69,7 @@ impl Running {
     /// SIGCHLD is missed) and starts generation 1.
     fn start(
         mut cfg: RunConfig,
-        adopt: Option<orphans::Adoption>,
+        left: orphans::Left,
         handover: Option<handover::Handover>,
     ) -> anyhow::Result<Running> {
         let signals = Signals::new().context("installing signal handlers")?;
@@ -190,15 +190,20 @@ impl Running {
             exit: None,
             exec_pending: false,
         };
-        match (handover, adopt) {
+        match (handover, left) {
             (Some(h), _) => takeover::resume(&mut g, h),
-            (None, adopt) => {
+            (None, left) => {
                 // Children that exited before the handler was installed are
                 // reaped on the first SIGCHLD or here.
                 g.reap();
                 g.systemd.store(&g.cfg.listeners);
                 g.orphans.start_keeper(&g.cfg, &mut g.procs.children);
-                match adopt {
+                // This baton's keeper holds copies now (or none will): the
+                // dead baton's keeper may let go.
+                if let Some(handoff) = left.handoff {
+                    handoff.finish();
+                }
+                match left.adoption {
                     Some(s) => takeover::adopt(&mut g, s),
                     None => {
                         let start = g.policy.start(now);

@@ -83,6 +83,7 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
             notify,
             logs,
             self_bound,
+            pidfd: None,
         };
         g.procs.restore(&g.cfg, slot, pid, route, from);
     }
@@ -128,26 +129,48 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
 /// is watched and kept (the serving generation) or stopped (the rest);
 /// if nothing serves, a new generation starts as usual.
 pub fn adopt(g: &mut Guardian, adoption: Adoption) {
-    let Adoption { state: s, mut logs } = adoption;
+    let Adoption {
+        state: s,
+        mut logs,
+        mut identified,
+    } = adoption;
     let now = Instant::now();
     g.orphans.adopted_from = Some(s.baton.pid);
-    let mut plan = orphans::plan(&s, now, g.cfg.policy.stop_timeout, |p| {
-        sys::inspect::alive_exactly(p.pid, p.start_time)
+    let mut plan = orphans::plan(&s, now, g.cfg.policy.stop_timeout, |slot| {
+        identified.contains_key(&slot)
     });
     for (slot, pid) in &plan.stop {
         let _ = sys::signal::send_group(*pid, g.cfg.policy.stop_signal);
         info!(generation = %slot, pid, "asked to stop");
     }
-    // Each live process is watched (it is not our child); one gone
-    // meanwhile is left out.
+    // Each of its processes is watched (it is not our child) through the
+    // pidfd its keeper held, or one opened now for a process checked by
+    // its start time; one gone meanwhile is left out. This baton's keeper
+    // gets a copy.
+    let mut pidfds: HashMap<Slot, std::os::fd::OwnedFd> = HashMap::new();
     for generation in &mut plan.snapshot.generations {
         let id = generation.id;
         generation.processes.retain(|p| {
             let slot = p.slot(id);
-            match g.procs.children.watch(p.process, slot, &g.procs.events) {
-                Ok(()) => true,
+            let pid = p.process.pid;
+            let pidfd = match identified.remove(&slot).flatten() {
+                Some(fd) => Ok(fd),
+                None => sys::fdpass::pidfd(pid, p.process.start_time),
+            };
+            let watched = pidfd.and_then(|fd| {
+                let copy = fd.try_clone();
+                g.procs
+                    .children
+                    .watch_pidfd(fd, pid, slot, &g.procs.events)?;
+                copy
+            });
+            match watched {
+                Ok(copy) => {
+                    pidfds.insert(slot, copy);
+                    true
+                }
                 Err(e) => {
-                    warn!(generation = %slot, pid = p.process.pid, error = %e, "gone before it could be watched");
+                    warn!(generation = %slot, pid, error = %e, "gone before it could be watched");
                     false
                 }
             }
@@ -189,15 +212,11 @@ pub fn adopt(g: &mut Guardian, adoption: Adoption) {
             notify,
             logs,
             self_bound: Vec::new(),
+            pidfd: pidfds.remove(&slot),
         };
         g.procs.restore(&g.cfg, slot, pid, route, from);
-        if let Some(readers) = g
-            .procs
-            .handles
-            .get(&slot)
-            .and_then(|h| h.log_readers.as_ref())
-        {
-            g.orphans.hold(slot, readers);
+        if let Some(h) = g.procs.handles.get(&slot) {
+            g.orphans.keep(slot, h);
         }
     }
     match serving {

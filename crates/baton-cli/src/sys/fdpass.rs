@@ -13,7 +13,7 @@ use rustix::net::{
 
 /// The most descriptors one message carries (the kernel's `SCM_MAX_FD` is
 /// 253).
-pub const MAX_FDS: usize = 64;
+pub const MAX_FDS: usize = 250;
 
 /// Sends `text` with `fds` attached. The text must fit one write (it is a
 /// short line).
@@ -124,6 +124,38 @@ pub fn pidfd(pid: i32, start_time: Option<u64>) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Whether the process of `pidfd` has exited (its pidfd is readable then).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut polled = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut polled, Some(&zero)) {
+        Ok(n) => n > 0,
+        // Cannot be told: taken as gone (nothing is done to a process one
+        // cannot be sure of).
+        Err(_) => true,
+    }
+}
+
+/// The pid of the live process `pidfd` refers to (the `Pid:` line of its
+/// `/proc/self/fdinfo` entry), `None` if it exited or `pidfd` is no pidfd.
+pub fn pidfd_pid(pidfd: BorrowedFd<'_>) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    let pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0 && !pidfd_exited(pidfd)).then_some(pid)
+}
+
 /// Registers `fd` (a pidfd, say) with the current tokio runtime, to wait
 /// until it is readable.
 pub fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
@@ -132,4 +164,25 @@ pub fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Own
     // back (`into_inner`), as `register_with_interest` requires.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod pidfd_tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_names_its_live_process_and_says_when_it_exited() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let fd = pidfd(pid, None).expect("pidfd");
+        assert!(!pidfd_exited(fd.as_fd()));
+        assert_eq!(pidfd_pid(fd.as_fd()), Some(pid));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(pidfd_exited(fd.as_fd()));
+        assert_eq!(pidfd_pid(fd.as_fd()), None);
+    }
 }

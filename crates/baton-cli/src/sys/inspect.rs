@@ -30,6 +30,64 @@ pub fn inode(fd: &OwnedFd) -> Option<u64> {
     rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
 }
 
+/// Whether process `pid` holds one of the sockets whose inodes are
+/// `inodes` (among its first [`MAX_FDS`] descriptors).
+pub fn holds_any(pid: i32, inodes: &[u64]) -> bool {
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.filter_map(Result::ok).take(MAX_FDS).any(|entry| {
+        std::fs::read_link(entry.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+                .is_some_and(|inode| inodes.contains(&inode))
+        })
+    })
+}
+
+/// The inodes of the TCP sockets listening on `port` (any address, IPv4
+/// or IPv6), from `/proc/net/tcp` and `/proc/net/tcp6`.
+pub fn listening_inodes(port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let listening = *state == "0A";
+            let on_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening
+                && on_port
+                && let Ok(inode) = inode.parse()
+            {
+                out.push(inode);
+            }
+        }
+    }
+    out
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port`.
+pub fn listens_on(pid: i32, port: u16) -> bool {
+    holds_any(pid, &listening_inodes(port))
+}
+
 /// When process `pid` started, in clock ticks after boot (field 22 of
 /// `/proc/<pid>/stat`): with the pid, it names one process for good.
 pub fn start_time(pid: i32) -> Option<u64> {

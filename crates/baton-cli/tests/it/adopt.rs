@@ -124,45 +124,20 @@ fn a_killed_baton_leaves_the_app_serving_and_the_next_baton_adopts_it() {
 }
 
 #[test]
-fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
+fn a_damaged_state_file_is_only_a_hint_the_keeper_holds_the_truth() {
     let mut first = Baton::serving(&[], &[]);
     let port = first.port();
     let app = first.gen_pid(1);
-    let keeper = first.status_json()["keeper_pid"]
-        .as_u64()
-        .expect("a keeper");
     kill(&mut first);
     let state = state_file(&first);
     assert!(state.is_file(), "{}", state.display());
-    // Another `baton run` on the same control socket and port.
-    let again = || {
-        support::run(
-            &[
-                "run".into(),
-                "--control".into(),
-                first.control.clone().into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}").into(),
-                "--".into(),
-                support::exe().into(),
-                "demo-app".into(),
-            ],
-            LONG,
-        )
-    };
+    // Damaged, and then not even a file: the keeper's copy of the state is
+    // what the adoption starts from.
     std::fs::write(&state, b"{damaged").expect("damage it");
-    let out = again();
-    assert_eq!(out.code, Some(2), "{out:?}");
-    assert!(
-        out.stderr.contains("cannot be read") && out.stderr.contains(&format!("(pid {keeper},")),
-        "the keeper named, not the dead baton: {}",
-        out.stderr
-    );
-    // Nothing was touched: the file, the keeper and the app are there.
-    assert_eq!(std::fs::read(&state).expect("kept"), b"{damaged");
-    assert!(!pid_gone(app), "the app serves on");
-    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
-    // A FIFO there is refused at once, not waited on.
+    let mut second = second_baton(&first, port, &[]);
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    kill(&mut second);
     std::fs::remove_file(&state).expect("remove");
     rustix::fs::mknodat(
         rustix::fs::CWD,
@@ -172,14 +147,41 @@ fn a_state_file_that_cannot_be_read_is_kept_and_the_running_service_named() {
         0,
     )
     .expect("mkfifo");
-    let out = again();
-    assert_eq!(out.code, Some(2), "{out:?}");
-    assert!(
-        out.stderr.contains("not a regular file (a FIFO)"),
-        "{}",
-        out.stderr
+    let mut third = second_baton(&first, port, &[]);
+    let status = wait_adopted(&third, second.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+    // With baton and its keeper both killed, an unreadable file is all
+    // there is: never deleted, and nothing is touched.
+    let keeper = third.status_json()["keeper_pid"]
+        .as_u64()
+        .expect("a keeper");
+    kill(&mut third);
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(keeper as i32).expect("pid"),
+        Signal::KILL,
     );
-    // Clean up what the killed baton left running.
+    wait_until("the keeper is gone", LONG, || pid_gone(keeper as u32));
+    std::fs::write(&state, b"{damaged").expect("damage it");
+    let out = support::run(
+        &[
+            "run".into(),
+            "--control".into(),
+            first.control.clone().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--".into(),
+            support::exe().into(),
+            "demo-app".into(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("cannot be read"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&state).expect("kept"), b"{damaged");
+    assert!(!pid_gone(app), "the app serves on");
+    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+    // Clean up what the killed batons left running.
     let _ = rustix::process::kill_process_group(
         rustix::process::Pid::from_raw(app as i32).expect("pid"),
         Signal::KILL,
@@ -298,21 +300,94 @@ fn a_state_file_that_names_a_process_without_its_start_time_is_not_believed() {
             .expect("sleep"),
     );
     let path = state_file(&first);
-    let mut state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("state")).expect("json");
-    state["generations"][0]["processes"] = serde_json::json!([
-        {"pid": bystander.0.id(), "start_time": null}
-    ]);
-    std::fs::write(&path, serde_json::to_vec(&state).expect("json")).expect("forge");
+    let original = std::fs::read(&path).expect("state");
+    // Named with no start time, then with its true one: neither is enough
+    // (it holds none of the service's listening sockets).
+    let true_start = stat_field(bystander.0.id(), 22).expect("start time");
+    for start_time in [serde_json::Value::Null, serde_json::json!(true_start)] {
+        let mut state: serde_json::Value = serde_json::from_slice(&original).expect("json");
+        state["generations"][0]["processes"] = serde_json::json!([
+            {"pid": bystander.0.id(), "start_time": start_time}
+        ]);
+        std::fs::write(&path, serde_json::to_vec(&state).expect("json")).expect("forge");
+        let mut second = second_baton(&first, port, &[]);
+        second.wait_for_event("ready", 1);
+        let status = second.status_json();
+        assert!(status["adopted_from"].is_null(), "not adopted: {status}");
+        assert!(
+            !pid_gone(bystander.0.id()),
+            "the bystander was not signalled\n{}",
+            second.dump()
+        );
+        second.signal(Signal::TERM);
+        second.wait_exit(LONG);
+    }
+}
+
+#[test]
+fn an_adopter_killed_at_any_moment_leaves_a_service_the_next_one_adopts() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    kill(&mut first);
+    // Each adopter is killed at a moment swept from 0 to 50 ms after it
+    // starts (before, during or after it takes the listeners from the
+    // keeper and starts its own), then five at the worst moment: once it
+    // has taken them and logged its control socket, before its own keeper
+    // runs.
+    let trials: u64 = 20;
+    for trial in 0..trials + 5 {
+        let mut adopter = second_baton(&first, port, &[]);
+        if trial < trials {
+            std::thread::sleep(Duration::from_micros(trial * 50_000 / (trials - 1)));
+        } else {
+            adopter.wait_for(
+                "the control line",
+                |l| support::is_event(l, "control"),
+                LONG,
+            );
+        }
+        adopter.signal(Signal::KILL);
+        adopter.wait_exit(LONG);
+        assert!(!pid_gone(app), "trial {trial}: the app serves on");
+    }
+    let last = second_baton(&first, port, &[]);
+    let mut status = None;
+    wait_until("the last baton adopted the service", LONG, || {
+        status = status_at(&last.control).filter(|s| s["adopted_from"].is_u64());
+        status.is_some()
+    });
+    let status = status.expect("status");
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+    let (code, json) = last.reload_json();
+    assert_eq!(code, Some(0), "{json}\n{}", last.dump());
+}
+
+#[test]
+fn silent_clients_of_the_keeper_do_not_keep_the_next_baton_out() {
+    let mut first = Baton::serving(&[], &[]);
+    let port = first.port();
+    let app = first.gen_pid(1);
+    let name = first
+        .control
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let keeper = first
+        .control
+        .with_file_name(name.replace(".sock", ".keeper.sock"));
+    // Each holds a connection and says nothing (the keeper used to serve
+    // one client at a time, waiting up to 500 ms on each).
+    let silent: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&keeper).expect("connect to the keeper"))
+        .collect();
+    kill(&mut first);
     let second = second_baton(&first, port, &[]);
-    second.wait_for_event("ready", 1);
-    let status = second.status_json();
-    assert!(status["adopted_from"].is_null(), "not adopted: {status}");
-    assert!(
-        !pid_gone(bystander.0.id()),
-        "the bystander was not signalled\n{}",
-        second.dump()
-    );
+    let status = wait_adopted(&second, first.pid());
+    assert_eq!(status["generations"][0]["pid"], app, "{status}");
+    drop(silent);
 }
 
 #[test]
@@ -657,4 +732,157 @@ fn a_release_on_probation_when_baton_dies_is_adopted_as_serving() {
     assert_eq!(status["serving"], 2, "{status}");
     assert!(status["baking"].is_null(), "{status}");
     assert_eq!(get(port, "/", LONG).expect("served").pid, Some(new));
+}
+
+/// The processes whose environment holds `mark` (apps and keepers of one
+/// test, which sets it on every baton it starts).
+fn marked(mark: &str) -> Vec<u32> {
+    let needle = format!("BATON_TEST_MARK={mark}");
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .filter(|pid| !pid_gone(*pid))
+        .collect()
+}
+
+#[test]
+fn a_randomized_run_of_kills_and_damage_strands_no_app_and_signals_no_bystander() {
+    if !support::long("the randomized adoption run") {
+        return;
+    }
+    let seed: u64 = std::env::var("BATON_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_ad07);
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    };
+    let mark = format!("adopt-{}-{seed}", std::process::id());
+    let start = |control: Option<&Path>, port: u16| {
+        let b = Baton::builder().env("BATON_TEST_MARK", &mark);
+        let b = match control {
+            Some(c) => b.control(c),
+            None => b,
+        };
+        b.run_args(["--listen", &format!("127.0.0.1:{port}")])
+            .start()
+    };
+    // A process of the same user that forged state files name, with its
+    // true start time.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("sleep");
+    let bystander_pid = bystander.id();
+    let bystander_start = stat_field(bystander_pid, 22).expect("start time");
+    let mut b = start(None, 0);
+    b.wait_for_event("ready", 1);
+    let port = b.port();
+    let control = b.control.clone();
+    let state = state_file(&b);
+    let trials = 50;
+    let mut kinds = [0u32; 5];
+    let mut gone = Vec::new();
+    for trial in 0..trials {
+        let kind = next(5) as usize;
+        kinds[kind] += 1;
+        let from = b.pid();
+        match kind {
+            // baton killed.
+            0 => kill(&mut b),
+            // baton killed, its state file then damaged or replaced.
+            1 => {
+                kill(&mut b);
+                let damage: &[u8] = match next(3) {
+                    0 => b"{damaged",
+                    1 => b"",
+                    _ => b"\xff\xfe not json at all",
+                };
+                std::fs::write(&state, damage).expect("damage");
+            }
+            // baton killed, its file forged to name the bystander.
+            2 => {
+                kill(&mut b);
+                let mut s: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("json");
+                s["generations"][0]["processes"][0]["pid"] = serde_json::json!(bystander_pid);
+                s["generations"][0]["processes"][0]["start_time"] =
+                    serde_json::json!(bystander_start);
+                std::fs::write(&state, serde_json::to_vec(&s).expect("json")).expect("forge");
+            }
+            // The keeper killed while baton runs: baton starts another.
+            3 => {
+                let keeper = b.status_json()["keeper_pid"].as_u64().expect("a keeper") as u32;
+                support::send(keeper, Signal::KILL);
+                wait_until("another keeper runs", LONG, || {
+                    b.status_json()["keeper_pid"]
+                        .as_u64()
+                        .is_some_and(|k| k as u32 != keeper)
+                });
+                assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
+                continue;
+            }
+            // baton killed, then its adopter killed at a random moment.
+            _ => {
+                kill(&mut b);
+                let mut adopter = start(Some(&control), port);
+                std::thread::sleep(Duration::from_micros(next(50_000)));
+                adopter.signal(Signal::KILL);
+                adopter.wait_exit(LONG);
+                gone.push(adopter);
+            }
+        }
+        // The killed baton's directory (the control socket's) stays.
+        gone.push(std::mem::replace(&mut b, start(Some(&control), port)));
+        let mut status = None;
+        wait_until(&format!("trial {trial}: a baton serves"), LONG, || {
+            status = status_at(&control).filter(|s| s["serving"].is_u64());
+            status.is_some()
+        });
+        let status = status.expect("status");
+        assert!(
+            status["adopted_from"].is_u64() || status["serving"] == 1,
+            "trial {trial} (kind {kind}, from {from}): {status}\n{}",
+            b.dump()
+        );
+        assert_eq!(
+            get(port, "/", LONG).map(|r| r.status).ok(),
+            Some(200),
+            "trial {trial}"
+        );
+        assert!(
+            matches!(bystander.try_wait(), Ok(None)),
+            "trial {trial}: the bystander was signalled\n{}",
+            b.dump()
+        );
+    }
+    // A clean stop ends every app and keeper the run ever started: none was
+    // left to run unsupervised.
+    assert!(marked(&mark).len() >= 2, "the app and a keeper are marked");
+    b.signal(Signal::TERM);
+    b.wait_exit(LONG);
+    wait_until("every app and keeper of the run is gone", LONG, || {
+        marked(&mark).is_empty()
+    });
+    assert!(
+        matches!(bystander.try_wait(), Ok(None)),
+        "the bystander lives"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    eprintln!(
+        "randomized adoption run (seed {seed}): {trials} trials, by kind {kinds:?} \
+         (killed, damaged file, forged file, keeper killed, adopter killed): \
+         0 apps stranded, bystander untouched"
+    );
 }
