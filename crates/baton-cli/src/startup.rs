@@ -394,7 +394,20 @@ fn bind_hint(addr: &ListenAddr, err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::AddrInUse if unix => "; is another server running on it?".into(),
         io::ErrorKind::AddrInUse => {
-            "; is another server running? (try --listen 127.0.0.1:0 for any free port)".into()
+            let port = match addr {
+                ListenAddr::AnyHost(port) | ListenAddr::Host(_, port) => Some(*port),
+                ListenAddr::Ip(ip) => Some(ip.port()),
+                ListenAddr::Unix(_) => None,
+            };
+            match port.and_then(crate::sys::inspect::holder_of) {
+                Some((pid, command)) => format!(
+                    "; pid {pid} ({command}) listens on it: stop it, or if it is the app of a \
+                     baton that died with its keeper, it serves on unsupervised and cannot be \
+                     adopted (try --listen 127.0.0.1:0 for any free port)"
+                ),
+                None => "; is another server running? (try --listen 127.0.0.1:0 for any free port)"
+                    .into(),
+            }
         }
         io::ErrorKind::PermissionDenied if !unix => {
             "; ports below 1024 need root or CAP_NET_BIND_SERVICE".into()

@@ -83,6 +83,25 @@ pub fn listening_inodes(port: u16) -> Vec<u64> {
     out
 }
 
+/// A process that holds a TCP socket listening on `port`, and its command
+/// name (of the first 4096 processes in `/proc` that can be looked at).
+pub fn holder_of(port: u16) -> Option<(i32, String)> {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .take(MAX_FDS)
+        .find(|pid| holds_any(*pid, &inodes))
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_owned())
+        })
+}
+
 /// Whether process `pid` holds a TCP socket listening on `port`.
 pub fn listens_on(pid: i32, port: u16) -> bool {
     holds_any(pid, &listening_inodes(port))

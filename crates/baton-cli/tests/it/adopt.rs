@@ -178,6 +178,11 @@ fn a_damaged_state_file_is_only_a_hint_the_keeper_holds_the_truth() {
     );
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("cannot be read"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("pid {app} (")),
+        "the app holding the port is named: {}",
+        out.stderr
+    );
     assert_eq!(std::fs::read(&state).expect("kept"), b"{damaged");
     assert!(!pid_gone(app), "the app serves on");
     assert_eq!(get(port, "/", LONG).map(|r| r.status).ok(), Some(200));
