@@ -443,6 +443,34 @@ pub fn alive(path: &Path) -> Option<i32> {
     Some(cred.pid.as_raw_nonzero().get())
 }
 
+/// The `take` answer: how many listeners, whose logs and pidfds follow,
+/// and whether the state does. A keeper of an older baton lists logs only
+/// (the list may be empty and last), holds no pidfds nor state, and has
+/// exited already.
+fn parse_take(text: &str) -> Option<(usize, Vec<Slot>, Vec<Slot>, bool)> {
+    let labels = |w: Option<&str>| -> Option<Vec<Slot>> {
+        w?.split(',')
+            .filter(|g| !g.is_empty() && *g != "-")
+            .map(Slot::parse_label)
+            .collect()
+    };
+    let mut words = text.split_whitespace();
+    let (Some("ok"), Some(n), Some("logs")) = (words.next(), words.next(), words.next()) else {
+        return None;
+    };
+    let n = n.parse().ok()?;
+    let logs = labels(Some(words.next().unwrap_or("-")))?;
+    let (mut pids, mut state) = (Vec::new(), false);
+    while let Some(word) = words.next() {
+        match (word, words.next()) {
+            ("pids", list) => pids = labels(list)?,
+            ("state", Some(flag)) => state = flag == "1",
+            _ => return None,
+        }
+    }
+    Some((n, logs, pids, state))
+}
+
 /// Asks the keeper at `path` for everything it holds; it waits for the
 /// [`Handoff`] to finish.
 pub fn take(path: &Path) -> std::io::Result<Taken> {
@@ -456,27 +484,8 @@ pub fn take(path: &Path) -> std::io::Result<Taken> {
             fds.len()
         ))
     };
-    let labels = |w: Option<&str>| -> Option<Vec<Slot>> {
-        w?.split(',')
-            .filter(|g| !g.is_empty() && *g != "-")
-            .map(Slot::parse_label)
-            .collect()
-    };
-    let mut words = text.split_whitespace();
-    let (Some("ok"), Some(n), Some("logs")) = (words.next(), words.next(), words.next()) else {
-        return Err(bad());
-    };
-    let n: usize = n.parse().map_err(|_| bad())?;
-    let logs_of = labels(words.next()).ok_or_else(bad)?;
-    let (Some("pids"), pids_of) = (words.next(), labels(words.next())) else {
-        return Err(bad());
-    };
-    let pids_of = pids_of.ok_or_else(bad)?;
-    let (Some("state"), Some(with_state)) = (words.next(), words.next()) else {
-        return Err(bad());
-    };
-    let with_state = usize::from(with_state == "1");
-    if fds.len() != n + pids_of.len() + 2 * logs_of.len() + with_state {
+    let (n, logs_of, pids_of, with_state) = parse_take(&text).ok_or_else(bad)?;
+    if fds.len() != n + pids_of.len() + 2 * logs_of.len() + usize::from(with_state) {
         return Err(bad());
     }
     let mut fds = fds.into_iter();
@@ -553,4 +562,38 @@ fn ask(path: &Path, what: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<UnixS
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     sys::fdpass::send(&conn, format!("{what}\n").as_bytes(), fds)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_take_answer_of_this_keeper_and_of_an_older_one() {
+        let w1 = Slot::parse_label("3.w1").expect("label");
+        assert_eq!(
+            parse_take("ok 2 logs - pids 3,3.w1 state 1\n"),
+            Some((2, vec![], vec![Slot::new(3, 0), w1], true))
+        );
+        assert_eq!(
+            parse_take("ok 1 logs 3.w1 pids - state 0\n"),
+            Some((1, vec![w1], vec![], false))
+        );
+        // An older keeper's.
+        assert_eq!(parse_take("ok 1 logs \n"), Some((1, vec![], vec![], false)));
+        assert_eq!(
+            parse_take("ok 1 logs 3\n"),
+            Some((1, vec![Slot::new(3, 0)], vec![], false))
+        );
+        for bad in [
+            "",
+            "no",
+            "ok x logs -",
+            "ok 1 logs nonsense",
+            "ok 1 logs - pids x",
+            "ok 1 logs - what 1",
+        ] {
+            assert_eq!(parse_take(bad), None, "{bad:?}");
+        }
+    }
 }
