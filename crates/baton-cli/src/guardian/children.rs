@@ -91,10 +91,14 @@ impl Children {
         } else {
             None
         };
+        // `PWD` names the directory it starts in, resolved.
+        let mut env: Vec<(OsString, OsString)> =
+            env.iter().filter(|(k, _)| k != "PWD").cloned().collect();
+        env.push(("PWD".into(), release.info.cwd.clone().into()));
         let pid = sys::spawn::spawn(&sys::spawn::Command {
             program: &release.info.program,
             args,
-            env,
+            env: &env,
             fds,
             listen_pid,
             stdout: pipes.as_ref().map(|p| p.stdout.as_fd()),
@@ -104,6 +108,7 @@ impl Children {
             parent_death: self.parent_death,
             exe: Some(release.exe.as_fd()),
             cwd: Some(&release.info.cwd),
+            cwd_fd: release.dir.as_deref().map(AsFd::as_fd),
             session: false,
         })?;
         // The child has its copies of the write ends; ours must go, or the
@@ -139,6 +144,7 @@ impl Children {
             parent_death: true,
             exe: None,
             cwd: None,
+            cwd_fd: None,
             session: false,
         })?;
         self.pids.insert(pid, Owner::Check(slot));
@@ -169,6 +175,7 @@ impl Children {
             parent_death: owner != Owner::Keeper,
             exe: None,
             cwd: None,
+            cwd_fd: None,
             session: owner == Owner::Keeper,
         })?;
         self.pids.insert(pid, owner);

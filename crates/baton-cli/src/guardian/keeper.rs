@@ -58,6 +58,11 @@ const CLIENT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a taker has to start its own keeper and say `done`.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long `baton run` waits for a dead baton's keeper to hand over what
+/// it holds: it answers at once, but at startup a busy machine is no reason
+/// to give up on it (nothing else waits meanwhile).
+const TAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the keeper looks at its baton and the generations.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -475,6 +480,7 @@ fn parse_take(text: &str) -> Option<(usize, Vec<Slot>, Vec<Slot>, bool)> {
 /// [`Handoff`] to finish.
 pub fn take(path: &Path) -> std::io::Result<Taken> {
     let conn = ask(path, "take", &[])?;
+    conn.set_read_timeout(Some(TAKE_TIMEOUT))?;
     let (text, fds) = sys::fdpass::recv(&conn, 1024)?;
     let text = String::from_utf8_lossy(&text);
     let bad = || {

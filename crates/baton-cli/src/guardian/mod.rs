@@ -518,6 +518,13 @@ impl Guardian {
 
     fn report(&mut self, waiters: Vec<Waiter>, outcome: &Outcome) {
         let mut response = report::response(outcome);
+        if let Outcome::RolledBack {
+            reason: crate::error::RollbackReason::Reverted { .. },
+            ..
+        } = outcome
+        {
+            self.releases.reverted();
+        }
         if let Outcome::Reloaded { generation, .. } = outcome
             && let Some(release) = self
                 .policy

@@ -428,7 +428,17 @@ fn identify(
     listeners: &[OwnedFd],
 ) -> HashMap<Slot, Option<OwnedFd>> {
     let mut pids: HashMap<Slot, OwnedFd> = pids.into_iter().collect();
-    let inodes: Vec<u64> = listeners.iter().filter_map(sys::inspect::inode).collect();
+    // The listening sockets: the copies taken back, else (no keeper) those
+    // listening on the state's TCP ports now.
+    let inodes: Vec<u64> = if listeners.is_empty() {
+        s.listeners
+            .iter()
+            .filter_map(|l| l.tcp)
+            .flat_map(|a| sys::inspect::listening_inodes(a.port()))
+            .collect()
+    } else {
+        listeners.iter().filter_map(sys::inspect::inode).collect()
+    };
     let mut out = HashMap::new();
     for g in &s.generations {
         for p in &g.processes {

@@ -79,6 +79,10 @@ pub struct Info {
     pub env_vars: usize,
     /// Who it runs as.
     pub user: Option<String>,
+    /// It is a `#!` script, which the kernel starts by its path (the
+    /// interpreter reopens it): its path must still name the file held.
+    #[serde(default)]
+    pub script: bool,
 }
 
 /// A release: its description and the executable, held.
@@ -88,6 +92,9 @@ pub struct Release {
     pub info: Info,
     /// The executable, opened `O_PATH`.
     pub exe: Arc<OwnedFd>,
+    /// The working directory, opened `O_PATH` (the app starts in it with
+    /// `fchdir`); `None` if it could not be opened again after an upgrade.
+    pub dir: Option<Arc<OwnedFd>>,
     /// The content hash, filled in by a thread of its own.
     hashed: Arc<std::sync::OnceLock<String>>,
     /// The last look again at its contents, once its ctime moved: the
@@ -117,9 +124,14 @@ impl Release {
         if let Some(h) = &info.hash {
             let _ = hashed.set(h.clone());
         }
+        let dir = open_dir(&info.cwd)
+            .ok()
+            .filter(|(_, id)| *id == info.cwd_file)
+            .map(|(fd, _)| Arc::new(fd));
         Release {
             info,
             exe: Arc::new(exe),
+            dir,
             hashed,
             rechecked: Arc::default(),
         }
@@ -181,6 +193,9 @@ pub struct Releases {
     served: VecDeque<Release>,
     /// Releases of generations that have not served yet.
     pending: Vec<Release>,
+    /// The last release reverted during its bake (shown, never run again
+    /// unless deployed again).
+    reverted: Option<Release>,
     next_id: u64,
 }
 
@@ -195,13 +210,26 @@ impl Releases {
         env_vars: usize,
         user: Option<&str>,
     ) -> std::io::Result<Release> {
-        let cwd = std::fs::canonicalize(workdir).map_err(|e| {
+        let in_dir = |e: std::io::Error| {
             std::io::Error::new(
                 e.kind(),
                 format!("the working directory {}: {e}", workdir.display()),
             )
-        })?;
-        let cwd_meta = std::fs::metadata(&cwd)?;
+        };
+        // The release is the directory `workdir` names now (a `current`
+        // symlink resolved), held open; a relative command is the one in
+        // that very directory.
+        let cwd = std::fs::canonicalize(workdir).map_err(in_dir)?;
+        let (dir, cwd_file) = open_dir(&cwd).map_err(in_dir)?;
+        let relative = args
+            .first()
+            .map(Path::new)
+            .filter(|a| a.is_relative() && a.components().count() > 1);
+        let program = match relative {
+            Some(command) => std::fs::canonicalize(cwd.join(command))?,
+            None => std::fs::canonicalize(program)?,
+        };
+        let program = program.as_path();
         let exe = rustix::fs::open(
             program,
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
@@ -214,10 +242,6 @@ impl Releases {
             ino: st.st_ino,
         };
         let (size, mtime, ctime) = stamp(&st);
-        let cwd_file = FileId {
-            dev: cwd_meta.dev(),
-            ino: cwd_meta.ino(),
-        };
         let args: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -266,8 +290,10 @@ impl Releases {
                 args,
                 env_vars,
                 user: user.map(str::to_owned),
+                script: is_script(&exe),
             },
             exe: Arc::new(exe),
+            dir: Some(Arc::new(dir)),
             hashed,
             rechecked: Arc::default(),
         };
@@ -291,6 +317,14 @@ impl Releases {
         self.served.push_back(release);
         while self.served.len() > KEEP {
             self.served.pop_front();
+        }
+    }
+
+    /// The release on probation failed its bake and was reverted (one
+    /// generation starts or bakes at a time: it is the one pending).
+    pub fn reverted(&mut self) {
+        if let Some(r) = self.pending.pop() {
+            self.reverted = Some(r);
         }
     }
 
@@ -356,6 +390,7 @@ impl Releases {
             .enumerate()
             .map(|(i, r)| (role(i), r))
             .chain(self.pending.iter().map(|r| ("pending", r)))
+            .chain(self.reverted.iter().map(|r| ("reverted", r)))
             .map(|(role, r)| crate::control::proto::ReleaseInfo {
                 id: r.info.id,
                 role: role.to_owned(),
@@ -384,6 +419,7 @@ impl Releases {
         Releases {
             served: all.into(),
             pending,
+            reverted: None,
             next_id,
         }
     }
@@ -420,6 +456,18 @@ pub fn check(release: &Release) -> Result<(), String> {
             i.program.display()
         ));
     }
+    if i.script {
+        // Started by its path: the path must still name the file held.
+        let named = rustix::fs::stat(&i.program)
+            .is_ok_and(|now| (now.st_dev, now.st_ino) == (i.file.dev, i.file.ino));
+        if !named {
+            return Err(format!(
+                "release {}'s script {} is another file now (a #! script is started by its path)",
+                i.id,
+                i.program.display()
+            ));
+        }
+    }
     match std::fs::metadata(&i.cwd) {
         Ok(m) if m.dev() == i.cwd_file.dev && m.ino() == i.cwd_file.ino => Ok(()),
         Ok(_) => Err(format!(
@@ -433,6 +481,38 @@ pub fn check(release: &Release) -> Result<(), String> {
             i.cwd.display()
         )),
     }
+}
+
+/// Directory `path`, opened `O_PATH`, and its identity.
+fn open_dir(path: &Path) -> std::io::Result<(OwnedFd, FileId)> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    Ok((
+        fd,
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        },
+    ))
+}
+
+/// Whether the file held by `exe` starts with `#!`.
+fn is_script(exe: &OwnedFd) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(exe));
+    let mut head = [0u8; 2];
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == *b"#!"
 }
 
 /// The first 12 hex digits of the FNV-1a 64 hash of the file's contents

@@ -32,7 +32,9 @@
 //! 7. with `--user`: supplementary groups, group, user (raw system calls),
 //!    and the parent-death signal again if asked (a credential change
 //!    clears it);
-//! 8. with a working directory, `chdir` to it;
+//! 8. with a working directory, `fchdir` to the one held open (the very
+//!    directory baton resolved, even if a symlink on its path now points
+//!    elsewhere), else `chdir` to its path;
 //! 9. `LISTEN_PID` digits, the signal mask emptied, then the exec: of the
 //!    held executable (`execveat(fd, "", AT_EMPTY_PATH)`: the very file
 //!    baton opened, even if the path now names another), falling back to
@@ -94,6 +96,8 @@ pub struct Command<'a> {
     pub exe: Option<BorrowedFd<'a>>,
     /// The working directory (else baton's).
     pub cwd: Option<&'a Path>,
+    /// The working directory, held open (else `cwd` is entered by path).
+    pub cwd_fd: Option<BorrowedFd<'a>>,
     /// A session of its own (`setsid`), not only a process group: for a
     /// helper that must outlive baton, whose group then never becomes an
     /// orphaned group with a stopped member (which the kernel sends SIGHUP).
@@ -181,6 +185,10 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         .exe
         .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, floor))
         .transpose()?;
+    let cwd_high = cmd
+        .cwd_fd
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, floor))
+        .transpose()?;
 
     let parent = rustix::process::getpid().as_raw_nonzero().get();
     let child = Child {
@@ -207,6 +215,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
         session: cmd.session,
         exe: exe_high.as_ref().map_or(-1, AsRawFd::as_raw_fd),
         cwd: cwd.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+        cwd_fd: cwd_high.as_ref().map_or(-1, AsRawFd::as_raw_fd),
     };
 
     // Block every signal across the fork (as posix_spawn does): until the
@@ -247,7 +256,7 @@ pub fn spawn(cmd: &Command<'_>) -> io::Result<i32> {
     drop(report_tx_high);
     // Keep everything the child pointed into alive until it has exec'd.
     let _keep = (
-        &path, &args, &env, &argv, &envp, &pid_slot, &scratch, &mapping, &cwd, &exe_high,
+        &path, &args, &env, &argv, &envp, &pid_slot, &scratch, &mapping, &cwd, &exe_high, &cwd_high,
     );
     let mut errno = [0u8; 4];
     let mut got = 0;
@@ -287,6 +296,8 @@ struct Child<'a> {
     exe: RawFd,
     /// The working directory, or null.
     cwd: *const c_char,
+    /// The working directory, held (`-1`: none; else entered by `fchdir`).
+    cwd_fd: RawFd,
 }
 
 impl Child<'_> {
@@ -390,7 +401,11 @@ impl Child<'_> {
                 }
             }
 
-            if !self.cwd.is_null() && libc::chdir(self.cwd) != 0 {
+            if self.cwd_fd >= 0 {
+                if libc::fchdir(self.cwd_fd) != 0 {
+                    self.fail();
+                }
+            } else if !self.cwd.is_null() && libc::chdir(self.cwd) != 0 {
                 self.fail();
             }
             if !self.pid_digits.is_null() {

@@ -7,6 +7,7 @@ mod support;
 mod adopt;
 mod bench;
 mod demo;
+mod deploy;
 mod desync;
 mod endurance;
 mod gin;
