@@ -63,7 +63,8 @@ impl FailureKind {
 }
 
 /// Who answered: the generation if the server says (`x-baton-generation`),
-/// else its pid (`x-pid`).
+/// with its pid when it says that too (`x-pid`: generation numbers start
+/// again when baton does), else its pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Responder {
@@ -71,6 +72,8 @@ pub enum Responder {
     Generation(u64),
     /// `x-pid`.
     Pid(u64),
+    /// Both.
+    GenerationPid(u64, u64),
 }
 
 /// One request.
@@ -263,10 +266,12 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, FailureKi
 
 fn responder(headers: &hyper::HeaderMap) -> Option<Responder> {
     let number = |name: &str| headers.get(name)?.to_str().ok()?.parse::<u64>().ok();
-    number("x-baton-generation")
-        .filter(|g| *g > 0)
-        .map(Responder::Generation)
-        .or_else(|| number("x-pid").map(Responder::Pid))
+    let generation = number("x-baton-generation").filter(|g| *g > 0);
+    match (generation, number("x-pid")) {
+        (Some(g), Some(p)) => Some(Responder::GenerationPid(g, p)),
+        (Some(g), None) => Some(Responder::Generation(g)),
+        (None, p) => p.map(Responder::Pid),
+    }
 }
 
 fn classify_io(e: &io::Error) -> FailureKind {

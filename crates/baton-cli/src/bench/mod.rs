@@ -262,6 +262,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, report::svg(&run))
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let failed_triggers: Vec<String> = run
+        .summary
+        .windows
+        .iter()
+        .filter(|w| !w.trigger_ok)
+        .map(|w| format!("at {:.1} s: {}", w.at_ms / 1000.0, w.trigger_message))
+        .collect();
+    if !failed_triggers.is_empty() {
+        eprintln!(
+            "baton: {} of {} reloads failed ({}); the figures above are of a service that did not reload",
+            failed_triggers.len(),
+            run.summary.windows.len(),
+            failed_triggers.join("; ")
+        );
+        return Ok(ExitCode::from(1));
+    }
     if run.summary.requests > 0 && run.summary.ok == 0 {
         eprintln!(
             "baton: nothing answered at {url}: all {} requests failed; is the service running there?",

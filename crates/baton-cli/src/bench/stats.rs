@@ -11,7 +11,9 @@
 //!   trigger; its unavailable span runs from the start of the first of them
 //!   to the end of the last (0 when there are none);
 //! - the old responder is the one that answered last before the trigger; a
-//!   new one is any responder not seen before the trigger.
+//!   new one is any responder not seen since the trigger before (so that
+//!   generation numbers that start again with a restarted baton count as
+//!   new).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -169,7 +171,11 @@ pub fn summarize(records: &[Record], triggers: &[TriggerRecord], duration: Durat
                 (Some(first), Some(last)) => last.saturating_sub(first),
                 _ => 0,
             };
-            let before: Vec<&&Record> = by_end.iter().filter(|r| r.end_us < t.at_us).collect();
+            let since = i.checked_sub(1).map_or(0, |p| triggers[p].at_us);
+            let before: Vec<&&Record> = by_end
+                .iter()
+                .filter(|r| r.end_us < t.at_us && r.end_us >= since)
+                .collect();
             let seen: HashSet<Responder> = before
                 .iter()
                 .filter_map(|r| r.outcome.ok().flatten())
@@ -336,6 +342,32 @@ mod tests {
         assert_eq!(s.steady.count, 3);
         assert_eq!(s.restart.count, 3);
         assert!((s.failure_rate_pct - 100.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn generation_numbers_that_start_again_still_show_the_handover() {
+        let answer = |start: u64, g: u64, pid: u64| Record {
+            start_us: start * 1000,
+            end_us: (start + 1) * 1000,
+            outcome: Ok(Some(Responder::GenerationPid(g, pid))),
+        };
+        // Generation 1 served, then 2 (trigger at 1000); baton was then
+        // started again, and its own generation 1 serves; at 3000 its
+        // generation 2 takes over: a number already seen, a new process.
+        let records = vec![
+            answer(0, 1, 100),
+            answer(1500, 2, 200),
+            answer(2500, 1, 300),
+            answer(3100, 2, 400),
+        ];
+        let s = summarize(
+            &records,
+            &[trigger(1000), trigger(3000)],
+            Duration::from_secs(4),
+        );
+        assert_eq!(s.windows[0].first_new_ms, Some(501.0));
+        assert_eq!(s.windows[1].first_new_ms, Some(101.0), "{:?}", s.windows[1]);
+        assert_eq!(s.windows[1].last_old_ms, None);
     }
 
     #[test]

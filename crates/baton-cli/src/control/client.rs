@@ -143,11 +143,18 @@ pub fn reload(target: &Target<'_>, json: bool, rollback: bool) -> anyhow::Result
             generation,
             pid,
             ready_ms,
+            baked_ms,
         } => {
             if !json {
                 let verb = if rollback { "rolled back" } else { "reloaded" };
+                let bake = baked_ms.map_or(String::new(), |ms| {
+                    format!(
+                        ", and passed its {} bake",
+                        humantime::format_duration(std::time::Duration::from_millis(ms))
+                    )
+                });
                 println!(
-                    "{verb}: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms"
+                    "{verb}: generation {generation} (pid {pid}) is serving, ready after {ready_ms} ms{bake}"
                 );
             }
             Ok(ExitCode::SUCCESS)

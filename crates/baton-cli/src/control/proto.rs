@@ -45,6 +45,9 @@ pub enum Response {
         pid: i32,
         /// How long it took to become ready.
         ready_ms: u64,
+        /// The bake it passed (`--bake`), if it was on probation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        baked_ms: Option<u64>,
     },
     /// The new generation was not put in service.
     RolledBack {

@@ -365,6 +365,8 @@ pub struct Handles {
     pub pending_stop: Option<Signal>,
     /// Its last `STATUS=`.
     pub status: Option<String>,
+    /// How many times the loop said it is still not ready.
+    pub reminded: u32,
     /// A pidfd of its process (what the keeper is given a copy of).
     pub pidfd: Option<std::os::fd::OwnedFd>,
     /// A second descriptor of its notification socket (handed over by an

@@ -110,7 +110,13 @@ pub trait Launch: std::fmt::Debug {
 
     /// Why the starting worker process `slot` failed, as far as this
     /// strategy can tell (looked at while its process is still there).
-    fn failure_hint(&self, slot: Slot, pid: i32, handles: &Handles) -> Option<String>;
+    fn failure_hint(
+        &self,
+        slot: Slot,
+        pid: i32,
+        handles: &Handles,
+        inherited: &std::collections::HashSet<u64>,
+    ) -> Option<String>;
 
     /// Why a reload failed while `serving` (`pid`) serves, if its way of
     /// listening explains it.
@@ -301,8 +307,14 @@ impl Launch for Sockets {
             .then(|| diagnose::binds_own_port(slot.generation, pid, addrs))
     }
 
-    fn failure_hint(&self, slot: Slot, pid: i32, _handles: &Handles) -> Option<String> {
-        let addrs = sys::inspect::own_listeners(pid, &std::collections::HashSet::new());
+    fn failure_hint(
+        &self,
+        slot: Slot,
+        pid: i32,
+        _handles: &Handles,
+        inherited: &std::collections::HashSet<u64>,
+    ) -> Option<String> {
+        let addrs = sys::inspect::own_listeners(pid, inherited);
         (!addrs.is_empty())
             .then(|| diagnose::not_ready_binds_own_port(slot.generation, pid, &addrs))
     }
@@ -541,7 +553,13 @@ impl Launch for Proxied {
             .then(|| diagnose::proxy_port(slot.generation, &self.cfg.port_env, port, addrs))
     }
 
-    fn failure_hint(&self, slot: Slot, _pid: i32, handles: &Handles) -> Option<String> {
+    fn failure_hint(
+        &self,
+        slot: Slot,
+        _pid: i32,
+        handles: &Handles,
+        _inherited: &std::collections::HashSet<u64>,
+    ) -> Option<String> {
         let port = handles.upstream.as_ref()?.addr.port();
         Some(diagnose::proxy_port(
             slot.generation,

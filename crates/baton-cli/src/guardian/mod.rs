@@ -687,6 +687,7 @@ impl Guardian {
     /// Once a second: listeners, pressure summaries, metrics.
     fn housekeeping(&mut self) {
         self.check_listeners(None);
+        self.procs.remind(&self.cfg, &self.policy, Instant::now());
         self.check_rss();
         self.releases.recheck();
         self.pressure.report(Instant::now());

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton::vars;
 use tokio::sync::mpsc;
@@ -98,6 +98,31 @@ pub fn serving_handles<'a, W>(
         .filter(|p| p.serves())
         .filter_map(|p| handles.get(&p.slot(generation)))
         .collect()
+}
+
+/// What a starting process reached by `route` is waited for, in words
+/// (`None`: a fixed delay, nothing to say).
+fn waiting_for(cfg: &RunConfig, route: Option<Route>) -> Option<String> {
+    if let Some(Route::Private { port }) = route {
+        let silent = sys::inspect::listening_inodes(port).is_empty();
+        return Some(format!(
+            "its health check on 127.0.0.1:{port} (${}){}",
+            cfg.proxy.as_ref().map_or("PORT", |p| p.port_env.as_str()),
+            if silent {
+                ", where nothing listens yet: the app must listen on that port"
+            } else {
+                ""
+            }
+        ));
+    }
+    match &cfg.ready {
+        ReadyMode::Notify => Some(
+            "READY=1 on $NOTIFY_SOCKET (sd_notify); an app that cannot send it runs with --ready delay:DURATION"
+                .to_owned(),
+        ),
+        ReadyMode::Exec(command) => Some(format!("its readiness check `{command}` to pass")),
+        _ => None,
+    }
 }
 
 impl Processes {
@@ -349,7 +374,66 @@ impl Processes {
     /// strategy can tell.
     pub fn failure_hint(&self, slot: Slot, pid: i32) -> Option<String> {
         let handles = self.handles.get(&slot)?;
-        self.launch.failure_hint(slot, pid, handles)
+        self.launch
+            .failure_hint(slot, pid, handles, &self.listener_inodes)
+    }
+
+    /// Says what each starting worker process still waits for: 2 s after
+    /// it started, then every 10 s, with the time left before the ready
+    /// timeout; and, from 1 s on, that it listens on a port of its own
+    /// (never one of baton's sockets), the moment that is seen.
+    pub fn remind<W>(&mut self, cfg: &RunConfig, policy: &Policy<W>, now: Instant) {
+        for g in policy.generations() {
+            if g.state != super::generation::State::Starting {
+                continue;
+            }
+            for p in g.processes.iter().filter(|p| !p.ready) {
+                let slot = p.slot(g.id);
+                let pid = p.process.pid;
+                let age = p
+                    .started
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                let Some(h) = self.handles.get_mut(&slot) else {
+                    continue;
+                };
+                if age >= Duration::from_secs(1) && h.self_bound.is_empty() {
+                    let addrs = sys::inspect::own_listeners(pid, &self.listener_inodes);
+                    let addrs = match p.route {
+                        Some(Route::Private { port }) => {
+                            addrs.into_iter().filter(|a| a.port() != port).collect()
+                        }
+                        _ => addrs,
+                    };
+                    if !addrs.is_empty() {
+                        self.self_bound(slot, addrs);
+                    }
+                }
+                let Some(h) = self.handles.get_mut(&slot) else {
+                    continue;
+                };
+                let due = Duration::from_secs(2 + 10 * u64::from(h.reminded));
+                if age < due {
+                    continue;
+                }
+                h.reminded += 1;
+                let Some(what) = waiting_for(cfg, p.route) else {
+                    continue;
+                };
+                let left_s = g
+                    .deadline
+                    .map_or(0, |d| d.saturating_duration_since(now).as_secs());
+                warn!(
+                    generation = g.id,
+                    worker = slot.worker,
+                    pid,
+                    waited_s = age.as_secs(),
+                    left_s,
+                    "waiting: generation {} (pid {pid}) is not ready after {} s: baton waits for {what}; {left_s} s left before the ready timeout",
+                    g.id,
+                    age.as_secs()
+                );
+            }
+        }
     }
 
     /// Why a reload failed, as seen from generation `serving`'s first

@@ -194,10 +194,12 @@ pub fn response(outcome: &Outcome) -> Response {
             generation,
             pid,
             ready_after,
+            baked,
         } => Response::Reloaded {
             generation: *generation,
             pid: *pid,
             ready_ms: ready_after.as_millis() as u64,
+            baked_ms: baked.map(|b| b.as_millis() as u64),
         },
         Outcome::RolledBack {
             generation,

@@ -344,3 +344,36 @@ fn a_plot_shows_throughput_latency_and_the_reloads() {
         "throughput and latency lines"
     );
 }
+
+#[test]
+fn a_reload_that_fails_makes_bench_exit_1_and_say_which() {
+    // The next generation exits before it is ready: the reload rolls back.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = dir.path().join("faults");
+    let b = Baton::serving(&[], &["--faults-file", faults.to_str().expect("utf-8")]);
+    std::fs::write(&faults, "--exit-before-ready 3").expect("faults");
+    let control = b.control.to_str().expect("utf-8").to_owned();
+    let url = format!("http://127.0.0.1:{}/", b.port());
+    let out = support::run(
+        &[
+            "bench".into(),
+            "--url".into(),
+            url.into(),
+            "-c".into(),
+            "2".into(),
+            "-d".into(),
+            "800ms".into(),
+            "--reload-at".into(),
+            "200ms".into(),
+            "--control".into(),
+            control.into(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("1 of 1 reloads failed") && out.stderr.contains("rolled back"),
+        "{}",
+        out.stderr
+    );
+}

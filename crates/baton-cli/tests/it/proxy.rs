@@ -358,3 +358,51 @@ fn a_first_generation_that_binds_its_own_port_is_pointed_to_proxy_mode() {
     assert!(hint.contains(&format!("127.0.0.1:{port}")), "{hint}");
     assert!(hint.contains("--proxy http"), "{hint}");
 }
+
+#[test]
+fn an_app_that_binds_its_own_port_is_named_early_and_baton_s_sockets_never_are() {
+    let python = "/usr/bin/python3";
+    if !support::peer_at(python, "python3") {
+        return;
+    }
+    let port = support::free_port().to_string();
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--ready-timeout", "60s"])
+        .command([python, "-m", "http.server", &port, "--bind", "127.0.0.1"])
+        .start();
+    // Long before the ready timeout: the port it bound, and what to do.
+    let warning = b.wait_for(
+        "the early warning",
+        |l| support::is_event(l, "listens"),
+        LONG,
+    );
+    assert!(warning.contains(&format!("127.0.0.1:{port}")), "{warning}");
+    assert!(warning.contains("--proxy http"), "{warning}");
+    assert!(
+        !warning.contains(&format!("127.0.0.1:{}", b.port())),
+        "baton's own socket is not the app's: {warning}"
+    );
+    // And what baton still waits for, with the time left.
+    let waiting = b.wait_for("the reminder", |l| support::is_event(l, "waiting"), LONG);
+    assert!(waiting.contains("READY=1"), "{waiting}");
+    assert!(support::field(&waiting, "left_s").is_some(), "{waiting}");
+}
+
+#[test]
+fn in_proxy_mode_an_app_that_ignores_port_is_named_early() {
+    let mut b = Baton::builder()
+        .run_args([
+            "--proxy",
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+            "--health-timeout",
+            "60s",
+        ])
+        .app_args(["--bind", "127.0.0.1:0"])
+        .start();
+    let waiting = b.wait_for("the reminder", |l| support::is_event(l, "waiting"), LONG);
+    assert!(waiting.contains("nothing listens yet"), "{waiting}");
+    b.signal(rustix::process::Signal::TERM);
+    b.wait_exit(LONG);
+}

@@ -303,6 +303,10 @@ fn a_healthy_release_passes_its_bake_and_rollback_then_loses_nothing() {
     let (code, json) = b.reload_json();
     assert_eq!(code, Some(0), "{json}\n{}", b.dump());
     assert_eq!(json["result"], "reloaded", "{json}");
+    assert_eq!(
+        json["baked_ms"], 1000,
+        "the reload says the bake passed: {json}"
+    );
     let status = b.status_json();
     assert_eq!(status["reloads_ok"], 1, "{status}");
     assert_eq!(status["generations"].as_array().map(Vec::len), Some(1));

@@ -75,6 +75,8 @@ pub enum Outcome {
         pid: i32,
         /// How long it took to become ready.
         ready_after: Duration,
+        /// The bake it passed (`--bake`), if it was on probation.
+        baked: Option<Duration>,
     },
     /// The new generation was not put in service.
     RolledBack {
@@ -97,9 +99,14 @@ impl Outcome {
                 generation,
                 pid,
                 ready_after,
+                baked,
             } => format!(
-                "generation {generation} (pid {pid}) is serving, ready after {} ms",
-                ready_after.as_millis()
+                "generation {generation} (pid {pid}) is serving, ready after {} ms{}",
+                ready_after.as_millis(),
+                baked.map_or(String::new(), |b| format!(
+                    ", passed its {} bake",
+                    humantime::format_duration(b)
+                ))
             ),
             Outcome::RolledBack {
                 generation,

@@ -397,6 +397,7 @@ impl<W> Policy<W> {
                 generation: id,
                 pid,
                 ready_after,
+                baked: None,
             },
         });
         if let Some((waiters, trigger)) = self.queued.take() {
@@ -437,6 +438,7 @@ impl<W> Policy<W> {
                 generation: id,
                 pid,
                 ready_after: b.ready_after,
+                baked: self.cfg.bake,
             },
         });
         if let Some((waiters, trigger)) = self.queued.take() {
@@ -1101,7 +1103,8 @@ mod tests {
                 Outcome::Reloaded {
                     generation: 2,
                     pid: 200,
-                    ready_after: 300 * MS
+                    ready_after: 300 * MS,
+                    baked: None,
                 }
             )]
         );
