@@ -3,7 +3,7 @@
 //! unavailable span around each trigger, and the handover (trigger to the
 //! first answer from a new generation, and to the last from the old one).
 //!
-//! Definitions (also in the README):
+//! Definitions (also in docs/usage.md):
 //! - a restart window is [trigger, trigger + 2 s); a request is in it if it
 //!   started in it; steady state is every request in no window;
 //! - latency percentiles are over successful (2xx) requests;

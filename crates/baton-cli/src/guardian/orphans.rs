@@ -161,18 +161,18 @@ impl Orphans {
     }
 
     fn spawn_keeper(&self, cfg: &RunConfig, children: &mut Children) -> io::Result<Process> {
-        // Bound under a name of its own, made 0600, then renamed over the
-        // fixed path: a keeper that handed its listeners to this baton keeps
-        // answering there until this one does (it exits once told `done`),
-        // and one left by a baton that is gone is replaced.
+        // Bound under a name of its own, made 0600, and renamed over the
+        // fixed path only once the keeper runs: a keeper that handed its
+        // listeners to this baton keeps answering there until this one does
+        // (it exits once told `done`), a baton killed in between leaves it
+        // there, and one left by a baton that is gone is replaced.
         let temporary = self
             .keeper_path
             .with_extension(format!("sock.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&temporary);
         let socket = std::os::unix::net::UnixListener::bind(&temporary)?;
-        let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&temporary, &self.keeper_path));
-        if let Err(e) = placed {
+        if let Err(e) = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+        {
             let _ = std::fs::remove_file(&temporary);
             return Err(e);
         }
@@ -189,13 +189,26 @@ impl Orphans {
             cfg.name.clone().into(),
         ];
         // The running image, even if its file was replaced since.
-        let pid = children.start_helper(
+        let started = children.start_helper(
             Owner::Keeper,
             Path::new("/proc/self/exe"),
             &args,
             &cfg.base_env,
             &fds,
-        )?;
+        );
+        let pid = match started.and_then(|pid| {
+            std::fs::rename(&temporary, &self.keeper_path)
+                .map(|()| pid)
+                .inspect_err(|_| {
+                    let _ = sys::signal::send(pid, crate::spec::Signal::KILL);
+                })
+        }) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(e);
+            }
+        };
         Ok(Process {
             pid,
             start_time: sys::inspect::start_time(pid),
