@@ -214,14 +214,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 Some(trigger::control(path.clone())),
                 format!("baton reload --control {}", path.display()),
             ),
+            // Reloads asked for without a trigger: the one baton running,
+            // found as `baton reload` finds it.
+            (None, None, None) if !times.is_empty() => {
+                let target = crate::control::client::Target {
+                    name: None,
+                    control: None,
+                };
+                let path = crate::control::client::locate(&target).map_err(|e| {
+                    usage(format!(
+                        "--reload-at/--reload-every need a trigger (--trigger CMD, --name NAME or \
+                         --control PATH), and none was found: {e}"
+                    ))
+                })?;
+                let described = format!("baton reload --control {}", path.display());
+                (Some(trigger::control(path)), described)
+            }
             (None, None, None) => (None, "no trigger".to_owned()),
         };
-    if !times.is_empty() && trigger.is_none() {
-        return Err(usage(
-            "--reload-at/--reload-every need a trigger: --trigger CMD, --name NAME or --control PATH"
-                .to_owned(),
-        ));
-    }
     if args.clients == 0 {
         return Err(usage("--clients must be at least 1".to_owned()));
     }
