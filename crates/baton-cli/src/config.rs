@@ -437,8 +437,11 @@ fn default_workdir() -> PathBuf {
 /// baton's environment without the variables baton sets per generation;
 /// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
 fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
-    const OURS: [&str; 7] = [
+    const OURS: [&str; 9] = [
         crate::knobs::UPGRADE_STATE_ENV,
+        // systemd's watchdog is baton's to keep (`WatchdogSec=`).
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
         vars::LISTEN_FDS,
         vars::LISTEN_PID,
         vars::LISTEN_FDNAMES,

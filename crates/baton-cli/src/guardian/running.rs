@@ -59,6 +59,8 @@ struct Running {
     events: mpsc::UnboundedReceiver<Event>,
     notify_rx: mpsc::Receiver<(Slot, Datagram)>,
     housekeeping: tokio::time::Interval,
+    /// `WATCHDOG=1` for the service manager, at half its period.
+    watchdog: Option<tokio::time::Interval>,
     control_task: tokio::task::JoinHandle<()>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     watch_task: Option<AbortHandle>,
@@ -146,6 +148,15 @@ impl Running {
         }
         let (notify_tx, notify_rx) = mpsc::channel(notify::QUEUE);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        let watchdog = systemd::Systemd::watchdog().map(|period| {
+            info!(
+                period_ms = period.as_millis() as u64,
+                "watchdog: telling the service manager the loop is alive"
+            );
+            let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = Instant::now();
         let policy = match &handover {
@@ -219,6 +230,7 @@ impl Running {
             events,
             notify_rx,
             housekeeping,
+            watchdog,
             control_task,
             metrics_task,
             watch_task,
@@ -234,6 +246,7 @@ impl Running {
             events,
             notify_rx,
             housekeeping,
+            watchdog,
             ..
         } = self;
         while g.exit.is_none() {
@@ -264,6 +277,12 @@ impl Running {
                     g.event(Event::Notify { slot, datagram });
                 }
                 _ = housekeeping.tick() => g.housekeeping(),
+                _ = async {
+                    match watchdog.as_mut() {
+                        Some(tick) => tick.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => g.systemd.watchdog_ping(),
                 () = sleep => g.tick(),
             }
             g.publish();

@@ -12,8 +12,14 @@
 //! next baton gets them back in `LISTEN_FDS` (matched to its `--listen`
 //! by name or address). The unit must allow it (`FileDescriptorStoreMax=`);
 //! otherwise systemd drops them and nothing changes.
+//!
+//! With `WatchdogSec=` systemd sets `WATCHDOG_USEC` (and `WATCHDOG_PID`):
+//! baton sends `WATCHDOG=1` from its event loop at half that period, so a
+//! loop that is stuck is noticed, and the app never sees the variables (the
+//! watchdog is baton's, not the app's).
 
 use std::os::fd::AsFd;
+use std::time::Duration;
 
 use tracing::debug;
 
@@ -107,6 +113,24 @@ impl Systemd {
                 }
             }
         }
+    }
+
+    /// The service manager's watchdog period, if it watches this process
+    /// (`WATCHDOG_USEC`, and `WATCHDOG_PID` naming baton when it is set).
+    pub fn watchdog() -> Option<Duration> {
+        std::env::var_os(baton::vars::NOTIFY_SOCKET)?;
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        if let Ok(pid) = std::env::var("WATCHDOG_PID")
+            && pid.parse::<u32>().ok() != Some(std::process::id())
+        {
+            return None;
+        }
+        (usec > 0).then(|| Duration::from_micros(usec))
+    }
+
+    /// The loop is alive: `WATCHDOG=1`.
+    pub fn watchdog_ping(&self) {
+        self.send("WATCHDOG=1");
     }
 
     /// baton is stopping.

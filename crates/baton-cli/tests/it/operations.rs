@@ -6,8 +6,9 @@ use crate::support;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use support::{Baton, LONG, baton, get};
+use support::{Baton, LONG, baton, get, wait_until};
 
 #[test]
 fn a_config_file_sets_options_and_the_command_line_wins() {
@@ -339,4 +340,49 @@ fn the_control_socket_is_private() {
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(c.wait().expect("wait").success());
+}
+
+#[test]
+fn under_a_systemd_watchdog_baton_pings_from_its_loop_and_keeps_it_from_the_app() {
+    let builder = Baton::builder();
+    let path = builder.dir().join("notify.sock");
+    let manager = UnixDatagram::bind(&path).expect("bind");
+    manager.set_read_timeout(Some(LONG)).expect("timeout");
+    let b = builder
+        .run_args(["--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", path.clone().into_os_string())
+        .env("WATCHDOG_USEC", "200000")
+        .start();
+    b.wait_for_event("ready", 1);
+    let mut pings = 0;
+    while pings < 3 {
+        if next_message(&manager).contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    // The watchdog is baton's: the app does not see it.
+    let app = b.gen_pid(1);
+    let env = std::fs::read(format!("/proc/{app}/environ")).expect("environ");
+    assert!(
+        !env.split(|&c| c == 0).any(|v| v.starts_with(b"WATCHDOG_")),
+        "the app sees no WATCHDOG_ variable"
+    );
+    // A loop that is stuck says nothing: systemd would kill it.
+    b.signal(rustix::process::Signal::STOP);
+    manager.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 4096];
+    while manager.recv(&mut buf).is_ok() {}
+    manager.set_nonblocking(false).expect("blocking");
+    manager
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    assert!(
+        manager.recv(&mut buf).is_err(),
+        "no WATCHDOG=1 for five periods while the loop is stopped"
+    );
+    b.signal(rustix::process::Signal::CONT);
+    manager.set_read_timeout(Some(LONG)).expect("timeout");
+    wait_until("the pings resume", LONG, || {
+        next_message(&manager).contains("WATCHDOG=1")
+    });
 }
