@@ -59,6 +59,13 @@ impl Machine {
     fn boot() -> Machine {
         let root = rootfs();
         let baton = support::exe();
+        // Outside a host systemd, nspawn joins these compat cgroups (at
+        // the hierarchy's root) and fails if they are missing; they are
+        // removed again at the end.
+        for dir in ["payload", "supervisor"] {
+            let _ = std::fs::create_dir_all(Path::new("/sys/fs/cgroup/systemd").join(dir));
+        }
+        let log = std::env::temp_dir().join(format!("baton-nspawn-{}.log", std::process::id()));
         let mut nspawn = Command::new("systemd-nspawn")
             .args(["-q", "-D"])
             .arg(&root)
@@ -75,7 +82,11 @@ impl Machine {
             .arg(format!("--bind-ro={}:/usr/local/bin/baton", baton))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(&log)
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .expect("systemd-nspawn");
         let nspawn_pid = nspawn.id();
@@ -91,7 +102,12 @@ impl Machine {
             leader = init();
             leader.is_some() || !matches!(nspawn.try_wait(), Ok(None))
         });
-        let leader = leader.expect("systemd-nspawn exited");
+        let leader = leader.unwrap_or_else(|| {
+            panic!(
+                "systemd-nspawn exited: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         let m = Machine { nspawn, leader };
         wait_until("the container's systemd is running", LONG, || {
             let state = m.sh("systemctl is-system-running");
@@ -294,6 +310,68 @@ fn under_a_real_systemd_reload_restart_and_a_killed_baton_lose_nothing() {
     let mixed = m.bench("systemctl kill -s KILL --kill-who=main app", "1s");
     assert!(failed(&mixed) > 0, "the control row must fail: {mixed}");
     rows.push(("kill -s KILL main, KillMode=mixed", failed(&mixed)));
+
+    // WatchdogSec=: a baton whose loop is stuck (stopped) is killed by
+    // systemd and started again, and the new one adopts the app.
+    m.write(
+        "/usr/local/bin/stop-baton",
+        "#!/bin/sh\nkill -STOP \"$(systemctl show -p MainPID --value app)\"\n",
+    );
+    m.sh("chmod 755 /usr/local/bin/stop-baton");
+    m.restart_with("KillMode=process\nWatchdogSec=2s\nWatchdogSignal=SIGKILL");
+    let main = m.sh("systemctl show -p MainPID --value app");
+    let stuck = m.bench("/usr/local/bin/stop-baton", "1s");
+    assert_eq!(failed(&stuck), 0, "watchdog: {stuck}");
+    wait_until(
+        "systemd replaced the stuck baton, which adopted the app",
+        LONG,
+        || {
+            let now = m.sh("systemctl show -p MainPID --value app");
+            let status = m.sh("/usr/local/bin/baton status --json --name app");
+            now.trim() != main.trim()
+                && now.trim() != "0"
+                && !status.contains("\"adopted_from\":null")
+                && status.contains("\"adopted_from\":")
+        },
+    );
+    rows.push(("WatchdogSec=2s, baton's loop stopped", failed(&stuck)));
+
+    // systemctl stop with a 3 s request in flight: answered, success.
+    m.restart_with("");
+    let t = m.leader.to_string();
+    let slow = Command::new("nsenter")
+        .args([
+            "-t",
+            &t,
+            "-n",
+            "curl",
+            "-s",
+            "-m",
+            "20",
+            "http://127.0.0.1:8080/slow?ms=3000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn();
+    let Ok(slow) = slow else {
+        panic!("curl is needed on the host");
+    };
+    wait_until("the slow request arrived", LONG, || {
+        m.sh("journalctl -u app --no-pager -o cat")
+            .contains("started a 3000 ms request")
+    });
+    m.sh("systemctl stop app");
+    let answer = slow.wait_with_output().expect("curl");
+    let answer = String::from_utf8_lossy(&answer.stdout);
+    assert!(answer.starts_with("slept 3000 ms"), "answered: {answer:?}");
+    assert_eq!(
+        m.sh("systemctl show -p Result --value app").trim(),
+        "success"
+    );
+    m.sh("systemctl start app");
+    rows.push((
+        "systemctl stop, a 3 s request in flight: answered, Result=success",
+        0,
+    ));
 
     // baton upgrade keeps MainPID.
     let before = m.sh("systemctl show -p MainPID --value app");
