@@ -403,6 +403,11 @@ pub struct KeeperArgs {
     /// The service's name (to prefix the output it copies).
     #[arg(long, value_name = "NAME")]
     pub name: String,
+
+    /// The baton it keeps for, as PID:START_TIME (its parent if not given;
+    /// a baton killed before the keeper runs is no longer its parent).
+    #[arg(long, value_name = "PID:START")]
+    pub owner: Option<String>,
 }
 
 /// `baton status`.

@@ -123,7 +123,12 @@ enum Served {
 /// `baton keeper`: fd 3 is the keeper's socket, fds 4.. the `listeners`
 /// listeners; `state` is the state file, read once baton is gone if no
 /// pidfd is held; `name` prefixes the output it copies then.
-pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<ExitCode> {
+pub fn main(
+    listeners: usize,
+    state: PathBuf,
+    name: String,
+    owner: Option<String>,
+) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
     let mut holding = Holding {
@@ -133,10 +138,21 @@ pub fn main(listeners: usize, state: PathBuf, name: String) -> anyhow::Result<Ex
             .context("the listeners (fds 4..)")?,
         ..Holding::default()
     };
-    let owner = rustix::process::getppid()
-        .map(|p| p.as_raw_nonzero().get())
-        .unwrap_or(0);
-    let owner_start = sys::inspect::start_time(owner);
+    // The baton it keeps for: named by it (pid and start time), else its
+    // parent. One already gone leaves it orphaned from the start.
+    let named = owner.as_deref().and_then(|o| {
+        let (pid, start) = o.split_once(':')?;
+        Some((pid.parse::<i32>().ok()?, start.parse::<u64>().ok()))
+    });
+    let (owner, owner_start) = match named {
+        Some(named) => named,
+        None => {
+            let parent = rustix::process::getppid()
+                .map(|p| p.as_raw_nonzero().get())
+                .unwrap_or(0);
+            (parent, sys::inspect::start_time(parent))
+        }
+    };
     // Its own session already (see `Children::start_helper`); a hangup,
     // from a terminal or an orphaned group, must not end it either.
     sys::signal::ignore_hangup().context("ignoring SIGHUP")?;

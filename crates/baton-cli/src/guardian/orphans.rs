@@ -187,6 +187,12 @@ impl Orphans {
             self.state_path.clone().into(),
             "--name".into(),
             cfg.name.clone().into(),
+            "--owner".into(),
+            {
+                let me = std::process::id() as i32;
+                let start = sys::inspect::start_time(me).map_or(String::new(), |s| s.to_string());
+                format!("{me}:{start}").into()
+            },
         ];
         // The running image, even if its file was replaced since.
         let started = children.start_helper(

@@ -876,9 +876,23 @@ fn a_randomized_run_of_kills_and_damage_strands_no_app_and_signals_no_bystander(
     assert!(marked(&mark).len() >= 2, "the app and a keeper are marked");
     b.signal(Signal::TERM);
     b.wait_exit(LONG);
-    wait_until("every app and keeper of the run is gone", LONG, || {
-        marked(&mark).is_empty()
-    });
+    let left = || {
+        marked(&mark)
+            .into_iter()
+            .map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                format!(
+                    "{pid}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + LONG;
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(left().is_empty(), "left behind: {:?}\n{}", left(), b.dump());
     assert!(
         matches!(bystander.try_wait(), Ok(None)),
         "the bystander lives"
