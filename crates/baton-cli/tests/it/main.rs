@@ -17,6 +17,7 @@ mod leaks;
 mod notify;
 mod operations;
 mod proxy;
+mod real_podman;
 mod real_systemd;
 mod recipes;
 mod releases;

@@ -21,8 +21,13 @@ use support::{LONG, wait_until};
 
 const ROOTFS: &str = "/var/cache/baton-ci/rootfs";
 
-/// The cached rootfs, built if missing.
-fn rootfs() -> PathBuf {
+/// The cached rootfs, built if missing (also the podman test's image).
+pub fn rootfs() -> PathBuf {
+    // One build at a time (the podman test shares it).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = PathBuf::from(ROOTFS);
     if root.join("usr/lib/systemd/systemd").exists() {
         return root;

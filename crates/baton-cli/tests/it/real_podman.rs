@@ -1,0 +1,194 @@
+//! baton as a container's PID 1 under a real podman: an image imported
+//! offline from the cached Debian rootfs (see `real_systemd.rs`), this
+//! build's baton bound in read-only, no network but the container's own
+//! loopback (`--network none`), `runc` with cgroupfs and the descriptor
+//! limits this machine allows (a `containers.conf` of the test's own). The
+//! load runs in the container's network namespace. Needs root, podman and
+//! runc; without them it skips and says so (`BATON_REQUIRE_PEERS=1` makes
+//! that a failure). The container is removed at the end, whatever
+//! happened.
+
+use std::process::{Command, Stdio};
+
+use crate::support;
+
+use support::{LONG, wait_until};
+
+const CONF: &str = "[containers]\n\
+default_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
+[engine]\n\
+runtime = \"runc\"\n\
+cgroup_manager = \"cgroupfs\"\n\
+events_logger = \"file\"\n";
+
+struct Podman {
+    conf: tempfile::TempDir,
+    name: String,
+}
+
+impl Podman {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.conf.path().join("containers.conf"));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("podman");
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The container's init, as the host sees it.
+    fn pid(&self) -> String {
+        self.run(&["inspect", "-f", "{{.State.Pid}}", &self.name])
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd()
+            .args(["rm", "-f", "-t", "0", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
+            "BATON_REQUIRE_PEERS is set but the podman test needs root"
+        );
+        eprintln!("skipped: podman as root is needed");
+        return;
+    }
+    if !support::peer("podman", "podman")
+        || !support::peer("runc", "runc")
+        || !support::peer("mmdebstrap", "mmdebstrap")
+    {
+        return;
+    }
+    let conf = tempfile::tempdir().expect("tempdir");
+    std::fs::write(conf.path().join("containers.conf"), CONF).expect("conf");
+    let p = Podman {
+        conf,
+        name: format!("baton-ci-{}", std::process::id()),
+    };
+    // The image, from the cached rootfs (built if missing).
+    let root = crate::real_systemd::rootfs();
+    let image = "localhost/baton-ci:test";
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let imported = p
+        .cmd()
+        .args(["import", "-q", "-", image])
+        .stdin(tar.stdout.expect("tar's output"))
+        .output()
+        .expect("podman import");
+    assert!(imported.status.success(), "{imported:?}");
+    let baton = support::exe();
+    p.run(&[
+        "run",
+        "-d",
+        "--name",
+        &p.name,
+        "--network",
+        "none",
+        "-v",
+        &format!("{baton}:/usr/local/bin/baton:ro"),
+        image,
+        "/usr/local/bin/baton",
+        "run",
+        "--listen",
+        "127.0.0.1:8080",
+        "--",
+        "/usr/local/bin/baton",
+        "demo-app",
+        "--startup",
+        "300ms",
+    ]);
+    let pid = p.pid();
+    wait_until("baton serves in the container", LONG, || {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-n", "curl", "-sf", "http://127.0.0.1:8080/"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    // Reloads by signal, under load: nothing lost.
+    let conf_path = p.conf.path().join("containers.conf");
+    let out = Command::new("nsenter")
+        .args(["-t", &pid, "-n"])
+        .arg(baton)
+        .args([
+            "bench",
+            "--json",
+            "--url",
+            "http://127.0.0.1:8080/",
+            "-c",
+            "8",
+            "-d",
+            "5s",
+            "--reload-at",
+            "1s,3s",
+            "--trigger",
+            &format!(
+                "CONTAINERS_CONF={} podman kill -s HUP {}",
+                conf_path.display(),
+                p.name
+            ),
+        ])
+        .output()
+        .expect("bench");
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(run["summary"]["failed"], 0, "{}", run["summary"]);
+    // PID 1 reaps: no zombie in the container.
+    let stats = p.run(&["exec", &p.name, "sh", "-c", "cat /proc/[0-9]*/stat"]);
+    let zombies: Vec<&str> = stats
+        .lines()
+        .filter(|l| {
+            l.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .collect();
+    assert!(zombies.is_empty(), "zombies: {zombies:?}");
+    // podman stop with a 3 s request in flight: answered, exit 0.
+    let slow = Command::new("nsenter")
+        .args(["-t", &pid, "-n", "curl", "-s", "-m", "20"])
+        .arg("http://127.0.0.1:8080/slow?ms=3000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    wait_until("the slow request arrived", LONG, || {
+        let logs = p.cmd().args(["logs", &p.name]).output();
+        logs.is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stderr).contains("started a 3000 ms request")
+                || String::from_utf8_lossy(&o.stdout).contains("started a 3000 ms request")
+        })
+    });
+    p.run(&["stop", "-t", "30", &p.name]);
+    let answer = slow.wait_with_output().expect("curl");
+    let answer = String::from_utf8_lossy(&answer.stdout);
+    assert!(answer.starts_with("slept 3000 ms"), "answered: {answer:?}");
+    assert_eq!(
+        p.run(&["inspect", "-f", "{{.State.ExitCode}}", &p.name]),
+        "0"
+    );
+    eprintln!(
+        "podman: 2 HUP reloads under load, {} requests, 0 failed; no zombie; podman stop answered a 3 s request and baton exited 0",
+        run["summary"]["requests"]
+    );
+}
