@@ -62,12 +62,7 @@ impl Drop for Podman {
 
 #[test]
 fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
-            "BATON_REQUIRE_PEERS is set but the podman test needs root"
-        );
-        eprintln!("skipped: podman as root is needed");
+    if !support::root_for("the podman test") {
         return;
     }
     if !support::peer("podman", "podman")
@@ -85,7 +80,7 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
     // The image, from the cached rootfs (built if missing).
     let root = crate::real_systemd::rootfs();
     let image = "localhost/baton-ci:test";
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&root)
         .args(["-c", "."])
@@ -95,9 +90,10 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
     let imported = p
         .cmd()
         .args(["import", "-q", "-", image])
-        .stdin(tar.stdout.expect("tar's output"))
+        .stdin(tar.stdout.take().expect("tar's output"))
         .output()
         .expect("podman import");
+    assert!(tar.wait().is_ok_and(|s| s.success()), "tar of the rootfs");
     assert!(imported.status.success(), "{imported:?}");
     let baton = support::exe();
     p.run(&[

@@ -252,12 +252,7 @@ fn failed(summary: &serde_json::Value) -> u64 {
 
 #[test]
 fn under_a_real_systemd_reload_restart_and_a_killed_baton_lose_nothing() {
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
-            "BATON_REQUIRE_PEERS is set but the real systemd test needs root"
-        );
-        eprintln!("skipped: a real systemd in a container needs root");
+    if !support::root_for("a real systemd in a container") {
         return;
     }
     if !support::peer("systemd-nspawn", "systemd-container")

@@ -1001,6 +1001,20 @@ pub fn long(what: &str) -> bool {
     on
 }
 
+/// Whether this runs as root, which `what` needs; says so when not (and
+/// fails then with `BATON_REQUIRE_PEERS`, like a missing peer).
+pub fn root_for(what: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PEERS").is_none(),
+            "BATON_REQUIRE_PEERS is set but {what} needs root"
+        );
+        eprintln!("skipped: {what} needs root");
+    }
+    root
+}
+
 /// Whether the real peer `command` (from Debian's packages) is installed.
 /// Tests that need it skip, saying so, when it is not; with
 /// `BATON_REQUIRE_PEERS=1` (set by `.ci/run`, which installs them) they fail
