@@ -57,7 +57,28 @@ impl Drop for Podman {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // With cgroupfs, podman leaves its parent cgroups behind: the empty
+        // ones go.
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            remove_empty(&hierarchy.path().join("libpod_parent"));
+        }
     }
+}
+
+/// Removes an empty cgroup directory and its empty children.
+fn remove_empty(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 #[test]
