@@ -35,6 +35,8 @@ pub fn rootfs() -> PathBuf {
     let tmp = root.with_extension(format!("tmp.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(root.parent().expect("parent")).expect("cache dir");
+    // From the mirrors the host's apt uses, when it names them.
+    let sources = Path::new("/etc/apt/sources.list.d/debian.sources");
     let out = Command::new("mmdebstrap")
         .args([
             "--variant=minbase",
@@ -42,6 +44,7 @@ pub fn rootfs() -> PathBuf {
             "bookworm",
         ])
         .arg(&tmp)
+        .args(sources.exists().then_some(sources))
         .output()
         .expect("mmdebstrap");
     assert!(
