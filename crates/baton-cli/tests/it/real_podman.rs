@@ -3,7 +3,9 @@
 //! build's baton bound in read-only, no network but the container's own
 //! loopback (`--network none`), `runc` with cgroupfs and the descriptor
 //! limits this machine allows (a `containers.conf` of the test's own). The
-//! load runs in the container's network namespace. Needs root, podman and
+//! load runs in the container's network namespace. Covered: HUP reloads
+//! under load, no zombie, and `podman stop` with `--shutdown-delay` and a
+//! request in flight. Needs root, podman and
 //! runc; without them it skips and says so (`BATON_REQUIRE_PEERS=1` makes
 //! that a failure). The container is removed at the end, whatever
 //! happened.
@@ -131,6 +133,10 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
         "run",
         "--listen",
         "127.0.0.1:8080",
+        "--metrics",
+        "127.0.0.1:9100",
+        "--shutdown-delay",
+        "2s",
         "--",
         "/usr/local/bin/baton",
         "demo-app",
@@ -196,7 +202,44 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
                 || String::from_utf8_lossy(&o.stdout).contains("started a 3000 ms request")
         })
     });
-    p.run(&["stop", "-t", "30", &p.name]);
+    // `podman stop` with `--shutdown-delay`: not ready at once (`/readyz`
+    // 503), still serving, then the stop proper.
+    let stop = p
+        .cmd()
+        .args(["stop", "-t", "30", &p.name])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("podman stop");
+    let code = |url: &str| {
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &pid,
+                "-n",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    wait_until("/readyz says 503", LONG, || {
+        code("http://127.0.0.1:9100/readyz") == "503"
+    });
+    assert_eq!(
+        code("http://127.0.0.1:8080/"),
+        "200",
+        "still serving during the delay"
+    );
+    assert!(
+        stop.wait_with_output().is_ok_and(|o| o.status.success()),
+        "podman stop"
+    );
     let answer = slow.wait_with_output().expect("curl");
     let answer = String::from_utf8_lossy(&answer.stdout);
     assert!(answer.starts_with("slept 3000 ms"), "answered: {answer:?}");
@@ -205,7 +248,7 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
         "0"
     );
     eprintln!(
-        "podman: 2 HUP reloads under load, {} requests, 0 failed; no zombie; podman stop answered a 3 s request and baton exited 0",
+        "podman: 2 HUP reloads under load, {} requests, 0 failed; no zombie; podman stop: /readyz 503 while / still served (--shutdown-delay), a 3 s request answered, baton exited 0",
         run["summary"]["requests"]
     );
 }
