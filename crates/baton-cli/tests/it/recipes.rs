@@ -157,7 +157,7 @@ fn the_uvicorn_recipe_reloads_with_nothing_failed() {
         "python3 -m uvicorn",
         "/usr/lib/python3/dist-packages/uvicorn/__init__.py",
         "python3-uvicorn",
-        false,
+        true,
         0,
     );
 }
