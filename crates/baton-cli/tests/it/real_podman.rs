@@ -152,32 +152,16 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
     });
     // Reloads by signal, under load: nothing lost.
     let conf_path = p.conf.path().join("containers.conf");
-    let out = Command::new("nsenter")
-        .args(["-t", &pid, "-n"])
-        .arg(baton)
-        .args([
-            "bench",
-            "--json",
-            "--url",
-            "http://127.0.0.1:8080/",
-            "-c",
-            "8",
-            "-d",
-            "5s",
-            "--reload-at",
-            "1s,3s",
-            "--trigger",
-            &format!(
-                "CONTAINERS_CONF={} podman kill -s HUP {}",
-                conf_path.display(),
-                p.name
-            ),
-        ])
-        .output()
-        .expect("bench");
-    let run: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(run["summary"]["failed"], 0, "{}", run["summary"]);
+    let summary = crate::real_systemd::bench_in(
+        &pid,
+        "1s,3s",
+        &format!(
+            "CONTAINERS_CONF={} podman kill -s HUP {}",
+            conf_path.display(),
+            p.name
+        ),
+    );
+    assert_eq!(summary["failed"], 0, "{summary}");
     // PID 1 reaps: no zombie in the container.
     let stats = p.run(&["exec", &p.name, "sh", "-c", "cat /proc/[0-9]*/stat"]);
     let zombies: Vec<&str> = stats
@@ -249,6 +233,6 @@ fn as_pid_1_under_podman_baton_reloads_reaps_and_stops_cleanly() {
     );
     eprintln!(
         "podman: 2 HUP reloads under load, {} requests, 0 failed; no zombie; podman stop: /readyz 503 while / still served (--shutdown-delay), a 3 s request answered, baton exited 0",
-        run["summary"]["requests"]
+        summary["requests"]
     );
 }

@@ -151,29 +151,7 @@ impl Machine {
     /// `trigger` (run in the container) at `at`; the JSON summary.
     fn bench(&self, trigger: &str, at: &str) -> serde_json::Value {
         let t = self.leader.to_string();
-        let out = Command::new("nsenter")
-            .args(["-t", &t, "-n"])
-            .arg(support::exe())
-            .args([
-                "bench",
-                "--json",
-                "--url",
-                "http://127.0.0.1:8080/",
-                "-c",
-                "8",
-                "-d",
-                "5s",
-                "--reload-at",
-                at,
-                "--trigger",
-                &format!("nsenter -t {t} -a {trigger}"),
-            ])
-            .output()
-            .expect("bench");
-        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
-        });
-        run["summary"].clone()
+        bench_in(&t, at, &format!("nsenter -t {t} -a {trigger}"))
     }
 
     /// Sets the unit's drop-in (empty: none) and starts the service anew.
@@ -218,6 +196,34 @@ impl Drop for Machine {
             }
         }
     }
+}
+
+/// `baton bench` (8 clients, 5 s) of `http://127.0.0.1:8080/` from the
+/// network namespace of process `pid`, running the shell command `trigger`
+/// at `at`; the JSON summary.
+pub fn bench_in(pid: &str, at: &str, trigger: &str) -> serde_json::Value {
+    let out = Command::new("nsenter")
+        .args(["-t", pid, "-n"])
+        .arg(support::exe())
+        .args([
+            "bench",
+            "--json",
+            "--url",
+            "http://127.0.0.1:8080/",
+            "-c",
+            "8",
+            "-d",
+            "5s",
+            "--reload-at",
+            at,
+            "--trigger",
+            trigger,
+        ])
+        .output()
+        .expect("bench");
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    run["summary"].clone()
 }
 
 /// Kills what is left in a cgroup and its children, and removes them.
