@@ -301,6 +301,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub close_after_body: bool,
 
+    /// Proxy mode (http): what the app speaks: `h1` (HTTP/1.1; HTTP/2
+    /// clients' requests are carried to it as HTTP/1.1, gRPC is refused)
+    /// or `h2c` (cleartext HTTP/2, as gRPC servers speak: every request
+    /// goes to it as an HTTP/2 stream) [default: h1].
+    #[arg(long, value_name = "PROTOCOL")]
+    pub upstream_protocol: Option<crate::proxy::UpstreamProtocol>,
+
+    /// Proxy mode: how long a retired generation may keep its proxied
+    /// requests (http) or connections (tcp) before it gets its stop signal
+    /// anyway. tcp-mode connections that opened with the HTTP/2 preface do
+    /// not hold it: the app's own graceful stop sends them GOAWAY
+    /// [default: half of --stop-timeout].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_wait: Option<Duration>,
+
     /// The command to run, and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,

@@ -96,6 +96,9 @@ pub struct ProxyConfig {
     pub max_error_rate: f64,
     /// `--max-connections`, as asked (none: what the limit allows).
     pub max_connections_asked: Option<usize>,
+    /// `--drain-wait`: how long a retired generation keeps its proxied
+    /// traffic before its stop signal.
+    pub drain_wait: std::time::Duration,
 }
 
 impl RunConfig {
@@ -217,26 +220,49 @@ fn check_combinations(args: &RunArgs) -> Result<(), StartupError> {
             || args.idle_timeout.is_some()
             || args.upstream_timeout.is_some()
             || args.keep_underscore_headers
-            || args.close_after_body)
+            || args.close_after_body
+            || args.upstream_protocol.is_some()
+            || args.drain_wait.is_some())
     {
         return Err(StartupError::Invalid(
-                "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
-                 --header-timeout, --idle-timeout, --upstream-timeout, --keep-underscore-headers and \
-                 --close-after-body need --proxy http|tcp"
-                    .into(),
-            ));
+            "--health, --health-timeout, --upstream-port-env, --proxy-threads, --max-connections, \
+                 --header-timeout, --idle-timeout, --upstream-timeout, --keep-underscore-headers, \
+                 --close-after-body, --upstream-protocol and --drain-wait need --proxy http|tcp"
+                .into(),
+        ));
     }
     if args.proxy == Some(crate::proxy::Mode::Tcp)
         && (args.header_timeout.is_some()
             || args.upstream_timeout.is_some()
             || args.keep_underscore_headers
-            || args.close_after_body)
+            || args.close_after_body
+            || args.upstream_protocol.is_some())
     {
         return Err(StartupError::Invalid(
-            "--header-timeout, --upstream-timeout, --keep-underscore-headers and \
-                 --close-after-body apply to --proxy http only (tcp mode has --idle-timeout)"
+            "--header-timeout, --upstream-timeout, --keep-underscore-headers, \
+                 --close-after-body and --upstream-protocol apply to --proxy http only \
+                 (tcp mode relays bytes, whatever the protocol)"
                 .into(),
         ));
+    }
+    if args.upstream_protocol == Some(crate::proxy::UpstreamProtocol::H2c)
+        && matches!(args.health, Some(crate::proxy::Health::Http(_)))
+    {
+        return Err(StartupError::Invalid(
+            "--health http: asks over HTTP/1.1, which an h2c app (--upstream-protocol h2c) may \
+                 not speak: use --health tcp"
+                .into(),
+        ));
+    }
+    let stop_timeout = args
+        .stop_timeout
+        .unwrap_or(PolicyConfig::default().stop_timeout);
+    if args.drain_wait.is_some_and(|wait| wait > stop_timeout) {
+        return Err(StartupError::Invalid(format!(
+            "--drain-wait must not exceed --stop-timeout ({}): the stop signal comes after the \
+                 drain wait, and the stop timeout counts from it",
+            humantime::format_duration(stop_timeout)
+        )));
     }
     if (args.canary.is_some() || args.max_error_rate.is_some()) && args.bake.is_none() {
         return Err(StartupError::Invalid(
@@ -317,7 +343,9 @@ fn proxy(
                     upstream_timeout: args.upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
                     keep_underscores: args.keep_underscore_headers,
                     close_after_body: args.close_after_body,
+                    upstream_protocol: args.upstream_protocol.unwrap_or_default(),
                 },
+                drain_wait: args.drain_wait.unwrap_or(stop_timeout / 2),
                 canary: args.canary.clone().map(|c| c.0).unwrap_or_default(),
                 max_error_rate: args.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE) / 100.0,
             })

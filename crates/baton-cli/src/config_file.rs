@@ -66,6 +66,8 @@ struct Raw {
     keep_underscore_headers: Option<bool>,
     check_timeout: Option<Spanned<String>>,
     close_after_body: Option<bool>,
+    upstream_protocol: Option<crate::proxy::UpstreamProtocol>,
+    drain_wait: Option<Spanned<String>>,
 }
 
 /// A value written as a string or as a number (`canary = 10`,
@@ -208,6 +210,8 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         keep_underscore_headers: raw.keep_underscore_headers.unwrap_or(false),
         check_timeout: field!("check-timeout", raw.check_timeout, spec::parse_timeout),
         close_after_body: raw.close_after_body.unwrap_or(false),
+        upstream_protocol: raw.upstream_protocol,
+        drain_wait: field!("drain-wait", raw.drain_wait, spec::parse_duration),
     };
     Ok(FileSettings {
         args,
@@ -265,6 +269,8 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         keep_underscore_headers: cli.keep_underscore_headers || file.keep_underscore_headers,
         check_timeout: cli.check_timeout.or(file.check_timeout),
         close_after_body: cli.close_after_body || file.close_after_body,
+        upstream_protocol: cli.upstream_protocol.or(file.upstream_protocol),
+        drain_wait: cli.drain_wait.or(file.drain_wait),
     }
 }
 
@@ -314,6 +320,8 @@ max-error-rate = 2.5
 keep-underscore-headers = true
 close-after-body = true
 check-timeout = "3s"
+upstream-protocol = "h2c"
+drain-wait = "2s"
 "#,
         )
         .expect("valid");
@@ -348,6 +356,11 @@ check-timeout = "3s"
         assert_eq!(a.max_error_rate, Some(2.5));
         assert!(a.keep_underscore_headers && a.close_after_body);
         assert_eq!(a.check_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            a.upstream_protocol,
+            Some(crate::proxy::UpstreamProtocol::H2c)
+        );
+        assert_eq!(a.drain_wait, Some(Duration::from_secs(2)));
         let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("longer than 0"), "{err}");
     }

@@ -33,7 +33,7 @@ pub enum Event {
     /// The `--watch` file was replaced.
     Watched,
     /// Proxy mode: nothing is in flight any more to a retired generation
-    /// (or half its stop timeout passed).
+    /// (or its drain wait passed).
     Drained(Slot),
     /// Before an upgrade: what had to finish first did (true), or did not
     /// within the stop timeout (false).

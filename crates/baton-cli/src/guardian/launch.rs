@@ -80,7 +80,7 @@ pub trait Launch: std::fmt::Debug {
         handover_us: u64,
     );
 
-    /// A retired generation's traffic is done (or half its stop timeout
+    /// A retired generation's traffic is done (or its drain wait
     /// passed): sends the signal held back by [`Launch::drain`].
     fn drained(&mut self, slot: Slot, pid: i32, handles: &mut Handles) {
         let _ = (slot, pid, handles);
@@ -346,7 +346,7 @@ pub struct Proxied {
     /// The worker processes whose answers are being judged.
     judged: Vec<Arc<crate::proxy::Upstream>>,
     cfg: ProxyConfig,
-    stop_timeout: Duration,
+    drain_wait: Duration,
     proxy: Arc<crate::proxy::Proxy>,
     handle: crate::proxy::Handle,
 }
@@ -373,7 +373,7 @@ impl Proxied {
         Ok(Proxied {
             judged: Vec::new(),
             cfg: proxy_cfg.clone(),
-            stop_timeout: cfg.policy.stop_timeout,
+            drain_wait: proxy_cfg.drain_wait,
             proxy,
             handle,
         })
@@ -497,7 +497,7 @@ impl Launch for Proxied {
     ) {
         let (generation, worker) = (slot.generation, slot.worker);
         // No new traffic; the stop signal once nothing is in flight, and
-        // at half the stop timeout at the latest, so that a long-lived
+        // after the drain wait (--drain-wait) at the latest, so that a long-lived
         // stream cannot turn a graceful stop into a SIGKILL.
         handles.pending_stop = Some(signal);
         handles.retired_at = Some(Instant::now());
@@ -511,7 +511,7 @@ impl Launch for Proxied {
                 "retire: no new traffic; the stop signal follows once in-flight requests finish"
             );
             handles.tasks.push(readiness::after(
-                self.stop_timeout / 2,
+                self.drain_wait,
                 cx.events.clone(),
                 Event::Drained(slot),
             ));
@@ -535,7 +535,7 @@ impl Launch for Proxied {
             info!(generation, worker, pid, %signal, drained_after_ms = waited, "retire: its proxied traffic is done");
         } else {
             warn!(generation, worker, pid, %signal, in_flight, waited_ms = waited,
-                "retire: still busy at half the stop timeout; sending the stop signal anyway");
+                "retire: still busy after the drain wait (--drain-wait); sending the stop signal anyway");
         }
     }
 

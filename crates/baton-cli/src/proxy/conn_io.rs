@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// The longest request or response head accepted (HTTP/1), and the
+/// largest header list (HTTP/2).
+pub const MAX_HEAD: usize = 64 * 1024;
+
 /// How much a read asks for, and what a connection's buffer starts with.
 pub const READ: usize = 8 * 1024;
 
@@ -265,13 +269,14 @@ impl<W: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientWriter<W> {
 
 /// Copies between the client's halves and the generation's socket until
 /// both directions have ended, or nothing moved for `idle` (then counted
-/// in `idle_relays`).
+/// in `idle_relays`). `first` sees the first bytes the client sends.
 pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client_r: R,
     client_w: W,
     server: &mut tokio::net::TcpStream,
     idle: Option<Duration>,
     idle_relays: &AtomicU64,
+    first: impl FnOnce(&[u8]),
 ) {
     let moved = Stamp::new();
     let (mut up_r, mut up_w) = server.split();
@@ -280,8 +285,15 @@ pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     {
         let copy = async {
             tokio::join!(
-                pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved),
-                pipe(&mut up_r, client_w, &mut to_client.read, &ends, &moved),
+                pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved, first),
+                pipe(
+                    &mut up_r,
+                    client_w,
+                    &mut to_client.read,
+                    &ends,
+                    &moved,
+                    |_| {}
+                ),
             )
         };
         let mut copy = std::pin::pin!(copy);
@@ -313,7 +325,9 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     ends: &AtomicU8,
     moved: &Stamp,
+    first: impl FnOnce(&[u8]),
 ) -> std::io::Result<()> {
+    let mut first = Some(first);
     loop {
         buf.clear();
         if read_more(&mut r, buf).await? == 0 {
@@ -321,6 +335,9 @@ async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 w.shutdown().await?;
             }
             return Ok(());
+        }
+        if let Some(first) = first.take() {
+            first(buf);
         }
         moved.touch();
         w.write_all(buf).await?;

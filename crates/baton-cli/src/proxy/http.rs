@@ -55,8 +55,7 @@ use super::upstream::Upstream;
 use baton::serve::{Acceptor, AsyncListener, Ticket};
 use wire::{Chunked, Framing, Request};
 
-/// The longest request or response head accepted.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub use super::conn_io::MAX_HEAD;
 
 /// Accepts on `listeners` and serves until `stop` turns true; then stops
 /// accepting and drains: answers carry `Connection: close`, and each
@@ -147,6 +146,21 @@ async fn connection(
     }
     ticket.spoke();
     let peer = peer.map(|a| a.ip().to_canonical());
+    // HTTP/2 by prior knowledge starts with its preface; with an h2c app,
+    // HTTP/1 clients go through hyper too.
+    let h2 = match read_opening(&socket, &mut buffers.read, &proxy, born).await {
+        Some(h2) => h2,
+        None => return,
+    };
+    if h2 || proxy.limits.upstream_protocol == super::route::UpstreamProtocol::H2c {
+        let read = std::mem::take(&mut buffers.read);
+        buffers.give_back();
+        Box::pin(super::http2::serve(
+            socket, read, h2, peer, ticket, proxy, draining,
+        ))
+        .await;
+        return;
+    }
     let side = Side(&socket);
     let client = Client::new(
         side,
@@ -160,6 +174,40 @@ async fn connection(
     );
     // Boxed, so that a silent connection's task stays small.
     Box::pin(client.run()).await;
+}
+
+/// Whether the connection opens with the HTTP/2 preface, reading on
+/// while what came is a beginning of it (within the header timeout);
+/// `None`: the client closed or stalled.
+async fn read_opening(
+    socket: &Socket,
+    read: &mut BytesMut,
+    proxy: &Proxy,
+    born: Instant,
+) -> Option<bool> {
+    let deadline = proxy
+        .limits
+        .serve
+        .header_timeout
+        .and_then(|t| born.checked_add(t));
+    let mut r = Side(socket);
+    loop {
+        match super::http2::opening(read) {
+            super::http2::Opening::H2 => return Some(true),
+            super::http2::Opening::Http1 => return Some(false),
+            super::http2::Opening::Unsure => {}
+        }
+        tokio::select! {
+            got = read_more(&mut r, read) => match got {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+            () = sleep_until(deadline) => {
+                proxy.limits.serve.connections.count_header_timeout();
+                return None;
+            }
+        }
+    }
 }
 
 /// How an exchange ended for the client connection.
@@ -431,16 +479,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                 None => match connect(upstream.addr).await {
                     Ok(stream) => UpConn::new(stream),
                     Err(e) => {
-                        // Nothing was sent: the next generation, twice.
-                        if connect_retries < 2 {
-                            connect_retries += 1;
-                            counters.retries.fetch_add(1, Ordering::Relaxed);
-                            if let Some(next) = proxy.next(Some(&upstream)).await
-                                && let Some(entered) = next.enter_if_open()
-                            {
-                                (upstream, active) = (next, entered);
-                                continue;
-                            }
+                        if proxy
+                            .reroute(&mut upstream, &mut active, &mut connect_retries)
+                            .await
+                        {
+                            continue;
                         }
                         upstream.record(true);
                         counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -649,6 +692,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                 &mut conn.stream,
                 proxy.limits.serve.idle_timeout,
                 &proxy.counters.idle_relays,
+                |_| {},
             )
             .await;
             return After::Close;
@@ -1025,6 +1069,7 @@ mod tests {
             upstream_timeout: Duration::from_secs(30),
             keep_underscores: false,
             close_after_body: false,
+            upstream_protocol: Default::default(),
         };
         let proxy = Proxy::new(Duration::from_secs(5), limits);
         proxy.switch(vec![Upstream::new(

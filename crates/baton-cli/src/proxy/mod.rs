@@ -20,11 +20,14 @@
 //! guardian's event channel (drained upstreams).
 
 mod conn_io;
+mod frames;
 mod health;
 pub mod http;
+mod http2;
 mod judge;
 pub mod pool;
 mod route;
+mod senders;
 mod slot;
 mod socket;
 pub mod tcp;
@@ -32,7 +35,7 @@ mod threads;
 pub mod upstream;
 
 pub use health::{CONNECT_TIMEOUT, Health, connect, private_addr, private_port};
-pub use route::{Counters, Limits, Mode, Proxy};
+pub use route::{Counters, Limits, Mode, Proxy, UpstreamProtocol};
 pub use slot::{slot, threads};
 pub use threads::{Handle, default_threads, start};
 pub use upstream::Upstream;

@@ -23,6 +23,28 @@ pub enum Mode {
     Tcp,
 }
 
+/// What the app behind `--proxy http` speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1: HTTP/2 requests are carried to the app as HTTP/1.1.
+    #[default]
+    H1,
+    /// Cleartext HTTP/2 by prior knowledge (gRPC servers): every request,
+    /// HTTP/1 or HTTP/2, goes to the app as an HTTP/2 stream.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// As written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::H1 => "h1",
+            UpstreamProtocol::H2c => "h2c",
+        }
+    }
+}
+
 /// What bounds the proxy's connections and waits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -36,6 +58,8 @@ pub struct Limits {
     pub keep_underscores: bool,
     /// Close a connection to the app after a request with a body (HTTP).
     pub close_after_body: bool,
+    /// What the app speaks (HTTP).
+    pub upstream_protocol: UpstreamProtocol,
 }
 
 impl Limits {
@@ -187,6 +211,31 @@ impl Proxy {
             failed = Some(candidate);
         }
         None
+    }
+
+    /// After a refused connect to `upstream` (nothing was sent): the
+    /// request moves to the next generation, at most twice in all
+    /// (`tries`); false when it cannot.
+    pub async fn reroute(
+        &self,
+        upstream: &mut Arc<Upstream>,
+        active: &mut upstream::Active,
+        tries: &mut u8,
+    ) -> bool {
+        if *tries >= 2 {
+            return false;
+        }
+        *tries += 1;
+        self.counters
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(next) = self.next(Some(upstream)).await
+            && let Some(entered) = next.enter_if_open()
+        {
+            (*upstream, *active) = (next, entered);
+            return true;
+        }
+        false
     }
 
     /// A current worker other than `failed`: waits (up to [`Proxy::wait`])

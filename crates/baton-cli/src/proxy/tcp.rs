@@ -3,6 +3,12 @@
 //! the bytes are copied both ways; a connection stays with the generation it
 //! was paired with until either side closes it (or that generation is
 //! killed at the stop timeout).
+//!
+//! A retired generation gets its stop signal once the connections paired
+//! with it have closed, or after the drain wait (`--drain-wait`), except
+//! that connections that opened with the HTTP/2 preface do not hold it:
+//! an HTTP/2 server's graceful stop sends them GOAWAY, and their clients
+//! open their next connection, which goes to the new generation.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -86,6 +92,15 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
             }
         }
     };
+    // An HTTP/2 connection stops holding its generation's drain.
+    let active = std::sync::Mutex::new(Some(active));
+    let first = |bytes: &[u8]| {
+        if super::http2::opens_h2(bytes)
+            && let Ok(mut active) = active.lock()
+        {
+            active.take();
+        }
+    };
     // The client socket is waited on in any case: registered at the accept.
     match client {
         Stream::Tcp(mut client) => {
@@ -97,6 +112,7 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
                 &mut server,
                 proxy.limits.serve.idle_timeout,
                 &proxy.counters.idle_relays,
+                first,
             )
             .await;
         }
@@ -108,6 +124,7 @@ async fn relay(client: Stream, ticket: Ticket, proxy: Arc<Proxy>) {
                 &mut server,
                 proxy.limits.serve.idle_timeout,
                 &proxy.counters.idle_relays,
+                first,
             )
             .await;
         }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::judge::{Tally, clearly_worse};
 use super::pool::Pool;
+use super::senders::Senders;
 
 /// Called with the generation number when a retired upstream is drained.
 pub type OnDrained = Box<dyn Fn(u64) + Send + Sync>;
@@ -74,6 +75,8 @@ pub struct Upstream {
     reported: AtomicBool,
     /// Idle keep-alive connections (HTTP).
     pool: Arc<Pool>,
+    /// Connections hyper drives (HTTP/2 clients, an h2c app).
+    senders: Senders,
     on_drained: OnDrained,
     /// Answers relayed (HTTP): all, and failed (5xx, no answer, timeout).
     answers: AtomicU64,
@@ -127,6 +130,7 @@ impl Upstream {
             retired: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             pool: Pool::new(super::slot::threads(), pool_idle, stray),
+            senders: Senders::new(super::slot::threads()),
             on_drained,
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -228,6 +232,7 @@ impl Upstream {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
         self.pool.close();
+        self.senders.close();
         if self.active() == 0 {
             self.report();
         }
@@ -242,6 +247,11 @@ impl Upstream {
     /// Its idle keep-alive connections.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// Its connections that hyper drives.
+    pub fn senders(&self) -> &Senders {
+        &self.senders
     }
 }
 

@@ -291,7 +291,7 @@ fn a_long_lived_connection_does_not_hold_the_stop_signal_past_half_the_stop_time
     // (at 2 s), drains, and exits before the 4 s SIGKILL.
     let line = b.wait_for(
         "the held signal sent",
-        |l| l.contains("still busy at half the stop timeout"),
+        |l| l.contains("still busy after the drain wait"),
         LONG,
     );
     assert!(line.contains("generation=1"), "{line}");
@@ -405,4 +405,74 @@ fn in_proxy_mode_an_app_that_ignores_port_is_named_early() {
     assert!(waiting.contains("nothing listens yet"), "{waiting}");
     b.signal(rustix::process::Signal::TERM);
     b.wait_exit(LONG);
+}
+
+/// A `--proxy tcp` app that echoes what each connection sends and keeps
+/// it open until the client closes.
+const ECHO_APP: &str = "import os, socket, threading\n\
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(64)\n\
+def echo(c):\n\
+\x20   while True:\n\
+\x20       d = c.recv(65536)\n\
+\x20       if not d: return\n\
+\x20       c.sendall(d)\n\
+while True:\n\
+\x20   c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()\n";
+
+/// A connection through `port` that sent `opening` and got it echoed.
+fn relayed(port: u16, opening: &[u8]) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(LONG)).expect("timeout");
+    c.write_all(opening).expect("write");
+    let mut back = vec![0u8; opening.len()];
+    c.read_exact(&mut back).expect("echoed");
+    c
+}
+
+/// The `retire` line of `generation` that says when its stop signal went.
+fn stop_signal_line(b: &Baton, generation: u64) -> String {
+    let gen_field = format!("generation={generation}");
+    b.wait_for(
+        &format!("the stop signal of generation {generation}"),
+        |l| {
+            support::is_event(l, "retire")
+                && l.split_whitespace().any(|w| w == gen_field)
+                && support::field(l, "signal").is_some()
+        },
+        LONG,
+    )
+}
+
+#[test]
+fn tcp_http2_connections_do_not_hold_the_drain_and_others_hold_it_for_the_drain_wait() {
+    if !support::peer("python3", "python3") {
+        return;
+    }
+    let b = Baton::builder()
+        .run_args(["--proxy", "tcp", "--listen", "127.0.0.1:0"])
+        .run_args(["--drain-wait", "3s", "--stop-timeout", "20s"])
+        .command(["python3", "-c", ECHO_APP])
+        .start();
+    b.wait_for_event("ready", 1);
+    // An HTTP/2 connection (the preface) on generation 1: at the reload its
+    // generation gets the stop signal at once (its own graceful stop would
+    // send GOAWAY), with the connection still open.
+    let h2 = relayed(b.port(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    assert_eq!(b.ctl(&["reload"]).code, Some(0), "{}", b.dump());
+    let line = stop_signal_line(&b, 1);
+    assert!(
+        support::field(&line, "drained_after_ms").is_some(),
+        "{line}"
+    );
+    // Any other byte stream holds its generation until the drain wait.
+    let plain = relayed(b.port(), b"HELLO\r\n");
+    assert_eq!(b.ctl(&["reload"]).code, Some(0), "{}", b.dump());
+    let line = stop_signal_line(&b, 2);
+    assert_eq!(support::field(&line, "in_flight"), Some("1"), "{line}");
+    let waited: u64 = support::field(&line, "waited_ms")
+        .and_then(|v| v.parse().ok())
+        .expect("waited_ms");
+    assert!(waited >= 3000, "held for the drain wait: {line}");
+    drop((h2, plain));
 }

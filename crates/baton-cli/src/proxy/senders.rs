@@ -1,0 +1,200 @@
+//! A generation's connections for requests that hyper carries: HTTP/2
+//! clients, and HTTP/1 clients when the app speaks h2c
+//! (`--upstream-protocol`).
+//!
+//! Per proxy thread and per generation: one multiplexed h2c connection
+//! (every stream of that thread shares it), or idle HTTP/1.1 connections,
+//! each taken for one request and given back when its answer ended. A
+//! retired generation's are dropped: an h2c connection then takes no new
+//! stream and closes once its streams are done; an HTTP/1.1 connection in
+//! use is not given back.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::health::connect;
+use super::slot;
+
+/// Idle HTTP/1.1 connections kept per thread and generation.
+const MAX_IDLE: usize = 64;
+
+/// The largest header list accepted from the app (as from clients).
+const MAX_HEADER_LIST: u32 = super::conn_io::MAX_HEAD as u32;
+
+/// A connection to a generation, ready for a request.
+#[derive(Debug)]
+pub enum Sender {
+    /// HTTP/1.1: one request at a time.
+    H1(http1::SendRequest<Incoming>),
+    /// h2c: a handle on the thread's multiplexed connection.
+    H2(http2::SendRequest<Incoming>),
+}
+
+/// Why a request got no answer: the error, and the request when none of
+/// it was sent (it may go again).
+pub type SendError = Box<(hyper::Error, Option<Request<Incoming>>)>;
+
+impl Sender {
+    /// Sends `request` and waits for the answer's head.
+    pub async fn send(
+        &mut self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let unsent = |e: hyper::Error, request| Err(Box::new((e, Some(request))));
+        match self {
+            Sender::H1(s) => {
+                if let Err(e) = s.ready().await {
+                    return unsent(e, request);
+                }
+                s.try_send_request(request).await.map_err(|mut e| {
+                    let back = e.take_message();
+                    Box::new((e.into_error(), back))
+                })
+            }
+            Sender::H2(s) => {
+                if let Err(e) = s.ready().await {
+                    return unsent(e, request);
+                }
+                s.try_send_request(request).await.map_err(|mut e| {
+                    let back = e.take_message();
+                    Box::new((e.into_error(), back))
+                })
+            }
+        }
+    }
+
+    fn usable(&self) -> bool {
+        match self {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s) => !s.is_closed(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    h2: Option<http2::SendRequest<Incoming>>,
+    h1: Vec<http1::SendRequest<Incoming>>,
+}
+
+/// One generation's connections, per proxy thread.
+#[derive(Debug)]
+pub struct Senders {
+    slots: Vec<Mutex<Slot>>,
+    closed: AtomicBool,
+}
+
+impl Senders {
+    /// Empty, for `threads` proxy threads.
+    pub fn new(threads: usize) -> Senders {
+        Senders {
+            slots: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        let slot = self
+            .slots
+            .get(slot::slot())
+            .or_else(|| self.slots.first())?;
+        slot.lock().ok().map(|mut s| f(&mut s))
+    }
+
+    /// This thread's h2c connection, or one of its idle HTTP/1.1 ones.
+    pub fn take(&self, h2c: bool) -> Option<Sender> {
+        self.with(|slot| {
+            if h2c {
+                slot.h2
+                    .as_ref()
+                    .filter(|s| !s.is_closed())
+                    .cloned()
+                    .map(Sender::H2)
+            } else {
+                while let Some(s) = slot.h1.pop() {
+                    if !s.is_closed() {
+                        return Some(Sender::H1(s));
+                    }
+                }
+                None
+            }
+        })
+        .flatten()
+    }
+
+    /// Keeps a new h2c connection as this thread's, or an HTTP/1.1 one
+    /// whose answer ended, for the next request (not once retired).
+    pub fn keep(&self, sender: Sender) {
+        if self.closed.load(Ordering::SeqCst) || !sender.usable() {
+            return;
+        }
+        self.with(|slot| match sender {
+            Sender::H2(s) => {
+                if slot.h2.as_ref().is_none_or(|h| h.is_closed()) {
+                    slot.h2 = Some(s);
+                }
+            }
+            Sender::H1(s) => {
+                if slot.h1.len() < MAX_IDLE {
+                    slot.h1.push(s);
+                }
+            }
+        });
+    }
+
+    /// Drops every connection kept: the generation is retired.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for slot in &self.slots {
+            if let Ok(mut s) = slot.lock() {
+                *s = Slot::default();
+            }
+        }
+    }
+
+    /// HTTP/1.1 connections kept idle (for tests).
+    #[cfg(test)]
+    pub fn idle(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.lock().ok().map(|s| s.h1.len()))
+            .sum()
+    }
+}
+
+/// A new connection to `addr`, h2c or HTTP/1.1; its driver runs as a task
+/// of this thread until the connection ends.
+pub async fn open(addr: SocketAddr, h2c: bool) -> io::Result<Sender> {
+    let stream = connect(addr).await?;
+    let io = TokioIo::new(stream);
+    let failed = |e: hyper::Error| io::Error::other(format!("handshake: {e}"));
+    if h2c {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake(io)
+            .await
+            .map_err(failed)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(super::conn_io::MAX_HEAD.max(8192) * 2)
+            .handshake(io)
+            .await
+            .map_err(failed)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H1(sender))
+    }
+}
