@@ -20,19 +20,10 @@
 # Needs Debian's haproxy, nginx-light, libnginx-mod-stream, golang-go and
 # the Gin sources (see .ci/run), and a release build (cargo build --release).
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-B=$root/target/release/baton
-work=$(mktemp -d)
-cleanup() {
-    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
-    pkill -P $$ 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
 DUR=${DUR:-4s}
 CLIENTS=${CLIENTS:-32}
 ONLY=${ONLY:-.}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 APP_PORT=$(free_port)
 PUB=$(free_port)
 
@@ -69,17 +60,6 @@ wait_port() {
     echo "nothing answers on port $1" >&2
     exit 1
 }
-# CPU ticks (user + system) of the given pids and their threads.
-ticks() {
-    local total=0 pid
-    for pid in "$@"; do
-        # Fields 14 and 15, after the parenthesised command name.
-        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat")
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
-}
-HZ=$(getconf CLK_TCK)
 
 PORT=$APP_PORT "${app[@]}" 2>/dev/null &
 wait_port "$APP_PORT"

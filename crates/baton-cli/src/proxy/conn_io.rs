@@ -268,8 +268,8 @@ impl<W: AsyncWrite + ClientSocket + Unpin> AsyncWrite for ClientWriter<W> {
 }
 
 /// Copies between the client's halves and the generation's socket until
-/// both directions have ended, or nothing moved for `idle` (then counted
-/// in `idle_relays`). `first` sees the first bytes the client sends.
+/// both directions have ended, either side failed (a reset), or nothing
+/// moved for `idle` (then counted in `idle_relays`). `first` sees the first bytes the client sends.
 pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client_r: R,
     client_w: W,
@@ -283,8 +283,11 @@ pub async fn copy_both_ways<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let (mut to_app, mut to_client) = (Buffers::take(), Buffers::take());
     let ends = AtomicU8::new(0);
     {
+        // A reset or a failed write on either side ends both directions:
+        // the other side is closed rather than left waiting for bytes
+        // that have nowhere to go.
         let copy = async {
-            tokio::join!(
+            tokio::try_join!(
                 pipe(client_r, &mut up_w, &mut to_app.read, &ends, &moved, first),
                 pipe(
                     &mut up_r,

@@ -1,13 +1,16 @@
 //! A watch over the HTTP/2 frames a client sends, read off the bytes on
 //! their way to the `h2` crate (which does the parsing proper): frame
-//! headers only, to catch control-frame floods that the protocol answers
-//! one by one (SETTINGS and PING, CVE-2019-9515 and -9512), and to know
-//! the last stream the client opened (for baton's own GOAWAY). Pure.
+//! headers only, to catch a flood of SETTINGS frames, each of which must
+//! be applied and acknowledged (CVE-2019-9515), and to know the last
+//! stream the client opened (for baton's own GOAWAY). PING frames are not
+//! counted: gRPC clients send one per burst of data they receive, to
+//! measure the path (grpc-go's BDP estimator), and `h2` answers one at a
+//! time, reading no further while an answer cannot be written. Pure.
 
 use std::time::{Duration, Instant};
 
-/// SETTINGS and PING frames (not acknowledgements) a client may send
-/// within [`WINDOW`]; one more is a flood.
+/// SETTINGS frames (not acknowledgements) a client may send within
+/// [`WINDOW`]; one more is a flood.
 pub const MAX_CONTROL: u32 = 100;
 
 /// The window [`MAX_CONTROL`] counts over.
@@ -15,7 +18,6 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
 
 /// Where in the client's bytes the watch is.
@@ -79,7 +81,7 @@ impl FrameWatch {
         if kind == HEADERS && stream % 2 == 1 {
             self.last_stream = self.last_stream.max(stream);
         }
-        if (kind == SETTINGS || kind == PING) && flags & ACK == 0 {
+        if kind == SETTINGS && flags & ACK == 0 {
             let start = *self.window_start.get_or_insert(now);
             if now.duration_since(start) >= WINDOW {
                 self.window_start = Some(now);
@@ -108,6 +110,8 @@ pub fn goaway_calm(last_stream: u32) -> [u8; 17] {
 mod tests {
     use super::*;
 
+    const PING: u8 = 0x6;
+
     fn frame(kind: u8, flags: u8, stream: u32, len: usize) -> Vec<u8> {
         let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
         out.extend_from_slice(&stream.to_be_bytes());
@@ -132,22 +136,22 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_settings_or_pings_is_caught_and_acks_are_not_counted() {
+    fn a_flood_of_settings_is_caught_and_acks_and_pings_are_not_counted() {
         let now = Instant::now();
         let mut w = FrameWatch::new(24);
         assert!(!w.feed(&[b'P'; 24], now));
         for _ in 0..MAX_CONTROL {
             assert!(!w.feed(&frame(SETTINGS, 0, 0, 0), now));
             assert!(!w.feed(&frame(SETTINGS, ACK, 0, 0), now));
-            assert!(!w.feed(&frame(PING, ACK, 0, 8), now));
+            assert!(!w.feed(&frame(PING, 0, 0, 8), now));
         }
-        assert!(w.feed(&frame(PING, 0, 0, 8), now));
+        assert!(w.feed(&frame(SETTINGS, 0, 0, 6), now));
 
-        // Spread over time, as keepalives are, they never are a flood.
+        // Spread over time, as window updates are, they never are a flood.
         let mut w = FrameWatch::new(0);
         for i in 0..10 * MAX_CONTROL {
             let at = now + WINDOW * (i / (MAX_CONTROL / 2));
-            assert!(!w.feed(&frame(PING, 0, 0, 8), at), "ping {i}");
+            assert!(!w.feed(&frame(SETTINGS, 0, 0, 6), at), "settings {i}");
         }
     }
 
@@ -172,7 +176,7 @@ mod tests {
                 } else {
                     rng.below(40)
                 } as usize;
-                if (kind == SETTINGS || kind == PING) && flags & ACK == 0 {
+                if kind == SETTINGS && flags & ACK == 0 {
                     control += 1;
                 }
                 if kind == HEADERS && stream % 2 == 1 {

@@ -157,6 +157,10 @@ pub async fn serve(
     mut draining: watch::Receiver<bool>,
 ) {
     let _ticket = ticket;
+    // hyper writes a head and a body apart, and HTTP/2 multiplexes small
+    // frames: Nagle's algorithm would hold each second write for the
+    // client's delayed ACK.
+    Side(&socket).no_delay();
     let local = Side(&socket).local_addr();
     let conn = Arc::new(Conn {
         proxy,
@@ -669,6 +673,11 @@ impl Body for Relayed {
                     // HTTP status was judged at its head).
                     let failed = grpc_status(trailers).is_none_or(|s| GRPC_FAILED.contains(&s));
                     this.judge(failed);
+                }
+                // hyper asks no further once the body says it ended.
+                if this.body.is_end_stream() {
+                    this.judge(true);
+                    this.ended();
                 }
             }
             Poll::Ready(Some(Err(_))) => {

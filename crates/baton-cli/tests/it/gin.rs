@@ -5,43 +5,15 @@
 
 use crate::support;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{Baton, LONG, Load, get};
 
 /// The built `gin-hello` and `gin-plain`, or `None` without Go.
-fn binaries() -> Option<&'static (PathBuf, PathBuf)> {
-    static BUILT: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let have_go = std::process::Command::new("go").arg("version").output().is_ok_and(|o| o.status.success());
-            if !have_go {
-                assert!(
-                    std::env::var_os("BATON_REQUIRE_GO").is_none(),
-                    "BATON_REQUIRE_GO is set but `go` is missing: apt-get install golang-go \
-                     golang-github-gin-gonic-gin-dev golang-github-coreos-go-systemd-dev"
-                );
-                eprintln!("skipped: no `go` (apt-get install golang-go golang-github-gin-gonic-gin-dev golang-github-coreos-go-systemd-dev)");
-                return None;
-            }
-            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gin");
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gin-hello/build.sh");
-            let built = std::process::Command::new("/bin/sh")
-                .arg(&script)
-                .arg(&out)
-                .output()
-                .expect("running build.sh");
-            assert!(
-                built.status.success(),
-                "building the Gin example failed:\n{}{}",
-                String::from_utf8_lossy(&built.stdout),
-                String::from_utf8_lossy(&built.stderr)
-            );
-            Some((out.join("gin-hello"), out.join("gin-plain")))
-        })
-        .as_ref()
+fn binaries() -> Option<(PathBuf, PathBuf)> {
+    let out = support::go_example("gin-hello")?;
+    Some((out.join("gin-hello"), out.join("gin-plain")))
 }
 
 #[test]

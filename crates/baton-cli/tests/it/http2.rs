@@ -174,14 +174,15 @@ fn server_settings(frames: &[Frame]) -> Vec<(u16, u32)> {
 }
 
 /// A Python app on `$PORT` that writes one line per request it gets to
-/// `seen`: what reached the app.
+/// `seen` (its path, and the port of the connection it came on): what
+/// reached the app.
 fn recording_app(seen: &std::path::Path) -> Baton {
     let script = "import http.server, os, sys\n\
         seen = sys.argv[1]\n\
         class H(http.server.BaseHTTPRequestHandler):\n\
         \x20   protocol_version = 'HTTP/1.1'\n\
         \x20   def do_GET(self):\n\
-        \x20       with open(seen, 'a') as f: f.write(self.path + '\\n')\n\
+        \x20       with open(seen, 'a') as f: f.write('%s %d\\n' % (self.path, self.client_address[1]))\n\
         \x20       self.send_response(200); self.send_header('content-length', '3'); self.end_headers(); self.wfile.write(b'ok\\n')\n\
         \x20   def log_message(self, *a): pass\n\
         http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n";
@@ -438,12 +439,22 @@ fn http2_limits_are_advertised_and_bad_frames_and_floods_get_goaway_without_reac
         rss_after < rss_before + 64 * 1024,
         "SETTINGS flood grew baton from {rss_before} kB to {rss_after} kB"
     );
-    // PING flood, the same.
-    let flood: Vec<u8> = (0..10_000u64)
+    // PING flood, unread: answered one at a time, nothing piles up (and
+    // a gRPC client's many PINGs are no flood).
+    let flood: Vec<u8> = (0..100_000u64)
         .flat_map(|i| frame(PING, 0, 0, &i.to_be_bytes()))
         .collect();
-    let frames = attack(port, with_preface(&flood));
-    assert_eq!(goaway(&frames), Some(ENHANCE_YOUR_CALM), "PING flood");
+    let mut unread = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    unread
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let _ = unread.write_all(&with_preface(&flood));
+    let rss_pinged = support::proc_status(b.pid(), "VmRSS").expect("rss");
+    assert!(
+        rss_pinged < rss_before + 64 * 1024,
+        "an unread PING flood grew baton from {rss_before} kB to {rss_pinged} kB"
+    );
+    drop(unread);
 
     // Rapid reset (CVE-2023-44487): streams opened and cancelled at once.
     let mut flood = Vec::new();
@@ -541,4 +552,29 @@ fn http2_upstream_timeout_is_a_504_and_grpc_to_an_http1_app_says_why() {
     assert!(grpc.starts_with("http/2 200"), "{grpc}");
     assert!(grpc.contains("grpc-status: 12\r\n"), "{grpc}");
     assert!(grpc.contains("--upstream-protocol h2c"), "{grpc}");
+}
+
+#[test]
+fn http2_requests_to_an_http1_app_reuse_their_connections_to_it() {
+    if !support::peer("python3", "python3") {
+        return;
+    }
+    let seen = tempfile::NamedTempFile::new().expect("file");
+    let b = recording_app(seen.path());
+    let lines = || std::fs::read_to_string(seen.path()).unwrap_or_default();
+    let client = OneConnection::start(b.port(), 1);
+    support::wait_until("200 requests reached the app", LONG, || {
+        lines().lines().count() >= 200
+    });
+    let (ok, failed) = client.finish();
+    assert!(failed.is_empty() && ok >= 200, "{failed:?}");
+    let connections: HashSet<String> = lines()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "one kept connection to the app: {connections:?}"
+    );
 }

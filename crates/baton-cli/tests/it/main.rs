@@ -11,6 +11,7 @@ mod deploy;
 mod desync;
 mod endurance;
 mod gin;
+mod grpc;
 mod http2;
 mod inherit;
 mod kubernetes;

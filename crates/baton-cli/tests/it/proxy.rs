@@ -430,20 +430,6 @@ fn relayed(port: u16, opening: &[u8]) -> TcpStream {
     c
 }
 
-/// The `retire` line of `generation` that says when its stop signal went.
-fn stop_signal_line(b: &Baton, generation: u64) -> String {
-    let gen_field = format!("generation={generation}");
-    b.wait_for(
-        &format!("the stop signal of generation {generation}"),
-        |l| {
-            support::is_event(l, "retire")
-                && l.split_whitespace().any(|w| w == gen_field)
-                && support::field(l, "signal").is_some()
-        },
-        LONG,
-    )
-}
-
 #[test]
 fn tcp_http2_connections_do_not_hold_the_drain_and_others_hold_it_for_the_drain_wait() {
     if !support::peer("python3", "python3") {
@@ -460,7 +446,7 @@ fn tcp_http2_connections_do_not_hold_the_drain_and_others_hold_it_for_the_drain_
     // send GOAWAY), with the connection still open.
     let h2 = relayed(b.port(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
     assert_eq!(b.ctl(&["reload"]).code, Some(0), "{}", b.dump());
-    let line = stop_signal_line(&b, 1);
+    let line = b.stop_signal_line(1);
     assert!(
         support::field(&line, "drained_after_ms").is_some(),
         "{line}"
@@ -468,11 +454,35 @@ fn tcp_http2_connections_do_not_hold_the_drain_and_others_hold_it_for_the_drain_
     // Any other byte stream holds its generation until the drain wait.
     let plain = relayed(b.port(), b"HELLO\r\n");
     assert_eq!(b.ctl(&["reload"]).code, Some(0), "{}", b.dump());
-    let line = stop_signal_line(&b, 2);
+    let line = b.stop_signal_line(2);
     assert_eq!(support::field(&line, "in_flight"), Some("1"), "{line}");
     let waited: u64 = support::field(&line, "waited_ms")
         .and_then(|v| v.parse().ok())
         .expect("waited_ms");
     assert!(waited >= 3000, "held for the drain wait: {line}");
     drop((h2, plain));
+}
+
+#[test]
+fn tcp_a_client_that_resets_its_connection_takes_the_relay_to_the_app_with_it() {
+    if !support::peer("python3", "python3") {
+        return;
+    }
+    // The app never closes a connection of its own accord: before, a
+    // reset client left the relay (and its generation's drain) waiting
+    // on the app until the idle timeout.
+    let b = Baton::builder()
+        .run_args(["--proxy", "tcp", "--listen", "127.0.0.1:0"])
+        .command(["python3", "-c", ECHO_APP])
+        .start();
+    b.wait_for_event("ready", 1);
+    let open = || support::connections(&b, "proxy").and_then(|c| c["open"].as_u64());
+    for _ in 0..4 {
+        let c = relayed(b.port(), b"HELLO\r\n");
+        rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO)).expect("linger");
+        drop(c); // a reset
+    }
+    wait_until("the relays of reset clients are closed", LONG, || {
+        open() == Some(0)
+    });
 }

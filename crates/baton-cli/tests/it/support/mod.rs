@@ -388,6 +388,22 @@ impl Baton {
         )
     }
 
+    /// The `retire` line of `generation` that says when its stop signal
+    /// went (proxy mode): with `drained_after_ms`, or, held to the drain
+    /// wait, `in_flight` and `waited_ms`.
+    pub fn stop_signal_line(&self, generation: u64) -> String {
+        let gen_field = format!("generation={generation}");
+        self.wait_for(
+            &format!("the stop signal of generation {generation}"),
+            |l| {
+                is_event(l, "retire")
+                    && l.split_whitespace().any(|w| w == gen_field)
+                    && field(l, "signal").is_some()
+            },
+            LONG,
+        )
+    }
+
     /// Whether a line for `event` of `generation` was logged.
     pub fn has_event(&self, event: &str, generation: u64) -> bool {
         let gen_field = format!("generation={generation}");
@@ -1222,4 +1238,50 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
+}
+
+/// Builds the Go example `examples/NAME` with its `build.sh` (offline,
+/// from Debian's Go and packaged sources), once per test run; the
+/// directory of its binaries, or `None` without `go` (which fails instead
+/// with `BATON_REQUIRE_GO=1`, set by `.ci/run`).
+pub fn go_example(name: &str) -> Option<PathBuf> {
+    static BUILT: Mutex<Vec<(String, Option<PathBuf>)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, out)) = built.iter().find(|(n, _)| n == name) {
+        return out.clone();
+    }
+    let packages = "golang-go golang-github-gin-gonic-gin-dev golang-github-coreos-go-systemd-dev \
+                    golang-google-grpc-dev";
+    let have_go = Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let out = if have_go {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name)
+            .join("build.sh");
+        let done = Command::new("/bin/sh")
+            .arg(&script)
+            .arg(&out)
+            .output()
+            .expect("running build.sh");
+        assert!(
+            done.status.success(),
+            "building the {name} example failed:\n{}{}",
+            String::from_utf8_lossy(&done.stdout),
+            String::from_utf8_lossy(&done.stderr)
+        );
+        Some(out)
+    } else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_GO").is_none(),
+            "BATON_REQUIRE_GO is set but `go` is missing: apt-get install {packages}"
+        );
+        eprintln!("skipped: no `go` (apt-get install {packages})");
+        None
+    };
+    built.push((name.to_owned(), out.clone()));
+    out
 }
