@@ -195,6 +195,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "USER[:GROUP]")]
     pub user: Option<UserSpec>,
 
+    /// Set an environment variable for the app (repeatable; the config
+    /// file's `env` table): on top of baton's own environment, as
+    /// supervisord's `environment=`. The variables baton sets itself
+    /// (`LISTEN_FDS`, `NOTIFY_SOCKET`, …) cannot be set.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = crate::spec::parse_env)]
+    pub env: Vec<(String, String)>,
+
     /// Serve baton's admin endpoint on ADDR (IP:PORT, or :PORT for every
     /// interface): Prometheus metrics at /metrics, liveness at /healthz and
     /// readiness at /readyz.

@@ -9,8 +9,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton::vars;
-
 pub use crate::bound::{BoundListener, ControlSocket, ListenerCheck};
 use crate::cli::RunArgs;
 use crate::control;
@@ -136,7 +134,7 @@ impl RunConfig {
             listeners: Vec::new(),
             program,
             args: args.command,
-            base_env: base_env(user.as_ref()),
+            base_env: base_env(user.as_ref(), &args.env),
             ready,
             notify_access: args.notify_access.unwrap_or(NotifyAccess::All),
             orphans: args.orphans.unwrap_or_default(),
@@ -253,6 +251,12 @@ fn check_combinations(args: &RunArgs) -> Result<(), StartupError> {
                  not speak: use --health tcp"
                 .into(),
         ));
+    }
+    let port_env = args.upstream_port_env.as_deref().unwrap_or("PORT");
+    if args.proxy.is_some() && args.env.iter().any(|(name, _)| name == port_env) {
+        return Err(StartupError::Invalid(format!(
+            "--env {port_env}: in proxy mode baton sets ${port_env} to each generation's private port"
+        )));
     }
     let stop_timeout = args
         .stop_timeout
@@ -463,20 +467,15 @@ fn default_workdir() -> PathBuf {
 }
 
 /// baton's environment without the variables baton sets per generation;
-/// with `--user`, that user's `USER`, `LOGNAME` and `HOME`.
-fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsString)> {
-    const OURS: [&str; 9] = [
-        crate::knobs::UPGRADE_STATE_ENV,
-        // systemd's watchdog is baton's to keep (`WatchdogSec=`).
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        vars::LISTEN_FDS,
-        vars::LISTEN_PID,
-        vars::LISTEN_FDNAMES,
-        vars::NOTIFY_SOCKET,
-        vars::SERVER_STARTER_PORT,
-        vars::BATON_GENERATION,
-    ];
+/// with `--user`, that user's `USER`, `LOGNAME` and `HOME`; then `--env`
+/// (each replacing a variable of the same name).
+fn base_env(
+    user: Option<&crate::sys::user::Credentials>,
+    extra: &[(String, String)],
+) -> Vec<(OsString, OsString)> {
+    // systemd's watchdog is baton's to keep (`WatchdogSec=`), as are the
+    // protocol variables.
+    const OURS: [&str; 9] = crate::spec::SET_BY_BATON;
     const IDENTITY: [&str; 3] = ["USER", "LOGNAME", "HOME"];
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !OURS.iter().any(|o| k == o))
@@ -486,6 +485,10 @@ fn base_env(user: Option<&crate::sys::user::Credentials>) -> Vec<(OsString, OsSt
         env.push(("USER".into(), user.name.clone().into()));
         env.push(("LOGNAME".into(), user.name.clone().into()));
         env.push(("HOME".into(), user.home.clone().into()));
+    }
+    for (name, value) in extra {
+        env.retain(|(k, _)| k != name.as_str());
+        env.push((name.into(), value.into()));
     }
     env
 }

@@ -68,6 +68,7 @@ struct Raw {
     close_after_body: Option<bool>,
     upstream_protocol: Option<crate::proxy::UpstreamProtocol>,
     drain_wait: Option<Spanned<String>>,
+    env: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 /// A value written as a string or as a number (`canary = 10`,
@@ -212,6 +213,21 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         close_after_body: raw.close_after_body.unwrap_or(false),
         upstream_protocol: raw.upstream_protocol,
         drain_wait: field!("drain-wait", raw.drain_wait, spec::parse_duration),
+        env: match &raw.env {
+            Some(table) => {
+                let mut env = Vec::new();
+                for (name, val) in table.get_ref() {
+                    let pair = format!("{name}={val}");
+                    value(
+                        "env",
+                        table.span(),
+                        spec::parse_env(&pair).map(|p| env.push(p)),
+                    )?;
+                }
+                env
+            }
+            None => Vec::new(),
+        },
     };
     Ok(FileSettings {
         args,
@@ -271,6 +287,8 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         close_after_body: cli.close_after_body || file.close_after_body,
         upstream_protocol: cli.upstream_protocol.or(file.upstream_protocol),
         drain_wait: cli.drain_wait.or(file.drain_wait),
+        // The file's, then the command line's (which win).
+        env: [file.env, cli.env].concat(),
     }
 }
 
@@ -322,6 +340,7 @@ close-after-body = true
 check-timeout = "3s"
 upstream-protocol = "h2c"
 drain-wait = "2s"
+env = { GIN_MODE = "release", EMPTY = "" }
 "#,
         )
         .expect("valid");
@@ -361,6 +380,18 @@ drain-wait = "2s"
             Some(crate::proxy::UpstreamProtocol::H2c)
         );
         assert_eq!(a.drain_wait, Some(Duration::from_secs(2)));
+        assert_eq!(
+            a.env,
+            [
+                ("EMPTY".to_owned(), String::new()),
+                ("GIN_MODE".to_owned(), "release".to_owned())
+            ]
+        );
+        let err = parse_str("env = { LISTEN_FDS = \"3\" }\n").unwrap_err();
+        assert!(
+            err.contains("LISTEN_FDS") && err.contains("baton.toml:1:"),
+            "{err}"
+        );
         let err = parse_str("idle-timeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("longer than 0"), "{err}");
     }

@@ -141,3 +141,35 @@ fn every_generation_gets_its_own_listen_pid_and_the_same_sockets() {
         "a notify socket per generation"
     );
 }
+
+#[test]
+fn env_from_the_command_line_and_the_config_file_reaches_the_app_and_the_command_line_wins() {
+    let builder = Baton::builder();
+    let dir = builder.dir().to_owned();
+    let config = dir.join("app.toml");
+    std::fs::write(
+        &config,
+        "env = { GIN_MODE = \"debug\", FROM_FILE = \"yes\" }\n",
+    )
+    .expect("config");
+    let seen = dir.join("env.txt");
+    let script = format!(
+        "env > {}; exec {} demo-app --listen 127.0.0.1:0",
+        seen.display(),
+        support::exe()
+    );
+    let b = builder
+        .run_args(["--listen", "127.0.0.1:0", "--config"])
+        .run_args([config.display().to_string()])
+        .run_args(["--env", "GIN_MODE=release", "--env", "WITH_EQUALS=a=b"])
+        .command(["/bin/sh", "-c", &script])
+        .start();
+    b.wait_for_event("ready", 1);
+    let env = std::fs::read_to_string(&seen).expect("env written");
+    let lines: Vec<&str> = env.lines().collect();
+    let count = |line: &str| lines.iter().filter(|l| **l == line).count();
+    assert_eq!(count("GIN_MODE=release"), 1, "{env}");
+    assert!(!lines.contains(&"GIN_MODE=debug"), "{env}");
+    assert_eq!(count("FROM_FILE=yes"), 1, "{env}");
+    assert_eq!(count("WITH_EQUALS=a=b"), 1, "{env}");
+}

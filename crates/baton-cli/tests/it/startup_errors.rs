@@ -265,6 +265,31 @@ fn huge_durations_and_connection_caps_are_refused_at_parse_time() {
             "apply to --proxy http only",
         ),
         (&["--proxy", "http", "--proxy-threads", "0"], "1 to 1024"),
+        (
+            &["--proxy", "tcp", "--upstream-protocol", "h2c"],
+            "apply to --proxy http only",
+        ),
+        (&["--upstream-protocol", "h2c"], "need --proxy http|tcp"),
+        (&["--drain-wait", "1s"], "need --proxy http|tcp"),
+        (
+            &["--proxy", "http", "--drain-wait", "1m"],
+            "must not exceed --stop-timeout",
+        ),
+        (
+            &[
+                "--proxy",
+                "http",
+                "--upstream-protocol",
+                "h2c",
+                "--health",
+                "http:/",
+            ],
+            "use --health tcp",
+        ),
+        (&["--env", "LISTEN_FDS=3"], "set by baton"),
+        (&["--env", "1X=a"], "letters, digits and _"),
+        (&["--env", "NOEQUALS"], "expected NAME=VALUE"),
+        (&["--proxy", "http", "--env", "PORT=80"], "private port"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["run", "--listen", "127.0.0.1:0"];
