@@ -199,7 +199,7 @@ pub struct RunArgs {
     /// file's `env` table): on top of baton's own environment, as
     /// supervisord's `environment=`. The variables baton sets itself
     /// (`LISTEN_FDS`, `NOTIFY_SOCKET`, …) cannot be set.
-    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = crate::spec::parse_env)]
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = crate::knobs::parse_env)]
     pub env: Vec<(String, String)>,
 
     /// Serve baton's admin endpoint on ADDR (IP:PORT, or :PORT for every

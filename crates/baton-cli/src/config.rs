@@ -475,7 +475,7 @@ fn base_env(
 ) -> Vec<(OsString, OsString)> {
     // systemd's watchdog is baton's to keep (`WatchdogSec=`), as are the
     // protocol variables.
-    const OURS: [&str; 9] = crate::spec::SET_BY_BATON;
+    const OURS: [&str; 9] = crate::knobs::SET_BY_BATON;
     const IDENTITY: [&str; 3] = ["USER", "LOGNAME", "HOME"];
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !OURS.iter().any(|o| k == o))

@@ -221,7 +221,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
                     value(
                         "env",
                         table.span(),
-                        spec::parse_env(&pair).map(|p| env.push(p)),
+                        crate::knobs::parse_env(&pair).map(|p| env.push(p)),
                     )?;
                 }
                 env

@@ -90,3 +90,42 @@ pub struct Reverts {
     /// It answered clearly worse than the previous one (proxy http).
     pub error_rate: u64,
 }
+
+/// Variables baton sets itself for each generation, which `--env` may not.
+pub const SET_BY_BATON: [&str; 9] = [
+    UPGRADE_STATE_ENV,
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    baton::vars::LISTEN_FDS,
+    baton::vars::LISTEN_PID,
+    baton::vars::LISTEN_FDNAMES,
+    baton::vars::NOTIFY_SOCKET,
+    baton::vars::SERVER_STARTER_PORT,
+    baton::vars::BATON_GENERATION,
+];
+
+/// `--env NAME=VALUE` (and each of the config file's `env`): a portable
+/// name (letters, digits and `_`, not starting with a digit), not one
+/// that baton sets; a value without NUL.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))?;
+    let portable = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !portable {
+        return Err(format!(
+            "{name:?}: an environment variable's name is letters, digits and _, not starting with a digit"
+        ));
+    }
+    if SET_BY_BATON.contains(&name) {
+        return Err(format!(
+            "{name} is set by baton for each generation and cannot be given"
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!("{name}: a value cannot hold a NUL byte"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
