@@ -60,18 +60,69 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
+/// The longest line copied whole; a longer one is cut into pieces of this
+/// size, each written as a line of its own (the app's output is not
+/// held in memory without bound).
+pub const MAX_LINE: usize = 64 * 1024;
+
 fn copy(read: OwnedFd, prefix: String, to_stderr: bool) -> io::Result<()> {
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
     tokio::spawn(async move {
-        let mut lines = BufReader::new(receiver).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let text = format!("{prefix}{line}\n");
+        let mut reader = BufReader::new(receiver);
+        let mut line = Vec::new();
+        let emit = |line: &[u8]| {
+            let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
+            out.extend_from_slice(prefix.as_bytes());
+            out.extend_from_slice(line);
+            if !line.ends_with(b"\n") {
+                out.push(b'\n');
+            }
             let _ = if to_stderr {
-                io::stderr().lock().write_all(text.as_bytes())
+                io::stderr().lock().write_all(&out)
             } else {
-                io::stdout().lock().write_all(text.as_bytes())
+                io::stdout().lock().write_all(&out)
             };
+        };
+        // Bytes, not text: a line that is not UTF-8 is copied as it is.
+        while let Ok(buf) = reader.fill_buf().await {
+            if buf.is_empty() {
+                break;
+            }
+            let (taken, whole) = take_line(buf, MAX_LINE - line.len());
+            line.extend_from_slice(&buf[..taken]);
+            reader.consume(taken);
+            if whole || line.len() >= MAX_LINE {
+                emit(&line);
+                line.clear();
+            }
+        }
+        if !line.is_empty() {
+            emit(&line);
         }
     });
     Ok(())
+}
+
+/// How much of `buf` to take into a line with `room` left in it, and
+/// whether that ends the line (a newline was taken).
+fn take_line(buf: &[u8], room: usize) -> (usize, bool) {
+    match memchr::memchr(b'\n', buf) {
+        Some(i) if i < room => (i + 1, true),
+        _ => (buf.len().min(room), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_cut_at_their_newline_or_at_the_room_left() {
+        assert_eq!(take_line(b"ab\ncd", 10), (3, true));
+        assert_eq!(take_line(b"abcd", 10), (4, false));
+        assert_eq!(take_line(b"abcd", 2), (2, false));
+        // A newline just past the room: the line is cut before it.
+        assert_eq!(take_line(b"ab\n", 2), (2, false));
+        assert_eq!(take_line(b"\n", 1), (1, true));
+    }
 }

@@ -112,6 +112,40 @@ fn log_prefix_tags_the_apps_lines_with_its_generation() {
 }
 
 #[test]
+fn log_prefix_copies_bytes_that_are_not_text_and_cuts_endless_lines() {
+    // Not UTF-8, then a 200 000-byte line: before, the first stopped the
+    // copy (and, the pipe full, the app), the second was held whole.
+    let script = format!(
+        "printf 'bad \\377\\376 bytes\\n' >&2; head -c 200000 /dev/zero | tr '\\0' x >&2; \
+         printf '\\nafter\\n' >&2; exec {} demo-app --listen 127.0.0.1:0",
+        support::exe()
+    );
+    let b = Baton::builder()
+        .run_args(["--listen", "127.0.0.1:0", "--log-prefix", "--name", "probe"])
+        .command(["/bin/sh", "-c", &script])
+        .start();
+    b.wait_for("the line after", |l| l == "[probe gen 1] after", LONG);
+    let lines = b.lines();
+    assert!(
+        lines.iter().any(|l| l.starts_with("[probe gen 1] bad ")),
+        "{}",
+        b.dump()
+    );
+    let pieces: Vec<usize> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("[probe gen 1] "))
+        .filter(|l| l.starts_with("xxx"))
+        .map(str::len)
+        .collect();
+    assert_eq!(
+        pieces,
+        [65536, 65536, 65536, 200_000 - 3 * 65536],
+        "{pieces:?}"
+    );
+    b.wait_for_event("ready", 1);
+}
+
+#[test]
 fn a_replaced_binary_is_deployed_and_a_broken_one_rolled_back() {
     let builder = Baton::builder();
     let app = builder.dir().join("app");

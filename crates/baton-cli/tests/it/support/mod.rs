@@ -75,8 +75,14 @@ impl Proc {
         let stderr = child.stderr.take().expect("stderr is piped");
         let sink = Arc::clone(&lines);
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
+            // Bytes, read on to the end: an app's line that is not UTF-8
+            // (copied by `--log-prefix`) must not stop the reading.
+            let mut reader = BufReader::new(stderr);
+            let mut raw = Vec::new();
+            while reader.read_until(b'\n', &mut raw).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.strip_suffix('\n').unwrap_or(&line).to_owned();
+                raw.clear();
                 sink.all.lock().expect("lines").push(line);
                 sink.changed.notify_all();
             }
