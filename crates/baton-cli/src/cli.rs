@@ -217,6 +217,23 @@ pub struct RunArgs {
     #[arg(long)]
     pub log_prefix: bool,
 
+    /// Write the app's output (stdout and stderr) to this file instead of
+    /// baton's, as supervisord's `stdout_logfile`: for hosts without a
+    /// journal. Rotated by size; written by a thread of its own, and by
+    /// baton's keeper when baton has died.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// With --log-file: the size at which the file is rotated (like 50M)
+    /// [default: 50M].
+    #[arg(long, value_name = "SIZE", value_parser = crate::spec::parse_log_size)]
+    pub log_max_size: Option<u64>,
+
+    /// With --log-file: rotated files kept (PATH.1 the newest); 0 cuts the
+    /// file back to empty instead [default: 10].
+    #[arg(long, value_name = "N")]
+    pub log_keep: Option<u32>,
+
     /// Proxy mode, for apps that bind their own port: baton serves the
     /// public listeners and forwards to each generation's private loopback
     /// port (http: requests over baton's own client connections; tcp: a
@@ -430,6 +447,23 @@ pub struct KeeperArgs {
     /// a baton killed before the keeper runs is no longer its parent).
     #[arg(long, value_name = "PID:START")]
     pub owner: Option<String>,
+
+    /// Copy the output to this log file (rotated as baton does) rather
+    /// than to its own stdout and stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// The log file's rotation size.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::guardian::logfile::DEFAULT_MAX_SIZE)]
+    pub log_max_size: u64,
+
+    /// Rotated log files kept.
+    #[arg(long, value_name = "N", default_value_t = crate::guardian::logfile::DEFAULT_KEEP)]
+    pub log_keep: u32,
+
+    /// Copy lines as they are, without `[NAME gen N] `.
+    #[arg(long)]
+    pub no_prefix: bool,
 }
 
 /// `baton status`.

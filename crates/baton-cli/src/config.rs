@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub watch: Option<PathBuf>,
     /// Whether the app's output is tagged with its generation.
     pub log_prefix: bool,
+    /// `--log-file`: the app's output goes there, rotated.
+    pub log_file: Option<crate::guardian::logfile::LogSpec>,
     /// Proxy mode, if on.
     pub proxy: Option<ProxyConfig>,
     /// The descriptor limit, raised at start; children get the original.
@@ -113,6 +115,7 @@ impl RunConfig {
             StartupError::Invalid("no command given: baton run [OPTIONS] -- CMD [ARGS...] (or command = [...] in --config)".into())
         })?;
         let workdir = workdir(&args)?;
+        let log_file = log_file(&args)?;
         let program = resolve_command(first, &workdir)?;
         let name = name(&args, first);
         control::validate_name(&name).map_err(StartupError::Invalid)?;
@@ -149,6 +152,7 @@ impl RunConfig {
             metrics: None,
             watch: args.watch,
             log_prefix: args.log_prefix,
+            log_file,
             proxy,
             nofile,
             exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
@@ -204,6 +208,35 @@ fn user(args: &RunArgs) -> Result<Option<crate::sys::user::Credentials>, Startup
             Ok(creds)
         })
         .transpose()
+}
+
+/// `--log-file` and its size and count, checked by opening the file.
+fn log_file(args: &RunArgs) -> Result<Option<crate::guardian::logfile::LogSpec>, StartupError> {
+    let Some(path) = &args.log_file else {
+        if args.log_max_size.is_some() || args.log_keep.is_some() {
+            return Err(StartupError::Invalid(
+                "--log-max-size and --log-keep rotate --log-file: give --log-file PATH too".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let max_size = args
+        .log_max_size
+        .unwrap_or(crate::guardian::logfile::DEFAULT_MAX_SIZE);
+    let keep = args
+        .log_keep
+        .unwrap_or(crate::guardian::logfile::DEFAULT_KEEP);
+    if keep > 1000 {
+        return Err(StartupError::Invalid("--log-keep: at most 1000".into()));
+    }
+    let spec = crate::guardian::logfile::LogSpec {
+        path: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+        max_size,
+        keep,
+    };
+    crate::guardian::logfile::LogFile::open(&spec)
+        .map_err(|e| StartupError::Invalid(e.to_string()))?;
+    Ok(Some(spec))
 }
 
 /// Options that only make sense together.

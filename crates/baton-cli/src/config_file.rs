@@ -50,6 +50,9 @@ struct Raw {
     metrics: Option<Spanned<String>>,
     watch: Option<PathBuf>,
     log_prefix: Option<bool>,
+    log_file: Option<PathBuf>,
+    log_max_size: Option<Spanned<String>>,
+    log_keep: Option<u32>,
     log_level: Option<String>,
     command: Option<Vec<String>>,
     proxy: Option<crate::proxy::Mode>,
@@ -187,6 +190,9 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
         metrics: field!("metrics", raw.metrics, spec::AdminAddr::from_str),
         watch: raw.watch,
         log_prefix: raw.log_prefix.unwrap_or(false),
+        log_file: raw.log_file,
+        log_max_size: field!("log-max-size", raw.log_max_size, spec::parse_log_size),
+        log_keep: raw.log_keep,
         command: raw
             .command
             .unwrap_or_default()
@@ -266,6 +272,9 @@ pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
         metrics: cli.metrics.or(file.metrics),
         watch: cli.watch.or(file.watch),
         log_prefix: cli.log_prefix || file.log_prefix,
+        log_file: cli.log_file.or(file.log_file),
+        log_max_size: cli.log_max_size.or(file.log_max_size),
+        log_keep: cli.log_keep.or(file.log_keep),
         command: if cli.command.is_empty() {
             file.command
         } else {
@@ -327,6 +336,9 @@ user = "nobody:nogroup"
 metrics = "127.0.0.1:9100"
 watch = "/usr/local/bin/app"
 log-prefix = true
+log-file = "/var/log/app.log"
+log-max-size = "20M"
+log-keep = 3
 log-level = "debug"
 command = ["app", "--port", "0"]
 max-connections = 5000
@@ -365,6 +377,8 @@ env = { GIN_MODE = "release", EMPTY = "" }
         );
         assert_eq!(a.user.as_ref().map(|u| u.user.as_str()), Some("nobody"));
         assert!(a.log_prefix);
+        assert_eq!(a.log_file.as_deref(), Some(Path::new("/var/log/app.log")));
+        assert_eq!((a.log_max_size, a.log_keep), (Some(20 << 20), Some(3)));
         assert_eq!(a.command, ["app", "--port", "0"]);
         assert_eq!(f.log_level.as_deref(), Some("debug"));
         assert_eq!(a.max_connections, Some(5000));

@@ -69,9 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args.json,
         ),
         Command::UpgradeCheck(args) => guardian::upgrade::check(args.state_fd, args.answer_fd),
-        Command::Keeper(args) => {
-            guardian::keeper::main(args.listeners, args.state, args.name, args.owner)
-        }
+        Command::Keeper(args) => guardian::keeper::main(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::app::run(args),

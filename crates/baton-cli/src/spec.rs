@@ -429,8 +429,18 @@ impl Workers {
     }
 }
 
-/// `--max-rss 300M`: a size in bytes, with K, M or G (powers of 1024).
+/// `--max-rss 300M`: a size in bytes, with K, M or G (powers of 1024), at
+/// least 1M.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size_from(s, 1 << 20, "1M")
+}
+
+/// `--log-max-size 50M`: a size as [`parse_size`]'s, at least 1K.
+pub fn parse_log_size(s: &str) -> Result<u64, String> {
+    parse_size_from(s, 1 << 10, "1K")
+}
+
+fn parse_size_from(s: &str, least: u64, says: &str) -> Result<u64, String> {
     let t = s.trim();
     let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
@@ -444,11 +454,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => 0,
     };
     match number.parse::<u64>() {
-        Ok(n) if n > 0 && scale > 0 && n.checked_mul(scale).is_some_and(|b| b >= 1 << 20) => {
+        Ok(n) if n > 0 && scale > 0 && n.checked_mul(scale).is_some_and(|b| b >= least) => {
             Ok(n * scale)
         }
         _ => Err(format!(
-            "invalid size {s:?}: expected at least 1M, like 300M or 2G"
+            "invalid size {s:?}: expected at least {says}, like 300M or 2G"
         )),
     }
 }

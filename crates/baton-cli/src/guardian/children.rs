@@ -46,7 +46,7 @@ pub struct Exit {
 pub struct Children {
     pids: HashMap<i32, Owner>,
     name: String,
-    log_prefix: bool,
+    output: output::Output,
     ids: Option<sys::spawn::Ids>,
     /// The descriptor limit children get (baton's original one).
     nofile: (u64, u64),
@@ -62,7 +62,16 @@ impl Children {
         Children {
             pids: HashMap::new(),
             name: cfg.name.clone(),
-            log_prefix: cfg.log_prefix,
+            output: output::Output {
+                prefix: cfg.log_prefix,
+                sink: cfg.log_file.as_ref().and_then(|spec| {
+                    super::logfile::LogSink::start(spec)
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, "the app's output goes to baton's own stderr")
+                        })
+                        .ok()
+                }),
+            },
             ids: cfg.user.as_ref().map(|u| sys::spawn::Ids {
                 uid: u.uid,
                 gid: u.gid,
@@ -72,6 +81,11 @@ impl Children {
             parent_death: cfg.orphans == crate::spec::Orphans::Stop,
             watched: std::collections::HashSet::new(),
         }
+    }
+
+    /// Where the app's output goes.
+    pub fn output(&self) -> &output::Output {
+        &self.output
     }
 
     /// Forks and execs the app as generation `generation` with `args`,
@@ -86,8 +100,8 @@ impl Children {
         fds: &[BorrowedFd<'_>],
         listen_pid: bool,
     ) -> std::io::Result<(Process, Option<(OwnedFd, OwnedFd)>)> {
-        let pipes = if self.log_prefix {
-            Some(output::pipes(&self.name, slot)?)
+        let pipes = if self.output.piped() {
+            Some(output::pipes(&self.output, &self.name, slot)?)
         } else {
             None
         };

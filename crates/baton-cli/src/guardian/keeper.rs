@@ -40,7 +40,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -122,14 +122,24 @@ enum Served {
 
 /// `baton keeper`: fd 3 is the keeper's socket, fds 4.. the `listeners`
 /// listeners; `state` is the state file, read once baton is gone if no
-/// pidfd is held; `name` prefixes the output it copies then.
-pub fn main(
-    listeners: usize,
-    state: PathBuf,
-    name: String,
-    owner: Option<String>,
-) -> anyhow::Result<ExitCode> {
+/// pidfd is held; `name` prefixes the output it copies then (to its own
+/// stdout and stderr, or to the log file).
+pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
+    let crate::cli::KeeperArgs {
+        listeners,
+        state,
+        name,
+        owner,
+        ..
+    } = args;
+    let log = args.log_file.map(|path| super::logfile::LogSpec {
+        path,
+        max_size: args.log_max_size,
+        keep: args.log_keep,
+    });
+    // Opened when first needed (once baton is gone), and kept.
+    let mut log_file: Option<super::logfile::LogFile> = None;
     let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
     let mut holding = Holding {
         listeners: (0..listeners)
@@ -236,10 +246,29 @@ pub fn main(
             }
         }
         if orphaned && pipes_ready {
+            if let Some(spec) = &log
+                && log_file.is_none()
+            {
+                log_file = super::logfile::LogFile::open(spec)
+                    .inspect_err(|e| eprintln!("baton keeper: {e}; copying the output to stderr"))
+                    .ok();
+            }
             for h in &mut holding.held {
-                let prefix = format!("[{name} gen {}] ", h.label);
-                copy(&mut h.out, &prefix, &mut std::io::stdout());
-                copy(&mut h.err, &prefix, &mut std::io::stderr());
+                let prefix = if args.no_prefix {
+                    String::new()
+                } else {
+                    format!("[{name} gen {}] ", h.label)
+                };
+                match &mut log_file {
+                    Some(file) => {
+                        copy(&mut h.out, &prefix, file);
+                        copy(&mut h.err, &prefix, file);
+                    }
+                    None => {
+                        copy(&mut h.out, &prefix, &mut std::io::stdout());
+                        copy(&mut h.err, &prefix, &mut std::io::stderr());
+                    }
+                }
             }
             holding.held.retain(|h| h.out.is_some() || h.err.is_some());
         }

@@ -31,6 +31,7 @@ pub mod handover;
 pub mod keeper;
 pub mod launch;
 mod listeners;
+pub mod logfile;
 pub mod metrics;
 mod notify;
 pub mod orphans;

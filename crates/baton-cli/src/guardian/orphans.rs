@@ -178,7 +178,7 @@ impl Orphans {
         }
         let mut fds = vec![socket.as_fd()];
         fds.extend(cfg.listeners.iter().map(|l| l.fd.as_fd()));
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "baton".into(),
             "keeper".into(),
             "--listeners".into(),
@@ -194,6 +194,21 @@ impl Orphans {
                 format!("{me}:{start}").into()
             },
         ];
+        if let Some(log) = &cfg.log_file {
+            args.extend([
+                "--log-file".into(),
+                log.path.clone().into(),
+                "--log-max-size".into(),
+                log.max_size.to_string().into(),
+                "--log-keep".into(),
+                log.keep.to_string().into(),
+            ]);
+        }
+        // Raw lines only into a log file without `--log-prefix`, as baton
+        // copies them.
+        if cfg.log_file.is_some() && !cfg.log_prefix {
+            args.push("--no-prefix".into());
+        }
         // The running image, even if its file was replaced since.
         let started = children.start_helper(
             Owner::Keeper,

@@ -1,7 +1,9 @@
-//! `--log-prefix`: the app's stdout and stderr go through pipes that baton
-//! reads line by line and writes out again with `[NAME gen N] ` in front, so
-//! people reading a terminal know which generation said what. Without it the
-//! app inherits baton's stdout and stderr and baton stays out of the way.
+//! `--log-prefix` and `--log-file`: the app's stdout and stderr go through
+//! pipes that baton reads line by line and writes out again: with
+//! `[NAME gen N] ` in front (so that people reading a terminal know which
+//! generation said what), and to baton's stdout and stderr or to the log
+//! file. Without either the app inherits baton's stdout and stderr and
+//! baton stays out of the way.
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -9,6 +11,23 @@ use std::os::fd::OwnedFd;
 use rustix::fs::OFlags;
 use rustix::pipe::PipeFlags;
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Where a generation's output goes.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// `[NAME gen N] ` before each line (`--log-prefix`).
+    pub prefix: bool,
+    /// The log file's writer (`--log-file`); none: baton's own stdout and
+    /// stderr.
+    pub sink: Option<super::logfile::LogSink>,
+}
+
+impl Output {
+    /// Whether the output goes through baton at all.
+    pub fn piped(&self) -> bool {
+        self.prefix || self.sink.is_some()
+    }
+}
 
 /// The write ends for a generation's stdout and stderr.
 #[derive(Debug)]
@@ -25,11 +44,11 @@ pub struct Pipes {
 /// Creates the pipes and starts copying their lines, prefixed, to baton's
 /// own stdout and stderr. The copying ends when every writer has closed
 /// (the generation and anything it started).
-pub fn pipes(name: &str, slot: super::generation::Slot) -> io::Result<Pipes> {
+pub fn pipes(output: &Output, name: &str, slot: super::generation::Slot) -> io::Result<Pipes> {
     let (out_read, stdout) = pipe()?;
     let (err_read, stderr) = pipe()?;
     let readers = (out_read.try_clone()?, err_read.try_clone()?);
-    resume(name, slot, out_read, err_read)?;
+    resume(output, name, slot, out_read, err_read)?;
     Ok(Pipes {
         stdout,
         stderr,
@@ -40,16 +59,51 @@ pub fn pipes(name: &str, slot: super::generation::Slot) -> io::Result<Pipes> {
 /// Copies a generation's output from the read ends `stdout` and `stderr`
 /// (new, or handed over by a previous image).
 pub fn resume(
+    output: &Output,
     name: &str,
     slot: super::generation::Slot,
     stdout: OwnedFd,
     stderr: OwnedFd,
 ) -> io::Result<()> {
-    let prefix = format!("[{name} gen {}] ", slot.label());
+    // Raw only into a log file without `--log-prefix` (pipes adopted from
+    // a baton that had them are copied as that baton did).
+    let prefix = if output.prefix || output.sink.is_none() {
+        format!("[{name} gen {}] ", slot.label())
+    } else {
+        String::new()
+    };
     rustix::fs::fcntl_setfl(&stdout, OFlags::NONBLOCK)?;
     rustix::fs::fcntl_setfl(&stderr, OFlags::NONBLOCK)?;
-    copy(stdout, prefix.clone(), false)?;
-    copy(stderr, prefix, true)
+    copy(stdout, prefix.clone(), Target::of(output, false))?;
+    copy(stderr, prefix, Target::of(output, true))
+}
+
+/// Where one pipe's lines are written.
+enum Target {
+    Stdout,
+    Stderr,
+    Log(super::logfile::LogSink),
+}
+
+impl Target {
+    fn of(output: &Output, stderr: bool) -> Target {
+        match (&output.sink, stderr) {
+            (Some(sink), _) => Target::Log(sink.clone()),
+            (None, false) => Target::Stdout,
+            (None, true) => Target::Stderr,
+        }
+    }
+
+    fn write(&self, line: Vec<u8>) {
+        let _ = match self {
+            Target::Stdout => io::stdout().lock().write_all(&line),
+            Target::Stderr => io::stderr().lock().write_all(&line),
+            Target::Log(sink) => {
+                sink.push(line);
+                Ok(())
+            }
+        };
+    }
 }
 
 /// A close-on-exec pipe whose read end is non-blocking (for tokio); the
@@ -65,7 +119,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// held in memory without bound).
 pub const MAX_LINE: usize = 64 * 1024;
 
-fn copy(read: OwnedFd, prefix: String, to_stderr: bool) -> io::Result<()> {
+fn copy(read: OwnedFd, prefix: String, to: Target) -> io::Result<()> {
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
     tokio::spawn(async move {
         let mut reader = BufReader::new(receiver);
@@ -77,11 +131,7 @@ fn copy(read: OwnedFd, prefix: String, to_stderr: bool) -> io::Result<()> {
             if !line.ends_with(b"\n") {
                 out.push(b'\n');
             }
-            let _ = if to_stderr {
-                io::stderr().lock().write_all(&out)
-            } else {
-                io::stdout().lock().write_all(&out)
-            };
+            to.write(out);
         };
         // Bytes, not text: a line that is not UTF-8 is copied as it is.
         while let Ok(buf) = reader.fill_buf().await {

@@ -177,7 +177,7 @@ impl Processes {
         }
         if let Some((out, err)) = from.logs {
             handles.log_readers = out.try_clone().and_then(|o| Ok((o, err.try_clone()?))).ok();
-            if let Err(e) = output::resume(&cfg.name, slot, out, err) {
+            if let Err(e) = output::resume(self.children.output(), &cfg.name, slot, out, err) {
                 warn!(generation = %slot, error = %e, "its output cannot be copied");
             }
         }

@@ -290,6 +290,19 @@ fn huge_durations_and_connection_caps_are_refused_at_parse_time() {
         (&["--env", "1X=a"], "letters, digits and _"),
         (&["--env", "NOEQUALS"], "expected NAME=VALUE"),
         (&["--proxy", "http", "--env", "PORT=80"], "private port"),
+        (&["--log-keep", "3"], "give --log-file"),
+        (
+            &["--log-file", "/nonexistent/dir/app.log"],
+            "/nonexistent/dir/app.log",
+        ),
+        (
+            &["--log-file", "/tmp/x.log", "--log-max-size", "10"],
+            "at least 1K",
+        ),
+        (
+            &["--log-file", "/tmp/x.log", "--log-keep", "5000"],
+            "at most 1000",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["run", "--listen", "127.0.0.1:0"];

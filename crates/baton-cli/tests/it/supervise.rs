@@ -181,3 +181,65 @@ fn a_replaced_binary_is_deployed_and_a_broken_one_rolled_back() {
         Some(2)
     );
 }
+
+#[test]
+fn log_file_takes_the_output_rotates_it_and_the_keeper_writes_it_when_baton_is_gone() {
+    let builder = Baton::builder();
+    let dir = builder.dir().to_owned();
+    let log = dir.join("app.log");
+    let numbered = |n: u32| dir.join(format!("app.log.{n}"));
+    // 300 lines of 10 bytes at start: 3 000 bytes through a 1 KiB file
+    // that keeps 2 rotated ones.
+    let script = format!(
+        "i=100; while [ $i -lt 400 ]; do echo \"line $i.\"; i=$((i+1)); done; \
+         exec {} demo-app --listen 127.0.0.1:0",
+        support::exe()
+    );
+    let mut b = builder
+        .run_args(["--listen", "127.0.0.1:0", "--name", "probe", "--log-file"])
+        .run_args([log.display().to_string()])
+        .run_args(["--log-max-size", "1K", "--log-keep", "2"])
+        .command(["/bin/sh", "-c", &script])
+        .start();
+    b.wait_for_event("ready", 1);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_until("the last line is written", LONG, || {
+        read(&log).contains("line 399.")
+    });
+    assert!(!numbered(3).exists(), "2 rotated files kept");
+    let (newest, older, current) = (read(&numbered(1)), read(&numbered(2)), read(&log));
+    for text in [&older, &newest, &current] {
+        assert!(text.len() <= 1024, "rotated at 1 KiB: {} bytes", text.len());
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("line ") && l.ends_with('.')),
+            "whole lines, no prefix: {text}"
+        );
+    }
+    // In order across the files, the newest last.
+    let all: Vec<String> = [older, newest, current]
+        .concat()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = (400 - all.len()..400)
+        .map(|i| format!("line {i}."))
+        .collect();
+    assert_eq!(all, expected);
+    assert!(
+        !b.lines().iter().any(|l| l.contains("line 399.")),
+        "not on baton's stderr"
+    );
+
+    // baton dies; its keeper writes what the app says from then on.
+    let pid = b.gen_pid(1);
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit(LONG);
+    let port = b.port();
+    let answer = get(port, "/slow?ms=1", LONG).expect("the app serves on");
+    assert_eq!(answer.pid, Some(pid));
+    wait_until("the keeper writes the app's line", LONG, || {
+        read(&log).contains("started a 1 ms request")
+    });
+    support::send(pid, rustix::process::Signal::TERM);
+}
