@@ -182,3 +182,55 @@ fn gin_keep_alive_clients_in_tcp_mode_lose_only_what_the_app_s_own_close_races()
         tally.failures.len()
     );
 }
+
+#[test]
+fn the_supervisord_program_translated_runs_as_written_and_reloads_under_load() {
+    let Some((_, plain)) = binaries() else { return };
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/supervisord/gin-app.toml");
+    let text = std::fs::read_to_string(&example).expect("the example");
+    let builder = Baton::builder();
+    let dir = builder.dir().to_owned();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let log = dir.join("gin-app.log");
+    // Its paths pointed here; the app says what it was given, then runs.
+    let probe = format!(
+        "\"/bin/sh\", \"-c\", \"echo GIN_MODE=$GIN_MODE pwd=$(pwd) user=$(id -un); exec {}\"",
+        plain.display()
+    );
+    let root = rustix::process::geteuid().is_root();
+    let mut config = text
+        .replace("\"/path/to/your/gin-app\"", &probe)
+        .replace("/path/to/your/app", &dir.display().to_string())
+        .replace("/var/log/gin-app.log", &log.display().to_string())
+        .replace("\"http=:8080\"", "\"http=127.0.0.1:0\"");
+    if !root {
+        // Only root can run the app as another user.
+        config = config
+            .lines()
+            .filter(|l| !l.starts_with("user ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    let path = dir.join("gin-app.toml");
+    std::fs::write(&path, config).expect("config");
+    let b = builder
+        .run_args(["--config".to_owned(), path.display().to_string()])
+        .command(Vec::<String>::new())
+        .start();
+    b.wait_for_event("ready", 1);
+    let user = if root {
+        "www-data".to_owned()
+    } else {
+        support::whoami()
+    };
+    let said = format!("GIN_MODE=release pwd={} user={user}", dir.display());
+    support::wait_until("the app's line in the log file", LONG, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&said))
+    });
+    let load = support::KeepAlive::start(b.port(), 8, Duration::from_secs(120));
+    support::reload_through(&b, 2..=3, &load);
+    let tally = load.finish();
+    support::assert_no_failures(tally.ok, &tally.failures);
+}

@@ -1291,3 +1291,9 @@ pub fn go_example(name: &str) -> Option<PathBuf> {
     built.push((name.to_owned(), out.clone()));
     out
 }
+
+/// The name of the user the tests run as.
+pub fn whoami() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
