@@ -85,6 +85,13 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
         })?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // The HTTP/2 stack's own warnings name what a client did wrong, one
+    // line each time: a client could fill the log. The connection's
+    // GOAWAY answers them.
+    let filter = ["h2=error", "hyper=error"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -337,7 +337,7 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
         };
         let mut sender = match sender {
             Some(sender) => sender,
-            None => match senders::open(upstream.addr, h2c).await {
+            None => match connect_under_cap(proxy, &upstream, h2c, !resent).await {
                 Ok(sender) => {
                     if let Sender::H2(shared) = &sender {
                         upstream.senders().keep(Sender::H2(shared.clone()));
@@ -399,6 +399,40 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
             },
         }
     }
+}
+
+/// A connection to `upstream`: a new one once the connection cap has room
+/// for it, or (`reuse`) one of its kept ones given back meanwhile; within
+/// the upstream timeout.
+async fn connect_under_cap(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    h2c: bool,
+    reuse: bool,
+) -> io::Result<Sender> {
+    let opening = async {
+        loop {
+            let returned = upstream.senders().returned();
+            tokio::select! {
+                ticket = proxy.connections().admit() => {
+                    return senders::open(upstream.addr, h2c, ticket).await;
+                }
+                () = returned, if reuse => {
+                    if let Some(sender) = upstream.senders().take(h2c) {
+                        return Ok(sender);
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(proxy.limits.upstream_timeout, opening)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no room for a connection to the app under the connection cap (--max-connections)",
+            ))
+        })
 }
 
 /// Whether a request is gRPC.

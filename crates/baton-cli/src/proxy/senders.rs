@@ -89,6 +89,9 @@ struct Slot {
 pub struct Senders {
     slots: Vec<Mutex<Slot>>,
     closed: AtomicBool,
+    /// An HTTP/1.1 connection was given back: a request waiting for room
+    /// under the connection cap may take it instead.
+    returned: tokio::sync::Notify,
 }
 
 impl Senders {
@@ -97,6 +100,7 @@ impl Senders {
         Senders {
             slots: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
             closed: AtomicBool::new(false),
+            returned: tokio::sync::Notify::new(),
         }
     }
 
@@ -147,6 +151,12 @@ impl Senders {
                 }
             }
         });
+        self.returned.notify_one();
+    }
+
+    /// Completes when a connection may have been given back.
+    pub async fn returned(&self) {
+        self.returned.notified().await;
     }
 
     /// Drops every connection kept: the generation is retired.
@@ -170,8 +180,11 @@ impl Senders {
 }
 
 /// A new connection to `addr`, h2c or HTTP/1.1; its driver runs as a task
-/// of this thread until the connection ends.
-pub async fn open(addr: SocketAddr, h2c: bool) -> io::Result<Sender> {
+/// of this thread until the connection ends, holding `ticket`: a place
+/// under the proxy's connection cap, so that an HTTP/2 client's streams
+/// (each of which may need a connection to an HTTP/1.1 app) cannot take
+/// more descriptors than the cap allows.
+pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> io::Result<Sender> {
     let stream = connect(addr).await?;
     // Requests go out as a head and a body (or several streams' frames)
     // in separate writes: none may wait on the app's delayed ACK.
@@ -186,6 +199,7 @@ pub async fn open(addr: SocketAddr, h2c: bool) -> io::Result<Sender> {
             .await
             .map_err(failed)?;
         tokio::spawn(async move {
+            let _ticket = ticket;
             let _ = conn.await;
         });
         Ok(Sender::H2(sender))
@@ -197,6 +211,7 @@ pub async fn open(addr: SocketAddr, h2c: bool) -> io::Result<Sender> {
             .await
             .map_err(failed)?;
         tokio::spawn(async move {
+            let _ticket = ticket;
             let _ = conn.await;
         });
         Ok(Sender::H1(sender))

@@ -257,6 +257,10 @@ struct OneConnection {
 
 impl OneConnection {
     fn start(port: u16, streams: usize) -> OneConnection {
+        OneConnection::start_on(port, streams, "/")
+    }
+
+    fn start_on(port: u16, streams: usize, path: &'static str) -> OneConnection {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let (stop2, seen2) = (Arc::clone(&stop), Arc::clone(&seen));
@@ -265,7 +269,7 @@ impl OneConnection {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(run_one_connection(port, streams, stop2, seen2))
+            rt.block_on(run_one_connection(port, streams, path, stop2, seen2))
         });
         OneConnection { stop, seen, thread }
     }
@@ -285,6 +289,7 @@ impl OneConnection {
 async fn run_one_connection(
     port: u16,
     streams: usize,
+    path: &'static str,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<HashSet<u32>>>,
 ) -> (u64, Vec<String>) {
@@ -306,7 +311,7 @@ async fn run_one_connection(
         tasks.spawn(async move {
             let (mut ok, mut failed) = (0u64, Vec::new());
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let request = hyper::Request::get(format!("http://127.0.0.1:{port}/"))
+                let request = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
                     .body(Empty::<bytes::Bytes>::new())
                     .expect("request");
                 let answer = tokio::time::timeout(LONG, async {
@@ -576,5 +581,38 @@ fn http2_requests_to_an_http1_app_reuse_their_connections_to_it() {
         connections.len(),
         1,
         "one kept connection to the app: {connections:?}"
+    );
+}
+
+#[test]
+fn http2_streams_to_an_http1_app_open_no_more_connections_than_the_cap_allows() {
+    // 100 streams at once on one connection, each a slow request to an
+    // HTTP/1.1 app: each needs a connection to the app of its own, and
+    // those count under --max-connections (before, one client could make
+    // baton open a hundred).
+    let b = Baton::behind_proxy("http", &["--max-connections", "20"], &[]);
+    let before = support::fd_count(b.pid());
+    let client = OneConnection::start_on(b.port(), 100, "/slow?ms=200");
+    let mut peak = before;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        peak = peak.max(support::fd_count(b.pid()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (ok, failed) = client.finish();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok >= 100, "{ok}");
+    // The client's connection and at most 19 more under the cap of 20.
+    assert!(
+        peak <= before + 20,
+        "descriptors went from {before} to {peak}"
+    );
+    eprintln!(
+        "100 concurrent slow streams, cap 20: {ok} answered, descriptors {before} -> at most {peak}"
     );
 }
