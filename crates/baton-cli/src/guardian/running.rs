@@ -36,6 +36,10 @@ use crate::sys::notify_socket::Datagram;
 /// How often the guardian looks at its listeners and reports pressure.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
+/// How long baton waits, once every generation is gone, for the proxy's
+/// client connections to take what was sent them.
+const CLIENTS_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs the guardian until every generation is gone after a stop (or the
 /// first generation never became ready), and returns baton's exit code.
 ///
@@ -302,6 +306,12 @@ impl Running {
             ..
         } = self;
         let code = g.exit.unwrap_or(1);
+        // Proxy mode: what clients were sent (answers to their last
+        // requests, HTTP/2 streams refused by an app that stopped) goes out
+        // before baton does, within a bound.
+        if let Some(clients) = g.procs.launch.quiesce() {
+            let _ = tokio::time::timeout(CLIENTS_GRACE, clients).await;
+        }
         control_task.abort();
         let _ = control_task.await;
         if let Some(control) = g.cfg.control.as_mut() {

@@ -43,6 +43,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -112,6 +113,7 @@ const GRPC_FAILED: [u32; 4] = [2, 4, 13, 14];
 const GRPC_UNIMPLEMENTED: u32 = 12;
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_UNAVAILABLE: u32 = 14;
+const GRPC_INVALID_ARGUMENT: u32 = 3;
 
 /// One client connection served by hyper.
 #[derive(Debug)]
@@ -124,6 +126,27 @@ struct Conn {
     last: Stamp,
     /// The client flooded control frames: the last stream it opened.
     flooded: std::sync::Mutex<Option<u32>>,
+    /// This connection's own connection to an h2c app, and its generation.
+    h2c: std::sync::Mutex<Option<(Arc<Upstream>, H2Sender)>>,
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+
+impl Conn {
+    /// Its h2c connection to `upstream`, if it has one that is open.
+    fn h2c_to(&self, upstream: &Arc<Upstream>) -> Option<Sender> {
+        let kept = self.h2c.lock().ok()?;
+        let (to, sender) = kept.as_ref()?;
+        (Arc::ptr_eq(to, upstream) && !sender.is_closed()).then(|| Sender::H2(sender.clone()))
+    }
+
+    /// Keeps `sender`, a new h2c connection to `upstream`, for the next
+    /// streams (the one it replaces closes once its streams are done).
+    fn keep_h2c(&self, upstream: &Arc<Upstream>, sender: &H2Sender) {
+        if let Ok(mut kept) = self.h2c.lock() {
+            *kept = Some((Arc::clone(upstream), sender.clone()));
+        }
+    }
 }
 
 /// A stream counted open while alive.
@@ -169,6 +192,7 @@ pub async fn serve(
         open: AtomicUsize::new(0),
         last: Stamp::new(),
         flooded: std::sync::Mutex::new(None),
+        h2c: std::sync::Mutex::new(None),
     });
     let socket = Arc::new(socket);
     let io = TokioIo::new(Rewind {
@@ -198,7 +222,8 @@ pub async fn serve(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .max_buf_size(2 * super::conn_io::MAX_HEAD)
+            .max_buf_size(super::conn_io::MAX_HEAD)
+            .max_headers(super::http::wire::MAX_HEADERS)
             .header_read_timeout(conn.proxy.limits.serve.header_timeout);
         let served = builder.serve_connection(io, service);
         drive(served, |c| c.graceful_shutdown(), &conn, &mut draining).await;
@@ -318,6 +343,10 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
              run baton with --upstream-protocol h2c",
         );
     }
+    let mut request = match rewrite(request, &conn, h2c) {
+        Ok(request) => request,
+        Err((status, why)) => return own_answer(grpc, status, GRPC_INVALID_ARGUMENT, why),
+    };
     let Some((mut upstream, mut active)) = proxy.acquire().await else {
         counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
         return own_answer(
@@ -327,20 +356,19 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
             "no generation is serving",
         );
     };
-    let mut request = rewrite(request, &conn, h2c);
     let (mut connect_retries, mut resent) = (0, false);
     loop {
-        let sender = if resent {
-            None
-        } else {
-            upstream.senders().take(h2c)
+        let sender = match (resent, h2c) {
+            (true, _) => None,
+            (false, true) => conn.h2c_to(&upstream),
+            (false, false) => upstream.senders().take(),
         };
         let mut sender = match sender {
             Some(sender) => sender,
-            None => match connect_under_cap(proxy, &upstream, h2c, !resent).await {
+            None => match connect_under_cap(proxy, &upstream, h2c, !resent && !h2c).await {
                 Ok(sender) => {
-                    if let Sender::H2(shared) = &sender {
-                        upstream.senders().keep(Sender::H2(shared.clone()));
+                    if let Sender::H2(new) = &sender {
+                        conn.keep_h2c(&upstream, new);
                     }
                     sender
                 }
@@ -418,7 +446,7 @@ async fn connect_under_cap(
                     return senders::open(upstream.addr, h2c, ticket).await;
                 }
                 () = returned, if reuse => {
-                    if let Some(sender) = upstream.senders().take(h2c) {
+                    if let Some(sender) = upstream.senders().take() {
                         return Ok(sender);
                     }
                 }
@@ -475,11 +503,62 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Why a request cannot be forwarded: the status and reason baton answers.
+type Refused = (StatusCode, &'static str);
+
+/// The host a request is for: its `:authority` (or absolute URI), which
+/// wins over `Host` (RFC 9113 §8.3.1), else its one `Host`; checked to be
+/// a host and port, nothing more (no user info, no path). `None`: neither
+/// was sent.
+fn authority_of(parts: &hyper::http::request::Parts) -> Result<Option<Authority>, Refused> {
+    let hosts: Vec<&HeaderValue> = parts.headers.get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err((StatusCode::BAD_REQUEST, "more than one Host header"));
+    }
+    let given = match parts.uri.authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => hosts
+            .first()
+            .map(|h| h.to_str().map(str::to_owned))
+            .transpose()
+            .map_err(|_| (StatusCode::BAD_REQUEST, "a Host that is not text"))?,
+    };
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    match given.parse::<Authority>() {
+        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            "a Host that is not a host and port",
+        )),
+    }
+}
+
 /// The request as the app gets it: hop-by-hop headers out (and names with
-/// an underscore, as on HTTP/1), forwarding headers in, in the app's
-/// version of HTTP.
-fn rewrite(request: Request<Incoming>, conn: &Conn, h2c: bool) -> Request<Incoming> {
+/// an underscore, as on HTTP/1), forwarding headers in, `Host` from the
+/// request's authority, in the app's version of HTTP.
+fn rewrite(
+    request: Request<Incoming>,
+    conn: &Conn,
+    h2c: bool,
+) -> Result<Request<Incoming>, Refused> {
     let (mut parts, body) = request.into_parts();
+    if parts.method == hyper::Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied"));
+    }
+    let authority = match authority_of(&parts)? {
+        Some(a) => a,
+        // HTTP/1.1 requires Host (RFC 9112 §3.2); an HTTP/1.0 request, or
+        // an HTTP/2 one without `:authority`, is for the address it came to.
+        None if parts.version == Version::HTTP_11 => {
+            return Err((StatusCode::BAD_REQUEST, "no Host header"));
+        }
+        None => conn
+            .local
+            .and_then(|a| a.to_string().parse::<Authority>().ok())
+            .unwrap_or_else(|| Authority::from_static("localhost")),
+    };
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     if !conn.proxy.limits.keep_underscores {
@@ -492,50 +571,46 @@ fn rewrite(request: Request<Incoming>, conn: &Conn, h2c: bool) -> Request<Incomi
             headers.remove(name);
         }
     }
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .or_else(|| conn.local.map(|a| a.to_string()));
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if let Some(ip) = conn.peer {
-        forwarding(headers, ip, authority.as_deref());
+        forwarding(headers, ip, Some(authority.as_str()));
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static("http"),
     );
+    headers.remove(header::HOST);
     if h2c {
+        // Built from its parts, never from text: the authority cannot
+        // reach into the path.
         parts.version = Version::HTTP_2;
-        let absolute = authority
-            .as_deref()
-            .and_then(|a| Uri::try_from(format!("http://{a}{path}")).ok());
-        if let Some(uri) = absolute {
-            parts.uri = uri;
-            headers.remove(header::HOST);
-        }
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|_| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "a request target that is not a path",
+                )
+            })?;
     } else {
         parts.version = Version::HTTP_11;
-        if let Ok(uri) = Uri::try_from(path) {
-            parts.uri = uri;
-        }
-        if !headers.contains_key(header::HOST)
-            && let Some(value) = authority.and_then(|a| HeaderValue::try_from(a).ok())
-        {
-            headers.insert(header::HOST, value);
-        }
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "a Host that is not a host and port",
+            )
+        })?;
+        headers.insert(header::HOST, host);
+        parts.uri = Uri::from(path);
     }
-    Request::from_parts(parts, body)
+    Ok(Request::from_parts(parts, body))
 }
 
 /// `X-Forwarded-For` and `Forwarded`: what the client sent, then this hop.

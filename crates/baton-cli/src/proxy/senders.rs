@@ -1,13 +1,13 @@
-//! A generation's connections for requests that hyper carries: HTTP/2
+//! Connections to a generation for requests that hyper carries: HTTP/2
 //! clients, and HTTP/1 clients when the app speaks h2c
 //! (`--upstream-protocol`).
 //!
-//! Per proxy thread and per generation: one multiplexed h2c connection
-//! (every stream of that thread shares it), or idle HTTP/1.1 connections,
-//! each taken for one request and given back when its answer ended. A
-//! retired generation's are dropped: an h2c connection then takes no new
-//! stream and closes once its streams are done; an HTTP/1.1 connection in
-//! use is not given back.
+//! To an HTTP/1.1 app: per proxy thread and per generation, idle
+//! connections, each taken for one request and given back when its answer
+//! ended; a retired generation's are dropped (one in use is not given
+//! back). To an h2c app: one connection per client connection (kept by
+//! it, see `http2.rs`), so that a client that stops reading holds up its
+//! own streams only, and the app's stream limit applies per client.
 
 use std::io;
 use std::net::SocketAddr;
@@ -69,18 +69,10 @@ impl Sender {
             }
         }
     }
-
-    fn usable(&self) -> bool {
-        match self {
-            Sender::H1(s) => !s.is_closed(),
-            Sender::H2(s) => !s.is_closed(),
-        }
-    }
 }
 
 #[derive(Debug, Default)]
 struct Slot {
-    h2: Option<http2::SendRequest<Incoming>>,
     h1: Vec<http1::SendRequest<Incoming>>,
 }
 
@@ -112,43 +104,29 @@ impl Senders {
         slot.lock().ok().map(|mut s| f(&mut s))
     }
 
-    /// This thread's h2c connection, or one of its idle HTTP/1.1 ones.
-    pub fn take(&self, h2c: bool) -> Option<Sender> {
+    /// One of this thread's idle HTTP/1.1 connections.
+    pub fn take(&self) -> Option<Sender> {
         self.with(|slot| {
-            if h2c {
-                slot.h2
-                    .as_ref()
-                    .filter(|s| !s.is_closed())
-                    .cloned()
-                    .map(Sender::H2)
-            } else {
-                while let Some(s) = slot.h1.pop() {
-                    if !s.is_closed() {
-                        return Some(Sender::H1(s));
-                    }
+            while let Some(s) = slot.h1.pop() {
+                if !s.is_closed() {
+                    return Some(Sender::H1(s));
                 }
-                None
             }
+            None
         })
         .flatten()
     }
 
-    /// Keeps a new h2c connection as this thread's, or an HTTP/1.1 one
-    /// whose answer ended, for the next request (not once retired).
+    /// Keeps an HTTP/1.1 connection whose answer ended, for the next
+    /// request (not once retired).
     pub fn keep(&self, sender: Sender) {
-        if self.closed.load(Ordering::SeqCst) || !sender.usable() {
+        let Sender::H1(s) = sender else { return };
+        if self.closed.load(Ordering::SeqCst) || s.is_closed() {
             return;
         }
-        self.with(|slot| match sender {
-            Sender::H2(s) => {
-                if slot.h2.as_ref().is_none_or(|h| h.is_closed()) {
-                    slot.h2 = Some(s);
-                }
-            }
-            Sender::H1(s) => {
-                if slot.h1.len() < MAX_IDLE {
-                    slot.h1.push(s);
-                }
+        self.with(|slot| {
+            if slot.h1.len() < MAX_IDLE {
+                slot.h1.push(s);
             }
         });
         self.returned.notify_one();

@@ -218,3 +218,64 @@ fn grpc_a_release_that_answers_unavailable_is_judged_by_grpc_status_and_reverted
         report["failed"], report["rpcs"], json["reason"]["why"]
     );
 }
+
+/// The raw answer to `head` sent on a new connection to `port`.
+fn raw_exchange(port: u16, head: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(LONG)).expect("timeout");
+    c.write_all(head.as_bytes()).expect("write");
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn grpc_h2c_mode_refuses_hosts_that_are_not_a_host_before_the_app_sees_them() {
+    let Some((hello, _)) = binaries() else { return };
+    let b = Baton::builder()
+        .run_args(["--proxy", "http", "--listen", "127.0.0.1:0"])
+        .run_args(["--upstream-protocol", "h2c"])
+        .command([hello.as_os_str()])
+        .start();
+    b.wait_for_event("ready", 1);
+    // HTTP/1 clients go to the h2c app through hyper: a Host with a path
+    // in it must not become the request's path.
+    for (head, status) in [
+        (
+            "GET /public HTTP/1.1\r\nHost: x/admin#\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /public HTTP/1.1\r\nHost: x/admin?\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /public HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /public HTTP/1.1\r\nHost: u:p@x\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /public HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        ("GET /public HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\nConnection: close\r\n\r\n",
+            "405",
+        ),
+    ] {
+        let answer = raw_exchange(b.port(), head);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head:?}: {answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-baton-error: 1"),
+            "baton's own: {answer}"
+        );
+    }
+}

@@ -43,8 +43,14 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// A request head in HPACK without Huffman coding or dynamic table:
 /// GET http://`authority`/ and, literally, each of `extra`.
 fn request_block(authority: &str, extra: &[(&str, &str)]) -> Vec<u8> {
-    // :method GET, :scheme http, :path / (static table 2, 6, 4).
-    let mut out = vec![0x82, 0x86, 0x84];
+    request_block_to("/", authority, extra)
+}
+
+/// As [`request_block`], for `path`.
+fn request_block_to(path: &str, authority: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    // :method GET, :scheme http (static table 2, 6), :path literal (4).
+    let mut out = vec![0x82, 0x86, 0x04];
+    literal(&mut out, path.as_bytes());
     // :authority, literal value without indexing, name index 1.
     out.push(0x01);
     literal(&mut out, authority.as_bytes());
@@ -615,4 +621,26 @@ fn http2_streams_to_an_http1_app_open_no_more_connections_than_the_cap_allows() 
     eprintln!(
         "100 concurrent slow streams, cap 20: {ok} answered, descriptors {before} -> at most {peak}"
     );
+}
+
+#[test]
+fn http2_authority_wins_over_host_for_an_http1_app() {
+    // RFC 9113 §8.3.1: `:authority` is the request's host; a `host` header
+    // that disagrees must not reach the app as its Host.
+    let b = Baton::behind_proxy("http", &[], &[]);
+    let block = request_block_to("/headers", "good.example", &[("host", "evil.example")]);
+    let request = frame(HEADERS, END_HEADERS | END_STREAM, 1, &block);
+    let frames = exchange(
+        b.port(),
+        [PREFACE, &frame(SETTINGS, 0, 0, &[]), &request].concat(),
+        |f| f.iter().any(|f| f.kind == DATA && f.stream == 1),
+    );
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.kind == DATA && f.stream == 1)
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    let body = String::from_utf8_lossy(&body).to_ascii_lowercase();
+    assert!(body.contains("host: good.example\n"), "{body}");
+    assert!(!body.contains("evil.example"), "{body}");
 }
