@@ -18,6 +18,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// largest header list (HTTP/2).
 pub const MAX_HEAD: usize = 64 * 1024;
 
+/// HTTP/2: how much of a request body (per stream), and of all of a
+/// connection's, a client may send ahead of the app's reading: what baton
+/// may hold for it. What an h2c app may send ahead of a slow client is
+/// bounded by four and two times these.
+pub const H2_STREAM_WINDOW: u32 = 64 * 1024;
+pub const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+
 /// How much a read asks for, and what a connection's buffer starts with.
 pub const READ: usize = 8 * 1024;
 

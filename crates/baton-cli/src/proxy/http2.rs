@@ -215,6 +215,8 @@ pub async fn serve(
             .max_header_list_size(MAX_HEADER_LIST)
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
             .max_local_error_reset_streams(MAX_ERROR_RESETS)
+            .initial_stream_window_size(super::conn_io::H2_STREAM_WINDOW)
+            .initial_connection_window_size(super::conn_io::H2_CONNECTION_WINDOW)
             .serve_connection(io, service);
         drive(served, |c| c.graceful_shutdown(), &conn, &mut draining).await;
         flood_goaway(&conn, &socket).await;

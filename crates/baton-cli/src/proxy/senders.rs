@@ -73,13 +73,16 @@ impl Sender {
 
 #[derive(Debug, Default)]
 struct Slot {
-    h1: Vec<http1::SendRequest<Incoming>>,
+    /// Idle connections and when each was given back, oldest first.
+    h1: std::collections::VecDeque<(http1::SendRequest<Incoming>, std::time::Instant)>,
 }
 
 /// One generation's connections, per proxy thread.
 #[derive(Debug)]
 pub struct Senders {
     slots: Vec<Mutex<Slot>>,
+    /// How long an idle connection is kept.
+    max_idle: std::time::Duration,
     closed: AtomicBool,
     /// An HTTP/1.1 connection was given back: a request waiting for room
     /// under the connection cap may take it instead.
@@ -87,9 +90,11 @@ pub struct Senders {
 }
 
 impl Senders {
-    /// Empty, for `threads` proxy threads.
-    pub fn new(threads: usize) -> Senders {
+    /// Empty, for `threads` proxy threads; idle connections are closed
+    /// after `max_idle` (checked when the pool is used).
+    pub fn new(threads: usize, max_idle: std::time::Duration) -> Senders {
         Senders {
+            max_idle,
             slots: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
             closed: AtomicBool::new(false),
             returned: tokio::sync::Notify::new(),
@@ -106,8 +111,10 @@ impl Senders {
 
     /// One of this thread's idle HTTP/1.1 connections.
     pub fn take(&self) -> Option<Sender> {
+        let max_idle = self.max_idle;
         self.with(|slot| {
-            while let Some(s) = slot.h1.pop() {
+            expire(slot, max_idle);
+            while let Some((s, _)) = slot.h1.pop_back() {
                 if !s.is_closed() {
                     return Some(Sender::H1(s));
                 }
@@ -124,9 +131,11 @@ impl Senders {
         if self.closed.load(Ordering::SeqCst) || s.is_closed() {
             return;
         }
+        let max_idle = self.max_idle;
         self.with(|slot| {
+            expire(slot, max_idle);
             if slot.h1.len() < MAX_IDLE {
-                slot.h1.push(s);
+                slot.h1.push_back((s, std::time::Instant::now()));
             }
         });
         self.returned.notify_one();
@@ -157,6 +166,17 @@ impl Senders {
     }
 }
 
+/// Closes the slot's connections idle for longer than `max_idle`.
+fn expire(slot: &mut Slot, max_idle: std::time::Duration) {
+    while slot
+        .h1
+        .front()
+        .is_some_and(|(s, at)| s.is_closed() || at.elapsed() > max_idle)
+    {
+        slot.h1.pop_front();
+    }
+}
+
 /// A new connection to `addr`, h2c or HTTP/1.1; its driver runs as a task
 /// of this thread until the connection ends, holding `ticket`: a place
 /// under the proxy's connection cap, so that an HTTP/2 client's streams
@@ -173,6 +193,9 @@ pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> 
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_LIST)
+            // What the app may send ahead of a slow client: held by baton.
+            .initial_stream_window_size(super::conn_io::H2_STREAM_WINDOW * 4)
+            .initial_connection_window_size(super::conn_io::H2_CONNECTION_WINDOW * 2)
             .handshake(io)
             .await
             .map_err(failed)?;

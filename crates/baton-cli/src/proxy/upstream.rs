@@ -130,7 +130,7 @@ impl Upstream {
             retired: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             pool: Pool::new(super::slot::threads(), pool_idle, stray),
-            senders: Senders::new(super::slot::threads()),
+            senders: Senders::new(super::slot::threads(), pool_idle),
             on_drained,
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
