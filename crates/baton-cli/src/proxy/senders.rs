@@ -205,7 +205,7 @@ pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> 
         });
         Ok(Sender::H2(sender))
     } else {
-        let io = TokioIo::new(QuickAck(io.into_inner()));
+        let io = TokioIo::new(QuickAck(io.into_inner(), false));
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(super::conn_io::MAX_HEAD.max(8192) * 2)
             .handshake(io)
@@ -219,12 +219,13 @@ pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> 
     }
 }
 
-/// A connection to an HTTP/1.1 app that acknowledges at once what arrives
-/// while an answer is awaited: an app that writes a head and a body apart
-/// (Python's `http.server`) would otherwise wait, by Nagle's algorithm,
-/// for a delayed ACK (40 ms on Linux) before it sends the body. Quick ACKs
-/// are not sticky: one system call per wait.
-struct QuickAck(tokio::net::TcpStream);
+/// A connection to an HTTP/1.1 app that acknowledges at once what
+/// arrived when an answer comes in parts: an app that writes a head and a
+/// body apart (Python's `http.server`) would otherwise wait, by Nagle's
+/// algorithm, for a delayed ACK (40 ms on Linux) before it sends the
+/// body. Quick ACKs are not sticky: one system call per wait within an
+/// answer; answers that arrive whole cost nothing.
+struct QuickAck(tokio::net::TcpStream, bool);
 
 impl tokio::io::AsyncRead for QuickAck {
     fn poll_read(
@@ -232,9 +233,15 @@ impl tokio::io::AsyncRead for QuickAck {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
-        if polled.is_pending() {
-            let _ = rustix::net::sockopt::set_tcp_quickack(&self.0, true);
+        match &polled {
+            // Waiting for the rest of what began to arrive.
+            std::task::Poll::Pending if self.1 => {
+                let _ = rustix::net::sockopt::set_tcp_quickack(&self.0, true);
+            }
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => self.1 = true,
+            _ => {}
         }
         polled
     }
@@ -246,6 +253,8 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        // A request goes out: its answer has not begun.
+        self.1 = false;
         std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
@@ -254,6 +263,7 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
+        self.1 = false;
         std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 
