@@ -306,18 +306,22 @@ fn under_a_real_systemd_reload_restart_and_a_killed_baton_lose_nothing() {
     let killed = m.bench("systemctl kill -s KILL --kill-who=main app", "1s");
     assert_eq!(failed(&killed), 0, "KillMode=process: {killed}");
     wait_until("the new baton adopted the app", LONG, || {
-        m.sh("/usr/local/bin/baton status --json --name app")
-            .contains("\"adopted_from\":")
-            && !m
-                .sh("/usr/local/bin/baton status --json --name app")
-                .contains("\"adopted_from\":null")
+        adopted_from(&m).is_some_and(|from| !from.is_null())
     });
     rows.push(("kill -s KILL main, KillMode=process", failed(&killed)));
 
     // Control: KillMode=mixed takes the app with the killed baton.
     m.restart_with("KillMode=mixed");
     let mixed = m.bench("systemctl kill -s KILL --kill-who=main app", "1s");
-    assert!(failed(&mixed) > 0, "the control row must fail: {mixed}");
+    // The app went with its baton: the next baton started a new one
+    // rather than adopting it. (What that costs clients depends on what
+    // was in flight at the kill: 8 failed in one run, 0 in another.)
+    wait_until("a baton answers again", LONG, || adopted_from(&m).is_some());
+    assert_eq!(
+        adopted_from(&m),
+        Some(serde_json::Value::Null),
+        "KillMode=mixed: the app must not survive its baton"
+    );
     rows.push(("kill -s KILL main, KillMode=mixed", failed(&mixed)));
 
     // WatchdogSec=: a baton whose loop is stuck (stopped) is killed by
@@ -396,4 +400,12 @@ fn under_a_real_systemd_reload_restart_and_a_killed_baton_lose_nothing() {
         "real systemd: the table in {} s",
         started.elapsed().as_secs()
     );
+}
+
+/// `adopted_from` of `baton status --json` in the machine (`None` while no
+/// baton answers).
+fn adopted_from(m: &Machine) -> Option<serde_json::Value> {
+    let out = m.sh("/usr/local/bin/baton status --json --name app");
+    let json: serde_json::Value = serde_json::from_str(&out).ok()?;
+    json.get("adopted_from").cloned()
 }
