@@ -40,6 +40,9 @@ pub enum Event {
     Quiesced(bool),
     /// An adopted process (not our child) exited.
     Gone(i32),
+    /// Proxy mode, stopping: the clients' connections have ended (or the
+    /// drain wait passed); the stop proper follows.
+    ClientsGone,
     /// Proxy mode: the release on probation answers clearly worse than the
     /// previous one.
     Worse {

@@ -109,6 +109,9 @@ struct Guardian {
     systemd: systemd::Systemd,
     /// `baton stop` clients, answered when baton has stopped.
     stop_waiters: Vec<Waiter>,
+    /// Proxy mode: a stop waits for the clients to go first (why it was
+    /// asked for), see [`Guardian::stop`].
+    clients_first: Option<String>,
     started: Instant,
     /// When the event being handled arrived: baton's own latency (trigger to
     /// exec, ready to stop signal) is measured from here.
@@ -128,9 +131,47 @@ impl Guardian {
 
     /// A stop request (a signal, `baton stop`; see [`Policy::stop`] for
     /// `--shutdown-delay`).
+    ///
+    /// In `--proxy http` without `--shutdown-delay` the clients go first: the
+    /// proxy stops accepting and tells its clients (HTTP/2 GOAWAY, HTTP/1
+    /// `Connection: close`), and the app gets its stop signal once their
+    /// connections have ended, or after the drain wait: streams a client
+    /// opens before its GOAWAY arrives still reach an app that serves. A
+    /// second stop request meanwhile stops at once.
     fn stop(&mut self, why: &str) {
         self.event_at = Instant::now();
-        let actions = self.policy.stop(self.event_at, why);
+        let first = self.clients_first.is_none()
+            && !self.policy.is_stopping()
+            && self.policy.lame_duck().is_none()
+            && self.cfg.policy.shutdown_delay.is_none();
+        // (tcp mode relays bytes: its connections end with the app's own
+        // graceful stop, which must not wait for them.)
+        let wait = self
+            .cfg
+            .proxy
+            .as_ref()
+            .filter(|p| p.mode == crate::proxy::Mode::Http)
+            .map(|p| p.drain_wait);
+        if first
+            && let Some(wait) = wait
+            && let Some(done) = self.procs.launch.quiesce()
+        {
+            info!(
+                reason = why,
+                drain_wait_ms = wait.as_millis() as u64,
+                "stop: clients first; the app's stop signal follows once their connections end"
+            );
+            self.clients_first = Some(why.to_owned());
+            self.systemd.stopping();
+            let events = self.procs.events.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(wait, done).await;
+                let _ = events.send(Event::ClientsGone);
+            });
+            return;
+        }
+        let why = self.clients_first.take().unwrap_or_else(|| why.to_owned());
+        let actions = self.policy.stop(self.event_at, &why);
         self.apply(actions);
     }
 
@@ -320,6 +361,12 @@ impl Guardian {
             Event::Drained(slot) => self.procs.drained(slot),
             Event::Watched => self.trigger(Trigger::Watch, None),
             Event::Quiesced(done) => self.upgrade_quiesced(done),
+            Event::ClientsGone => {
+                if let Some(why) = self.clients_first.take() {
+                    let actions = self.policy.stop(self.event_at, &why);
+                    self.apply(actions);
+                }
+            }
             Event::Gone(pid) => {
                 if let Some(exit) = self.procs.children.gone(pid) {
                     self.exited(exit);

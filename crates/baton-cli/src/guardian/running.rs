@@ -198,6 +198,7 @@ impl Running {
             observed: metrics::Observed::default(),
             systemd: systemd::Systemd::resume(handover.as_ref().is_some_and(|h| h.systemd_ready)),
             stop_waiters: Vec::new(),
+            clients_first: None,
             started: handover
                 .as_ref()
                 .map_or(now, |h| sys::clock::instant(h.started_ns)),

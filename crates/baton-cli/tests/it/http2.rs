@@ -644,3 +644,58 @@ fn http2_authority_wins_over_host_for_an_http1_app() {
     assert!(body.contains("host: good.example\n"), "{body}");
     assert!(!body.contains("evil.example"), "{body}");
 }
+
+#[test]
+fn http2_a_stop_lets_clients_go_first_and_streams_opened_meanwhile_are_answered() {
+    // Without --shutdown-delay: the app gets its stop signal only once the
+    // clients' connections have ended, so a stream a client opens after
+    // baton's GOAWAY left (before it arrived, as far as the client knew)
+    // still reaches an app that serves. Before, the app was stopping
+    // already and the stream got 502.
+    let mut b = Baton::behind_proxy("http", &[], &[]);
+    let app = b.gen_pid(1);
+    let mut c = TcpStream::connect(("127.0.0.1", b.port())).expect("connect");
+    let slow = request_block_to("/slow?ms=1500", "x", &[]);
+    c.write_all(
+        &[
+            PREFACE,
+            &frame(SETTINGS, 0, 0, &[]),
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &slow),
+        ]
+        .concat(),
+    )
+    .expect("write");
+    b.wait_for(
+        "the slow request reached the app",
+        |l| l.contains("started a 1500 ms request"),
+        LONG,
+    );
+    b.signal(rustix::process::Signal::TERM);
+    let frames = read_frames(&mut c, |f| goaway(f).is_some());
+    assert_eq!(goaway(&frames), Some(NO_ERROR), "{frames:?}");
+    assert!(!support::pid_gone(app), "the app still serves");
+    c.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &request_block("x", &[]),
+    ))
+    .expect("write");
+    let answered =
+        |f: &[Frame], stream: u32| f.iter().any(|f| f.kind == DATA && f.stream == stream);
+    let frames = read_frames(&mut c, |f| answered(f, 1) && answered(f, 3));
+    for stream in [1, 3] {
+        let head = frames
+            .iter()
+            .find(|f| f.kind == HEADERS && f.stream == stream)
+            .unwrap_or_else(|| panic!("stream {stream} answered: {frames:?}"));
+        // `:status 200` is HPACK's static entry 8.
+        assert_eq!(
+            head.payload.first(),
+            Some(&0x88),
+            "stream {stream}: {head:?}"
+        );
+    }
+    drop(c);
+    assert!(b.wait_exit(LONG).success());
+}
