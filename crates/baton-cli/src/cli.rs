@@ -464,6 +464,11 @@ pub struct KeeperArgs {
     /// Copy lines as they are, without `[NAME gen N] `.
     #[arg(long)]
     pub no_prefix: bool,
+
+    /// The most worker processes whose output pipes, and whose pidfds, it
+    /// holds (baton sizes it from `--workers`).
+    #[arg(long, value_name = "N", default_value_t = crate::guardian::keeper::DEFAULT_MAX_HELD)]
+    pub max_held: usize,
 }
 
 /// `baton status`.

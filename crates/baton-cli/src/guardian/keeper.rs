@@ -24,7 +24,9 @@
 //! - `take`: answers `ok N logs L1,.. pids L1,.. state S` (`-` for an
 //!   empty list) with the N
 //!   listeners, the held pipes, pidfds and (S = 1) state attached
-//!   (`SCM_RIGHTS`), then waits on that connection: `done` (the taker's
+//!   (`SCM_RIGHTS`; past 250 descriptors, the rest follow in messages of
+//!   one byte, `+`, each carrying up to 250 more), then waits on that
+//!   connection: `done` (the taker's
 //!   own keeper holds copies now) and it exits; the connection closing
 //!   first, or no word within [`HANDOFF_TIMEOUT`], and it goes on holding
 //!   (the taker died half way: the next one takes again);
@@ -69,12 +71,16 @@ const TICK: Duration = Duration::from_millis(500);
 /// The longest request.
 const MAX_REQUEST: usize = 64;
 
-/// The most generations whose output is held (each costs two descriptors
-/// in the `take` answer).
-const MAX_HELD: usize = 16;
+/// The most worker processes whose output pipes and pidfds are held, if
+/// baton does not say (`--max-held`: sized from its `--workers`).
+pub const DEFAULT_MAX_HELD: usize = 64;
 
-/// The most pidfds held.
-const MAX_PIDS: usize = 64;
+/// The longest `take` answer's text (its labels).
+const MAX_TAKE_TEXT: usize = 1 << 20;
+
+/// What the `take` answer's later messages carry (one byte each, with up
+/// to [`sys::fdpass::MAX_FDS`] descriptors).
+const MORE: &[u8] = b"+";
 
 /// The most clients served at once; the oldest is dropped beyond.
 const MAX_CLIENTS: usize = 64;
@@ -92,6 +98,8 @@ struct Held {
 /// What the keeper holds for the next baton.
 #[derive(Default)]
 struct Holding {
+    /// The most worker processes whose pipes, and whose pidfds, are held.
+    max_held: usize,
     listeners: Vec<OwnedFd>,
     held: Vec<Held>,
     pids: Vec<(String, OwnedFd)>,
@@ -142,6 +150,7 @@ pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
     let mut log_file: Option<super::logfile::LogFile> = None;
     let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
     let mut holding = Holding {
+        max_held: args.max_held,
         listeners: (0..listeners)
             .map(|i| sys::exec::take_fd(4 + i as i32))
             .collect::<std::io::Result<Vec<_>>>()
@@ -353,7 +362,7 @@ fn answer(
     };
     match (words.next(), words.next()) {
         (Some("hold"), w)
-            if passed.len() == 2 && holding.held.len() < MAX_HELD && label(w).is_some() =>
+            if passed.len() == 2 && holding.held.len() < holding.max_held && label(w).is_some() =>
         {
             let err = passed.pop()?;
             let out = passed.pop()?;
@@ -367,7 +376,7 @@ fn answer(
             reply("ok\n")
         }
         (Some("pid"), w)
-            if passed.len() == 1 && holding.pids.len() < MAX_PIDS && label(w).is_some() =>
+            if passed.len() == 1 && holding.pids.len() < holding.max_held && label(w).is_some() =>
         {
             let label = label(w)?;
             holding.pids.retain(|(l, _)| *l != label);
@@ -388,16 +397,12 @@ fn answer(
             let mut all: Vec<BorrowedFd<'_>> = holding.listeners.iter().map(AsFd::as_fd).collect();
             let mut pids = Vec::new();
             for (label, fd) in &holding.pids {
-                if all.len() < sys::fdpass::MAX_FDS - 1 {
-                    all.push(fd.as_fd());
-                    pids.push(label.clone());
-                }
+                all.push(fd.as_fd());
+                pids.push(label.clone());
             }
             let mut logs = Vec::new();
             for h in &holding.held {
-                if let (Some((out, _)), Some((err, _))) = (&h.out, &h.err)
-                    && all.len() + 2 < sys::fdpass::MAX_FDS
-                {
+                if let (Some((out, _)), Some((err, _))) = (&h.out, &h.err) {
                     all.push(out.as_fd());
                     all.push(err.as_fd());
                     logs.push(h.label.clone());
@@ -423,7 +428,13 @@ fn answer(
                 list(&pids),
                 u8::from(state)
             );
-            match sys::fdpass::send(conn, text.as_bytes(), &all) {
+            // More than one message carries: the text with the first
+            // descriptors, then a byte with each batch of the rest.
+            let mut batches = all.chunks(sys::fdpass::MAX_FDS);
+            let first = batches.next().unwrap_or(&[]);
+            let sent = sys::fdpass::send(conn, text.as_bytes(), first)
+                .and_then(|()| batches.try_for_each(|batch| sys::fdpass::send(conn, MORE, batch)));
+            match sent {
                 Ok(()) => Some(Served::Taken),
                 Err(e) => {
                     eprintln!("baton keeper: handing the listeners over: {e}");
@@ -526,18 +537,45 @@ fn parse_take(text: &str) -> Option<(usize, Vec<Slot>, Vec<Slot>, bool)> {
 pub fn take(path: &Path) -> std::io::Result<Taken> {
     let conn = ask(path, "take", &[])?;
     conn.set_read_timeout(Some(TAKE_TIMEOUT))?;
-    let (text, fds) = sys::fdpass::recv(&conn, 1024)?;
-    let text = String::from_utf8_lossy(&text);
-    let bad = || {
+    receive_take(conn)
+}
+
+/// Reads the `take` answer from `conn`.
+fn receive_take(conn: UnixStream) -> std::io::Result<Taken> {
+    // The text (its labels may take a few reads) with the first batch of
+    // descriptors, then a byte with each further batch.
+    let (mut raw, mut fds) = sys::fdpass::recv(&conn, MAX_TAKE_TEXT)?;
+    let end = loop {
+        if let Some(end) = raw.iter().position(|&b| b == b'\n') {
+            break end;
+        }
+        let (more, batch) = sys::fdpass::recv(&conn, MAX_TAKE_TEXT)?;
+        if more.is_empty() || raw.len() + more.len() > MAX_TAKE_TEXT {
+            return Err(std::io::Error::other(
+                "the keeper's answer to take ended, or ran on, before its end of line",
+            ));
+        }
+        raw.extend_from_slice(&more);
+        fds.extend(batch);
+    };
+    let text = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let bad = |got: usize| {
         std::io::Error::other(format!(
-            "the keeper answered {:?} with {} descriptor(s)",
+            "the keeper answered {:?} with {got} descriptor(s)",
             text.trim(),
-            fds.len()
         ))
     };
-    let (n, logs_of, pids_of, with_state) = parse_take(&text).ok_or_else(bad)?;
-    if fds.len() != n + pids_of.len() + 2 * logs_of.len() + usize::from(with_state) {
-        return Err(bad());
+    let (n, logs_of, pids_of, with_state) = parse_take(&text).ok_or_else(|| bad(fds.len()))?;
+    let expected = n + pids_of.len() + 2 * logs_of.len() + usize::from(with_state);
+    while fds.len() < expected {
+        let (more, batch) = sys::fdpass::recv(&conn, MORE.len())?;
+        if more != MORE || batch.is_empty() {
+            return Err(bad(fds.len()));
+        }
+        fds.extend(batch);
+    }
+    if fds.len() != expected {
+        return Err(bad(fds.len()));
     }
     let mut fds = fds.into_iter();
     let listeners = fds.by_ref().take(n).collect();
@@ -617,6 +655,45 @@ fn ask(path: &Path, what: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<UnixS
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_take_answer_of_more_descriptors_than_a_message_carries_comes_whole() {
+        // 300 workers' pipes and pidfds: 901 descriptors, in 4 messages.
+        let mut holding = Holding {
+            max_held: 400,
+            ..Holding::default()
+        };
+        let (listener, _) = UnixStream::pair().expect("pair");
+        holding.listeners.push(OwnedFd::from(listener));
+        for w in 0..300 {
+            let label = format!("3.w{w}");
+            let (out, err) = rustix::pipe::pipe().expect("pipe");
+            holding.held.push(Held {
+                label: label.clone(),
+                out: Some((out, true)),
+                err: Some((err, true)),
+            });
+            let (pidfd, _) = rustix::pipe::pipe().expect("pipe");
+            holding.pids.push((label, pidfd));
+        }
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let client = Client {
+            conn: ours,
+            deadline: Instant::now() + CLIENT_TIMEOUT,
+            taker: false,
+        };
+        let receiving = std::thread::spawn(move || receive_take(theirs));
+        assert!(matches!(
+            answer(&client, b"take", Vec::new(), &mut holding),
+            Some(Served::Taken)
+        ));
+        let taken = receiving.join().expect("thread").expect("taken");
+        assert_eq!(taken.listeners.len(), 1);
+        assert_eq!(taken.logs.len(), 300);
+        assert_eq!(taken.pids.len(), 300);
+        assert_eq!(taken.logs[299].0.label(), "3.w299");
+        assert_eq!(taken.pids[1].0.label(), "3.w1");
+    }
+
     use super::*;
 
     #[test]
