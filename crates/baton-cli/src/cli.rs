@@ -467,7 +467,7 @@ pub struct KeeperArgs {
 
     /// The most worker processes whose output pipes, and whose pidfds, it
     /// holds (baton sizes it from `--workers`).
-    #[arg(long, value_name = "N", default_value_t = crate::guardian::keeper::DEFAULT_MAX_HELD)]
+    #[arg(long, value_name = "N", default_value_t = crate::knobs::KEEPER_MAX_HELD)]
     pub max_held: usize,
 }
 

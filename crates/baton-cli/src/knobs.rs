@@ -129,3 +129,8 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
     Ok((name.to_owned(), value.to_owned()))
 }
+
+/// The most worker processes whose output pipes and pidfds baton's keeper
+/// holds, if baton does not say (`baton keeper --max-held`, sized from
+/// `--workers`).
+pub const KEEPER_MAX_HELD: usize = 64;

@@ -71,10 +71,6 @@ const TICK: Duration = Duration::from_millis(500);
 /// The longest request.
 const MAX_REQUEST: usize = 64;
 
-/// The most worker processes whose output pipes and pidfds are held, if
-/// baton does not say (`--max-held`: sized from its `--workers`).
-pub const DEFAULT_MAX_HELD: usize = 64;
-
 /// The longest `take` answer's text (its labels).
 const MAX_TAKE_TEXT: usize = 1 << 20;
 

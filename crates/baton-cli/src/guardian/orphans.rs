@@ -196,7 +196,7 @@ impl Orphans {
         ];
         // Every worker of two generations (a reload), their replacements,
         // and room to spare.
-        let max_held = (4 * cfg.policy.workers + 16).max(keeper::DEFAULT_MAX_HELD);
+        let max_held = (4 * cfg.policy.workers + 16).max(crate::knobs::KEEPER_MAX_HELD);
         args.extend(["--max-held".into(), max_held.to_string().into()]);
         if let Some(log) = &cfg.log_file {
             args.extend([
