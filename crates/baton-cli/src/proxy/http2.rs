@@ -423,7 +423,7 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
                 (e, _) => {
                     upstream.record(true);
                     counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    let why = format!("generation {}: {e}", upstream.generation);
+                    let why = format!("generation {}: {}", upstream.generation, describe(&e));
                     return own_answer(grpc, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, &why);
                 }
             },
@@ -463,6 +463,18 @@ async fn connect_under_cap(
                 "no room for a connection to the app under the connection cap (--max-connections)",
             ))
         })
+}
+
+/// An error with its causes (hyper's own says only "http2 error").
+fn describe(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether a request is gRPC.
