@@ -24,6 +24,7 @@
 
 mod backoff;
 pub mod children;
+mod clients_first;
 pub mod diagnose;
 pub mod event;
 pub mod generation;
@@ -130,44 +131,16 @@ impl Guardian {
     }
 
     /// A stop request (a signal, `baton stop`; see [`Policy::stop`] for
-    /// `--shutdown-delay`).
-    ///
-    /// In `--proxy http` without `--shutdown-delay` the clients go first: the
-    /// proxy stops accepting and tells its clients (HTTP/2 GOAWAY, HTTP/1
-    /// `Connection: close`), and the app gets its stop signal once their
-    /// connections have ended, or after the drain wait: streams a client
-    /// opens before its GOAWAY arrives still reach an app that serves. A
-    /// second stop request meanwhile stops at once.
+    /// `--shutdown-delay`, and `clients_first.rs` for proxy mode).
     fn stop(&mut self, why: &str) {
         self.event_at = Instant::now();
         let first = self.clients_first.is_none()
             && !self.policy.is_stopping()
             && self.policy.lame_duck().is_none()
             && self.cfg.policy.shutdown_delay.is_none();
-        // (tcp mode relays bytes: its connections end with the app's own
-        // graceful stop, which must not wait for them.)
-        let wait = self
-            .cfg
-            .proxy
-            .as_ref()
-            .filter(|p| p.mode == crate::proxy::Mode::Http)
-            .map(|p| p.drain_wait);
-        if first
-            && let Some(wait) = wait
-            && let Some(done) = self.procs.launch.quiesce()
-        {
-            info!(
-                reason = why,
-                drain_wait_ms = wait.as_millis() as u64,
-                "stop: clients first; the app's stop signal follows once their connections end"
-            );
+        if first && clients_first::start(self.cfg.proxy.as_ref(), &mut self.procs, why) {
             self.clients_first = Some(why.to_owned());
             self.systemd.stopping();
-            let events = self.procs.events.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(wait, done).await;
-                let _ = events.send(Event::ClientsGone);
-            });
             return;
         }
         let why = self.clients_first.take().unwrap_or_else(|| why.to_owned());

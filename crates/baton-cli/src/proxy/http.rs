@@ -485,12 +485,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                         {
                             continue;
                         }
-                        upstream.record(true);
-                        counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                        let why = format!(
-                            "generation {} at {}: {e}",
-                            upstream.generation, upstream.addr
-                        );
+                        let why = proxy.unreachable(&upstream, &e);
                         let body_read = request.framing == Framing::None;
                         return self.answer_error(request, 502, &why, body_read).await;
                     }
@@ -508,13 +503,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + ClientSocket + Unpin> Client<R, W> {
                     let why = match failed {
                         Failed::Client => return After::Close,
                         Failed::Timeout => {
-                            upstream.record(true);
-                            counters.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
-                            let why = format!(
-                                "generation {} did not answer within {} (--upstream-timeout)",
-                                upstream.generation,
-                                humantime::format_duration(proxy.limits.upstream_timeout)
-                            );
+                            let why = proxy.timed_out(&upstream);
                             return self.answer_error(request, 504, &why, body_read).await;
                         }
                         Failed::Unanswered(e) if request.replayable && !replayed => {

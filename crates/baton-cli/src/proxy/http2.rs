@@ -381,12 +381,7 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
                     {
                         continue;
                     }
-                    upstream.record(true);
-                    counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    let why = format!(
-                        "generation {} at {}: {e}",
-                        upstream.generation, upstream.addr
-                    );
+                    let why = proxy.unreachable(&upstream, &e);
                     return own_answer(grpc, StatusCode::BAD_GATEWAY, GRPC_UNAVAILABLE, &why);
                 }
             },
@@ -394,13 +389,7 @@ async fn forward(request: Request<Incoming>, conn: Arc<Conn>) -> Response<Out> {
         let timeout = proxy.limits.upstream_timeout;
         match tokio::time::timeout(timeout, sender.send(request)).await {
             Err(_) => {
-                upstream.record(true);
-                counters.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
-                let why = format!(
-                    "generation {} did not answer within {} (--upstream-timeout)",
-                    upstream.generation,
-                    humantime::format_duration(timeout)
-                );
+                let why = proxy.timed_out(&upstream);
                 return own_answer(
                     grpc,
                     StatusCode::GATEWAY_TIMEOUT,

@@ -238,6 +238,33 @@ impl Proxy {
         false
     }
 
+    /// `upstream` could not be reached (nothing was sent): counted as its
+    /// failed answer; why, for the client.
+    pub fn unreachable(&self, upstream: &Upstream, e: &dyn std::fmt::Display) -> String {
+        upstream.record(true);
+        self.counters
+            .upstream_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "generation {} at {}: {e}",
+            upstream.generation, upstream.addr
+        )
+    }
+
+    /// `upstream` sent no answer within the upstream timeout: counted as
+    /// its failed answer; why, for the client.
+    pub fn timed_out(&self, upstream: &Upstream) -> String {
+        upstream.record(true);
+        self.counters
+            .upstream_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "generation {} did not answer within {} (--upstream-timeout)",
+            upstream.generation,
+            humantime::format_duration(self.limits.upstream_timeout)
+        )
+    }
+
     /// A current worker other than `failed`: waits (up to [`Proxy::wait`])
     /// for a switch when there is none, as clients of a socket-passing
     /// reload wait in the accept queue.

@@ -210,19 +210,7 @@ fn http2_and_http1_share_the_port_and_one_http2_connection_reaches_every_generat
     let b = Baton::behind_proxy("http", &[], &[]);
     // curl, by prior knowledge: HTTP/2 end to end, forwarding headers set.
     if support::peer("curl", "curl") {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-sS",
-                "--http2-prior-knowledge",
-                "-D",
-                "-",
-                "--max-time",
-                "30",
-            ])
-            .arg(format!("http://127.0.0.1:{}/headers", b.port()))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        let text = curl_h2(&[&format!("http://127.0.0.1:{}/headers", b.port())]);
         assert!(text.starts_with("http/2 200"), "{text}");
         assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
         assert!(text.contains("x-forwarded-proto: http\n"), "{text}");
@@ -533,25 +521,10 @@ fn http2_upstream_timeout_is_a_504_and_grpc_to_an_http1_app_says_why() {
         return;
     }
     let b = Baton::behind_proxy("http", &["--upstream-timeout", "1s"], &[]);
-    let curl = |args: &[&str]| {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-sS",
-                "--http2-prior-knowledge",
-                "-D",
-                "-",
-                "--max-time",
-                "30",
-            ])
-            .args(args)
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
-    };
-    let slow = curl(&[&format!("http://127.0.0.1:{}/slow?ms=5000", b.port())]);
+    let slow = curl_h2(&[&format!("http://127.0.0.1:{}/slow?ms=5000", b.port())]);
     assert!(slow.starts_with("http/2 504"), "{slow}");
     assert!(slow.contains("--upstream-timeout"), "{slow}");
-    let grpc = curl(&[
+    let grpc = curl_h2(&[
         "-H",
         "content-type: application/grpc",
         "-H",
@@ -698,4 +671,22 @@ fn http2_a_stop_lets_clients_go_first_and_streams_opened_meanwhile_are_answered(
     }
     drop(c);
     assert!(b.wait_exit(LONG).success());
+}
+
+/// curl, HTTP/2 by prior knowledge, with `args`: the answer's head and
+/// body, lowercased.
+fn curl_h2(args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "--max-time",
+            "30",
+        ])
+        .args(args)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
 }
