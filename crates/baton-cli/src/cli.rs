@@ -52,6 +52,12 @@ pub enum Command {
     /// Send a signal to the serving generation (no reload), e.g. for apps
     /// that reread their configuration on SIGUSR1.
     Signal(SignalArgs),
+    /// Start a stopped service of a baton that runs several (--config-dir).
+    Start(StartArgs),
+    /// Read a --config-dir again: start added services, stop removed ones,
+    /// apply changed ones, leave the others alone (exit 1 if any part
+    /// failed).
+    Update(UpdateArgs),
     /// Replace the running baton with a new binary in place: same pid,
     /// same listeners, the serving generation untouched.
     Upgrade(UpgradeArgs),
@@ -75,13 +81,20 @@ pub enum Command {
 
 /// `baton run`. Options left out here come from `--config`, then from the
 /// defaults; the command line wins over the file.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Default, Clone, Args)]
 #[command(after_help = EXIT_CODES)]
 pub struct RunArgs {
     /// Read options from this TOML file (keys are the long option names,
     /// e.g. ready-timeout = "10s"; listen and command are arrays).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Run every service of this directory under one baton: each DIR/*.toml
+    /// is a service named after the file (the keys of --config that belong
+    /// to a service, plus `after` and `autostart`); DIR/baton.toml holds the
+    /// instance's keys. Options given here apply to every service.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "listen", "command"])]
+    pub config_dir: Option<PathBuf>,
 
     /// Listen address, bound by baton and passed to every generation:
     /// HOST:PORT, [IPv6]:PORT, :PORT (all interfaces) or unix:PATH,
@@ -358,11 +371,12 @@ pub struct ControlArgs {
 }
 
 impl ControlArgs {
-    /// The baton these options name.
-    pub fn target(&self) -> crate::control::client::Target<'_> {
+    /// The baton these options name, and the service `service` in it.
+    pub fn target<'a>(&'a self, service: Option<&'a str>) -> crate::control::client::Target<'a> {
         crate::control::client::Target {
             name: self.name.as_deref(),
             control: self.control.as_deref(),
+            service,
         }
     }
 }
@@ -370,6 +384,10 @@ impl ControlArgs {
 /// `baton reload`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
+    /// The service, in a baton that runs several (--config-dir).
+    #[arg(value_name = "SVC")]
+    pub service: Option<String>,
+
     #[command(flatten)]
     pub target: ControlArgs,
 
@@ -381,6 +399,11 @@ pub struct ReloadArgs {
 /// `baton stop`.
 #[derive(Debug, Args)]
 pub struct StopArgs {
+    /// Stop only this service of a baton that runs several (--config-dir);
+    /// without it, the whole instance stops.
+    #[arg(value_name = "SVC")]
+    pub service: Option<String>,
+
     #[command(flatten)]
     pub target: ControlArgs,
 
@@ -474,6 +497,11 @@ pub struct KeeperArgs {
 /// `baton status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// One service of a baton that runs several (--config-dir); without
+    /// it, every service, one line each.
+    #[arg(value_name = "SVC")]
+    pub service: Option<String>,
+
     #[command(flatten)]
     pub target: ControlArgs,
 
@@ -489,6 +517,37 @@ pub struct SignalArgs {
     #[arg(value_name = "SIGNAL")]
     pub signal: Signal,
 
+    /// The service, in a baton that runs several (--config-dir); without
+    /// it, every service's serving generation.
+    #[arg(value_name = "SVC")]
+    pub service: Option<String>,
+
     #[command(flatten)]
     pub target: ControlArgs,
+}
+
+/// `baton start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The service to start (stopped, or `autostart = false`).
+    #[arg(value_name = "SVC")]
+    pub service: String,
+
+    #[command(flatten)]
+    pub target: ControlArgs,
+
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `baton update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub target: ControlArgs,
+
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

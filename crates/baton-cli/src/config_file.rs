@@ -72,6 +72,8 @@ struct Raw {
     upstream_protocol: Option<crate::proxy::UpstreamProtocol>,
     drain_wait: Option<Spanned<String>>,
     env: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    after: Option<Vec<String>>,
+    autostart: Option<bool>,
 }
 
 /// A value written as a string or as a number (`canary = 10`,
@@ -109,6 +111,12 @@ pub struct FileSettings {
     pub args: RunArgs,
     /// `log-level`.
     pub log_level: Option<String>,
+    /// `after`: the services this one starts after (`--config-dir`).
+    pub after: Option<Vec<String>>,
+    /// `autostart`: whether it starts with baton (`--config-dir`).
+    pub autostart: Option<bool>,
+    /// The keys the file sets, each with its line.
+    pub keys: Vec<(String, usize)>,
 }
 
 /// Reads and parses `path`.
@@ -119,13 +127,29 @@ pub fn load(path: &Path) -> Result<FileSettings, StartupError> {
     parse(path, &text)
 }
 
+/// The keys `text` (the contents of `path`) sets, each with its line.
+pub fn keys(path: &Path, text: &str) -> Result<Vec<(String, usize)>, StartupError> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let keys: std::collections::BTreeMap<Spanned<String>, toml::Value> = toml::from_str(text)
+        .map_err(|e: toml::de::Error| {
+            let line = e.span().map_or(1, |s| line_of(s.start));
+            StartupError::Invalid(format!("{}:{line}: {}", path.display(), e.message().trim()))
+        })?;
+    Ok(keys
+        .into_keys()
+        .map(|k| (k.get_ref().clone(), line_of(k.span().start)))
+        .collect())
+}
+
 /// Parses `text`, the contents of `path`.
 pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let raw: Raw = toml::from_str(text).map_err(|e| {
+    let syntax = |e: toml::de::Error| {
         let line = e.span().map_or(1, |s| line_of(s.start));
         StartupError::Invalid(format!("{}:{line}: {}", path.display(), e.message().trim()))
-    })?;
+    };
+    let keys = keys(path, text)?;
+    let raw: Raw = toml::from_str(text).map_err(syntax)?;
     let value = |key: &str, span: std::ops::Range<usize>, parsed: Result<(), String>| {
         parsed.map_err(|message| {
             StartupError::Invalid(format!(
@@ -164,6 +188,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
     }
     let args = RunArgs {
         config: None,
+        config_dir: None,
         listen,
         ready: field!("ready", raw.ready, spec::ReadyMode::from_str),
         ready_timeout: field!("ready-timeout", raw.ready_timeout, spec::parse_duration),
@@ -238,6 +263,9 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
     Ok(FileSettings {
         args,
         log_level: raw.log_level,
+        after: raw.after,
+        autostart: raw.autostart,
+        keys,
     })
 }
 
@@ -246,6 +274,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileSettings, StartupError> {
 pub fn merge(cli: RunArgs, file: RunArgs) -> RunArgs {
     RunArgs {
         config: cli.config,
+        config_dir: cli.config_dir,
         listen: if cli.listen.is_empty() {
             file.listen
         } else {

@@ -141,6 +141,9 @@ pub enum ControlError {
     /// No socket was named and none (or several) were found.
     #[error("{0}")]
     NoSocket(String),
+    /// The baton there runs no service of that name.
+    #[error("{0}")]
+    UnknownService(String),
     /// The connection broke or the answer was malformed.
     #[error("talking to baton at {path:?}: {error}")]
     Io {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bound;
 pub mod cli;
 pub mod config;
+pub mod config_dir;
 pub mod config_file;
 pub mod control;
 pub mod demo;
@@ -35,9 +36,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 error::StartupError::Invalid(format!("sockets passed to baton: {e}"))
             })?;
             let args = *args;
+            if let Some(dir) = args.config_dir.clone() {
+                return run_dir(dir, args, inherited, cli.log_level.as_deref());
+            }
             let (args, file_level) = match &args.config {
                 Some(path) => {
                     let file = config_file::load(path)?;
+                    if let Some((key, line)) = file
+                        .keys
+                        .iter()
+                        .find(|(k, _)| k == "after" || k == "autostart")
+                    {
+                        return Err(error::StartupError::Invalid(format!(
+                            "{}:{line}: {key}: only a service file of --config-dir takes it",
+                            path.display()
+                        ))
+                        .into());
+                    }
                     (config_file::merge(args, file.args), file.log_level)
                 }
                 None => (args, None),
@@ -47,22 +62,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Started by `baton upgrade`: the previous image's state.
             let handover = guardian::handover::take_from_env()?;
             let (cfg, adopt) = startup::start(args, inherited, handover.as_ref())?;
-            // One thread for the loop; the guardian never blocks a pool
-            // thread, so the pool is bounded to a single thread.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .max_blocking_threads(1)
-                .build()
-                .context("starting the runtime")?;
-            runtime.block_on(guardian::running::run(cfg, adopt, handover))
+            loop_runtime()?.block_on(guardian::running::run(cfg, adopt, handover))
         }
-        Command::Reload(args) => control::client::reload(&args.target.target(), args.json, false),
-        Command::Rollback(args) => control::client::reload(&args.target.target(), args.json, true),
-        Command::Status(args) => control::client::status(&args.target.target(), args.json),
-        Command::Stop(args) => control::client::stop(&args.target.target(), args.timeout),
-        Command::Signal(args) => control::client::signal(&args.target.target(), args.signal),
+        Command::Reload(args) => control::client::reload(
+            &args.target.target(args.service.as_deref()),
+            args.json,
+            false,
+        ),
+        Command::Rollback(args) => control::client::reload(
+            &args.target.target(args.service.as_deref()),
+            args.json,
+            true,
+        ),
+        Command::Status(args) => {
+            control::client::status(&args.target.target(args.service.as_deref()), args.json)
+        }
+        Command::Stop(args) => {
+            control::client::stop(&args.target.target(args.service.as_deref()), args.timeout)
+        }
+        Command::Signal(args) => {
+            control::client::signal(&args.target.target(args.service.as_deref()), args.signal)
+        }
+        Command::Start(args) => {
+            control::client::start(&args.target.target(Some(&args.service)), args.json)
+        }
+        Command::Update(args) => control::client::update(&args.target.target(None), args.json),
         Command::Upgrade(args) => control::client::upgrade(
-            &args.target.target(),
+            &args.target.target(None),
             args.check.as_deref().or(args.binary.as_deref()),
             args.check.is_some(),
             args.timeout,
@@ -74,6 +100,42 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::app::run(args),
     }
+}
+
+/// `baton run --config-dir DIR`: every service of the directory under
+/// this one baton.
+fn run_dir(
+    dir: std::path::PathBuf,
+    args: cli::RunArgs,
+    inherited: baton::Listeners,
+    level: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    if !inherited.names().is_empty() {
+        return Err(error::StartupError::Invalid(
+            "sockets passed to baton (LISTEN_FDS) are not taken with --config-dir: each service binds its own"
+                .into(),
+        )
+        .into());
+    }
+    let read = config_dir::load(&dir, &args)?;
+    init_logging(level.or(read.log_level.as_deref()))?;
+    if guardian::handover::take_from_env()?.is_some() {
+        return Err(error::StartupError::Invalid(
+            "baton upgrade is not available with --config-dir".into(),
+        )
+        .into());
+    }
+    loop_runtime()?.block_on(guardian::host::run(dir, args, read))
+}
+
+/// The runtime of `baton run`'s loop: one thread; the guardian never
+/// blocks a pool thread, so the pool is bounded to a single thread.
+fn loop_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .context("starting the runtime")
 }
 
 /// Logs go to stderr, one line per event; `--log-level` beats `RUST_LOG`.
@@ -107,7 +169,11 @@ pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     let startup = err.downcast_ref::<error::StartupError>().is_some()
         || matches!(
             err.downcast_ref::<ControlError>(),
-            Some(ControlError::NotRunning { .. } | ControlError::NoSocket(_))
+            Some(
+                ControlError::NotRunning { .. }
+                    | ControlError::NoSocket(_)
+                    | ControlError::UnknownService(_)
+            )
         );
     if startup {
         ExitCode::from(2)

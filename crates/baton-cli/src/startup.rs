@@ -42,8 +42,33 @@ pub fn start(
             cfg.argv.clone_from(&h.argv);
             Left::default()
         }
-        None => bind(&mut cfg, inherited)?,
+        None => {
+            cfg.control = Some(bind_control(&cfg.control_path)?);
+            bind(&mut cfg, inherited, false)?
+        }
     };
+    size_proxy(&mut cfg)?;
+    Ok((cfg, adopt))
+}
+
+/// [`start`] for one service of several (`--config-dir`): no control
+/// socket or metrics endpoint of its own (the instance's serve them all);
+/// `inherited`: its listeners kept across a restart by `baton update`.
+pub fn start_service(
+    args: RunArgs,
+    nofile: crate::sys::limits::Nofile,
+    inherited: baton::Listeners,
+) -> Result<(RunConfig, Left), StartupError> {
+    let mut cfg = RunConfig::from_args(args, nofile)?;
+    // A worker that takes no connections listens on nothing.
+    let none_ok = cfg.proxy.is_none();
+    let adopt = bind(&mut cfg, inherited, none_ok)?;
+    size_proxy(&mut cfg)?;
+    Ok((cfg, adopt))
+}
+
+/// The proxy's connection cap, from the descriptor limit.
+fn size_proxy(cfg: &mut RunConfig) -> Result<(), StartupError> {
     if let Some(p) = &mut cfg.proxy {
         let n = crate::config::max_connections(
             cfg.nofile.soft,
@@ -53,13 +78,16 @@ pub fn start(
         )?;
         p.limits.serve.connections = baton::serve::Connections::new(n);
     }
-    Ok((cfg, adopt))
+    Ok(())
 }
 
 /// Binds the control socket, the listeners and the metrics endpoint,
 /// using sockets passed to baton and those a dead baton's keeper holds.
-fn bind(cfg: &mut RunConfig, inherited: baton::Listeners) -> Result<Left, StartupError> {
-    cfg.control = Some(bind_control(&cfg.control_path)?);
+fn bind(
+    cfg: &mut RunConfig,
+    inherited: baton::Listeners,
+    none_ok: bool,
+) -> Result<Left, StartupError> {
     // What a baton that died here left: its listeners (from its keeper) are
     // used like sockets passed to baton.
     let found = orphans::find(&cfg.control_path, &cfg.listen)?;
@@ -86,7 +114,7 @@ fn bind(cfg: &mut RunConfig, inherited: baton::Listeners) -> Result<Left, Startu
             identified: found.identified,
         });
     }
-    let mut listeners = listeners(&cfg.listen, inherited)?;
+    let mut listeners = listeners(&cfg.listen, inherited, none_ok)?;
     // Socket files the dead baton made are this one's to remove.
     for l in &mut listeners {
         if let Some((_, path)) = unix_paths.iter().find(|(local, _)| *local == l.local) {
@@ -94,25 +122,23 @@ fn bind(cfg: &mut RunConfig, inherited: baton::Listeners) -> Result<Left, Startu
         }
     }
     cfg.listeners = listeners;
-    cfg.metrics = cfg
-        .metrics_addr
-        .map(|addr| {
-            let (bound, as_listen) = match addr {
-                crate::spec::AdminAddr::Ip(ip) => (socket::bind_tcp(ip, false), ListenAddr::Ip(ip)),
-                crate::spec::AdminAddr::AnyHost(port) => {
-                    (bind_any_host(port), ListenAddr::AnyHost(port))
-                }
-            };
-            bound
-                .map(std::net::TcpListener::from)
-                .map_err(|source| StartupError::Bind {
-                    addr: format!("{addr} (--metrics)"),
-                    hint: bind_hint(&as_listen, &source),
-                    error: source,
-                })
-        })
-        .transpose()?;
+    cfg.metrics = cfg.metrics_addr.map(bind_metrics).transpose()?;
     Ok(left)
+}
+
+/// Binds the metrics endpoint (`--metrics`).
+pub fn bind_metrics(addr: crate::spec::AdminAddr) -> Result<std::net::TcpListener, StartupError> {
+    let (bound, as_listen) = match addr {
+        crate::spec::AdminAddr::Ip(ip) => (socket::bind_tcp(ip, false), ListenAddr::Ip(ip)),
+        crate::spec::AdminAddr::AnyHost(port) => (bind_any_host(port), ListenAddr::AnyHost(port)),
+    };
+    bound
+        .map(std::net::TcpListener::from)
+        .map_err(|source| StartupError::Bind {
+            addr: format!("{addr} (--metrics)"),
+            hint: bind_hint(&as_listen, &source),
+            error: source,
+        })
 }
 
 /// The control socket, listeners and metrics endpoint a previous image
@@ -165,6 +191,7 @@ fn handed_over(cfg: &mut RunConfig, h: &Handover) -> Result<(), StartupError> {
 fn listeners(
     specs: &[ListenSpec],
     mut inherited: baton::Listeners,
+    none_ok: bool,
 ) -> Result<Vec<BoundListener>, StartupError> {
     let names = inherited.names().to_vec();
     let mut adopted: Vec<Option<BoundListener>> = Vec::new();
@@ -205,7 +232,7 @@ fn listeners(
             .flatten()
             .filter(|l| crate::sys::inspect::inode(&l.fd).is_none_or(|i| !taken.contains(&i))),
     );
-    if out.is_empty() {
+    if out.is_empty() && !none_ok {
         return Err(StartupError::Invalid(
             "nothing to listen on: give --listen ADDR (or listen = [...] in --config, or sockets from systemd)".into(),
         ));
@@ -272,7 +299,7 @@ fn check_control_dir(dir: &Path) -> Result<(), StartupError> {
     }
 }
 
-fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
+pub fn bind_control(path: &Path) -> Result<ControlSocket, StartupError> {
     let err = |source| StartupError::Control {
         path: path.to_owned(),
         error: source,

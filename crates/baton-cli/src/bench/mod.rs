@@ -166,7 +166,11 @@ fn usage(message: String) -> anyhow::Error {
 /// `control` names, or of the only one running.
 fn default_url(name: Option<&str>, control: Option<&std::path::Path>) -> anyhow::Result<String> {
     use crate::control::{client, proto};
-    let target = client::Target { name, control };
+    let target = client::Target {
+        name,
+        control,
+        service: None,
+    };
     let path = client::locate(&target)
         .map_err(|e| usage(format!("no --url given, and no baton to take it from: {e}")))?;
     let proto::Response::Status(status) = client::call(&path, &proto::Request::Status, None)?
@@ -217,10 +221,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             // Reloads asked for without a trigger: the one baton running,
             // found as `baton reload` finds it.
             (None, None, None) if !times.is_empty() => {
-                let target = crate::control::client::Target {
-                    name: None,
-                    control: None,
-                };
+                let target = crate::control::client::Target::default();
                 let path = crate::control::client::locate(&target).map_err(|e| {
                     usage(format!(
                         "--reload-at/--reload-every need a trigger (--trigger CMD, --name NAME or \

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::ControlError;
 
-use super::proto::{Request, Response, Status};
+use super::proto::{Request, Response, ServiceStatus, Status};
 
 /// Which running baton to talk to: `control` (a socket path) wins over
 /// `name`; with neither, the only socket in the default directory.
@@ -19,6 +19,8 @@ pub struct Target<'a> {
     pub name: Option<&'a str>,
     /// Path of the control socket.
     pub control: Option<&'a Path>,
+    /// The service inside it (a baton run with `--config-dir`).
+    pub service: Option<&'a str>,
 }
 
 /// Finds the control socket: `--control`, else `--name`'s default path, else
@@ -38,26 +40,7 @@ pub fn locate(target: &Target<'_>) -> Result<PathBuf, ControlError> {
 /// services, and a socket nothing listens on any more (a baton that was
 /// killed) is skipped and mentioned.
 fn find_in(dir: &Path) -> Result<PathBuf, ControlError> {
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .filter(|p| {
-                    !p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().ends_with(".keeper.sock"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    candidates.sort();
-    let (mut live, stale): (Vec<PathBuf>, Vec<PathBuf>) = candidates.into_iter().partition(|p| {
-        !matches!(
-            std::os::unix::net::UnixStream::connect(p),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-        )
-    });
+    let (mut live, stale) = sockets(dir);
     let names = |paths: &[PathBuf]| {
         paths
             .iter()
@@ -87,11 +70,64 @@ fn find_in(dir: &Path) -> Result<PathBuf, ControlError> {
     }
 }
 
+/// The control sockets in `dir`, those that answer and those nothing
+/// listens on any more (keepers' sockets are not services).
+fn sockets(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".keeper.sock"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.sort();
+    candidates.into_iter().partition(|p| {
+        !matches!(
+            std::os::unix::net::UnixStream::connect(p),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+}
+
+/// The other batons running beside the one at `mine` (in the default
+/// directory), as words to add to a message: empty if none.
+pub fn others(mine: &Path) -> String {
+    let (live, _) = sockets(&super::default_dir());
+    let names: Vec<String> = live
+        .iter()
+        .filter(|p| p.as_path() != mine)
+        .filter_map(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!("; other batons running: {}", names.join(", "))
+    }
+}
+
 /// Sends `request` to the baton at `path` and waits for its answer (for a
 /// reload, until the new generation is ready or rolled back; for a stop,
 /// until baton has stopped), at most `timeout` if given.
 pub fn call(
     path: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ControlError> {
+    call_for(path, None, request, timeout)
+}
+
+/// [`call`], for service `service` of the baton at `path`. An answer that
+/// there is no such service is an error.
+pub fn call_for(
+    path: &Path,
+    service: Option<&str>,
     request: &Request,
     timeout: Option<Duration>,
 ) -> Result<Response, ControlError> {
@@ -104,7 +140,11 @@ pub fn call(
         error: source,
     })?;
     stream.set_read_timeout(timeout).map_err(io_err)?;
-    let mut line = serde_json::to_string(request).map_err(|e| io_err(std::io::Error::other(e)))?;
+    let mut value = serde_json::to_value(request).map_err(|e| io_err(std::io::Error::other(e)))?;
+    if let (Some(service), Some(fields)) = (service, value.as_object_mut()) {
+        fields.insert("service".to_owned(), service.into());
+    }
+    let mut line = value.to_string();
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err)?;
     let mut answer = String::new();
@@ -117,8 +157,12 @@ pub fn call(
             "baton closed the connection without answering (is it stopping?)",
         )));
     }
-    serde_json::from_str(answer.trim())
-        .map_err(|e| io_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    match serde_json::from_str(answer.trim())
+        .map_err(|e| io_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?
+    {
+        Response::UnknownService { message } => Err(ControlError::UnknownService(message)),
+        response => Ok(response),
+    }
 }
 
 /// `baton reload`: 0 when the new generation serves, 1 on a rollback.
@@ -129,7 +173,7 @@ pub fn reload(target: &Target<'_>, json: bool, rollback: bool) -> anyhow::Result
     } else {
         Request::Reload
     };
-    let response = call(&path, &request, None)?;
+    let response = call_for(&path, target.service, &request, None)?;
     if json
         && matches!(
             response,
@@ -178,15 +222,64 @@ pub fn reload(target: &Target<'_>, json: bool, rollback: bool) -> anyhow::Result
 /// `baton status`.
 pub fn status(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
     let path = locate(target)?;
-    let Response::Status(status) = call(&path, &Request::Status, None)? else {
-        anyhow::bail!("unexpected answer from baton at {}", path.display());
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", describe(&status));
+    match call_for(&path, target.service, &Request::Status, None)? {
+        Response::Status(status) if json => {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        Response::Status(status) => print!("{}", describe(&status)),
+        Response::Services { services } if json => {
+            println!("{}", serde_json::to_string_pretty(&services)?);
+        }
+        Response::Services { services } => print!("{}", describe_services(&services)),
+        _ => anyhow::bail!("unexpected answer from baton at {}", path.display()),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every service of a baton that runs several, one line each.
+fn describe_services(services: &[ServiceStatus]) -> String {
+    use std::fmt::Write as _;
+    let width = services.iter().map(|s| s.service.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for s in services {
+        let detail = match &s.status {
+            Some(st) => {
+                let serving = st
+                    .serving
+                    .and_then(|id| st.generations.iter().find(|g| g.generation == id));
+                let pid = serving
+                    .and_then(|g| g.pid)
+                    .map_or_else(|| "-".to_owned(), |p| p.to_string());
+                let listen: Vec<&str> = st.listeners.iter().map(|l| l.addr.as_str()).collect();
+                let mut d = format!(
+                    "generation {} pid {pid}, up {} s, reloads {} ok {} rolled back, restarts {}",
+                    st.serving.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+                    st.uptime_ms / 1000,
+                    st.reloads_ok,
+                    st.reloads_failed,
+                    st.restarts
+                );
+                if !listen.is_empty() {
+                    let _ = write!(d, ", {}", listen.join(" "));
+                }
+                if let Some(why) = &st.not_ready {
+                    let _ = write!(d, " (not ready: {why})");
+                }
+                d
+            }
+            None => match s.exit_code {
+                Some(code) => format!("exit code {code}"),
+                None => String::new(),
+            },
+        };
+        let _ = writeln!(
+            out,
+            "{:width$}  {:11} {detail}",
+            s.service,
+            s.state.to_uppercase()
+        );
+    }
+    out
 }
 
 /// `status` as text.
@@ -295,9 +388,12 @@ fn describe(status: &Status) -> String {
 /// reports its exit code.
 pub fn stop(target: &Target<'_>, timeout: Duration) -> anyhow::Result<ExitCode> {
     let path = locate(target)?;
-    match call(&path, &Request::Stop, Some(timeout)) {
+    match call_for(&path, target.service, &Request::Stop, Some(timeout)) {
         Ok(Response::Stopped { code }) => {
-            println!("stopped: baton exited with code {code}");
+            match target.service {
+                Some(service) => println!("stopped: {service} exited with code {code}"),
+                None => println!("stopped: baton exited with code {code}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Ok(other) => unexpected(other),
@@ -378,13 +474,81 @@ pub fn signal(target: &Target<'_>, signal: crate::spec::Signal) -> anyhow::Resul
     let request = Request::Signal {
         signal: signal.number(),
     };
-    match call(&path, &request, None)? {
+    match call_for(&path, target.service, &request, None)? {
         Response::Signaled { generation, pid } => {
             println!("{signal}: sent to generation {generation} (pid {pid})");
             Ok(ExitCode::SUCCESS)
         }
+        Response::SignaledAll { signaled, missed } => {
+            for s in &signaled {
+                println!(
+                    "{signal}: sent to {} generation {} (pid {})",
+                    s.service, s.generation, s.pid
+                );
+            }
+            for m in &missed {
+                eprintln!("baton: {signal}: not sent to {}: {}", m.service, m.message);
+            }
+            Ok(if missed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         other => unexpected(other),
     }
+}
+
+/// `baton start SVC`: 0 once its first generation serves, 1 if it failed.
+pub fn start(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let response = call_for(&path, target.service, &Request::Start, None)?;
+    if json {
+        println!("{}", serde_json::to_string(&response)?);
+    }
+    match response {
+        Response::Started { service } => {
+            if !json {
+                println!("started: {service} is serving");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error { message } => {
+            eprintln!("baton: {message}");
+            Ok(ExitCode::from(1))
+        }
+        other => unexpected(other),
+    }
+}
+
+/// `baton update`: what changed in the directory is applied; 1 if any
+/// part failed.
+pub fn update(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = locate(target)?;
+    let response = call_for(&path, None, &Request::Update, None)?;
+    let Response::Updated { changes } = response else {
+        return unexpected(response);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&changes)?);
+    } else if changes.is_empty() {
+        println!("update: nothing changed");
+    }
+    if !json {
+        for c in &changes {
+            let line = format!("{}: {}: {}", c.service, c.action, c.message);
+            if c.ok {
+                println!("{line}");
+            } else {
+                eprintln!("baton: {line}");
+            }
+        }
+    }
+    Ok(if changes.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn unexpected(response: Response) -> anyhow::Result<ExitCode> {

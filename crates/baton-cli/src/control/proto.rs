@@ -23,6 +23,10 @@ pub enum Request {
         /// The signal number.
         signal: i32,
     },
+    /// Start a service that is not running (`--config-dir`).
+    Start,
+    /// Read the `--config-dir` again and apply what changed.
+    Update,
     /// Replace baton's image with `binary` (default: the path baton was
     /// started from) in place, or only check that it would take over.
     Upgrade {
@@ -31,6 +35,15 @@ pub enum Request {
         /// Only run the candidate's check.
         check_only: bool,
     },
+}
+
+/// The service a request is for, sent beside the request's own fields
+/// (`{"cmd":"reload","service":"api"}`); absent for a single-service baton.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addressed {
+    /// The service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// What baton answers.
@@ -101,11 +114,90 @@ pub enum Response {
         /// Why, in words.
         message: String,
     },
+    /// Every service of a baton that runs several (`status` without a
+    /// service).
+    Services {
+        /// In start order.
+        services: Vec<ServiceStatus>,
+    },
+    /// The service was started (`start`); its first generation is on its
+    /// way (see its status).
+    Started {
+        /// The service.
+        service: String,
+    },
+    /// `signal` to every service.
+    SignaledAll {
+        /// Where it went.
+        signaled: Vec<ServiceSignaled>,
+        /// Services it did not reach, and why.
+        missed: Vec<ServiceProblem>,
+    },
+    /// `update`: what was done to each service that changed.
+    Updated {
+        /// One entry per service touched (or that failed).
+        changes: Vec<ServiceChange>,
+    },
+    /// The request named a service this baton does not run.
+    UnknownService {
+        /// Why, in words, with the services there are.
+        message: String,
+    },
     /// The request could not be understood.
     Error {
         /// What was wrong.
         message: String,
     },
+}
+
+/// One service of a baton that runs several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub service: String,
+    /// running, stopping, stopped, failed (its first generation never
+    /// served, or it gave up), or not-started (`autostart = false`).
+    pub state: String,
+    /// Its exit code, once it has stopped.
+    pub exit_code: Option<u8>,
+    /// The file it comes from.
+    pub file: std::path::PathBuf,
+    /// Its status while it runs.
+    pub status: Option<Box<Status>>,
+}
+
+/// Where `signal` went, for one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSignaled {
+    /// The service.
+    pub service: String,
+    /// Its serving generation.
+    pub generation: u64,
+    /// Its pid.
+    pub pid: i32,
+}
+
+/// A service a request could not be carried out for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceProblem {
+    /// The service.
+    pub service: String,
+    /// Why.
+    pub message: String,
+}
+
+/// What `update` did to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceChange {
+    /// The service.
+    pub service: String,
+    /// started (added), stopped (removed), reloaded (changed, carried by
+    /// a reload), restarted (changed, a graceful restart), or failed.
+    pub action: String,
+    /// Whether it was done.
+    pub ok: bool,
+    /// What happened, in words.
+    pub message: String,
 }
 
 /// `baton status`.

@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::proto::{Request, Response};
+use super::proto::{Addressed, Request, Response};
 
 /// A request and where its answer goes.
 #[derive(Debug)]
@@ -31,6 +31,8 @@ pub struct ControlRequest {
     /// For an upgrade: the client's connection itself, which the loop
     /// answers (and hands to the new image, which answers it then).
     pub conn: Option<std::os::unix::net::UnixStream>,
+    /// The service it names (`--config-dir`), if any.
+    pub service: Option<String>,
 }
 
 /// The longest request line accepted.
@@ -110,6 +112,9 @@ async fn handle(
             .map_err(|_| timed_out())??;
     }
     let parsed = serde_json::from_str::<Request>(line.trim());
+    let service = serde_json::from_str::<Addressed>(line.trim())
+        .ok()
+        .and_then(|a| a.service);
     if let Ok(request @ Request::Upgrade { .. }) = parsed {
         // The loop answers this one on the connection itself. A request
         // line is all the client sends, so nothing is left in the buffer.
@@ -120,6 +125,7 @@ async fn handle(
             request,
             reply,
             conn: Some(conn),
+            service,
         });
         return Ok(());
     }
@@ -133,6 +139,7 @@ async fn handle(
                     request,
                     reply,
                     conn: None,
+                    service,
                 })
                 .is_err()
             {

@@ -252,20 +252,47 @@ impl Children {
     /// is still an unreaped zombie: until then the group id cannot belong to
     /// anyone else (pids are reused quickly).
     pub fn reap(&mut self) -> Vec<Exit> {
+        self.sweep();
+        sys::reaper::reap()
+            .into_iter()
+            .map(|(pid, status)| {
+                let exit = self.claim(pid, status);
+                if exit.owner.is_none() {
+                    debug!(pid, status = %status.word(), "reaped an orphan");
+                }
+                exit
+            })
+            .collect()
+    }
+
+    /// Before reaping: the process group of each generation's process
+    /// that has exited, still an unreaped zombie, gets SIGKILL.
+    pub fn sweep(&self) {
         for (pid, owner) in &self.pids {
             if matches!(owner, Owner::Generation(_)) && sys::reaper::has_exited(*pid) {
                 let _ = sys::signal::send_group(*pid, Signal::KILL);
             }
         }
-        sys::reaper::reap()
-            .into_iter()
-            .map(|(pid, status)| {
-                let owner = self.pids.remove(&pid);
-                if owner.is_none() {
-                    debug!(pid, status = %status.word(), "reaped an orphan");
-                }
-                Exit { pid, owner, status }
-            })
-            .collect()
+    }
+
+    /// Whether `pid` is a child of these.
+    pub fn owns(&self, pid: i32) -> bool {
+        self.pids.contains_key(&pid)
+    }
+
+    /// The exit of `pid`, reaped by someone else (a baton running several
+    /// services reaps for them all).
+    pub fn claim(&mut self, pid: i32, status: ExitStatus) -> Exit {
+        Exit {
+            pid,
+            owner: self.pids.remove(&pid),
+            status,
+        }
+    }
+
+    /// Children start as `ids` from now on (`baton update` changed the
+    /// user).
+    pub fn set_user(&mut self, ids: Option<sys::spawn::Ids>) {
+        self.ids = ids;
     }
 }

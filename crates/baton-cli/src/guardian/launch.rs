@@ -57,6 +57,9 @@ pub struct Cx<'a> {
     pub events: &'a UnboundedSender<Event>,
 }
 
+/// Completes once a launch's client connections have finished.
+pub type Quiesced = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// How generations reach clients.
 pub trait Launch: std::fmt::Debug {
     /// Starts worker process `slot` from `release`: its process,
@@ -136,9 +139,7 @@ pub trait Launch: std::fmt::Debug {
     /// Before an upgrade's exec: what must finish first, as a future that
     /// completes once it has (proxy mode: client connections drain while
     /// new ones wait in the accept queue); `None`: nothing.
-    fn quiesce(
-        &mut self,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    fn quiesce(&mut self) -> Option<Quiesced> {
         None
     }
 
@@ -587,9 +588,7 @@ impl Launch for Proxied {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn quiesce(
-        &mut self,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    fn quiesce(&mut self) -> Option<Quiesced> {
         self.handle.stop();
         Some(Box::pin(self.handle.finished()))
     }

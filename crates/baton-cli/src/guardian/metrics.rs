@@ -103,14 +103,23 @@ impl Observed {
 impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        render(&self.families(None))
+    }
+
+    /// Its metric families; each line labelled with `service` if given.
+    fn families(&self, service: Option<&str>) -> Vec<Family> {
+        let mut out: Vec<Family> = Vec::new();
         // Each line is (suffix, value): a label set such as `{outcome="ok"}`,
         // or `_sum`/`_count` for summaries.
         let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in lines {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+            out.push(Family {
+                name: name.to_owned(),
+                head: format!("# HELP {name} {help}\n# TYPE {name} {kind}"),
+                lines: lines
+                    .iter()
+                    .map(|(labels, value)| format!("{name}{} {value}", labelled(labels, service)))
+                    .collect(),
+            });
         };
         metric(
             "baton_reloads_total",
@@ -314,10 +323,105 @@ impl Metrics {
     }
 }
 
+/// One metric: its HELP and TYPE lines, and its samples.
+#[derive(Debug)]
+struct Family {
+    name: String,
+    head: String,
+    lines: Vec<String>,
+}
+
+/// `labels` (`{a="b"}`, `_sum`, or nothing) with `service="NAME"` added.
+fn labelled(labels: &str, service: Option<&str>) -> String {
+    let Some(service) = service else {
+        return labels.to_owned();
+    };
+    let label = format!("service=\"{service}\"");
+    match labels.find('{') {
+        Some(at) => format!("{}{{{label},{}", &labels[..at], &labels[at + 1..]),
+        None => format!("{labels}{{{label}}}"),
+    }
+}
+
+/// The exposition of `families`, those of one name under one head.
+fn render(families: &[Family]) -> String {
+    let mut out = String::new();
+    let mut names: Vec<&str> = Vec::new();
+    for f in families {
+        if !names.contains(&f.name.as_str()) {
+            names.push(&f.name);
+        }
+    }
+    for name in names {
+        let mut of = families.iter().filter(|f| f.name == name).peekable();
+        if let Some(first) = of.peek() {
+            let _ = writeln!(out, "{}", first.head);
+        }
+        for f in of {
+            for line in &f.lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    out
+}
+
+/// One service's snapshot (unnamed: the only one).
+type Entry = (Option<String>, Shared);
+
+/// What the metrics endpoint serves: one snapshot, or one per service
+/// (`--config-dir`), each labelled with its service.
+#[derive(Debug, Clone, Default)]
+pub struct Board {
+    entries: Arc<Mutex<Vec<Entry>>>,
+}
+
+impl Board {
+    /// Serves `shared` (as the only one if `service` is `None`).
+    pub fn insert(&self, service: Option<String>, shared: Shared) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.retain(|(s, _)| *s != service);
+            e.push((service, shared));
+        }
+    }
+
+    /// No longer serves `service`'s.
+    pub fn remove(&self, service: &str) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.retain(|(s, _)| s.as_deref() != Some(service));
+        }
+    }
+
+    fn render(&self) -> Option<String> {
+        let entries = self.entries.lock().ok()?;
+        let mut families = Vec::new();
+        for (service, shared) in entries.iter() {
+            families.extend(shared.lock().ok()?.families(service.as_deref()));
+        }
+        Some(render(&families))
+    }
+
+    /// Why `/readyz` says no, if it does: every service must be ready.
+    fn not_ready(&self) -> Option<Option<String>> {
+        let entries = self.entries.lock().ok()?;
+        let mut why = None;
+        for (service, shared) in entries.iter() {
+            if let Some(no) = shared.lock().ok()?.not_ready {
+                why = Some(match service {
+                    Some(s) => format!("{s}: {no}"),
+                    None => no.to_owned(),
+                });
+                break;
+            }
+        }
+        Some(why)
+    }
+}
+
 /// Serves `/metrics` on `listener` until the task is aborted, under the
 /// same timeouts as the proxy (a short header timeout, since scrapers send
 /// their request at once) and a small connection cap.
-pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
+pub async fn serve(listener: std::net::TcpListener, metrics: Board) {
     let listener = match listener
         .set_nonblocking(true)
         .and_then(|()| tokio::net::TcpListener::from_std(listener))
@@ -330,18 +434,18 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Shared) {
     };
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (status, body) = match req.uri().path() {
-            "/metrics" => match metrics.lock() {
-                Ok(m) => (StatusCode::OK, Bytes::from(m.render())),
-                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+            "/metrics" => match metrics.render() {
+                Some(text) => (StatusCode::OK, Bytes::from(text)),
+                None => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
             },
             "/healthz" => (StatusCode::OK, Bytes::from_static(b"ok\n")),
-            "/readyz" => match metrics.lock().map(|m| m.not_ready) {
-                Ok(None) => (StatusCode::OK, Bytes::from_static(b"ready\n")),
-                Ok(Some(why)) => (
+            "/readyz" => match metrics.not_ready() {
+                Some(None) => (StatusCode::OK, Bytes::from_static(b"ready\n")),
+                Some(Some(why)) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Bytes::from(format!("not ready: {why}\n")),
                 ),
-                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
+                None => (StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
             },
             _ => (
                 StatusCode::NOT_FOUND,

@@ -29,6 +29,7 @@ pub mod diagnose;
 pub mod event;
 pub mod generation;
 pub mod handover;
+pub mod host;
 pub mod keeper;
 pub mod launch;
 mod listeners;
@@ -304,6 +305,14 @@ impl Guardian {
                 // Answered once every generation is gone (see `run`).
                 self.stop_waiters.push(req.reply);
                 self.stop("control");
+            }
+            Request::Start | Request::Update => {
+                let _ = req.reply.send(Response::Error {
+                    message: format!(
+                        "this baton runs one service ({}); start and update are for a baton run with --config-dir",
+                        self.cfg.name
+                    ),
+                });
             }
             Request::Signal { signal } => {
                 let answer = match Signal::from_number(signal) {

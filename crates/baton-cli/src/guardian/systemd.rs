@@ -29,6 +29,9 @@ pub struct Systemd {
     ready: bool,
     reloading: bool,
     stopping: bool,
+    /// One service of several (`--config-dir`): the instance speaks for
+    /// them all, so this one says nothing.
+    muted: bool,
 }
 
 impl Systemd {
@@ -45,7 +48,18 @@ impl Systemd {
         }
     }
 
+    /// For one service of several: says nothing.
+    pub fn muted() -> Systemd {
+        Systemd {
+            muted: true,
+            ..Systemd::default()
+        }
+    }
+
     fn send(&self, state: &str) {
+        if self.muted {
+            return;
+        }
         match baton::notify(state) {
             Ok(true) => debug!(state = %state.replace('\n', " "), "notified the service manager"),
             Ok(false) => {}
@@ -63,6 +77,18 @@ impl Systemd {
             self.reloading = false;
             self.send(&format!(
                 "READY=1\nMAINPID={}\nSTATUS=serving generation {generation}",
+                std::process::id()
+            ));
+        }
+    }
+
+    /// Every service of several has started (`--config-dir`): READY=1
+    /// once, with `status`.
+    pub fn instance_ready(&mut self, status: &str) {
+        if !self.ready && !self.stopping {
+            self.ready = true;
+            self.send(&format!(
+                "READY=1\nMAINPID={}\nSTATUS={status}",
                 std::process::id()
             ));
         }
@@ -97,6 +123,9 @@ impl Systemd {
 
     /// Hands `listeners` to the file-descriptor store, one datagram each.
     pub fn store(&self, listeners: &[crate::config::BoundListener]) {
+        if self.muted {
+            return;
+        }
         let Some(target) = std::env::var_os(baton::vars::NOTIFY_SOCKET) else {
             return;
         };

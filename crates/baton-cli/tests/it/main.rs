@@ -26,6 +26,7 @@ mod releases;
 mod reload;
 mod restart;
 mod rollback;
+mod services;
 mod startup_errors;
 mod stop;
 mod storm;

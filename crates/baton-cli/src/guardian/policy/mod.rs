@@ -144,6 +144,17 @@ impl<W> Policy<W> {
         }
     }
 
+    /// Whether a generation has ever been ready.
+    pub fn ever_ready(&self) -> bool {
+        self.ever_ready
+    }
+
+    /// New settings (`baton update`): the generations started from now on
+    /// follow them; those running keep what they were started with.
+    pub fn reconfigure(&mut self, cfg: PolicyConfig) {
+        self.cfg = cfg;
+    }
+
     /// A policy that goes on from `snapshot` (handed over by a previous
     /// baton) with the knobs of `cfg`.
     pub fn restore(cfg: PolicyConfig, snapshot: Snapshot) -> Policy<W> {

@@ -207,9 +207,19 @@ pub struct BatonBuilder {
     dir: tempfile::TempDir,
     control: Option<PathBuf>,
     stdin: Option<std::os::fd::OwnedFd>,
+    /// `--config-dir`: the services come from there, no command.
+    no_app: bool,
 }
 
 impl BatonBuilder {
+    /// Runs every service of `dir` (`--config-dir`) instead of one command.
+    pub fn config_dir(mut self, dir: &Path) -> Self {
+        self.run_args
+            .extend(["--config-dir".into(), dir.as_os_str().to_owned()]);
+        self.no_app = true;
+        self
+    }
+
     /// Adds `baton run` options.
     pub fn run_args<I, S>(mut self, args: I) -> Self
     where
@@ -285,8 +295,10 @@ impl BatonBuilder {
             control.clone().into(),
         ];
         argv.extend(self.run_args);
-        argv.push("--".into());
-        argv.extend(self.app);
+        if !self.no_app {
+            argv.push("--".into());
+            argv.extend(self.app);
+        }
         let mut cmd = match &self.wrapper {
             Some(script) => {
                 let mut c = Command::new("/bin/sh");
@@ -335,6 +347,7 @@ impl Baton {
             dir: tempfile::tempdir().expect("tempdir"),
             control: None,
             stdin: None,
+            no_app: false,
         }
     }
 

@@ -1,0 +1,1028 @@
+//! A baton that runs several services (`baton run --config-dir DIR`), as
+//! supervisord hosts programs. One process, one loop, one reaper, one
+//! control socket and one metrics endpoint; each service is a guardian of
+//! its own ([`Service`]) with its own releases, policy, workers, user,
+//! environment, keeper and state file, so one service's crash loop, bake
+//! or revert never touches another's processes.
+//!
+//! The loop waits on what the instance owns (signals, control requests,
+//! housekeeping) and on every service's own inputs, and hands each event to
+//! the service it belongs to. Children are reaped here, once, and each
+//! exit goes to the service that owns the pid. Requests name a service
+//! (`"service"` beside the request); `status` and `stop` without one are
+//! the instance's. `baton update` (and SIGHUP) reads the directory again
+//! and applies what changed (see [`Host::update`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::running::{self, CLIENTS_GRACE, Common, Control, Service, Signals};
+use super::{Guardian, Waiter, metrics, systemd};
+use crate::cli::RunArgs;
+use crate::config_dir::{self, Change, ServiceDef};
+use crate::control::proto::{
+    Request, Response, ServiceChange, ServiceProblem, ServiceSignaled, ServiceStatus, Status,
+};
+use crate::control::server::ControlRequest;
+use crate::error::StartupError;
+use crate::spec::Signal;
+use crate::sys;
+
+/// Where one service is, when it is not running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Idle {
+    /// Waiting for the services it starts after.
+    Waiting,
+    /// `autostart = false`, never started.
+    NotStarted,
+    /// Stopped when asked, with this exit code.
+    Stopped(u8),
+    /// Ended on its own (its first generation never served, or the restart
+    /// policy gave up), with this exit code and why.
+    Failed(u8, String),
+}
+
+/// What to do once a service's last generation is gone.
+#[derive(Debug)]
+enum Then {
+    Nothing,
+    /// Its file was removed (`update`).
+    Remove,
+    /// Start it again with these settings (`update`: a change a reload
+    /// cannot carry).
+    Start(Box<ServiceDef>),
+}
+
+/// One service of the instance.
+struct Entry {
+    def: ServiceDef,
+    run: Option<Service>,
+    idle: Idle,
+    /// `start` (and `update`) requests, answered once it serves or fails.
+    start_waiters: Vec<Waiter>,
+    then: Then,
+    /// It was asked to stop (not a failure when it ends).
+    stop_asked: bool,
+}
+
+/// A message from a helper task to the loop.
+enum Note {
+    /// A reload `update` asked for rolled back: the service goes back to
+    /// its previous settings, which the serving generation runs.
+    Revert(String, Box<ServiceDef>),
+}
+
+/// The instance.
+struct Host {
+    dir: PathBuf,
+    cli: RunArgs,
+    name: String,
+    control_path: PathBuf,
+    nofile: sys::limits::Nofile,
+    entries: Vec<Entry>,
+    board: metrics::Board,
+    control: Control,
+    metrics: Option<std::net::TcpListener>,
+    systemd: systemd::Systemd,
+    stopping: Option<String>,
+    stop_waiters: Vec<Waiter>,
+    notes: mpsc::UnboundedSender<Note>,
+}
+
+/// Runs every service of `read` (the directory `dir`, the command line
+/// `cli`) until the instance is stopped; returns baton's exit code.
+pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::Result<ExitCode> {
+    let signals = Signals::new().context("installing signal handlers")?;
+    if let Err(e) = sys::reaper::become_subreaper() {
+        warn!(error = %e, "cannot become a child subreaper; orphans of the apps will go to init");
+    }
+    let nofile = sys::limits::raise_nofile();
+    let name = read.instance.name.clone().unwrap_or_default();
+    let control_path = read
+        .instance
+        .control
+        .clone()
+        .unwrap_or_else(|| crate::control::default_path(&name));
+    let socket = crate::startup::bind_control(&control_path)?;
+    let metrics = read
+        .instance
+        .metrics
+        .map(crate::startup::bind_metrics)
+        .transpose()?;
+    let mut socket = socket;
+    let listener = socket.listener.take().context("the control socket")?;
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let control = Control::serve(listener, control_tx)?;
+    let (notes_tx, mut notes) = mpsc::unbounded_channel();
+    let mut host = Host {
+        dir,
+        cli,
+        name,
+        control_path,
+        nofile,
+        entries: Vec::new(),
+        board: metrics::Board::default(),
+        control,
+        metrics,
+        systemd: systemd::Systemd::default(),
+        stopping: None,
+        stop_waiters: Vec::new(),
+        notes: notes_tx,
+    };
+    let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
+    // Every service that starts now is set up (checked, bound) before any
+    // starts: a bad one stops the start with nothing left running.
+    let mut prepared = Vec::new();
+    for def in &read.services {
+        let first = def.autostart && def.after.is_empty();
+        if first {
+            prepared.push(Some(host.prepare(def, Vec::new())?));
+        } else {
+            prepared.push(None);
+        }
+    }
+    info!(
+        path = %host.control_path.display(),
+        name = %host.name,
+        services = read.services.len(),
+        pid = std::process::id(),
+        "control"
+    );
+    for (def, ready) in read.services.into_iter().zip(prepared) {
+        let idle = if def.autostart {
+            Idle::Waiting
+        } else {
+            Idle::NotStarted
+        };
+        host.entries.push(Entry {
+            def,
+            run: None,
+            idle,
+            start_waiters: Vec::new(),
+            then: Then::Nothing,
+            stop_asked: false,
+        });
+        if let Some((cfg, left)) = ready {
+            let i = host.entries.len() - 1;
+            host.begin(i, cfg, left)?;
+        }
+    }
+    let mut housekeeping = running::housekeeping();
+    let mut watchdog = running::watchdog();
+    let mut signals = signals;
+    loop {
+        host.settle();
+        if host.stopping.is_some() && host.entries.iter().all(|e| e.run.is_none()) {
+            break;
+        }
+        let deadline = host
+            .entries
+            .iter()
+            .filter_map(|e| e.run.as_ref()?.g.next_deadline())
+            .min();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let entries = &mut host.entries;
+        let input = std::future::poll_fn(|cx| {
+            for (i, e) in entries.iter_mut().enumerate() {
+                if let Some(s) = e.run.as_mut()
+                    && let std::task::Poll::Ready(event) = s.poll_input(cx)
+                {
+                    return std::task::Poll::Ready((i, event));
+                }
+            }
+            std::task::Poll::Pending
+        });
+        tokio::select! {
+            _ = signals.chld.recv() => host.reap(),
+            _ = signals.hup.recv() => host.update(None),
+            _ = signals.usr2.recv() => host.update(None),
+            _ = signals.term.recv() => host.stop_all("SIGTERM"),
+            _ = signals.int.recv() => host.stop_all("SIGINT"),
+            _ = signals.quit.recv() => { host.forward(Signal::QUIT); }
+            _ = signals.usr1.recv() => { host.forward(Signal::USR1); }
+            _ = signals.winch.recv() => { host.forward(Signal::WINCH); }
+            Some(req) = control_rx.recv() => host.request(req),
+            Some(note) = notes.recv() => host.note(note),
+            (i, event) = input => {
+                if let Some(s) = host.entries[i].run.as_mut() {
+                    s.with(|g| g.event(event));
+                }
+            }
+            _ = housekeeping.tick() => {
+                for s in host.running() {
+                    s.with(|g| g.housekeeping());
+                }
+            }
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(tick) => tick.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => host.systemd.watchdog_ping(),
+            () = sleep => {
+                let now = Instant::now();
+                for s in host.running() {
+                    if s.g.next_deadline().is_some_and(|at| at <= now) {
+                        s.with(|g| g.tick());
+                    }
+                }
+            }
+        }
+    }
+    host.control.task.abort();
+    let _ = (&mut host.control.task).await;
+    socket.remove();
+    for waiter in host.stop_waiters.drain(..) {
+        let _ = waiter.send(Response::Stopped { code: 0 });
+    }
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        host.control.connections.closed(),
+    )
+    .await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    info!(code = 0, "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Host {
+    fn running(&mut self) -> impl Iterator<Item = &mut Service> {
+        self.entries.iter_mut().filter_map(|e| e.run.as_mut())
+    }
+
+    /// A service's settings as its guardian takes them: its keeper and
+    /// state file are named after the instance and the service.
+    fn args(&self, def: &ServiceDef) -> RunArgs {
+        let mut args = def.args.clone();
+        let stem = self
+            .control_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        args.control = Some(
+            self.control_path
+                .with_file_name(format!("{stem}@{}.sock", def.name)),
+        );
+        args
+    }
+
+    /// Checks `def` and binds its listeners (`kept`: those it had before
+    /// a restart, used again).
+    fn prepare(
+        &self,
+        def: &ServiceDef,
+        kept: Vec<crate::config::BoundListener>,
+    ) -> Result<(crate::config::RunConfig, super::orphans::Left), StartupError> {
+        let inherited = baton::Listeners::from_fds(
+            kept.into_iter()
+                .filter(|l| l.tcp.is_some())
+                .filter(|l| def.args.listen.iter().any(|s| s.addr.is_bound_at(&l.local)))
+                .filter_map(|l| Some((l.fd.try_clone().ok()?, l.name.clone()))),
+        );
+        crate::startup::start_service(self.args(def), self.nofile, inherited).map_err(|e| {
+            StartupError::Invalid(format!("{} ({}): {e}", def.name, def.file.display()))
+        })
+    }
+
+    /// Starts entry `i` with its checked settings.
+    fn begin(
+        &mut self,
+        i: usize,
+        cfg: crate::config::RunConfig,
+        left: super::orphans::Left,
+    ) -> anyhow::Result<()> {
+        let name = self.entries[i].def.name.clone();
+        for l in &cfg.listeners {
+            info!(service = %name, addr = %l.local, name = %l.name, "listening");
+        }
+        let common = Common {
+            control: &self.control.listener,
+            control_connections: &self.control.connections,
+            board: &self.board,
+            service: Some(&name),
+        };
+        let mut s = Service::new(cfg, None, &common)?;
+        s.begin(left);
+        let e = &mut self.entries[i];
+        e.run = Some(s);
+        e.stop_asked = false;
+        Ok(())
+    }
+
+    /// Starts entry `i` now; says why not.
+    fn start(&mut self, i: usize) -> Result<(), String> {
+        let def = self.entries[i].def.clone();
+        let (cfg, left) = self.prepare(&def, Vec::new()).map_err(|e| e.to_string())?;
+        self.begin(i, cfg, left).map_err(|e| format!("{e:#}"))
+    }
+
+    /// After each event: what `/metrics` shows, services whose last
+    /// generation has gone, those waiting to start, and the answers due.
+    fn settle(&mut self) {
+        for e in &mut self.entries {
+            if let Some(s) = e.run.as_mut() {
+                s.with(|g| g.publish());
+                let restarting = matches!(e.then, Then::Start(_));
+                if s.g.policy.serving().is_some() && !s.g.policy.is_stopping() && !restarting {
+                    for w in e.start_waiters.drain(..) {
+                        let _ = w.send(Response::Started {
+                            service: e.def.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i]
+                .run
+                .as_ref()
+                .is_some_and(|s| s.g.exit.is_some())
+            {
+                self.ended(i);
+            }
+            if matches!(self.entries[i].then, Then::Remove) && self.entries[i].run.is_none() {
+                info!(service = %self.entries[i].def.name, "removed");
+                self.entries.remove(i);
+                continue;
+            }
+            i += 1;
+        }
+        if self.stopping.is_none() {
+            self.start_waiting();
+        }
+        let started = self.entries.iter().all(|e| {
+            !e.def.autostart
+                || e.run
+                    .as_ref()
+                    .is_some_and(|s| s.g.policy.serving().is_some())
+                || matches!(e.idle, Idle::Failed(..) | Idle::Stopped(_))
+        });
+        if started && self.stopping.is_none() {
+            let serving = self.entries.iter().filter(|e| e.run.is_some()).count();
+            self.systemd.instance_ready(&format!(
+                "{serving} of {} services serving",
+                self.entries.len()
+            ));
+        }
+    }
+
+    /// Entry `i`'s last generation is gone.
+    fn ended(&mut self, i: usize) {
+        let Some(s) = self.entries[i].run.take() else {
+            return;
+        };
+        let served = s.g.policy.ever_ready();
+        let (code, listeners, clients) = s.end();
+        if let Some(clients) = clients {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CLIENTS_GRACE, clients).await;
+            });
+        }
+        let e = &mut self.entries[i];
+        self.board.remove(&e.def.name);
+        e.idle = if e.stop_asked {
+            Idle::Stopped(code)
+        } else {
+            let why = if served {
+                "it gave up restarting (see its --restart and --start-limit)"
+            } else {
+                "its first generation never served"
+            };
+            warn!(service = %e.def.name, code, "{why}");
+            Idle::Failed(code, why.to_owned())
+        };
+        info!(service = %e.def.name, code, "service stopped");
+        match std::mem::replace(&mut e.then, Then::Nothing) {
+            Then::Start(def) => {
+                e.def = *def;
+                let def = e.def.clone();
+                let started = self
+                    .prepare(&def, listeners)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(cfg, left)| self.begin(i, cfg, left).map_err(|e| format!("{e:#}")));
+                if let Err(why) = started {
+                    warn!(service = %def.name, "not started again: {why}");
+                    self.fail_waiters(i, &why);
+                    self.entries[i].idle = Idle::Failed(2, why);
+                }
+            }
+            Then::Remove => {
+                e.then = Then::Remove;
+            }
+            Then::Nothing => {
+                let why = match &e.idle {
+                    Idle::Failed(code, why) => {
+                        format!(
+                            "{} did not start: {why} (exit code {code}; see its log)",
+                            e.def.name
+                        )
+                    }
+                    _ => format!("{} stopped before it served", e.def.name),
+                };
+                self.fail_waiters(i, &why);
+            }
+        }
+    }
+
+    fn fail_waiters(&mut self, i: usize, why: &str) {
+        for w in self.entries[i].start_waiters.drain(..) {
+            let _ = w.send(Response::Error {
+                message: why.to_owned(),
+            });
+        }
+    }
+
+    /// Starts the services waiting for those they start after, once these
+    /// serve; gives up on them if one of these has failed.
+    fn start_waiting(&mut self) {
+        for i in 0..self.entries.len() {
+            if self.entries[i].run.is_some() || self.entries[i].idle != Idle::Waiting {
+                continue;
+            }
+            let after = self.entries[i].def.after.clone();
+            let dep = |name: &String| self.entries.iter().find(|e| &e.def.name == name);
+            let serving = after.iter().all(|a| {
+                dep(a).is_some_and(|d| {
+                    d.run
+                        .as_ref()
+                        .is_some_and(|s| s.g.policy.serving().is_some())
+                })
+            });
+            let failed = after
+                .iter()
+                .find(|a| dep(a).is_none_or(|d| d.run.is_none() && d.idle != Idle::Waiting));
+            if let Some(failed) = failed {
+                let why = format!("{failed}, which it starts after, is not running");
+                warn!(service = %self.entries[i].def.name, "not started: {why}");
+                self.fail_waiters(i, &why);
+                self.entries[i].idle = Idle::Failed(2, why);
+            } else if serving && let Err(why) = self.start(i) {
+                warn!(service = %self.entries[i].def.name, "not started: {why}");
+                self.fail_waiters(i, &why);
+                self.entries[i].idle = Idle::Failed(2, why);
+            }
+        }
+    }
+
+    /// Reaps every exited child; each exit goes to the service whose
+    /// child it was (the rest were orphans of the apps).
+    fn reap(&mut self) {
+        for s in self.running() {
+            s.g.procs.children.sweep();
+        }
+        for (pid, status) in sys::reaper::reap() {
+            let owner = self.running().find(|s| s.g.procs.children.owns(pid));
+            match owner {
+                Some(s) => {
+                    let exit = s.g.procs.children.claim(pid, status);
+                    s.with(|g| g.exited(exit));
+                }
+                None => tracing::debug!(pid, status = %status.word(), "reaped an orphan"),
+            }
+        }
+    }
+
+    /// Stops every service, then the instance.
+    fn stop_all(&mut self, why: &str) {
+        if self.stopping.is_none() {
+            info!(reason = why, "stopping every service");
+        }
+        self.stopping = Some(why.to_owned());
+        self.systemd.stopping();
+        for e in &mut self.entries {
+            e.stop_asked = true;
+            if let Some(s) = e.run.as_mut() {
+                s.with(|g| g.stop(why));
+            }
+        }
+    }
+
+    /// A signal for the apps: to every service's serving generation.
+    fn forward(&mut self, signal: Signal) -> (Vec<ServiceSignaled>, Vec<ServiceProblem>) {
+        let (mut sent, mut missed) = (Vec::new(), Vec::new());
+        for e in &mut self.entries {
+            let service = e.def.name.clone();
+            match e.run.as_mut().map(|s| s.with(|g| g.forward(signal))) {
+                Some(Some((generation, pid))) => sent.push(ServiceSignaled {
+                    service,
+                    generation,
+                    pid,
+                }),
+                Some(None) => missed.push(ServiceProblem {
+                    service,
+                    message: "no generation is serving".to_owned(),
+                }),
+                None => {}
+            }
+        }
+        (sent, missed)
+    }
+
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Revert(name, def) => {
+                let Some(i) = self.find(&name) else {
+                    return;
+                };
+                match crate::config::RunConfig::from_args(self.args(&def), self.nofile) {
+                    Ok(cfg) => {
+                        if let Some(s) = self.entries[i].run.as_mut() {
+                            reconfigure(&mut s.g, cfg);
+                        }
+                        self.entries[i].def = *def;
+                        warn!(service = %name, "the reload with the new settings rolled back: the service keeps its previous settings");
+                    }
+                    Err(e) => warn!(service = %name, error = %e, "previous settings"),
+                }
+            }
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.def.name == name)
+    }
+
+    /// The answer to a request for a service this instance does not run.
+    fn unknown(&self, name: &str) -> Response {
+        let names: Vec<&str> = self.entries.iter().map(|e| e.def.name.as_str()).collect();
+        Response::UnknownService {
+            message: format!(
+                "no service {name:?} in baton {} (its services: {}){}",
+                self.name,
+                names.join(", "),
+                crate::control::client::others(&self.control_path)
+            ),
+        }
+    }
+
+    fn request(&mut self, req: ControlRequest) {
+        let ControlRequest {
+            request,
+            reply,
+            conn,
+            service,
+        } = req;
+        if let Request::Upgrade { .. } = request {
+            // Answered on the connection itself.
+            if let Some(mut conn) = conn {
+                let answer = Response::Error {
+                    message: "baton upgrade is not available for a baton run with --config-dir; restart it (its services are adopted by the next baton)".to_owned(),
+                };
+                if let Ok(mut line) = serde_json::to_string(&answer) {
+                    line.push('\n');
+                    let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
+                }
+            }
+            return;
+        }
+        let Some(name) = service else {
+            self.instance_request(request, reply);
+            return;
+        };
+        let Some(i) = self.find(&name) else {
+            let _ = reply.send(self.unknown(&name));
+            return;
+        };
+        let not_running = |e: &Entry| Response::Error {
+            message: format!(
+                "{} is not running ({}); `baton start {}` starts it",
+                e.def.name,
+                idle_word(&e.idle),
+                e.def.name
+            ),
+        };
+        let e = &mut self.entries[i];
+        match request {
+            Request::Start => {
+                if e.run.is_some() {
+                    let _ = reply.send(Response::Error {
+                        message: format!("{} is already running", e.def.name),
+                    });
+                } else if self.stopping.is_some() {
+                    let _ = reply.send(Response::Stopping);
+                } else {
+                    e.start_waiters.push(reply);
+                    if let Err(why) = self.start(i) {
+                        warn!(service = %name, "not started: {why}");
+                        self.fail_waiters(i, &why);
+                        self.entries[i].idle = Idle::Failed(2, why);
+                    }
+                }
+            }
+            Request::Status => match e.run.as_mut() {
+                Some(s) => s.with(|g| g.control(plain(Request::Status, reply))),
+                None => {
+                    let _ = reply.send(Response::Services {
+                        services: vec![describe(e)],
+                    });
+                }
+            },
+            Request::Stop => match e.run.as_mut() {
+                Some(s) => {
+                    e.stop_asked = true;
+                    s.with(|g| g.control(plain(Request::Stop, reply)));
+                }
+                None => {
+                    let code = match e.idle {
+                        Idle::Stopped(c) | Idle::Failed(c, _) => c,
+                        _ => 0,
+                    };
+                    let _ = reply.send(Response::Stopped { code });
+                }
+            },
+            Request::Update => self.update(Some(reply)),
+            request => match e.run.as_mut() {
+                Some(s) => s.with(|g| g.control(plain(request, reply))),
+                None => {
+                    let _ = reply.send(not_running(e));
+                }
+            },
+        }
+    }
+
+    /// A request that names no service.
+    fn instance_request(&mut self, request: Request, reply: Waiter) {
+        match request {
+            Request::Status => {
+                let services = self.entries.iter_mut().map(describe).collect();
+                let _ = reply.send(Response::Services { services });
+            }
+            Request::Stop => {
+                self.stop_waiters.push(reply);
+                self.stop_all("control");
+            }
+            Request::Update => self.update(Some(reply)),
+            Request::Signal { signal } => {
+                let answer = match Signal::from_number(signal) {
+                    None => Response::Error {
+                        message: format!("unknown signal number {signal}"),
+                    },
+                    Some(signal) => {
+                        let (signaled, missed) = self.forward(signal);
+                        Response::SignaledAll { signaled, missed }
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            _ => {
+                let names: Vec<&str> = self.entries.iter().map(|e| e.def.name.as_str()).collect();
+                let _ = reply.send(Response::UnknownService {
+                    message: format!(
+                        "baton {} runs several services: name one ({})",
+                        self.name,
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+
+    /// `baton update` (and SIGHUP): reads the directory again. Added files
+    /// start, removed ones stop gracefully, changed ones are applied (a
+    /// reload with the new settings, or a graceful restart for a change a
+    /// reload cannot carry), the rest is not touched. A file that cannot
+    /// be used is named and its service left as it was. The answer (or,
+    /// for SIGHUP, the log) says what was done to each.
+    fn update(&mut self, reply: Option<Waiter>) {
+        if self.stopping.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::Stopping);
+            }
+            return;
+        }
+        let read = match config_dir::reread(&self.dir, &self.cli) {
+            Ok(read) => read,
+            Err(e) => {
+                let change = failed("*", "read", e.to_string());
+                report(reply, vec![Pending::Done(change)]);
+                return;
+            }
+        };
+        info!(dir = %self.dir.display(), "update: reading the directory again");
+        let mut pending = Vec::new();
+        let skipped: Vec<String> = read
+            .skipped
+            .iter()
+            .map(|(file, why)| {
+                let stem = file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                pending.push(Pending::Done(failed(
+                    &stem,
+                    "skipped",
+                    format!("{why}; the service is left as it was"),
+                )));
+                stem
+            })
+            .collect();
+        // Removed.
+        let wanted: Vec<&str> = read.services.iter().map(|d| d.name.as_str()).collect();
+        for i in 0..self.entries.len() {
+            let name = self.entries[i].def.name.clone();
+            if wanted.contains(&name.as_str()) || skipped.contains(&name) {
+                continue;
+            }
+            let e = &mut self.entries[i];
+            e.then = Then::Remove;
+            match e.run.as_mut() {
+                Some(s) => {
+                    e.stop_asked = true;
+                    let (tx, rx) = oneshot::channel();
+                    s.with(|g| g.control(plain(Request::Stop, tx)));
+                    pending.push(Pending::Wait(name, "stopped", rx));
+                }
+                None => pending.push(Pending::Done(done(
+                    &name,
+                    "stopped",
+                    "removed (it was not running)",
+                ))),
+            }
+        }
+        // Added and changed, in the new order.
+        let mut order: Vec<String> = Vec::new();
+        for def in read.services {
+            order.push(def.name.clone());
+            let name = def.name.clone();
+            let Some(i) = self.find(&name) else {
+                let autostart = def.autostart;
+                self.entries.push(Entry {
+                    def,
+                    run: None,
+                    idle: if autostart {
+                        Idle::Waiting
+                    } else {
+                        Idle::NotStarted
+                    },
+                    start_waiters: Vec::new(),
+                    then: Then::Nothing,
+                    stop_asked: false,
+                });
+                if autostart {
+                    let (tx, rx) = oneshot::channel();
+                    let i = self.entries.len() - 1;
+                    self.entries[i].start_waiters.push(tx);
+                    pending.push(Pending::Wait(name, "started", rx));
+                } else {
+                    pending.push(Pending::Done(done(
+                        &name,
+                        "added",
+                        "autostart = false: not started",
+                    )));
+                }
+                continue;
+            };
+            let kind = config_dir::change(&self.entries[i].def, &def);
+            let e = &mut self.entries[i];
+            match (kind, e.run.as_mut()) {
+                (Change::None, _) => e.def = def,
+                (_, None) => {
+                    e.def = def;
+                    pending.push(Pending::Done(done(
+                        &name,
+                        "updated",
+                        "not running: the new settings apply when it starts",
+                    )));
+                }
+                (Change::Reload, Some(_)) => {
+                    let new = crate::config::RunConfig::from_args(self.args(&def), self.nofile);
+                    let e = &mut self.entries[i];
+                    let Some(s) = e.run.as_mut() else { continue };
+                    match new {
+                        Err(why) => pending.push(Pending::Done(failed(
+                            &name,
+                            "reloaded",
+                            format!("{why}; the service is left as it was"),
+                        ))),
+                        Ok(cfg) => {
+                            reconfigure(&mut s.g, cfg);
+                            let old = std::mem::replace(&mut e.def, def);
+                            let (tx, rx) = oneshot::channel();
+                            s.with(|g| g.trigger(super::policy::Trigger::Control, Some(tx)));
+                            pending.push(Pending::Reload(name, Box::new(old), rx));
+                        }
+                    }
+                }
+                (Change::Restart, Some(s)) => {
+                    e.stop_asked = true;
+                    s.with(|g| g.stop("update"));
+                    e.then = Then::Start(Box::new(def));
+                    let (tx, rx) = oneshot::channel();
+                    e.start_waiters.push(tx);
+                    pending.push(Pending::Wait(name, "restarted", rx));
+                }
+            }
+        }
+        // Skipped services keep their place; the rest follow the new order.
+        self.entries.sort_by_key(|e| {
+            order
+                .iter()
+                .position(|n| *n == e.def.name)
+                .unwrap_or(usize::MAX)
+        });
+        let notes = self.notes.clone();
+        tokio::spawn(async move {
+            let mut changes = Vec::new();
+            for p in pending {
+                changes.push(p.outcome(&notes).await);
+            }
+            send_report(reply, changes);
+        });
+    }
+}
+
+/// One part of an `update`, done or under way.
+enum Pending {
+    Done(ServiceChange),
+    Wait(String, &'static str, oneshot::Receiver<Response>),
+    /// A reload with new settings, and the settings before.
+    Reload(String, Box<ServiceDef>, oneshot::Receiver<Response>),
+}
+
+impl Pending {
+    async fn outcome(self, notes: &mpsc::UnboundedSender<Note>) -> ServiceChange {
+        match self {
+            Pending::Done(c) => c,
+            Pending::Wait(name, action, rx) => match rx.await {
+                Ok(Response::Started { .. }) if action == "restarted" => done(
+                    &name,
+                    action,
+                    "a change a reload cannot carry (listeners, proxy, log file, watch): restarted gracefully, serving",
+                ),
+                Ok(Response::Started { .. }) => done(&name, action, "serving"),
+                Ok(Response::Stopped { code }) => done(
+                    &name,
+                    action,
+                    &format!("its file is gone: stopped gracefully (exit code {code})"),
+                ),
+                Ok(Response::Error { message }) => failed(&name, action, message),
+                Ok(other) => failed(&name, action, format!("{other:?}")),
+                Err(_) => failed(&name, action, "baton is stopping".to_owned()),
+            },
+            Pending::Reload(name, old, rx) => match rx.await {
+                Ok(Response::Reloaded {
+                    generation, pid, ..
+                }) => done(
+                    &name,
+                    "reloaded",
+                    &format!("generation {generation} (pid {pid}) serves with the new settings"),
+                ),
+                Ok(Response::RolledBack { message, .. }) => {
+                    let _ = notes.send(Note::Revert(name.clone(), old));
+                    failed(
+                        &name,
+                        "reloaded",
+                        format!(
+                            "{message}; the serving generation and the service's settings are as they were"
+                        ),
+                    )
+                }
+                Ok(other) => failed(&name, "reloaded", format!("{other:?}")),
+                Err(_) => failed(&name, "reloaded", "baton is stopping".to_owned()),
+            },
+        }
+    }
+}
+
+fn report(reply: Option<Waiter>, pending: Vec<Pending>) {
+    let changes = pending
+        .into_iter()
+        .filter_map(|p| match p {
+            Pending::Done(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    send_report(reply, changes);
+}
+
+/// `update`'s answer; for SIGHUP, its log lines.
+fn send_report(reply: Option<Waiter>, changes: Vec<ServiceChange>) {
+    for c in &changes {
+        if c.ok {
+            info!(service = %c.service, action = %c.action, "update: {}", c.message);
+        } else {
+            warn!(service = %c.service, action = %c.action, "update failed: {}", c.message);
+        }
+    }
+    if let Some(reply) = reply {
+        let _ = reply.send(Response::Updated { changes });
+    }
+}
+
+fn done(service: &str, action: &str, message: &str) -> ServiceChange {
+    ServiceChange {
+        service: service.to_owned(),
+        action: action.to_owned(),
+        ok: true,
+        message: message.to_owned(),
+    }
+}
+
+fn failed(service: &str, action: &str, message: String) -> ServiceChange {
+    ServiceChange {
+        service: service.to_owned(),
+        action: action.to_owned(),
+        ok: false,
+        message,
+    }
+}
+
+/// A request for one guardian, as its loop takes it.
+fn plain(request: Request, reply: Waiter) -> ControlRequest {
+    ControlRequest {
+        request,
+        reply,
+        conn: None,
+        service: None,
+    }
+}
+
+fn idle_word(idle: &Idle) -> &'static str {
+    match idle {
+        Idle::Waiting => "waiting",
+        Idle::NotStarted => "not-started",
+        Idle::Stopped(_) => "stopped",
+        Idle::Failed(..) => "failed",
+    }
+}
+
+/// One line of `status`.
+fn describe(e: &mut Entry) -> ServiceStatus {
+    let (state, exit_code, status) = match e.run.as_mut() {
+        Some(s) => {
+            let state = if s.g.policy.is_stopping() {
+                "stopping"
+            } else if s.g.policy.serving().is_some() {
+                "running"
+            } else {
+                "starting"
+            };
+            (state, None, status_of(&mut s.g).map(Box::new))
+        }
+        None => {
+            let code = match e.idle {
+                Idle::Stopped(c) | Idle::Failed(c, _) => Some(c),
+                _ => None,
+            };
+            (idle_word(&e.idle), code, None)
+        }
+    };
+    ServiceStatus {
+        service: e.def.name.clone(),
+        state: state.to_owned(),
+        exit_code,
+        file: e.def.file.clone(),
+        status,
+    }
+}
+
+/// A guardian's status, as `baton status SVC` shows it.
+fn status_of(g: &mut Guardian) -> Option<Status> {
+    let (tx, mut rx) = oneshot::channel();
+    g.control(plain(Request::Status, tx));
+    match rx.try_recv() {
+        Ok(Response::Status(s)) => Some(*s),
+        _ => None,
+    }
+}
+
+/// New settings for a running service (`update`), carried by its next
+/// generation: what is read when a generation starts.
+fn reconfigure(g: &mut Guardian, new: crate::config::RunConfig) {
+    g.procs
+        .children
+        .set_user(new.user.as_ref().map(|u| sys::spawn::Ids {
+            uid: u.uid,
+            gid: u.gid,
+            groups: u.groups.clone(),
+        }));
+    g.procs.app_uid = new
+        .user
+        .as_ref()
+        .map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.uid);
+    g.policy.reconfigure(new.policy.clone());
+    let cfg = &mut g.cfg;
+    cfg.program = new.program;
+    cfg.args = new.args;
+    cfg.base_env = new.base_env;
+    cfg.ready = new.ready;
+    cfg.notify_access = new.notify_access;
+    cfg.workdir = new.workdir;
+    cfg.max_rss = new.max_rss;
+    cfg.policy = new.policy;
+    cfg.user = new.user;
+    cfg.check_timeout = new.check_timeout;
+}

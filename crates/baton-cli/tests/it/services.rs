@@ -1,0 +1,447 @@
+//! Many services under one baton (`baton run --config-dir DIR`): start
+//! order, commands that name a service, `baton update`, isolation, bad
+//! directories, and the instance's metrics.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A service file running the demo app on a port of its own.
+fn app(extra: &str) -> String {
+    format!(
+        "command = [{:?}, \"demo-app\"]\nlisten = [\"127.0.0.1:0\"]\n{extra}",
+        exe()
+    )
+}
+
+/// A service file for a worker without a port.
+fn worker(extra: &str) -> String {
+    format!("command = [\"/bin/sh\", \"-c\", \"exec sleep 600\"]\nready = \"delay:50ms\"\n{extra}")
+}
+
+/// A directory of service files.
+fn services_dir(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    let top = tempfile::tempdir().expect("tempdir");
+    let dir = top.path().join("shop");
+    std::fs::create_dir(&dir).expect("mkdir");
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).expect("write");
+    }
+    (top, dir)
+}
+
+/// `baton status --json` of the instance: one object per service.
+fn services(b: &Baton) -> Vec<Value> {
+    let out = b.ctl(&["status", "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    serde_json::from_str::<Vec<Value>>(&out.stdout).expect("a JSON array")
+}
+
+/// A service's state; empty while baton does not answer yet.
+fn state_of(b: &Baton, name: &str) -> String {
+    let out = b.ctl(&["status", "--json"]);
+    if out.code != Some(0) {
+        return String::new();
+    }
+    serde_json::from_str::<Vec<Value>>(&out.stdout)
+        .unwrap_or_default()
+        .iter()
+        .find(|s| s["service"] == name)
+        .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// Waits until every service named is running.
+fn wait_running(b: &Baton, names: &[&str]) {
+    wait_until("the services run", LONG, || {
+        names.iter().all(|n| state_of(b, n) == "running")
+    });
+}
+
+/// `baton status SVC --json` of a running service.
+fn status_of(b: &Baton, name: &str) -> Value {
+    let out = b.ctl(&["status", name, "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    serde_json::from_str(&out.stdout).expect("status JSON")
+}
+
+/// The pid of a running service's serving generation.
+fn serving_pid(b: &Baton, name: &str) -> u32 {
+    let s = status_of(b, name);
+    let serving = s["serving"].as_u64().expect("a serving generation");
+    s["generations"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["generation"] == serving))
+        .and_then(|g| g["pid"].as_u64())
+        .expect("its pid") as u32
+}
+
+/// The port of a running service's first listener.
+fn port_of(b: &Baton, name: &str) -> u16 {
+    let s = status_of(b, name);
+    let addr = s["listeners"][0]["addr"].as_str().expect("a listener");
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
+}
+
+fn start(dir: &Path) -> Baton {
+    Baton::builder().config_dir(dir).start()
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
+    let metrics = free_port();
+    let (_top, dir) = services_dir(&[
+        (
+            "baton.toml",
+            &format!("metrics = \"127.0.0.1:{metrics}\"\n"),
+        ),
+        // Name order would start it first; `after` starts it once api serves.
+        ("a-web.toml", &app("after = [\"api\"]\n")),
+        ("api.toml", &app("")),
+        ("worker.toml", &worker("")),
+        ("spare.toml", &worker("autostart = false\n")),
+    ]);
+    let mut b = start(&dir);
+    wait_running(&b, &["api", "a-web", "worker"]);
+    let all = services(&b);
+    let names: Vec<&str> = all.iter().filter_map(|s| s["service"].as_str()).collect();
+    assert_eq!(names, ["api", "a-web", "spare", "worker"], "{all:?}");
+    assert_eq!(state_of(&b, "spare"), "not-started");
+    // a-web's first generation was spawned only once api was ready.
+    let lines = b.lines();
+    let api_ready = lines
+        .iter()
+        .position(|l| l.contains("service=\"api\"}: ready "))
+        .unwrap_or_else(|| panic!("api ready\n{}", b.dump()));
+    let web_spawn = lines
+        .iter()
+        .position(|l| l.contains("service=\"a-web\"}: spawn "))
+        .unwrap_or_else(|| panic!("a-web spawn\n{}", b.dump()));
+    assert!(api_ready < web_spawn, "{}", b.dump());
+    // Each answers on its own port, from its own process.
+    for name in ["api", "a-web"] {
+        let reply = get(port_of(&b, name), "/", LONG).expect("an answer");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.pid, Some(serving_pid(&b, name)));
+    }
+    // Commands name a service; without one, those that need one say so.
+    let out = b.ctl(&["reload", "api", "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = b.ctl(&["reload"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("name one (api, a-web, spare, worker)"),
+        "{out:?}"
+    );
+    let out = b.ctl(&["reload", "nope"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("no service \"nope\"")
+            && out.stderr.contains("api, a-web, spare, worker"),
+        "{out:?}"
+    );
+    let out = b.ctl(&["status"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 4, "one line each: {out:?}");
+    let out = b.ctl(&["signal", "USR1"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout.lines().count(),
+        3,
+        "every running service: {out:?}"
+    );
+    // Start and stop one service.
+    let out = b.ctl(&["start", "spare"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(state_of(&b, "spare"), "running");
+    let spare = serving_pid(&b, "spare");
+    let out = b.ctl(&["start", "spare"]);
+    assert_eq!(out.code, Some(1), "already running: {out:?}");
+    let out = b.ctl(&["stop", "spare"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(pid_gone(spare));
+    assert_eq!(state_of(&b, "spare"), "stopped");
+    let out = b.ctl(&["reload", "spare"]);
+    assert_eq!(out.code, Some(1), "not running: {out:?}");
+    assert!(out.stderr.contains("baton start spare"), "{out:?}");
+    // Metrics carry the service; each metric has one head.
+    let text = get(metrics, "/metrics", LONG).expect("metrics").body;
+    assert!(
+        text.contains("baton_generation{service=\"api\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("baton_generation{service=\"a-web\"} 1"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("# TYPE baton_generation gauge").count(),
+        1,
+        "{text}"
+    );
+    // Stopping the instance stops every service.
+    let pids: Vec<u32> = ["api", "a-web", "worker"]
+        .iter()
+        .map(|n| serving_pid(&b, n))
+        .collect();
+    let out = b.ctl(&["stop"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(b.wait_exit(LONG).success());
+    for pid in pids {
+        assert!(pid_gone(pid), "{pid} outlived baton");
+    }
+    assert!(!b.control.exists(), "the control socket is removed");
+}
+
+#[test]
+fn a_reload_of_one_service_under_load_fails_nothing_and_touches_no_other() {
+    let (_top, dir) = services_dir(&[
+        ("api.toml", &app("")),
+        ("web.toml", &app("")),
+        ("worker.toml", &worker("")),
+    ]);
+    let b = start(&dir);
+    wait_running(&b, &["api", "web", "worker"]);
+    let (web, work) = (serving_pid(&b, "web"), serving_pid(&b, "worker"));
+    let load = Load::start(port_of(&b, "api"), 4, 100_000, Duration::from_secs(60));
+    for _ in 0..3 {
+        let before = serving_pid(&b, "api");
+        wait_until("the load meets the serving generation", LONG, || {
+            load.has_seen(before)
+        });
+        let out = b.ctl(&["reload", "api"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    }
+    let last = serving_pid(&b, "api");
+    wait_until("the load meets the last generation", LONG, || {
+        load.has_seen(last)
+    });
+    let (ok, failures, seen) = load.finish();
+    assert_no_failures(ok, &failures);
+    assert_eq!(seen.len(), 4, "every generation answered: {seen:?}");
+    assert_eq!(serving_pid(&b, "web"), web, "web untouched");
+    assert_eq!(serving_pid(&b, "worker"), work, "worker untouched");
+    assert_eq!(status_of(&b, "web")["reloads_ok"], 0);
+}
+
+#[test]
+fn update_applies_added_removed_and_changed_files_and_touches_nothing_else() {
+    let (_top, dir) = services_dir(&[
+        ("keep.toml", &app("")),
+        ("change.toml", &app("")),
+        ("gone.toml", &worker("")),
+        ("moved.toml", &app("")),
+    ]);
+    let mut b = start(&dir);
+    wait_running(&b, &["keep", "change", "gone", "moved"]);
+    let keep = serving_pid(&b, "keep");
+    let changed = serving_pid(&b, "change");
+    let gone = serving_pid(&b, "gone");
+    let moved_port = port_of(&b, "moved");
+    std::fs::write(dir.join("new.toml"), worker("")).expect("write");
+    std::fs::remove_file(dir.join("gone.toml")).expect("rm");
+    std::fs::write(
+        dir.join("change.toml"),
+        app("env = { FLAVOUR = \"two\" }\nstop-timeout = \"7s\"\n"),
+    )
+    .expect("write");
+    // A change of proxy mode: a graceful restart, on the same port.
+    std::fs::write(
+        dir.join("moved.toml"),
+        format!(
+            "command = [{:?}, \"demo-app\", \"--listen\", \"127.0.0.1:{{port}}\"]\nlisten = [\"127.0.0.1:{moved_port}\"]\nproxy = \"http\"\n",
+            exe()
+        ),
+    )
+    .expect("write");
+    let out = b.ctl(&["update", "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    let changes: Vec<Value> = serde_json::from_str(&out.stdout).expect("JSON");
+    let action = |name: &str| {
+        changes.iter().find(|c| c["service"] == name).map(|c| {
+            (
+                c["action"].as_str().unwrap_or_default().to_owned(),
+                c["ok"] == true,
+            )
+        })
+    };
+    assert_eq!(action("new"), Some(("started".into(), true)), "{changes:?}");
+    assert_eq!(
+        action("gone"),
+        Some(("stopped".into(), true)),
+        "{changes:?}"
+    );
+    assert_eq!(
+        action("change"),
+        Some(("reloaded".into(), true)),
+        "{changes:?}"
+    );
+    assert_eq!(
+        action("moved"),
+        Some(("restarted".into(), true)),
+        "{changes:?}"
+    );
+    assert_eq!(action("keep"), None, "{changes:?}");
+    assert_eq!(changes.len(), 4, "{changes:?}");
+    assert_eq!(serving_pid(&b, "keep"), keep, "keep untouched");
+    assert!(pid_gone(gone));
+    assert!(services(&b).iter().all(|s| s["service"] != "gone"));
+    assert_ne!(serving_pid(&b, "change"), changed);
+    let env =
+        std::fs::read(format!("/proc/{}/environ", serving_pid(&b, "change"))).expect("environ");
+    assert!(
+        env.split(|c| *c == 0).any(|kv| kv == b"FLAVOUR=two"),
+        "the new env"
+    );
+    assert_eq!(state_of(&b, "new"), "running");
+    assert_eq!(
+        status_of(&b, "moved")["listeners"][0]["addr"],
+        format!("127.0.0.1:{moved_port}")
+    );
+    let reply = get(moved_port, "/", LONG).expect("through the proxy");
+    assert_eq!(reply.status, 200);
+    // Nothing changed: nothing done.
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("nothing changed"), "{out:?}");
+    // A file that cannot be used is skipped and named; its service (and
+    // every other) is left as it was.
+    std::fs::write(dir.join("keep.toml"), app("workers = \"lots\"\n")).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("keep.toml:3: workers"), "{out:?}");
+    assert_eq!(serving_pid(&b, "keep"), keep, "keep untouched");
+    // A reload that rolls back keeps the previous settings.
+    let before = serving_pid(&b, "change");
+    std::fs::write(
+        dir.join("change.toml"),
+        format!(
+            "command = [{:?}, \"demo-app\", \"--exit-before-ready\", \"3\"]\nlisten = [\"127.0.0.1:0\"]\n",
+            exe()
+        ),
+    )
+    .expect("write");
+    std::fs::write(dir.join("keep.toml"), app("")).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("change: reloaded:"), "{out:?}");
+    assert_eq!(serving_pid(&b, "change"), before);
+    let command = status_of(&b, "change")["command"].clone();
+    assert!(
+        !command.to_string().contains("exit-before-ready"),
+        "{command}"
+    );
+    // SIGHUP is an update.
+    std::fs::write(dir.join("late.toml"), worker("")).expect("write");
+    b.signal(rustix::process::Signal::HUP);
+    wait_running(&b, &["late"]);
+    let out = b.ctl(&["stop"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(b.wait_exit(LONG).success());
+}
+
+#[test]
+fn one_service_that_fails_leaves_the_others_alone() {
+    let (_top, dir) = services_dir(&[
+        ("api.toml", &app("")),
+        (
+            "broken.toml",
+            "command = [\"/bin/sh\", \"-c\", \"exit 3\"]\n",
+        ),
+        (
+            "flaky.toml",
+            "command = [\"/bin/sh\", \"-c\", \"sleep 0.2; exit 1\"]\nready = \"delay:50ms\"\nrestart = \"always\"\nrestart-delay = \"10ms\"\nstart-limit = \"1000/1s\"\n",
+        ),
+    ]);
+    let b = start(&dir);
+    wait_running(&b, &["api"]);
+    let api = serving_pid(&b, "api");
+    wait_until("broken fails", LONG, || state_of(&b, "broken") == "failed");
+    wait_until("flaky restarts a few times", LONG, || {
+        state_of(&b, "flaky") == "running" && status_of(&b, "flaky")["restarts"].as_u64() >= Some(3)
+    });
+    let all = services(&b);
+    let broken = all
+        .iter()
+        .find(|s| s["service"] == "broken")
+        .expect("broken");
+    assert!(
+        broken["exit_code"].as_u64().is_some_and(|c| c != 0),
+        "{broken}"
+    );
+    let out = b.ctl(&["start", "broken"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("never served"), "{out:?}");
+    assert_eq!(serving_pid(&b, "api"), api, "api untouched");
+    assert_eq!(status_of(&b, "api")["restarts"], 0);
+}
+
+#[test]
+fn bad_directories_are_refused_naming_the_file() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("api.toml", "command = [\"x\"]\nmetrics = \":9\"\n")],
+            "api.toml:2: metrics: belongs to the whole instance",
+        ),
+        (
+            &[
+                ("api.toml", "command = [\"x\"]\nlisten = [\":18123\"]\n"),
+                (
+                    "web.toml",
+                    "command = [\"x\"]\nlisten = [\"127.0.0.1:18123\"]\n",
+                ),
+            ],
+            "both listen on port 18123",
+        ),
+        (
+            &[("a b.toml", "command = [\"x\"]\n")],
+            "invalid name \"a b\"",
+        ),
+        (
+            &[("api.toml", "command = [\"x\"]\nready-timeout = \"soon\"\n")],
+            "api.toml:2: ready-timeout",
+        ),
+        (
+            &[
+                ("a.toml", "command = [\"x\"]\nafter = [\"b\"]\n"),
+                ("b.toml", "command = [\"x\"]\nafter = [\"a\"]\n"),
+            ],
+            "in a circle",
+        ),
+        (
+            &[
+                ("api.toml", "command = [\"x\"]\n"),
+                ("baton.toml", "user = \"nobody\"\n"),
+            ],
+            "baton.toml:1: user",
+        ),
+    ];
+    for (files, expected) in cases {
+        let (_top, dir) = services_dir(files);
+        let out = run(
+            &[
+                "run".into(),
+                "--config-dir".into(),
+                dir.clone().into_os_string(),
+            ],
+            LONG,
+        );
+        assert_eq!(out.code, Some(2), "{files:?}: {out:?}");
+        assert!(out.stderr.contains(expected), "{files:?}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "one line: {out:?}");
+    }
+}
