@@ -220,13 +220,17 @@ impl Launch for Sockets {
             })
             .collect();
         let mut set = |k: &str, v: String| env.push((OsString::from(k), OsString::from(v)));
-        set(vars::LISTEN_FDS, cfg.listeners.len().to_string());
-        set(vars::LISTEN_FDNAMES, names.join(":"));
-        set(vars::SERVER_STARTER_PORT, starter.join(";"));
+        // A worker without a port (`--config-dir`) gets no socket
+        // variables at all.
+        if !cfg.listeners.is_empty() {
+            set(vars::LISTEN_FDS, cfg.listeners.len().to_string());
+            set(vars::LISTEN_FDNAMES, names.join(":"));
+            set(vars::SERVER_STARTER_PORT, starter.join(";"));
+        }
         let fds: Vec<_> = cfg.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        let (process, log_readers) = cx
-            .children
-            .start(slot, release, &cfg.args, &env, &fds, true)?;
+        let (process, log_readers) =
+            cx.children
+                .start(slot, release, &cfg.args, &env, &fds, !fds.is_empty())?;
         drop(fds);
         log_spawn(slot, process.pid, None, since);
         let mut handles = Handles::default();

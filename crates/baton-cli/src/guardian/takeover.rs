@@ -228,13 +228,16 @@ pub fn adopt(g: &mut Guardian, adoption: Adoption) {
                 .and_then(|g| g.pid())
                 .unwrap_or_default();
             let addrs: Vec<&str> = g.cfg.listeners.iter().map(|l| l.local.as_str()).collect();
+            let serving = match addrs.is_empty() {
+                true => "running (it listens on nothing)".to_owned(),
+                false => format!("serving {}", addrs.join(", ")),
+            };
             info!(
                 generation = id,
                 pid,
                 from = s.baton.pid,
                 addr = %addrs.join(","),
-                "adopted generation {id} (pid {pid}) serving {}; its exit status will not be known",
-                addrs.join(", ")
+                "adopted generation {id} (pid {pid}) {serving}; its exit status will not be known"
             );
             g.cut_over();
             g.systemd.serving(id);

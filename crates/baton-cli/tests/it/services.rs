@@ -56,9 +56,15 @@ fn state_of(b: &Baton, name: &str) -> String {
 
 /// Waits until every service named is running.
 fn wait_running(b: &Baton, names: &[&str]) {
-    wait_until("the services run", LONG, || {
-        names.iter().all(|n| state_of(b, n) == "running")
-    });
+    let deadline = std::time::Instant::now() + LONG;
+    while !names.iter().all(|n| state_of(b, n) == "running") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{names:?} not running after {LONG:?}\n{}",
+            b.dump()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// `baton status SVC --json` of a running service.
@@ -71,7 +77,9 @@ fn status_of(b: &Baton, name: &str) -> Value {
 /// The pid of a running service's serving generation.
 fn serving_pid(b: &Baton, name: &str) -> u32 {
     let s = status_of(b, name);
-    let serving = s["serving"].as_u64().expect("a serving generation");
+    let serving = s["serving"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} serves: {s}\n{}", b.dump()));
     s["generations"]
         .as_array()
         .and_then(|gs| gs.iter().find(|g| g["generation"] == serving))
@@ -121,6 +129,14 @@ fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
     let names: Vec<&str> = all.iter().filter_map(|s| s["service"].as_str()).collect();
     assert_eq!(names, ["api", "a-web", "spare", "worker"], "{all:?}");
     assert_eq!(state_of(&b, "spare"), "not-started");
+    // A worker without a port gets no socket variables.
+    let env =
+        std::fs::read(format!("/proc/{}/environ", serving_pid(&b, "worker"))).expect("environ");
+    assert!(
+        !env.split(|c| *c == 0).any(|kv| kv.starts_with(b"LISTEN_")),
+        "{}",
+        String::from_utf8_lossy(&env)
+    );
     // a-web's first generation was spawned only once api was ready.
     let lines = b.lines();
     let api_ready = lines
@@ -157,7 +173,8 @@ fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
     let out = b.ctl(&["status"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout.lines().count(), 4, "one line each: {out:?}");
-    let out = b.ctl(&["signal", "USR1"]);
+    // (WINCH: ignored by every app here.)
+    let out = b.ctl(&["signal", "WINCH"]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(
         out.stdout.lines().count(),
@@ -444,4 +461,112 @@ fn bad_directories_are_refused_naming_the_file() {
         assert!(out.stderr.contains(expected), "{files:?}: {out:?}");
         assert_eq!(out.stderr.lines().count(), 1, "one line: {out:?}");
     }
+}
+
+#[test]
+fn the_services_example_runs_as_written() {
+    // examples/services as a newcomer runs it, its ports moved to free ones.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/services");
+    let top = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(top.path().join("services")).expect("mkdir");
+    let ports: Vec<(String, String)> = ["8081", "8082", "9100"]
+        .iter()
+        .map(|p| (format!(":{p}\""), format!(":{}\"", free_port())))
+        .collect();
+    for file in [
+        "app.py",
+        "worker.sh",
+        "services/baton.toml",
+        "services/api.toml",
+        "services/web.toml",
+        "services/worker.toml",
+    ] {
+        let mut text = std::fs::read_to_string(example.join(file)).expect("example file");
+        for (from, to) in &ports {
+            text = text.replace(from, to);
+        }
+        std::fs::write(top.path().join(file), text).expect("write");
+        let mode = std::fs::metadata(example.join(file))
+            .expect("meta")
+            .permissions();
+        std::fs::set_permissions(top.path().join(file), mode).expect("chmod");
+    }
+    let mut b = Baton::builder()
+        .cwd(top.path())
+        .config_dir(Path::new("services"))
+        .start();
+    wait_running(&b, &["api", "web", "worker"]);
+    for (name, greeting) in [("api", "api from pid"), ("web", "web from pid")] {
+        let reply = get(port_of(&b, name), "/", LONG).expect("an answer");
+        assert!(reply.body.starts_with(greeting), "{reply:?}");
+    }
+    let (web, worker) = (serving_pid(&b, "web"), serving_pid(&b, "worker"));
+    let load = Load::start(port_of(&b, "api"), 4, 100_000, Duration::from_secs(60));
+    for _ in 0..2 {
+        let before = serving_pid(&b, "api");
+        wait_until("the load meets the serving generation", LONG, || {
+            load.has_seen(before)
+        });
+        let out = b.ctl(&["reload", "api"]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    }
+    let (ok, failures, _) = load.finish();
+    assert_no_failures(ok, &failures);
+    assert_eq!(
+        (serving_pid(&b, "web"), serving_pid(&b, "worker")),
+        (web, worker)
+    );
+    let web_file = top.path().join("services/web.toml");
+    let text = std::fs::read_to_string(&web_file).expect("read");
+    std::fs::write(&web_file, format!("{text}stop-timeout = \"10s\"\n")).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("web: reloaded:"), "{out:?}");
+    let out = b.ctl(&["stop"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(b.wait_exit(LONG).success());
+    assert!(pid_gone(worker));
+}
+
+#[test]
+fn a_killed_baton_s_services_are_adopted_by_the_next_one() {
+    // (A port of its own: a listener on port 0 is not the same one again.)
+    let api_file = app("").replace(":0\"", &format!(":{}\"", free_port()));
+    let (_top, dir) = services_dir(&[("api.toml", &api_file), ("worker.toml", &worker(""))]);
+    let mut first = start(&dir);
+    wait_running(&first, &["api", "worker"]);
+    let (api, work, port) = (
+        serving_pid(&first, "api"),
+        serving_pid(&first, "worker"),
+        port_of(&first, "api"),
+    );
+    let load = Load::start(port, 2, 100_000, Duration::from_secs(60));
+    wait_until("the load meets api", LONG, || load.has_seen(api));
+    first.signal(rustix::process::Signal::KILL);
+    first.wait_exit(LONG);
+    let second = Baton::builder()
+        .control(&first.control)
+        .config_dir(&dir)
+        .start();
+    wait_running(&second, &["api", "worker"]);
+    assert_eq!(
+        serving_pid(&second, "api"),
+        api,
+        "adopted, not started again"
+    );
+    assert_eq!(
+        serving_pid(&second, "worker"),
+        work,
+        "adopted, not started again"
+    );
+    for name in ["api", "worker"] {
+        assert!(status_of(&second, name)["adopted_from"].as_u64().is_some());
+    }
+    let out = second.ctl(&["reload", "api"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", second.dump());
+    let new = serving_pid(&second, "api");
+    wait_until("the load meets the new api", LONG, || load.has_seen(new));
+    let (ok, failures, _) = load.finish();
+    assert_no_failures(ok, &failures);
+    assert!(pid_gone(api), "the adopted generation was retired");
 }

@@ -209,9 +209,17 @@ pub struct BatonBuilder {
     stdin: Option<std::os::fd::OwnedFd>,
     /// `--config-dir`: the services come from there, no command.
     no_app: bool,
+    /// The directory baton starts in.
+    cwd: Option<PathBuf>,
 }
 
 impl BatonBuilder {
+    /// Starts baton in `dir`.
+    pub fn cwd(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_owned());
+        self
+    }
+
     /// Runs every service of `dir` (`--config-dir`) instead of one command.
     pub fn config_dir(mut self, dir: &Path) -> Self {
         self.run_args
@@ -321,6 +329,9 @@ impl BatonBuilder {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         cmd.env("BATON_INSTANCE", &instance);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env_remove("RUST_LOG")
             .stdin(self.stdin.map_or_else(Stdio::null, Stdio::from))
@@ -348,6 +359,7 @@ impl Baton {
             control: None,
             stdin: None,
             no_app: false,
+            cwd: None,
         }
     }
 
