@@ -347,15 +347,22 @@ pub enum Change {
 
 /// What it takes to go from `old` to `new`: a reload carries what is
 /// read when a generation starts (the command, its environment, user and
-/// directory, workers, readiness, timeouts, restart and bake settings);
-/// the rest (listeners, proxy, log file, watch) takes a restart.
+/// directory, workers, readiness, timeouts, restart and bake settings, and
+/// without a proxy the listeners); the rest (the proxy and its settings,
+/// the log file, watch) takes a restart.
 pub fn change(old: &ServiceDef, new: &ServiceDef) -> Change {
     let same = format!("{:?}", old.args) == format!("{:?}", new.args);
     if same && old.after == new.after && old.autostart == new.autostart {
         return Change::None;
     }
+    let sockets = old.args.proxy.is_none() && new.args.proxy.is_none();
     let fixed = |d: &ServiceDef| {
         let a = RunArgs {
+            listen: if sockets {
+                Vec::new()
+            } else {
+                d.args.listen.clone()
+            },
             command: Vec::new(),
             env: Vec::new(),
             user: None,
@@ -530,6 +537,8 @@ mod tests {
         two.text.push_str("# a comment\n");
         assert_eq!(change(&one[0], &two), Change::None);
         two.args.stop_timeout = Some(std::time::Duration::from_secs(3));
+        assert_eq!(change(&one[0], &two), Change::Reload);
+        two.args.listen = vec!["127.0.0.1:9".parse().expect("spec")];
         assert_eq!(change(&one[0], &two), Change::Reload);
         two.args.proxy = Some(crate::proxy::Mode::Http);
         assert_eq!(change(&one[0], &two), Change::Restart);

@@ -126,6 +126,53 @@ fn bind(
     Ok(left)
 }
 
+/// The listeners [`rebind`] made, and those no longer named.
+pub type Rebound = (Vec<BoundListener>, Vec<BoundListener>);
+
+/// `baton update` changed a service's listeners from `old` (bound as
+/// `current`, in the same order) to `specs`: those still named are taken
+/// over as they are (the same socket: nothing is refused), the others
+/// bound now. Returns them in the order of `specs`, and those no longer
+/// named; nothing is taken if one cannot be bound.
+pub fn rebind(
+    specs: &[ListenSpec],
+    old: &[ListenSpec],
+    current: Vec<BoundListener>,
+) -> Result<Rebound, (StartupError, Vec<BoundListener>)> {
+    let mut current: Vec<Option<BoundListener>> = current.into_iter().map(Some).collect();
+    let find = |spec: &ListenSpec, current: &[Option<BoundListener>]| {
+        current.iter().enumerate().position(|(i, l)| {
+            l.as_ref()
+                .is_some_and(|l| old.get(i) == Some(spec) || spec.addr.is_bound_at(&l.local))
+        })
+    };
+    let mut fresh = Vec::new();
+    for spec in specs {
+        if find(spec, &current).is_none() {
+            match bind_listener(spec) {
+                Ok(l) => fresh.push((spec, l)),
+                Err(e) => return Err((e, current.into_iter().flatten().collect())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for spec in specs {
+        match find(spec, &current) {
+            Some(i) => out.extend(current[i].take()),
+            None => {
+                if let Some(at) = fresh.iter().position(|(s, _)| *s == spec) {
+                    let (_, mut l) = fresh.remove(at);
+                    if let Some(name) = &spec.name {
+                        l.name.clone_from(name);
+                    }
+                    out.push(l);
+                }
+            }
+        }
+    }
+    Ok((out, current.into_iter().flatten().collect()))
+}
+
 /// Binds the metrics endpoint (`--metrics`).
 pub fn bind_metrics(addr: crate::spec::AdminAddr) -> Result<std::net::TcpListener, StartupError> {
     let (bound, as_listen) = match addr {

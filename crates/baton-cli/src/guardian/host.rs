@@ -68,13 +68,22 @@ struct Entry {
     then: Then,
     /// It was asked to stop (not a failure when it ends).
     stop_asked: bool,
+    /// Listeners an update no longer names, held until the reload with
+    /// the new settings has settled.
+    retired: Vec<crate::config::BoundListener>,
 }
 
 /// A message from a helper task to the loop.
 enum Note {
-    /// A reload `update` asked for rolled back: the service goes back to
-    /// its previous settings, which the serving generation runs.
-    Revert(String, Box<ServiceDef>),
+    /// A reload with new settings that `update` asked for has settled:
+    /// the listeners no longer named close if it succeeded; if it rolled
+    /// back, the service goes back to its previous settings (`old`), which
+    /// the serving generation runs.
+    Settled {
+        service: String,
+        ok: bool,
+        old: Box<ServiceDef>,
+    },
 }
 
 /// The instance.
@@ -166,6 +175,7 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
             start_waiters: Vec::new(),
             then: Then::Nothing,
             stop_asked: false,
+            retired: Vec::new(),
         });
         if let Some((cfg, left)) = ready {
             let i = host.entries.len() - 1;
@@ -532,22 +542,33 @@ impl Host {
     }
 
     fn note(&mut self, note: Note) {
-        match note {
-            Note::Revert(name, def) => {
-                let Some(i) = self.find(&name) else {
-                    return;
-                };
-                match crate::config::RunConfig::from_args(self.args(&def), self.nofile) {
-                    Ok(cfg) => {
-                        if let Some(s) = self.entries[i].run.as_mut() {
-                            reconfigure(&mut s.g, cfg);
-                        }
-                        self.entries[i].def = *def;
-                        warn!(service = %name, "the reload with the new settings rolled back: the service keeps its previous settings");
-                    }
-                    Err(e) => warn!(service = %name, error = %e, "previous settings"),
+        let Note::Settled { service, ok, old } = note;
+        let Some(i) = self.find(&service) else {
+            return;
+        };
+        let retired = std::mem::take(&mut self.entries[i].retired);
+        if ok {
+            return;
+        }
+        let back = crate::config::RunConfig::from_args(self.args(&old), self.nofile);
+        let e = &mut self.entries[i];
+        let Some(s) = e.run.as_mut() else {
+            e.def = *old;
+            return;
+        };
+        match back {
+            Ok(mut cfg) => {
+                // The listeners of before: those kept, and those retired.
+                let mut all = std::mem::take(&mut s.g.cfg.listeners);
+                all.extend(retired);
+                match crate::startup::rebind(&cfg.listen, &s.g.cfg.listen, all) {
+                    Ok((listeners, _)) | Err((_, listeners)) => cfg.listeners = listeners,
                 }
+                s.with(|g| reconfigure(g, cfg));
+                e.def = *old;
+                warn!(service = %service, "the reload with the new settings rolled back: the service keeps its previous settings");
             }
+            Err(e) => warn!(service = %service, error = %e, "previous settings"),
         }
     }
 
@@ -770,6 +791,7 @@ impl Host {
                     start_waiters: Vec::new(),
                     then: Then::Nothing,
                     stop_asked: false,
+                    retired: Vec::new(),
                 });
                 if autostart {
                     let (tx, rx) = oneshot::channel();
@@ -801,6 +823,26 @@ impl Host {
                     let new = crate::config::RunConfig::from_args(self.args(&def), self.nofile);
                     let e = &mut self.entries[i];
                     let Some(s) = e.run.as_mut() else { continue };
+                    let new = new.map_err(|e| e.to_string()).and_then(|mut cfg| {
+                        if cfg.listen == s.g.cfg.listen {
+                            return Ok(cfg);
+                        }
+                        // New listeners are bound now; those no longer
+                        // named are retired (the old generation keeps its
+                        // own copies until it exits).
+                        let current = std::mem::take(&mut s.g.cfg.listeners);
+                        match crate::startup::rebind(&cfg.listen, &s.g.cfg.listen, current) {
+                            Ok((listeners, retired)) => {
+                                cfg.listeners = listeners;
+                                e.retired = retired;
+                                Ok(cfg)
+                            }
+                            Err((why, back)) => {
+                                s.g.cfg.listeners = back;
+                                Err(why.to_string())
+                            }
+                        }
+                    });
                     match new {
                         Err(why) => pending.push(Pending::Done(failed(
                             &name,
@@ -808,7 +850,7 @@ impl Host {
                             format!("{why}; the service is left as it was"),
                         ))),
                         Ok(cfg) => {
-                            reconfigure(&mut s.g, cfg);
+                            s.with(|g| reconfigure(g, cfg));
                             let old = std::mem::replace(&mut e.def, def);
                             let (tx, rx) = oneshot::channel();
                             s.with(|g| g.trigger(super::policy::Trigger::Control, Some(tx)));
@@ -875,13 +917,26 @@ impl Pending {
             Pending::Reload(name, old, rx) => match rx.await {
                 Ok(Response::Reloaded {
                     generation, pid, ..
-                }) => done(
-                    &name,
-                    "reloaded",
-                    &format!("generation {generation} (pid {pid}) serves with the new settings"),
-                ),
+                }) => {
+                    let _ = notes.send(Note::Settled {
+                        service: name.clone(),
+                        ok: true,
+                        old,
+                    });
+                    done(
+                        &name,
+                        "reloaded",
+                        &format!(
+                            "generation {generation} (pid {pid}) serves with the new settings"
+                        ),
+                    )
+                }
                 Ok(Response::RolledBack { message, .. }) => {
-                    let _ = notes.send(Note::Revert(name.clone(), old));
+                    let _ = notes.send(Note::Settled {
+                        service: name.clone(),
+                        ok: false,
+                        old,
+                    });
                     failed(
                         &name,
                         "reloaded",
@@ -1025,4 +1080,18 @@ fn reconfigure(g: &mut Guardian, new: crate::config::RunConfig) {
     cfg.policy = new.policy;
     cfg.user = new.user;
     cfg.check_timeout = new.check_timeout;
+    if cfg.listen != new.listen {
+        cfg.listen = new.listen;
+        cfg.listeners = new.listeners;
+        g.procs.listener_inodes = super::processes::listener_inodes(&g.cfg);
+        // The keeper holds the listeners of its start: a new one holds
+        // these, and what the old one held of the live processes.
+        g.orphans.replace_keeper(&g.cfg, &mut g.procs.children);
+        for (slot, h) in &g.procs.handles {
+            g.orphans.keep(*slot, h);
+        }
+        for l in &g.cfg.listeners {
+            info!(addr = %l.local, name = %l.name, "listening");
+        }
+    }
 }

@@ -296,6 +296,19 @@ impl Orphans {
         }
     }
 
+    /// The listeners changed (`baton update`): a new keeper holds the new
+    /// ones, and the old one goes (the caller hands the new one what the
+    /// old one held of the live processes).
+    pub fn replace_keeper(&mut self, cfg: &RunConfig, children: &mut Children) {
+        let old = self.keeper.take();
+        self.start_keeper(cfg, children);
+        if let Some(k) = old
+            && sys::inspect::alive_exactly(k.pid, k.start_time)
+        {
+            let _ = sys::signal::send(k.pid, crate::spec::Signal::TERM);
+        }
+    }
+
     /// The keeper exited: started again unless baton is stopping.
     pub fn keeper_exited(
         &mut self,

@@ -570,3 +570,93 @@ fn a_killed_baton_s_services_are_adopted_by_the_next_one() {
     assert_no_failures(ok, &failures);
     assert!(pid_gone(api), "the adopted generation was retired");
 }
+
+#[test]
+fn update_carries_new_listeners_by_a_reload_and_closes_those_no_longer_named() {
+    let (p1, p2) = (free_port(), free_port());
+    let listen = |ports: &[u16]| {
+        let list: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        format!(
+            "command = [{:?}, \"demo-app\"]\nlisten = [{}]\n",
+            exe(),
+            list.join(", ")
+        )
+    };
+    let (_top, dir) = services_dir(&[("api.toml", &listen(&[p1]))]);
+    let b = start(&dir);
+    wait_running(&b, &["api"]);
+    let keeper = status_of(&b, "api")["keeper_pid"].clone();
+    let load = Load::start(p1, 4, 100_000, Duration::from_secs(60));
+    wait_until("the load meets api", LONG, || {
+        load.has_seen(serving_pid(&b, "api"))
+    });
+    // A listener added: bound now, the port already served stays open.
+    std::fs::write(dir.join("api.toml"), listen(&[p1, p2])).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    assert!(out.stdout.starts_with("api: reloaded:"), "{out:?}");
+    let second = serving_pid(&b, "api");
+    wait_until("the load meets the new generation", LONG, || {
+        load.has_seen(second)
+    });
+    let (ok, failures, _) = load.finish();
+    assert_no_failures(ok, &failures);
+    for port in [p1, p2] {
+        assert_eq!(get(port, "/", LONG).expect("served").pid, Some(second));
+    }
+    assert_ne!(
+        status_of(&b, "api")["keeper_pid"],
+        keeper,
+        "a keeper holds the new set"
+    );
+    // A listener no longer named: closed once no generation has it.
+    let load = Load::start(p2, 2, 100_000, Duration::from_secs(60));
+    std::fs::write(dir.join("api.toml"), listen(&[p2])).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    assert!(
+        pid_gone(second) || {
+            wait_until("the old generation exits", LONG, || pid_gone(second));
+            true
+        }
+    );
+    let third = serving_pid(&b, "api");
+    wait_until("the load meets the third generation", LONG, || {
+        load.has_seen(third)
+    });
+    let (ok, failures, _) = load.finish();
+    assert_no_failures(ok, &failures);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p1)).is_err(),
+        "{p1} is closed"
+    );
+    let addrs: Vec<Value> = status_of(&b, "api")["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| l["addr"].clone())
+        .collect();
+    assert_eq!(addrs, [Value::from(format!("127.0.0.1:{p2}"))]);
+    // New listeners with a release that fails: rolled back, the listeners
+    // of before stay, the new one is closed again.
+    let p3 = free_port();
+    let failing = listen(&[p2, p3]).replace(
+        "\"demo-app\"",
+        "\"demo-app\", \"--exit-before-ready\", \"3\"",
+    );
+    std::fs::write(dir.join("api.toml"), failing).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", b.dump());
+    assert_eq!(serving_pid(&b, "api"), third);
+    wait_until("the new listener is closed again", LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", p3)).is_err()
+    });
+    assert_eq!(get(p2, "/", LONG).expect("served").pid, Some(third));
+    let out = b.ctl(&["reload", "api"]);
+    assert_eq!(out.code, Some(0), "the previous settings are back: {out:?}");
+    let listeners = status_of(&b, "api")["listeners"]
+        .as_array()
+        .expect("listeners")
+        .len();
+    assert_eq!(listeners, 1);
+}
