@@ -431,6 +431,7 @@ impl Host {
             }
             Then::Remove => {
                 e.then = Then::Remove;
+                self.fail_waiters(i, "its file was removed");
             }
             Then::Nothing => {
                 let why = match &e.idle {

@@ -235,30 +235,39 @@ impl Pool {
     }
 }
 
-/// This proxy thread ends: its part of every pool it watched is closed
-/// (those connections belong to its runtime), and the watch list is
-/// emptied, so that a thread started again on the same slot watches anew.
-pub fn forget_thread() {
-    let pools = WATCH.with(|w| {
-        let mut w = w.borrow_mut();
-        w.waker = None;
-        std::mem::take(&mut w.pools)
-    });
-    for pool in pools.iter().filter_map(Weak::upgrade) {
-        if let Some(mut part) = pool.part() {
-            part.conns.clear();
-            part.listed = false;
-        }
-    }
+thread_local! {
+    /// How often this thread's watcher sweeps: the shortest any proxy on
+    /// the thread asked for.
+    static PERIOD: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::from_secs(3600)) };
 }
 
-/// This proxy thread's pool watcher, run for as long as the thread serves:
+/// A proxy on this thread wants its pools swept at least every `period`
+/// (a quarter of their idle time).
+pub fn want_period(period: Duration) {
+    PERIOD.with(|p| p.set(p.get().min(period)));
+    // The watcher takes it at once.
+    WATCH.with(|w| {
+        if let Some(waker) = &w.borrow().waker {
+            waker.wake_by_ref();
+        }
+    });
+}
+
+/// This proxy thread's pool watcher, run for as long as the thread runs:
 /// woken when anything arrives on an idle connection of any pool on this
-/// thread, and every `period`; closes what must not be reused.
-pub async fn watch(period: Duration) {
+/// thread, and every period [`want_period`] asked for; closes what must
+/// not be reused.
+pub async fn watch() {
+    let mut period = PERIOD.with(std::cell::Cell::get);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     std::future::poll_fn(|cx| {
+        let wanted = PERIOD.with(std::cell::Cell::get);
+        if wanted < period {
+            period = wanted;
+            tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         while tick.poll_tick(cx).is_ready() {}
         let pools = WATCH.with(|w| {
             let mut w = w.borrow_mut();
@@ -343,7 +352,10 @@ mod tests {
     fn the_watcher_closes_a_connection_the_moment_bytes_arrive_on_it() {
         runtime().block_on(async {
             // No sweep for an hour: only the bytes' arrival can wake it.
-            let watcher = tokio::spawn(watch(Duration::from_secs(3600)));
+            let watcher = {
+                want_period(Duration::from_secs(3600));
+                tokio::spawn(watch())
+            };
             tokio::task::yield_now().await;
             let stray = Arc::new(AtomicU64::new(0));
             let pool = Pool::new(1, POOL_IDLE, Arc::clone(&stray));
@@ -381,25 +393,6 @@ mod tests {
             // A closed pool takes nothing more.
             pool.close();
             let _server = checked_in(&pool, 0).await;
-            watcher.abort();
-        });
-    }
-
-    #[test]
-    fn a_thread_that_ends_forgets_its_part_of_every_pool() {
-        runtime().block_on(async {
-            let watcher = tokio::spawn(watch(Duration::from_secs(3600)));
-            tokio::task::yield_now().await;
-            let pool = Pool::new(1, POOL_IDLE, Arc::default());
-            let _server = pooled(&pool).await;
-            forget_thread();
-            assert_eq!(pool.idle(), 0, "closed with the thread");
-            watcher.abort();
-            // Started again: the new watcher lists the pool again.
-            let watcher = tokio::spawn(watch(Duration::from_secs(3600)));
-            tokio::task::yield_now().await;
-            let _again = pooled(&pool).await;
-            assert_eq!(WATCH.with(|w| w.borrow().pools.len()), 1);
             watcher.abort();
         });
     }
