@@ -492,6 +492,12 @@ pub struct KeeperArgs {
     /// holds (baton sizes it from `--workers`).
     #[arg(long, value_name = "N", default_value_t = crate::knobs::KEEPER_MAX_HELD)]
     pub max_held: usize,
+
+    /// Keep for every service of a baton that runs several: fd 3 is a
+    /// connection to it, on which it adds one keeper per service (its
+    /// other options are then those of each, sent with it).
+    #[arg(long)]
+    pub host: bool,
 }
 
 /// `baton status`.

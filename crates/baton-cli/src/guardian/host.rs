@@ -101,6 +101,10 @@ struct Host {
     stopping: Option<String>,
     stop_waiters: Vec<Waiter>,
     notes: mpsc::UnboundedSender<Note>,
+    /// The keeper process every service's keeper runs in (`--orphans
+    /// keep`), and how many times it was started again.
+    keeper: Option<std::sync::Arc<super::keeper::Host>>,
+    keeper_restarts: u32,
 }
 
 /// Runs every service of `read` (the directory `dir`, the command line
@@ -142,7 +146,12 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
         stopping: None,
         stop_waiters: Vec::new(),
         notes: notes_tx,
+        keeper: None,
+        keeper_restarts: 0,
     };
+    if read.instance.orphans.unwrap_or_default() == crate::spec::Orphans::Keep {
+        host.keeper = start_keeper();
+    }
     let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
     // Every service that starts now is set up (checked, bound) before any
     // starts: a bad one stops the start with nothing left running.
@@ -322,6 +331,7 @@ impl Host {
             control_connections: &self.control.connections,
             board: &self.board,
             service: Some(&name),
+            keeper: self.keeper.as_ref(),
         };
         let mut s = Service::new(cfg, None, &common)?;
         s.begin(left);
@@ -495,6 +505,10 @@ impl Host {
             s.g.procs.children.sweep();
         }
         for (pid, status) in sys::reaper::reap() {
+            if self.keeper.as_ref().is_some_and(|k| k.process.pid == pid) {
+                self.keeper_died(status);
+                continue;
+            }
             let owner = self.running().find(|s| s.g.procs.children.owns(pid));
             match owner {
                 Some(s) => {
@@ -503,6 +517,38 @@ impl Host {
                 }
                 None => tracing::debug!(pid, status = %status.word(), "reaped an orphan"),
             }
+        }
+    }
+
+    /// The shared keeper process exited: every service's keeper with it.
+    /// Started again (at most [`KEEPER_RESTARTS`] times), and each running
+    /// service's keeper added to it with what it holds.
+    fn keeper_died(&mut self, status: crate::exit::ExitStatus) {
+        self.keeper = None;
+        for s in self.running() {
+            s.g.orphans.keeper_gone();
+        }
+        if self.stopping.is_some() {
+            return;
+        }
+        self.keeper_restarts += 1;
+        if self.keeper_restarts > KEEPER_RESTARTS {
+            warn!(status = %status.word(), "keeper: exited again; not started any more (if baton dies, its services cannot be adopted)");
+            return;
+        }
+        warn!(status = %status.word(), "keeper: exited; starting another");
+        self.keeper = start_keeper();
+        let Some(keeper) = self.keeper.clone() else {
+            return;
+        };
+        for s in self.running() {
+            s.with(|g| {
+                g.orphans.share(std::sync::Arc::clone(&keeper));
+                g.orphans.start_keeper(&g.cfg, &mut g.procs.children);
+                for (slot, h) in &g.procs.handles {
+                    g.orphans.keep(*slot, h);
+                }
+            });
         }
     }
 
@@ -884,6 +930,35 @@ impl Host {
             }
             send_report(reply, changes);
         });
+    }
+}
+
+/// How many times the shared keeper process is started again after it
+/// exits on its own.
+const KEEPER_RESTARTS: u32 = 5;
+
+/// The keeper process of every service (`--orphans keep`); if it cannot
+/// be started, each service starts a keeper of its own.
+fn start_keeper() -> Option<std::sync::Arc<super::keeper::Host>> {
+    // baton's environment, without what describes baton itself.
+    let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !(k.starts_with("LISTEN_") || k.starts_with("WATCHDOG_") || k == "NOTIFY_SOCKET")
+        })
+        .collect();
+    match super::keeper::Host::start(&env) {
+        Ok(host) => {
+            info!(
+                pid = host.process.pid,
+                "keeper: one process holds every service's listeners in case baton dies"
+            );
+            Some(std::sync::Arc::new(host))
+        }
+        Err(e) => {
+            warn!(error = %e, "keeper: the shared process did not start; each service starts its own");
+            None
+        }
     }
 }
 

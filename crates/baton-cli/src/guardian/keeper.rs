@@ -127,15 +127,108 @@ enum Served {
 /// `baton keeper`: fd 3 is the keeper's socket, fds 4.. the `listeners`
 /// listeners; `state` is the state file, read once baton is gone if no
 /// pidfd is held; `name` prefixes the output it copies then (to its own
-/// stdout and stderr, or to the log file).
+/// stdout and stderr, or to the log file). With `--host`, one process
+/// keeps for every service of a baton that runs several ([`host`]).
 pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
+    // Its own session already (see `Children::start_helper`); a hangup,
+    // from a terminal or an orphaned group, must not end it either.
+    sys::signal::ignore_hangup().context("ignoring SIGHUP")?;
+    if args.host {
+        return host();
+    }
+    let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
+    let listeners = (0..args.listeners)
+        .map(|i| sys::exec::take_fd(4 + i as i32))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("the listeners (fds 4..)")?;
+    keep(args, socket, listeners)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The most keepers one host process runs (a baton's services).
+const MAX_KEPT: usize = crate::config_dir::MAX_SERVICES;
+
+/// The longest `add` message: a keeper's command line.
+const MAX_ADD: usize = 64 * 1024;
+
+/// `baton keeper --host`: fd 3 is a connection to the baton that runs
+/// several services. Each message on it adds a keeper: its command line
+/// (`baton keeper ...`, NUL-separated) with its socket and listeners
+/// attached, answered `ok` once it runs (on a thread of its own) or
+/// `error WHY`. Once that baton is gone (the connection ends), the host
+/// exits when its last keeper has: each ends as a lone keeper would.
+fn host() -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let conn = UnixStream::from(sys::exec::take_fd(3).context("the host's connection (fd 3)")?);
+    let mut kept: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    loop {
+        let (text, fds) = match sys::fdpass::recv(&conn, MAX_ADD) {
+            Ok((text, _)) if text.is_empty() => break,
+            Ok(message) => message,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        kept.retain(|t| !t.is_finished());
+        let answer = if kept.len() >= MAX_KEPT {
+            format!("error more than {MAX_KEPT} keepers")
+        } else {
+            match add(&text, fds) {
+                Ok(thread) => {
+                    kept.push(thread);
+                    "ok".to_owned()
+                }
+                Err(e) => format!("error {e:#}"),
+            }
+        };
+        let _ = sys::fdpass::send(&conn, format!("{answer}\n").as_bytes(), &[]);
+    }
+    for thread in kept {
+        let _ = thread.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the keeper that `text` (its command line) and `fds` (its socket,
+/// then its listeners) describe, on a thread.
+fn add(text: &[u8], fds: Vec<OwnedFd>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use clap::Parser;
+    let argv: Vec<std::ffi::OsString> = text
+        .split(|b| *b == 0)
+        .map(|a| <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a).to_owned())
+        .collect();
+    let crate::cli::Command::Keeper(args) = crate::cli::Cli::try_parse_from(argv)?.command else {
+        anyhow::bail!("not a keeper's command line");
+    };
+    let mut fds = fds.into_iter();
+    let socket = UnixListener::from(fds.next().ok_or_else(|| anyhow::anyhow!("no socket"))?);
+    let listeners: Vec<OwnedFd> = fds.collect();
+    anyhow::ensure!(
+        listeners.len() == args.listeners,
+        "{} listeners sent for {}",
+        listeners.len(),
+        args.listeners
+    );
+    let name = args.name.clone();
+    Ok(std::thread::Builder::new()
+        .name(format!("keeper-{name}"))
+        .spawn(move || {
+            if let Err(e) = keep(args, socket, listeners) {
+                eprintln!("baton keeper: {name}: {e:#}");
+            }
+        })?)
+}
+
+/// One keeper: holds `listeners` and what baton gives it on `socket`,
+/// until it is asked, taken, or has nothing left to adopt.
+fn keep(
+    args: crate::cli::KeeperArgs,
+    socket: UnixListener,
+    listeners: Vec<OwnedFd>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     let crate::cli::KeeperArgs {
-        listeners,
-        state,
-        name,
-        owner,
-        ..
+        state, name, owner, ..
     } = args;
     let log = args.log_file.map(|path| super::logfile::LogSpec {
         path,
@@ -144,13 +237,9 @@ pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
     });
     // Opened when first needed (once baton is gone), and kept.
     let mut log_file: Option<super::logfile::LogFile> = None;
-    let socket = UnixListener::from(sys::exec::take_fd(3).context("the keeper's socket (fd 3)")?);
     let mut holding = Holding {
         max_held: args.max_held,
-        listeners: (0..listeners)
-            .map(|i| sys::exec::take_fd(4 + i as i32))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("the listeners (fds 4..)")?,
+        listeners,
         ..Holding::default()
     };
     // The baton it keeps for: named by it (pid and start time), else its
@@ -168,9 +257,6 @@ pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
             (parent, sys::inspect::start_time(parent))
         }
     };
-    // Its own session already (see `Children::start_helper`); a hangup,
-    // from a terminal or an orphaned group, must not end it either.
-    sys::signal::ignore_hangup().context("ignoring SIGHUP")?;
     socket.set_nonblocking(true)?;
     // Listening again makes the socket's credentials the keeper's own, so
     // that a client's SO_PEERCRED names the keeper, not the baton that
@@ -222,7 +308,7 @@ pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
             match serve(&c, me, &mut holding) {
-                Served::Exit => return Ok(ExitCode::SUCCESS),
+                Served::Exit => return Ok(()),
                 Served::Taken => {
                     c.taker = true;
                     c.deadline = Instant::now() + HANDOFF_TIMEOUT;
@@ -288,7 +374,7 @@ pub fn main(args: crate::cli::KeeperArgs) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "baton keeper: no generation of the dead baton is left; letting the listeners go"
             );
-            return Ok(ExitCode::SUCCESS);
+            return Ok(());
         }
     }
 }
@@ -316,6 +402,74 @@ fn copy(pipe: &mut Option<(OwnedFd, bool)>, prefix: &str, to: &mut dyn Write) {
         }
         Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
         Err(_) => *pipe = None,
+    }
+}
+
+/// The keeper process of a baton that runs several services: one for all
+/// (`baton keeper --host`), each service's keeper a thread of it.
+#[derive(Debug)]
+pub struct Host {
+    /// The process.
+    pub process: super::generation::Process,
+    conn: UnixStream,
+}
+
+impl Host {
+    /// Starts it, with `env` (a session of its own: it outlives baton).
+    /// Whoever starts it reaps it.
+    pub fn start(env: &[(std::ffi::OsString, std::ffi::OsString)]) -> std::io::Result<Host> {
+        let (conn, theirs) = sys::fdpass::seqpacket_pair()?;
+        let args: Vec<std::ffi::OsString> = [
+            "baton",
+            "keeper",
+            "--host",
+            "--listeners",
+            "0",
+            "--state",
+            "/dev/null",
+            "--name",
+            "host",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let pid = sys::spawn::spawn(&sys::spawn::Command {
+            program: Path::new("/proc/self/exe"),
+            args: &args,
+            env,
+            fds: &[theirs.as_fd()],
+            listen_pid: false,
+            stdout: None,
+            stderr: None,
+            user: None,
+            nofile: None,
+            parent_death: false,
+            exe: None,
+            cwd: None,
+            cwd_fd: None,
+            session: true,
+        })?;
+        conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Host {
+            process: super::generation::Process {
+                pid,
+                start_time: sys::inspect::start_time(pid),
+            },
+            conn,
+        })
+    }
+
+    /// Adds the keeper of command line `argv` (`baton keeper ...`) with
+    /// `fds` (its socket, then its listeners); answered once it runs.
+    pub fn add(&self, argv: &[std::ffi::OsString], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        let text = argv
+            .iter()
+            .map(|a| std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()))
+            .collect::<Vec<_>>()
+            .join(&0u8);
+        sys::fdpass::send(&self.conn, &text, fds)?;
+        expect_ok(&self.conn)
     }
 }
 

@@ -51,6 +51,10 @@ pub struct Orphans {
     /// Calls to the keeper, made off the loop (a keeper that is stopped or
     /// slow never holds the loop up).
     courier: Option<std::sync::mpsc::Sender<Call>>,
+    /// The keeper process this service's keeper runs in, shared with the
+    /// other services of the baton (`--config-dir`); `None`: a process of
+    /// its own.
+    shared: Option<std::sync::Arc<keeper::Host>>,
 }
 
 /// A call to the keeper, carried by the courier thread.
@@ -119,7 +123,19 @@ impl Orphans {
             adopted_from: None,
             courier: (cfg.orphans == Mode::Keep)
                 .then(|| courier(state::keeper_path(&cfg.control_path))),
+            shared: None,
         }
+    }
+
+    /// The shared keeper process died: this service's keeper with it.
+    pub fn keeper_gone(&mut self) {
+        self.keeper = None;
+        self.shared = None;
+    }
+
+    /// Its keeper runs in `host`, with the other services' keepers.
+    pub fn share(&mut self, host: std::sync::Arc<keeper::Host>) {
+        self.shared = Some(host);
     }
 
     /// The keeper, if one runs.
@@ -213,6 +229,18 @@ impl Orphans {
         if cfg.log_file.is_some() && !cfg.log_prefix {
             args.push("--no-prefix".into());
         }
+        if let Some(host) = &self.shared {
+            let added = host.add(&args, &fds).and_then(|()| {
+                std::fs::rename(&temporary, &self.keeper_path).inspect_err(|_| {
+                    let _ = keeper::quit(&temporary);
+                })
+            });
+            if let Err(e) = added {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(e);
+            }
+            return Ok(host.process);
+        }
         // The running image, even if its file was replaced since.
         let started = children.start_helper(
             Owner::Keeper,
@@ -300,6 +328,14 @@ impl Orphans {
     /// ones, and the old one goes (the caller hands the new one what the
     /// old one held of the live processes).
     pub fn replace_keeper(&mut self, cfg: &RunConfig, children: &mut Children) {
+        if self.shared.is_some() {
+            // The old one answers at the path until the new one does.
+            if self.keeper.take().is_some() {
+                let _ = keeper::quit(&self.keeper_path);
+            }
+            self.start_keeper(cfg, children);
+            return;
+        }
         let old = self.keeper.take();
         self.start_keeper(cfg, children);
         if let Some(k) = old
@@ -388,6 +424,7 @@ impl Orphans {
     pub fn finish(&mut self) {
         if let Some(k) = self.keeper.take()
             && keeper::quit(&self.keeper_path).is_err()
+            && self.shared.is_none()
             && sys::inspect::alive_exactly(k.pid, k.start_time)
         {
             let _ = sys::signal::send(k.pid, crate::spec::Signal::TERM);

@@ -88,6 +88,8 @@ pub(super) struct Common<'a> {
     pub(super) board: &'a metrics::Board,
     /// The service's name, when the baton runs several.
     pub(super) service: Option<&'a str>,
+    /// The keeper process shared by the services, if one runs.
+    pub(super) keeper: Option<&'a Arc<super::keeper::Host>>,
 }
 
 impl Service {
@@ -140,8 +142,12 @@ impl Service {
             Some(_) => systemd::Systemd::muted(),
             None => systemd::Systemd::resume(handover.is_some_and(|h| h.systemd_ready)),
         };
+        let mut orphans = orphans::Orphans::new(&cfg, keeper);
+        if let Some(host) = common.keeper {
+            orphans.share(Arc::clone(host));
+        }
         let g = Guardian {
-            orphans: orphans::Orphans::new(&cfg, keeper),
+            orphans,
             releases: release::Releases::default(),
             control_fd,
             upgrade: None,
@@ -366,6 +372,7 @@ impl Running {
             control_connections: &control.connections,
             board: &board,
             service: None,
+            keeper: None,
         };
         let mut s = Service::new(cfg, handover.as_ref(), &common)?;
         match (handover, left) {

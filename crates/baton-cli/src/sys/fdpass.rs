@@ -80,6 +80,18 @@ fn with_rights(
     Ok(send(&mut control)?)
 }
 
+/// A connected pair of sequenced-packet sockets (message boundaries kept,
+/// descriptors passed as on a stream), close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (a, b) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    Ok((UnixStream::from(a), UnixStream::from(b)))
+}
+
 /// Receives one message of at most `max` bytes and the descriptors that
 /// came with it (close-on-exec). A message whose descriptors were cut
 /// (more than [`MAX_FDS`]) is an error.

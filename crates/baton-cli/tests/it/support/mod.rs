@@ -530,7 +530,8 @@ impl Baton {
     pub fn spawned_pids(&self) -> Vec<u32> {
         self.lines()
             .iter()
-            .filter(|l| is_event(l, "spawn"))
+            // (A service's lines, with --config-dir: `service{…}: spawn`.)
+            .filter(|l| is_event(l, "spawn") || l.contains("}: spawn "))
             .filter_map(|l| field(l, "pid")?.parse().ok())
             .collect()
     }
