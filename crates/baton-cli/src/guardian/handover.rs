@@ -112,6 +112,106 @@ pub struct Handover {
     pub nonce: u64,
 }
 
+/// What a baton that runs several services (`--config-dir`) hands over:
+/// what the instance owns, and each service's own handover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    /// [`VERSION`] of the baton that wrote it.
+    pub version: u32,
+    /// That baton's version.
+    pub from: String,
+    /// The instance's name.
+    pub name: String,
+    /// The control socket's path and listener.
+    pub control_path: PathBuf,
+    /// See `control_path`.
+    pub control_fd: RawFd,
+    /// The metrics endpoint's listener.
+    pub metrics_fd: Option<RawFd>,
+    /// The keeper process every service's keeper runs in, and the
+    /// descriptor of baton's connection to it.
+    pub keeper: Option<(super::generation::Process, RawFd)>,
+    /// Its restarts so far.
+    pub keeper_restarts: u32,
+    /// The services, in start order.
+    pub services: Vec<ServiceHandover>,
+    /// The descriptor limit baton found at its first start.
+    pub nofile: Nofile,
+    /// Upgrades so far, this one included.
+    pub upgrades: u64,
+    /// When this upgrade began (`CLOCK_MONOTONIC` nanoseconds).
+    pub upgrade_began_ns: u64,
+    /// The `baton upgrade` client's connection, answered by the new image.
+    pub reply_fd: Option<RawFd>,
+    /// Whether systemd has been told READY=1.
+    pub systemd_ready: bool,
+    /// This upgrade's number (see [`Handover::nonce`]).
+    pub nonce: u64,
+}
+
+/// One service of an [`Instance`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceHandover {
+    /// Its name.
+    pub name: String,
+    /// Its file.
+    pub file: PathBuf,
+    /// The file's text as it was read (the settings it runs with).
+    pub text: String,
+    /// Where it is when it does not run (`None` while it runs).
+    pub idle: Option<Idle>,
+    /// Its guardian's handover, while it runs.
+    pub handover: Option<Handover>,
+}
+
+/// A service that does not run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Idle {
+    /// Waiting for those it starts after.
+    Waiting,
+    /// `autostart = false`, not started.
+    NotStarted,
+    /// Stopped when asked, with this exit code.
+    Stopped(u8),
+    /// Ended on its own, with this exit code and why.
+    Failed(u8, String),
+}
+
+/// What an upgrade hands over: one service's guardian, or an instance of
+/// several.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Any {
+    /// `--config-dir`.
+    Instance(Instance),
+    /// One service.
+    Service(Box<Handover>),
+}
+
+impl Any {
+    /// Its version, its writer's version and nonce.
+    fn stamp(&self) -> (u32, &str, u64) {
+        match self {
+            Any::Instance(i) => (i.version, &i.from, i.nonce),
+            Any::Service(h) => (h.version, &h.from, h.nonce),
+        }
+    }
+
+    /// Why it cannot be read, if it cannot; else its nonce.
+    pub fn check(&self) -> Result<u64, String> {
+        let (version, from, nonce) = self.stamp();
+        if version == VERSION {
+            Ok(nonce)
+        } else {
+            Err(format!(
+                "handover version {version} (from baton {from}); this baton {} reads version {VERSION}",
+                baton_version()
+            ))
+        }
+    }
+}
+
 /// Why a handover cannot be read.
 pub fn check_version(h: &Handover) -> Result<(), String> {
     if h.version == VERSION {
@@ -129,6 +229,17 @@ pub fn check_version(h: &Handover) -> Result<(), String> {
 /// The handover this image was started with, if it was started by an
 /// upgrade: read from the memfd named in [`ENV`] (and the memfd closed).
 pub fn take_from_env() -> anyhow::Result<Option<Handover>> {
+    match take_any_from_env()? {
+        None => Ok(None),
+        Some(Any::Service(h)) => Ok(Some(*h)),
+        Some(Any::Instance(_)) => anyhow::bail!(
+            "the handed-over state is of a baton that runs several services (--config-dir)"
+        ),
+    }
+}
+
+/// The handover this image was started with, of either kind.
+pub fn take_any_from_env() -> anyhow::Result<Option<Any>> {
     use anyhow::Context;
     let Some(raw) = std::env::var_os(ENV) else {
         return Ok(None);
@@ -140,9 +251,9 @@ pub fn take_from_env() -> anyhow::Result<Option<Handover>> {
     let bytes = crate::sys::exec::take_fd(fd)
         .and_then(crate::sys::exec::read_all)
         .with_context(|| format!("reading the handed-over state ({ENV}={fd})"))?;
-    let handover: Handover =
+    let handover: Any =
         serde_json::from_slice(&bytes).context("the handed-over state is not readable")?;
-    check_version(&handover).map_err(anyhow::Error::msg)?;
+    handover.check().map_err(anyhow::Error::msg)?;
     Ok(Some(handover))
 }
 

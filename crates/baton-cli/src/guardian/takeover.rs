@@ -42,6 +42,55 @@ fn recorded_workers(g: &Guardian) -> Vec<(Slot, i32, Route)> {
 /// children), their notification sockets and output pipes are read
 /// again, and the client is told.
 pub fn resume(g: &mut Guardian, h: handover::Handover) {
+    resume_service(g, &h, true);
+    let took_ms = took_ms(h.upgrade_began_ns);
+    info!(
+        from = %h.from,
+        to = handover::baton_version(),
+        upgrades = h.upgrades,
+        took_ms,
+        generations = g.procs.handles.len(),
+        "upgraded: this image took over"
+    );
+    if let Some(fd) = h.reply_fd {
+        answer_upgraded(fd, &h.from, took_ms);
+    }
+    // The signals blocked for the exec: what arrived meanwhile is
+    // delivered now, to the handlers installed above.
+    sys::exec::unblock_signals();
+    g.reap();
+}
+
+/// How long ago the upgrade began (`CLOCK_MONOTONIC` nanoseconds then).
+pub fn took_ms(began_ns: u64) -> u64 {
+    sys::clock::monotonic_ns(Instant::now()).saturating_sub(began_ns) / 1_000_000
+}
+
+/// Tells the `baton upgrade` client on `fd` that this image serves.
+pub fn answer_upgraded(fd: std::os::fd::RawFd, from: &str, took_ms: u64) {
+    match sys::exec::take_fd(fd) {
+        Ok(fd) => {
+            let mut conn = std::os::unix::net::UnixStream::from(fd);
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+            let answer = Response::Upgraded {
+                from: from.to_owned(),
+                to: handover::baton_version().to_owned(),
+                pid: std::process::id(),
+                took_ms,
+            };
+            if let Ok(mut line) = serde_json::to_string(&answer) {
+                line.push('\n');
+                let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
+            }
+        }
+        Err(e) => warn!(error = %e, "the upgrade's client connection was not handed over"),
+    }
+}
+
+/// One service's part of [`resume`]: its releases, its generations'
+/// processes (still this pid's children) and their descriptors. With
+/// `own_keeper`, the keeper it names is this service's child.
+pub fn resume_service(g: &mut Guardian, h: &handover::Handover, own_keeper: bool) {
     let mut releases = Vec::new();
     for (info, fd) in &h.releases {
         match sys::exec::take_fd(*fd) {
@@ -51,7 +100,9 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
     }
     let served = h.releases_served.min(releases.len());
     g.releases = release::Releases::restore(releases, served, h.release_next_id);
-    if let Some(k) = h.keeper {
+    if let Some(k) = h.keeper
+        && own_keeper
+    {
         g.procs.children.adopt(k.pid, Owner::Keeper);
     }
     let mut fds: HashMap<Slot, &handover::WorkerFds> =
@@ -90,39 +141,6 @@ pub fn resume(g: &mut Guardian, h: handover::Handover) {
     // A worker whose replacement was pending starts again now.
     g.policy.restore_workers(Instant::now());
     g.cut_over();
-    let took_ms =
-        sys::clock::monotonic_ns(Instant::now()).saturating_sub(h.upgrade_began_ns) / 1_000_000;
-    info!(
-        from = %h.from,
-        to = handover::baton_version(),
-        upgrades = h.upgrades,
-        took_ms,
-        generations = g.procs.handles.len(),
-        "upgraded: this image took over"
-    );
-    if let Some(fd) = h.reply_fd {
-        match sys::exec::take_fd(fd) {
-            Ok(fd) => {
-                let mut conn = std::os::unix::net::UnixStream::from(fd);
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-                let answer = Response::Upgraded {
-                    from: h.from.clone(),
-                    to: handover::baton_version().to_owned(),
-                    pid: std::process::id(),
-                    took_ms,
-                };
-                if let Ok(mut line) = serde_json::to_string(&answer) {
-                    line.push('\n');
-                    let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
-                }
-            }
-            Err(e) => warn!(error = %e, "the upgrade's client connection was not handed over"),
-        }
-    }
-    // The signals blocked for the exec: what arrived meanwhile is
-    // delivered now, to the handlers installed above.
-    sys::exec::unblock_signals();
-    g.reap();
 }
 
 /// Goes on from the state of a baton that died: what still runs of it

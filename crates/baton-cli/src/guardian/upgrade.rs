@@ -113,6 +113,18 @@ impl Upgrade {
         children: &mut Children,
         env: &[(OsString, OsString)],
     ) -> Result<(), String> {
+        self.start_check_with(state, |binary, args, fds| {
+            children.start_helper(Owner::UpgradeCheck, binary, args, env, fds)
+        })
+    }
+
+    /// [`Upgrade::start_check`] of any handover, the check started by
+    /// `spawn` (binary, argument vector, descriptors for fds 3 and 4).
+    pub fn start_check_with(
+        &mut self,
+        state: &impl serde::Serialize,
+        spawn: impl FnOnce(&Path, &[OsString], &[BorrowedFd<'_>]) -> std::io::Result<i32>,
+    ) -> Result<(), String> {
         self.binary = candidate(&self.binary)?;
         let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
         let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
@@ -126,14 +138,7 @@ impl Upgrade {
             "--answer-fd".into(),
             "4".into(),
         ];
-        let pid = children
-            .start_helper(
-                Owner::UpgradeCheck,
-                &self.binary,
-                &args,
-                env,
-                &[memfd.as_fd(), answer_tx.as_fd()],
-            )
+        let pid = spawn(&self.binary, &args, &[memfd.as_fd(), answer_tx.as_fd()])
             .map_err(|e| format!("{} could not be started: {e}", self.binary.display()))?;
         self.check = Some((pid, answer));
         Ok(())
@@ -143,7 +148,12 @@ impl Upgrade {
     /// descriptors it names) and the client's connection made inheritable,
     /// and `execve` of the checked binary with `argv`. Returns only if that
     /// failed (the flags put back): why.
-    pub fn exec(&self, state: &Handover, fds: Vec<BorrowedFd<'_>>, argv: &[OsString]) -> String {
+    pub fn exec(
+        &self,
+        state: &impl serde::Serialize,
+        fds: Vec<BorrowedFd<'_>>,
+        argv: &[OsString],
+    ) -> String {
         let attempt = || -> Result<String, String> {
             let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
             let memfd = sys::exec::memfd("baton-handover", &json).map_err(|e| e.to_string())?;
@@ -347,9 +357,9 @@ pub fn check(state_fd: i32, answer_fd: i32) -> anyhow::Result<std::process::Exit
     let state = crate::sys::exec::take_fd(state_fd)
         .and_then(crate::sys::exec::read_all)
         .context("the state descriptor")?;
-    let verdict = serde_json::from_slice::<super::handover::Handover>(&state)
+    let verdict = serde_json::from_slice::<super::handover::Any>(&state)
         .map_err(|e| format!("the handover is not readable: {e}"))
-        .and_then(|h| super::handover::check_version(&h).map(|()| h.nonce));
+        .and_then(|h| h.check());
     match verdict {
         Ok(nonce) => {
             writeln!(
