@@ -200,6 +200,19 @@ fn instance(dir: &Path, cli: &RunArgs) -> Result<(RunArgs, Option<String>), Star
 
 /// One service file: its keys, the instance's refused.
 fn service(file: &Path, cli: &RunArgs, instance: &RunArgs) -> Result<ServiceDef, StartupError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| StartupError::Invalid(format!("reading {}: {e}", file.display())))?;
+    parse_service(file, text, cli, instance)
+}
+
+/// A service file's `text`, as [`service`] reads it (and as an upgrade
+/// hands it over: the settings a service runs with).
+pub fn parse_service(
+    file: &Path,
+    text: String,
+    cli: &RunArgs,
+    instance: &RunArgs,
+) -> Result<ServiceDef, StartupError> {
     let invalid = |what: String| StartupError::Invalid(what);
     let stem = file
         .file_stem()
@@ -211,8 +224,6 @@ fn service(file: &Path, cli: &RunArgs, instance: &RunArgs) -> Result<ServiceDef,
             file.display()
         ))
     })?;
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| invalid(format!("reading {}: {e}", file.display())))?;
     if let Some((key, line)) = config_file::keys(file, &text)?
         .iter()
         .find(|(k, _)| INSTANCE_KEYS.contains(&k.as_str()))

@@ -117,15 +117,27 @@ fn run_dir(
         )
         .into());
     }
-    let read = config_dir::load(&dir, &args)?;
-    init_logging(level.or(read.log_level.as_deref()))?;
-    if guardian::handover::take_from_env()?.is_some() {
-        return Err(error::StartupError::Invalid(
-            "baton upgrade is not available with --config-dir".into(),
-        )
-        .into());
-    }
-    loop_runtime()?.block_on(guardian::host::run(dir, args, read))
+    // Started by `baton upgrade`: the previous image's state, and nothing
+    // read from the directory (its files may have changed since).
+    let start = match guardian::handover::take_any_from_env()? {
+        Some(guardian::handover::Any::Instance(i)) => {
+            init_logging(level)?;
+            guardian::host::Start::Upgraded(i)
+        }
+        Some(guardian::handover::Any::Service(_)) => {
+            return Err(error::StartupError::Invalid(
+                "the handed-over state is of a baton that runs one service, not --config-dir"
+                    .into(),
+            )
+            .into());
+        }
+        None => {
+            let read = config_dir::load(&dir, &args)?;
+            init_logging(level.or(read.log_level.as_deref()))?;
+            guardian::host::Start::Fresh(Box::new(read))
+        }
+    };
+    loop_runtime()?.block_on(guardian::host::run(dir, args, start))
 }
 
 /// The runtime of `baton run`'s loop: one thread; the guardian never

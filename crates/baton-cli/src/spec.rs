@@ -376,7 +376,17 @@ pub enum NotifyAccess {
 }
 
 /// What a baton that dies without stopping leaves behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Orphans {
     /// The serving generation goes on serving, for the next `baton run`

@@ -176,22 +176,7 @@ impl Children {
         env: &[(OsString, OsString)],
         fds: &[BorrowedFd<'_>],
     ) -> std::io::Result<i32> {
-        let pid = sys::spawn::spawn(&sys::spawn::Command {
-            program,
-            args,
-            env,
-            fds,
-            listen_pid: false,
-            stdout: None,
-            stderr: None,
-            user: None,
-            nofile: None,
-            parent_death: owner != Owner::Keeper,
-            exe: None,
-            cwd: None,
-            cwd_fd: None,
-            session: owner == Owner::Keeper,
-        })?;
+        let pid = sys::spawn::helper(program, args, env, fds, owner == Owner::Keeper)?;
         self.pids.insert(pid, owner);
         Ok(pid)
     }

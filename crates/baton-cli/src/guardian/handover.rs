@@ -122,6 +122,8 @@ pub struct Instance {
     pub from: String,
     /// The instance's name.
     pub name: String,
+    /// The path baton was first started from.
+    pub exe: PathBuf,
     /// The control socket's path and listener.
     pub control_path: PathBuf,
     /// See `control_path`.
@@ -147,6 +149,12 @@ pub struct Instance {
     pub systemd_ready: bool,
     /// This upgrade's number (see [`Handover::nonce`]).
     pub nonce: u64,
+    /// The instance's `orphans`, as given.
+    pub orphans: Option<crate::spec::Orphans>,
+    /// Its `proxy-threads`.
+    pub proxy_threads: Option<usize>,
+    /// Its `max-connections`.
+    pub max_connections: Option<usize>,
 }
 
 /// One service of an [`Instance`].
@@ -161,11 +169,11 @@ pub struct ServiceHandover {
     /// Where it is when it does not run (`None` while it runs).
     pub idle: Option<Idle>,
     /// Its guardian's handover, while it runs.
-    pub handover: Option<Handover>,
+    pub handover: Option<Box<Handover>>,
 }
 
 /// A service that does not run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Idle {
     /// Waiting for those it starts after.
@@ -184,7 +192,7 @@ pub enum Idle {
 #[serde(untagged)]
 pub enum Any {
     /// `--config-dir`.
-    Instance(Instance),
+    Instance(Box<Instance>),
     /// One service.
     Service(Box<Handover>),
 }

@@ -433,22 +433,13 @@ impl Host {
         .iter()
         .map(Into::into)
         .collect();
-        let pid = sys::spawn::spawn(&sys::spawn::Command {
-            program: Path::new("/proc/self/exe"),
-            args: &args,
+        let pid = sys::spawn::helper(
+            Path::new("/proc/self/exe"),
+            &args,
             env,
-            fds: &[theirs.as_fd()],
-            listen_pid: false,
-            stdout: None,
-            stderr: None,
-            user: None,
-            nofile: None,
-            parent_death: false,
-            exe: None,
-            cwd: None,
-            cwd_fd: None,
-            session: true,
-        })?;
+            &[theirs.as_fd()],
+            true,
+        )?;
         conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
         Ok(Host {
@@ -458,6 +449,23 @@ impl Host {
             },
             conn,
         })
+    }
+
+    /// The keeper process a previous image started (`baton upgrade`), and
+    /// that image's connection to it (descriptor `fd`, inherited).
+    pub fn handed_over(
+        process: super::generation::Process,
+        fd: std::os::fd::RawFd,
+    ) -> std::io::Result<Host> {
+        let conn = UnixStream::from(sys::exec::take_fd(fd)?);
+        conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Host { process, conn })
+    }
+
+    /// baton's connection to it (for the next image).
+    pub fn conn(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
     }
 
     /// Adds the keeper of command line `argv` (`baton keeper ...`) with

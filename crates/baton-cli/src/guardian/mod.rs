@@ -748,17 +748,8 @@ impl Guardian {
                 up.start_check(&state, &mut self.procs.children, &self.cfg.base_env)
             })
         };
-        match started {
-            Ok(()) => {
-                info!(binary = %up.binary.display(), "upgrade: checking the new binary");
-                self.upgrade = Some(up);
-            }
-            Err(why) => {
-                warn!(binary = %up.binary.display(), "upgrade refused: {why}");
-                up.answer(&Response::Error {
-                    message: format!("upgrade refused: {why}; baton goes on unchanged"),
-                });
-            }
+        if let Some(up) = up.begun(started) {
+            self.upgrade = Some(up);
         }
     }
 

@@ -408,7 +408,7 @@ impl Running {
         while s.g.exit.is_none() {
             let g = &mut s.g;
             if std::mem::take(&mut g.exec_pending) {
-                exec_with_signals_kept(g, signals).await;
+                exec_with_signals_kept(signals, || g.upgrade_exec()).await;
             }
             let deadline = g.next_deadline();
             let sleep = async {
@@ -540,9 +540,9 @@ impl Signals {
 /// take once its handlers are installed (children that exit meanwhile are
 /// reaped by the new image as it resumes). If the exec fails, the mask is
 /// restored and they reach this image's handlers as usual.
-async fn exec_with_signals_kept(g: &mut Guardian, signals: &mut Signals) {
+pub(super) async fn exec_with_signals_kept(signals: &mut Signals, exec: impl FnOnce()) {
     let Ok(mask) = sys::exec::block_signals() else {
-        g.upgrade_exec();
+        exec();
         return;
     };
     // A signal taken just before the block is in the runtime's pipe: one
@@ -562,6 +562,6 @@ async fn exec_with_signals_kept(g: &mut Guardian, signals: &mut Signals) {
             let _ = sys::signal::send(std::process::id() as i32, signal);
         }
     }
-    g.upgrade_exec();
+    exec();
     sys::exec::restore_signals(&mask);
 }

@@ -179,6 +179,24 @@ impl Upgrade {
         };
         attempt().unwrap_or_else(|why| why)
     }
+    /// Its check started (`Ok`), or it was refused (the client is told):
+    /// the upgrade under way, if any.
+    pub fn begun(mut self, started: Result<(), String>) -> Option<Upgrade> {
+        match started {
+            Ok(()) => {
+                info!(binary = %self.binary.display(), "upgrade: checking the new binary");
+                Some(self)
+            }
+            Err(why) => {
+                tracing::warn!(binary = %self.binary.display(), "upgrade refused: {why}");
+                self.answer(&Response::Error {
+                    message: format!("upgrade refused: {why}; baton goes on unchanged"),
+                });
+                None
+            }
+        }
+    }
+
     /// The check process `pid` ended with `status`: refused (over), only
     /// a check (answered, over), or on to the quiescing.
     pub fn checked(&mut self, pid: i32, status: ExitStatus) -> Step {
@@ -359,7 +377,16 @@ pub fn check(state_fd: i32, answer_fd: i32) -> anyhow::Result<std::process::Exit
         .context("the state descriptor")?;
     let verdict = serde_json::from_slice::<super::handover::Any>(&state)
         .map_err(|e| format!("the handover is not readable: {e}"))
-        .and_then(|h| h.check());
+        .and_then(|h| {
+            // Each service's settings must read in this binary too.
+            if let super::handover::Any::Instance(i) = &h {
+                for s in &i.services {
+                    crate::config_file::parse(&s.file, &s.text)
+                        .map_err(|e| format!("service {}: {e}", s.name))?;
+                }
+            }
+            h.check()
+        });
     match verdict {
         Ok(nonce) => {
             writeln!(

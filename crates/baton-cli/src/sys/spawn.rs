@@ -115,6 +115,35 @@ pub struct Ids {
     pub groups: Vec<libc::gid_t>,
 }
 
+/// Starts a helper of baton's own (not the app: no user, limits or
+/// output of its own): `program` with `args`, `env` and `fds` as its fds
+/// 3, 4, …; it dies with baton unless it `outlives` it (in a session of its
+/// own, then).
+pub fn helper(
+    program: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    fds: &[BorrowedFd<'_>],
+    outlives: bool,
+) -> io::Result<i32> {
+    spawn(&Command {
+        program,
+        args,
+        env,
+        fds,
+        listen_pid: false,
+        stdout: None,
+        stderr: None,
+        user: None,
+        nofile: None,
+        parent_death: !outlives,
+        exe: None,
+        cwd: None,
+        cwd_fd: None,
+        session: outlives,
+    })
+}
+
 /// Forks and execs `cmd`; returns the child's pid once `execve` succeeded.
 ///
 /// A failed `execve` (no such file, permission denied, …) is returned as

@@ -120,11 +120,23 @@ fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
         // Name order would start it first; `after` starts it once api serves.
         ("a-web.toml", &app("after = [\"api\"]\n")),
         ("api.toml", &app("")),
-        ("worker.toml", &worker("")),
+        (
+            "worker.toml",
+            "command = [\"/bin/sh\", \"-c\", \"echo worker says hello; exec sleep 600\"]\nready = \"delay:50ms\"\nlog-file = \"worker.log\"\n",
+        ),
         ("spare.toml", &worker("autostart = false\n")),
     ]);
-    let mut b = start(&dir);
+    let mut b = Baton::builder().cwd(&dir).config_dir(&dir).start();
     wait_running(&b, &["api", "a-web", "worker"]);
+    // Each service's own log file (relative to where baton runs).
+    wait_until("the worker's line is in its log file", LONG, || {
+        std::fs::read_to_string(dir.join("worker.log"))
+            .is_ok_and(|t| t.contains("worker says hello"))
+    });
+    assert!(
+        !b.dump().contains("worker says hello"),
+        "not on baton's stderr"
+    );
     let all = services(&b);
     let names: Vec<&str> = all.iter().filter_map(|s| s["service"].as_str()).collect();
     assert_eq!(names, ["api", "a-web", "spare", "worker"], "{all:?}");
@@ -671,4 +683,61 @@ fn update_carries_new_listeners_by_a_reload_and_closes_those_no_longer_named() {
         .expect("listeners")
         .len();
     assert_eq!(listeners, 1);
+}
+
+#[test]
+fn an_instance_of_several_services_is_upgraded_in_place_under_load() {
+    let proxied = format!(
+        "command = [{:?}, \"demo-app\", \"--listen\", \"127.0.0.1:{{port}}\"]\nlisten = [\"127.0.0.1:0\"]\nproxy = \"http\"\n",
+        exe()
+    );
+    let (top, dir) = services_dir(&[
+        ("api.toml", &app("")),
+        ("web.toml", &proxied),
+        ("worker.toml", &worker("")),
+        ("spare.toml", &worker("autostart = false\n")),
+    ]);
+    let b = start(&dir);
+    wait_running(&b, &["api", "web", "worker"]);
+    let names = ["api", "web", "worker"];
+    let pids: Vec<u32> = names.iter().map(|n| serving_pid(&b, n)).collect();
+    let api = Load::start(port_of(&b, "api"), 4, 1_000_000, Duration::from_secs(120));
+    let web = Load::start(port_of(&b, "web"), 4, 1_000_000, Duration::from_secs(120));
+    wait_until("both loads answered", LONG, || {
+        api.has_seen(pids[0]) && web.has_seen(pids[1])
+    });
+    let binary = top.path().join("baton-next");
+    std::fs::copy(exe(), &binary).expect("copy baton");
+    for _ in 0..3 {
+        let out = b.ctl(&[
+            "upgrade",
+            "--binary",
+            binary.to_str().expect("utf-8"),
+            "--json",
+        ]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+        let answer: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+        assert_eq!(answer["pid"], b.pid(), "{answer}");
+        let now: Vec<u32> = names.iter().map(|n| serving_pid(&b, n)).collect();
+        assert_eq!(now, pids, "nothing restarted");
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/exe", b.pid())).expect("exe"),
+        binary
+    );
+    let (ok, failures, _) = api.finish();
+    assert_no_failures(ok, &failures);
+    let (ok, failures, _) = web.finish();
+    assert_no_failures(ok, &failures);
+    // The new image goes on as the old one would.
+    assert_eq!(state_of(&b, "spare"), "not-started");
+    let out = b.ctl(&["reload", "web"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    let out = b.ctl(&["update"]);
+    assert!(out.stdout.contains("nothing changed"), "{out:?}");
+    std::fs::write(dir.join("late.toml"), worker("")).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    assert_eq!(status_of(&b, "api")["upgrades"], 3);
+    assert_eq!(serving_pid(&b, "worker"), pids[2]);
 }

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 mod update;
+mod upgrade;
 
 use super::running::{self, CLIENTS_GRACE, Common, Control, Service, Signals};
 use super::{Guardian, Waiter, metrics, systemd};
@@ -36,18 +37,7 @@ use crate::spec::Signal;
 use crate::sys;
 
 /// Where one service is, when it is not running.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Idle {
-    /// Waiting for the services it starts after.
-    Waiting,
-    /// `autostart = false`, never started.
-    NotStarted,
-    /// Stopped when asked, with this exit code.
-    Stopped(u8),
-    /// Ended on its own (its first generation never served, or the restart
-    /// policy gave up), with this exit code and why.
-    Failed(u8, String),
-}
+use super::handover::Idle;
 
 /// What to do once a service's last generation is gone.
 #[derive(Debug)]
@@ -86,6 +76,8 @@ enum Note {
         ok: bool,
         old: Box<ServiceDef>,
     },
+    /// What an upgrade waited for has finished (or not in time).
+    Quiesced(bool),
 }
 
 /// The instance.
@@ -107,96 +99,48 @@ struct Host {
     /// keep`), and how many times it was started again.
     keeper: Option<std::sync::Arc<super::keeper::Host>>,
     keeper_restarts: u32,
+    /// The control socket's file, removed at the end.
+    socket: crate::bound::ControlSocket,
+    /// `baton upgrade`: the one under way, and how many this instance had.
+    upgrade: Option<super::upgrade::Upgrade>,
+    upgrades: u64,
+    /// The upgrade is ready to exec (with every signal blocked).
+    exec_pending: bool,
+    /// The instance's keys, as the next image needs them.
+    instance: RunArgs,
+    /// The path baton was started from (the default for `baton upgrade`).
+    exe: PathBuf,
 }
 
-/// Runs every service of `read` (the directory `dir`, the command line
-/// `cli`) until the instance is stopped; returns baton's exit code.
-pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::Result<ExitCode> {
+/// How the instance starts.
+#[derive(Debug)]
+pub enum Start {
+    /// From the directory, read.
+    Fresh(Box<config_dir::Dir>),
+    /// From the previous image's handover (`baton upgrade`).
+    Upgraded(Box<super::handover::Instance>),
+}
+
+/// Runs every service of the directory `dir` (the command line `cli`)
+/// until the instance is stopped; returns baton's exit code.
+pub async fn run(dir: PathBuf, cli: RunArgs, start: Start) -> anyhow::Result<ExitCode> {
     let signals = Signals::new().context("installing signal handlers")?;
     if let Err(e) = sys::reaper::become_subreaper() {
         warn!(error = %e, "cannot become a child subreaper; orphans of the apps will go to init");
     }
-    let nofile = sys::limits::raise_nofile();
-    let name = read.instance.name.clone().unwrap_or_default();
-    let control_path = read
-        .instance
-        .control
-        .clone()
-        .unwrap_or_else(|| crate::control::default_path(&name));
-    let socket = crate::startup::bind_control(&control_path)?;
-    let metrics = read
-        .instance
-        .metrics
-        .map(crate::startup::bind_metrics)
-        .transpose()?;
-    let mut socket = socket;
-    let listener = socket.listener.take().context("the control socket")?;
     let (control_tx, mut control_rx) = mpsc::unbounded_channel();
-    let control = Control::serve(listener, control_tx)?;
     let (notes_tx, mut notes) = mpsc::unbounded_channel();
-    let mut host = Host {
-        dir,
-        cli,
-        name,
-        control_path,
-        nofile,
-        entries: Vec::new(),
-        board: metrics::Board::default(),
-        control,
-        metrics,
-        systemd: systemd::Systemd::default(),
-        stopping: None,
-        stop_waiters: Vec::new(),
-        notes: notes_tx,
-        keeper: None,
-        keeper_restarts: 0,
+    let (mut host, metrics_task) = match start {
+        Start::Fresh(read) => fresh(dir, cli, *read, control_tx, notes_tx)?,
+        Start::Upgraded(i) => Host::resumed(dir, cli, *i, control_tx, notes_tx)?,
     };
-    if read.instance.orphans.unwrap_or_default() == crate::spec::Orphans::Keep {
-        host.keeper = start_keeper();
-    }
-    let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
-    // Every service that starts now is set up (checked, bound) before any
-    // starts: a bad one stops the start with nothing left running.
-    let mut prepared = Vec::new();
-    for def in &read.services {
-        let first = def.autostart && def.after.is_empty();
-        if first {
-            prepared.push(Some(host.prepare(def, Vec::new())?));
-        } else {
-            prepared.push(None);
-        }
-    }
-    info!(
-        path = %host.control_path.display(),
-        name = %host.name,
-        services = read.services.len(),
-        pid = std::process::id(),
-        "control"
-    );
-    for (def, ready) in read.services.into_iter().zip(prepared) {
-        let idle = if def.autostart {
-            Idle::Waiting
-        } else {
-            Idle::NotStarted
-        };
-        host.entries.push(Entry {
-            def,
-            run: None,
-            idle,
-            start_waiters: Vec::new(),
-            then: Then::Nothing,
-            stop_asked: false,
-            retired: Vec::new(),
-        });
-        if let Some((cfg, left)) = ready {
-            let i = host.entries.len() - 1;
-            host.begin(i, cfg, left)?;
-        }
-    }
     let mut housekeeping = running::housekeeping();
     let mut watchdog = running::watchdog();
     let mut signals = signals;
     loop {
+        if std::mem::take(&mut host.exec_pending) {
+            running::exec_with_signals_kept(&mut signals, || host.upgrade_exec()).await;
+        }
         host.settle();
         if host.stopping.is_some() && host.entries.iter().all(|e| e.run.is_none()) {
             break;
@@ -205,6 +149,11 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
             .entries
             .iter()
             .filter_map(|e| e.run.as_ref()?.g.next_deadline())
+            .chain(
+                host.upgrade
+                    .as_ref()
+                    .and_then(super::upgrade::Upgrade::deadline),
+            )
             .min();
         let sleep = async {
             match deadline {
@@ -252,6 +201,7 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
             } => host.systemd.watchdog_ping(),
             () = sleep => {
                 let now = Instant::now();
+                host.upgrade_tick(now);
                 for s in host.running() {
                     if s.g.next_deadline().is_some_and(|at| at <= now) {
                         s.with(|g| g.tick());
@@ -262,7 +212,7 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
     }
     host.control.task.abort();
     let _ = (&mut host.control.task).await;
-    socket.remove();
+    host.socket.remove();
     for waiter in host.stop_waiters.drain(..) {
         let _ = waiter.send(Response::Stopped { code: 0 });
     }
@@ -276,6 +226,100 @@ pub async fn run(dir: PathBuf, cli: RunArgs, read: config_dir::Dir) -> anyhow::R
     }
     info!(code = 0, "stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The instance of `read`, started: its control socket and metrics
+/// endpoint bound, every service that starts with it set up first (a bad
+/// one stops the start with nothing left running), then started.
+fn fresh(
+    dir: PathBuf,
+    cli: RunArgs,
+    read: config_dir::Dir,
+    control_tx: mpsc::UnboundedSender<ControlRequest>,
+    notes_tx: mpsc::UnboundedSender<Note>,
+) -> anyhow::Result<(Host, Option<tokio::task::JoinHandle<()>>)> {
+    let nofile = sys::limits::raise_nofile();
+    let name = read.instance.name.clone().unwrap_or_default();
+    let control_path = read
+        .instance
+        .control
+        .clone()
+        .unwrap_or_else(|| crate::control::default_path(&name));
+    let socket = crate::startup::bind_control(&control_path)?;
+    let metrics = read
+        .instance
+        .metrics
+        .map(crate::startup::bind_metrics)
+        .transpose()?;
+    let mut socket = socket;
+    let listener = socket.listener.take().context("the control socket")?;
+    let control = Control::serve(listener, control_tx)?;
+    let mut host = Host {
+        dir,
+        cli,
+        name,
+        control_path,
+        nofile,
+        entries: Vec::new(),
+        board: metrics::Board::default(),
+        control,
+        metrics,
+        systemd: systemd::Systemd::default(),
+        stopping: None,
+        stop_waiters: Vec::new(),
+        notes: notes_tx,
+        keeper: None,
+        keeper_restarts: 0,
+        socket,
+        upgrade: None,
+        upgrades: 0,
+        exec_pending: false,
+        instance: read.instance.clone(),
+        exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+    };
+    if read.instance.orphans.unwrap_or_default() == crate::spec::Orphans::Keep {
+        host.keeper = start_keeper();
+    }
+    let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
+    // Every service that starts now is set up (checked, bound) before any
+    // starts: a bad one stops the start with nothing left running.
+    let mut prepared = Vec::new();
+    for def in &read.services {
+        let first = def.autostart && def.after.is_empty();
+        if first {
+            prepared.push(Some(host.prepare(def, Vec::new())?));
+        } else {
+            prepared.push(None);
+        }
+    }
+    info!(
+        path = %host.control_path.display(),
+        name = %host.name,
+        services = read.services.len(),
+        pid = std::process::id(),
+        "control"
+    );
+    for (def, ready) in read.services.into_iter().zip(prepared) {
+        let idle = if def.autostart {
+            Idle::Waiting
+        } else {
+            Idle::NotStarted
+        };
+        host.entries.push(Entry {
+            def,
+            run: None,
+            idle,
+            start_waiters: Vec::new(),
+            then: Then::Nothing,
+            stop_asked: false,
+            retired: Vec::new(),
+        });
+        if let Some((cfg, left)) = ready {
+            let i = host.entries.len() - 1;
+            host.begin(i, cfg, left)?;
+        }
+    }
+    Ok((host, metrics_task))
 }
 
 impl Host {
@@ -507,6 +551,9 @@ impl Host {
             s.g.procs.children.sweep();
         }
         for (pid, status) in sys::reaper::reap() {
+            if self.upgrade_checked(pid, status) {
+                continue;
+            }
             if self.keeper.as_ref().is_some_and(|k| k.process.pid == pid) {
                 self.keeper_died(status);
                 continue;
@@ -561,6 +608,7 @@ impl Host {
         }
         self.stopping = Some(why.to_owned());
         self.systemd.stopping();
+        self.upgrade_stopping();
         for e in &mut self.entries {
             e.stop_asked = true;
             if let Some(s) = e.run.as_mut() {
@@ -591,7 +639,13 @@ impl Host {
     }
 
     fn note(&mut self, note: Note) {
-        let Note::Settled { service, ok, old } = note;
+        let (service, ok, old) = match note {
+            Note::Settled { service, ok, old } => (service, ok, old),
+            Note::Quiesced(finished) => {
+                self.upgrade_quiesced(finished);
+                return;
+            }
+        };
         let Some(i) = self.find(&service) else {
             return;
         };
@@ -645,16 +699,10 @@ impl Host {
             conn,
             service,
         } = req;
-        if let Request::Upgrade { .. } = request {
+        if let Request::Upgrade { binary, check_only } = request {
             // Answered on the connection itself.
-            if let Some(mut conn) = conn {
-                let answer = Response::Error {
-                    message: "baton upgrade is not available for a baton run with --config-dir; restart it (its services are adopted by the next baton)".to_owned(),
-                };
-                if let Ok(mut line) = serde_json::to_string(&answer) {
-                    line.push('\n');
-                    let _ = std::io::Write::write_all(&mut conn, line.as_bytes());
-                }
+            if let Some(conn) = conn {
+                self.upgrade_begin(conn, binary, check_only);
             }
             return;
         }
