@@ -92,6 +92,13 @@ fn read(dir: &Path, cli: &RunArgs, lenient: bool) -> Result<Dir, StartupError> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .filter(|p| p.file_name().is_some_and(|n| n != INSTANCE_FILE))
+        // Hidden files (an editor's lock or swap files) and directories
+        // are not services.
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .filter(|p| !p.is_dir())
         .collect();
     files.sort();
     if files.len() > MAX_SERVICES {
@@ -200,7 +207,7 @@ fn instance(dir: &Path, cli: &RunArgs) -> Result<(RunArgs, Option<String>), Star
 
 /// One service file: its keys, the instance's refused.
 fn service(file: &Path, cli: &RunArgs, instance: &RunArgs) -> Result<ServiceDef, StartupError> {
-    let text = std::fs::read_to_string(file)
+    let text = config_file::read_text(file)
         .map_err(|e| StartupError::Invalid(format!("reading {}: {e}", file.display())))?;
     parse_service(file, text, cli, instance)
 }
@@ -521,6 +528,46 @@ mod tests {
         assert!(e.contains("no service files"), "{e}");
         let e = err(&[("a.toml", "listen = [\":1\"]\n")]);
         assert!(e.contains("no command"), "{e}");
+    }
+
+    #[test]
+    fn hidden_files_and_directories_are_not_services_and_odd_files_are_not_read() {
+        let d = dir(&[
+            ("a.toml", APP),
+            (".#a.toml", "junk"),
+            (".a.toml.swp", "junk"),
+        ]);
+        std::fs::create_dir(d.path().join("x.toml")).expect("mkdir");
+        let read = load(d.path(), &RunArgs::default()).expect("loads");
+        assert_eq!(read.services.len(), 1);
+        // A FIFO is refused without waiting on a writer; a device that
+        // never ends is refused without reading it whole.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("f.toml"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("z.toml")).expect("symlink");
+        let read = reread(d.path(), &RunArgs::default()).expect("reads");
+        assert_eq!(read.services.len(), 1);
+        let why: Vec<&str> = read.skipped.iter().map(|(_, w)| w.as_str()).collect();
+        assert!(
+            why.iter().all(|w| w.contains("not a regular file")),
+            "{why:?}"
+        );
+        assert_eq!(why.len(), 2);
+        let big = d.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; 2 << 20]).expect("write");
+        let e = load(d.path(), &RunArgs::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("big.toml: larger than 1024 KiB") || e.contains("not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]

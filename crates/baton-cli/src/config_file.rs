@@ -121,10 +121,37 @@ pub struct FileSettings {
 
 /// Reads and parses `path`.
 pub fn load(path: &Path) -> Result<FileSettings, StartupError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text(path).map_err(|e| {
         StartupError::Invalid(format!("reading config file {}: {e}", path.display()))
     })?;
     parse(path, &text)
+}
+
+/// The longest config file read.
+pub const MAX_FILE: u64 = 1 << 20;
+
+/// The text of the config file `path`: a regular file (a FIFO or a device
+/// is refused without waiting on it) of at most [`MAX_FILE`] bytes.
+pub fn read_text(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(format!("larger than {} KiB", MAX_FILE / 1024));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())
 }
 
 /// The keys `text` (the contents of `path`) sets, each with its line.

@@ -50,7 +50,7 @@ pub struct Orphans {
     pub adopted_from: Option<i32>,
     /// Calls to the keeper, made off the loop (a keeper that is stopped or
     /// slow never holds the loop up).
-    courier: Option<std::sync::mpsc::Sender<Call>>,
+    courier: Option<Courier>,
     /// The keeper process this service's keeper runs in, shared with the
     /// other services of the baton (`--config-dir`); `None`: a process of
     /// its own.
@@ -70,43 +70,71 @@ enum Call {
     Release(Slot),
 }
 
-/// Starts the thread that makes the calls to the keeper at `path`, one
-/// after another, each bounded by the keeper client's timeouts; it ends
-/// with the sender.
-fn courier(path: PathBuf) -> std::sync::mpsc::Sender<Call> {
-    let (tx, rx) = std::sync::mpsc::channel::<Call>();
-    let spawned = std::thread::Builder::new()
-        .name("baton-keeper-calls".into())
-        .spawn(move || {
-            // Signals go to the guardian's thread alone.
-            let _ = sys::exec::block_signals();
-            for call in rx {
-                match call {
-                    Call::Hold(slot, out, err) => {
-                        if let Err(e) = keeper::hold(&path, slot, out.as_fd(), err.as_fd()) {
-                            warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
-                        }
-                    }
-                    Call::Pid(slot, pidfd) => {
-                        if let Err(e) = keeper::pid(&path, slot, pidfd.as_fd()) {
-                            warn!(generation = %slot, error = %e, "keeper: cannot hold the process's pidfd; if baton dies, it is not adopted");
-                        }
-                    }
-                    Call::State(memfd) => {
-                        if let Err(e) = keeper::state(&path, memfd.as_fd()) {
-                            warn!(error = %e, "keeper: cannot hold a copy of the state; if baton dies, the state file is all an adoption has");
-                        }
-                    }
-                    Call::Release(slot) => {
-                        let _ = keeper::release(&path, slot);
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        warn!(error = %e, "keeper: no thread for its calls; outputs are not held");
+/// The calls to one keeper (at `path`), carried by the courier thread.
+#[derive(Debug)]
+struct Courier {
+    path: PathBuf,
+    tx: std::sync::mpsc::Sender<(PathBuf, Call)>,
+}
+
+impl Courier {
+    fn send(&self, call: Call) {
+        let _ = self.tx.send((self.path.clone(), call));
     }
-    tx
+}
+
+/// The thread that makes the calls to the keepers (one for every service
+/// of a baton), one after another, each bounded by the keeper client's
+/// timeouts: started once.
+static COURIER: std::sync::OnceLock<std::sync::mpsc::Sender<(PathBuf, Call)>> =
+    std::sync::OnceLock::new();
+
+/// The calls to the keeper at `path`.
+fn courier(path: PathBuf) -> Courier {
+    let tx = COURIER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, Call)>();
+        let spawned = std::thread::Builder::new()
+            .name("baton-keeper-calls".into())
+            .spawn(move || {
+                // Signals go to the guardian's thread alone.
+                let _ = sys::exec::block_signals();
+                for (path, call) in rx {
+                    deliver(&path, call);
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "keeper: no thread for its calls; outputs are not held");
+        }
+        tx
+    });
+    Courier {
+        path,
+        tx: tx.clone(),
+    }
+}
+
+/// Makes one call to the keeper at `path`.
+fn deliver(path: &Path, call: Call) {
+    match call {
+        Call::Hold(slot, out, err) => {
+            if let Err(e) = keeper::hold(path, slot, out.as_fd(), err.as_fd()) {
+                warn!(generation = %slot, error = %e, "keeper: cannot hold the generation's output; if baton dies, its next log line fails");
+            }
+        }
+        Call::Pid(slot, pidfd) => {
+            if let Err(e) = keeper::pid(path, slot, pidfd.as_fd()) {
+                warn!(generation = %slot, error = %e, "keeper: cannot hold the process's pidfd; if baton dies, it is not adopted");
+            }
+        }
+        Call::State(memfd) => {
+            if let Err(e) = keeper::state(path, memfd.as_fd()) {
+                warn!(error = %e, "keeper: cannot hold a copy of the state; if baton dies, the state file is all an adoption has");
+            }
+        }
+        Call::Release(slot) => {
+            let _ = keeper::release(path, slot);
+        }
+    }
 }
 
 impl Orphans {
@@ -277,7 +305,7 @@ impl Orphans {
         match (readers.0.try_clone(), readers.1.try_clone()) {
             (Ok(out), Ok(err)) => {
                 if let Some(courier) = &self.courier {
-                    let _ = courier.send(Call::Hold(slot, out, err));
+                    courier.send(Call::Hold(slot, out, err));
                 }
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -306,7 +334,7 @@ impl Orphans {
         match pidfd.try_clone() {
             Ok(fd) => {
                 if let Some(courier) = &self.courier {
-                    let _ = courier.send(Call::Pid(slot, fd));
+                    courier.send(Call::Pid(slot, fd));
                 }
             }
             Err(e) => {
@@ -320,7 +348,7 @@ impl Orphans {
         if self.keeper.is_some()
             && let Some(courier) = &self.courier
         {
-            let _ = courier.send(Call::Release(slot));
+            courier.send(Call::Release(slot));
         }
     }
 
@@ -402,7 +430,7 @@ impl Orphans {
         {
             match sys::exec::memfd("baton-state", &bytes) {
                 Ok(memfd) => {
-                    let _ = courier.send(Call::State(memfd));
+                    courier.send(Call::State(memfd));
                 }
                 Err(e) => warn!(error = %e, "keeper: cannot hand it a copy of the state"),
             }

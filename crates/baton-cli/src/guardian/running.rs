@@ -76,6 +76,9 @@ pub(super) struct Service {
     pub(super) watch_task: Option<AbortHandle>,
     /// Names the service in its log lines (when the baton runs several).
     span: tracing::Span,
+    /// Something happened to it since it last published (`with`): a
+    /// baton that runs several publishes only those.
+    pub(super) dirty: bool,
 }
 
 /// What the services of one baton share.
@@ -192,12 +195,14 @@ impl Service {
             notify_rx,
             watch_task,
             span,
+            dirty: true,
         })
     }
 
     /// Runs `f` on its guardian, its log lines naming the service.
     pub(super) fn with<R>(&mut self, f: impl FnOnce(&mut Guardian) -> R) -> R {
         let _named = self.span.clone().entered();
+        self.dirty = true;
         f(&mut self.g)
     }
 

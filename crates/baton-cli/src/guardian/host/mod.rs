@@ -63,6 +63,9 @@ struct Entry {
     /// Listeners an update no longer names, held until the reload with
     /// the new settings has settled.
     retired: Vec<crate::config::BoundListener>,
+    /// Its settings checked and its listeners bound, at the instance's
+    /// start: it starts with these.
+    prepared: Option<Box<(crate::config::RunConfig, super::orphans::Left)>>,
 }
 
 /// A message from a helper task to the loop.
@@ -172,8 +175,12 @@ pub async fn run(dir: PathBuf, cli: RunArgs, start: Start) -> anyhow::Result<Exi
             }
             std::task::Poll::Pending
         });
+        // In this order, each time: a deadline is acted on only once what
+        // already arrived (a readiness, an exit) has been taken.
         tokio::select! {
+            biased;
             _ = signals.chld.recv() => host.reap(),
+            Some(req) = control_rx.recv() => host.request(req),
             _ = signals.hup.recv() => host.update(None),
             _ = signals.usr2.recv() => host.update(None),
             _ = signals.term.recv() => host.stop_all("SIGTERM"),
@@ -181,7 +188,6 @@ pub async fn run(dir: PathBuf, cli: RunArgs, start: Start) -> anyhow::Result<Exi
             _ = signals.quit.recv() => { host.forward(Signal::QUIT); }
             _ = signals.usr1.recv() => { host.forward(Signal::USR1); }
             _ = signals.winch.recv() => { host.forward(Signal::WINCH); }
-            Some(req) = control_rx.recv() => host.request(req),
             Some(note) = notes.recv() => host.note(note),
             (i, event) = input => {
                 if let Some(s) = host.entries[i].run.as_mut() {
@@ -313,11 +319,8 @@ fn fresh(
             then: Then::Nothing,
             stop_asked: false,
             retired: Vec::new(),
+            prepared: ready.map(Box::new),
         });
-        if let Some((cfg, left)) = ready {
-            let i = host.entries.len() - 1;
-            host.begin(i, cfg, left)?;
-        }
     }
     Ok((host, metrics_task))
 }
@@ -399,7 +402,11 @@ impl Host {
     fn settle(&mut self) {
         for e in &mut self.entries {
             if let Some(s) = e.run.as_mut() {
-                s.with(|g| g.publish());
+                // Only what something happened to since.
+                if std::mem::take(&mut s.dirty) {
+                    s.with(|g| g.publish());
+                    s.dirty = false;
+                }
                 let restarting = matches!(e.then, Then::Start(_));
                 if s.g.policy.serving().is_some() && !s.g.policy.is_stopping() && !restarting {
                     for w in e.start_waiters.drain(..) {
@@ -435,6 +442,7 @@ impl Host {
                     .as_ref()
                     .is_some_and(|s| s.g.policy.serving().is_some())
                 || matches!(e.idle, Idle::Failed(..) | Idle::Stopped(_))
+                || self.blocked(e)
         });
         if started && self.stopping.is_none() {
             let serving = self.entries.iter().filter(|e| e.run.is_some()).count();
@@ -515,33 +523,54 @@ impl Host {
     /// Starts the services waiting for those they start after, once these
     /// serve; gives up on them if one of these has failed.
     fn start_waiting(&mut self) {
-        for i in 0..self.entries.len() {
-            if self.entries[i].run.is_some() || self.entries[i].idle != Idle::Waiting {
-                continue;
+        // One at a time, so that the loop goes on taking the started
+        // ones' readiness (and everything else) in between.
+        let Some(i) = self.next_start() else {
+            return;
+        };
+        let started = match self.entries[i].prepared.take() {
+            Some(ready) => {
+                let (cfg, left) = *ready;
+                self.begin(i, cfg, left).map_err(|e| format!("{e:#}"))
             }
-            let after = self.entries[i].def.after.clone();
-            let dep = |name: &String| self.entries.iter().find(|e| &e.def.name == name);
-            let serving = after.iter().all(|a| {
-                dep(a).is_some_and(|d| {
-                    d.run
+            None => self.start(i),
+        };
+        if let Err(why) = started {
+            warn!(service = %self.entries[i].def.name, "not started: {why}");
+            self.fail_waiters(i, &why);
+            self.entries[i].idle = Idle::Failed(2, why);
+        }
+    }
+
+    /// The first service waiting to start whose `after` services serve.
+    fn next_start(&self) -> Option<usize> {
+        if self.stopping.is_some() {
+            return None;
+        }
+        let serving = |name: &String| {
+            self.entries.iter().any(|e| {
+                &e.def.name == name
+                    && e.run
                         .as_ref()
                         .is_some_and(|s| s.g.policy.serving().is_some())
-                })
-            });
-            let failed = after
-                .iter()
-                .find(|a| dep(a).is_none_or(|d| d.run.is_none() && d.idle != Idle::Waiting));
-            if let Some(failed) = failed {
-                let why = format!("{failed}, which it starts after, is not running");
-                warn!(service = %self.entries[i].def.name, "not started: {why}");
-                self.fail_waiters(i, &why);
-                self.entries[i].idle = Idle::Failed(2, why);
-            } else if serving && let Err(why) = self.start(i) {
-                warn!(service = %self.entries[i].def.name, "not started: {why}");
-                self.fail_waiters(i, &why);
-                self.entries[i].idle = Idle::Failed(2, why);
-            }
-        }
+            })
+        };
+        self.entries.iter().position(|e| {
+            e.run.is_none() && e.idle == Idle::Waiting && e.def.after.iter().all(serving)
+        })
+    }
+
+    /// Whether entry `e` waits for a service that will not serve without
+    /// being asked (stopped, failed, not started or gone).
+    fn blocked(&self, e: &Entry) -> bool {
+        e.run.is_none()
+            && e.idle == Idle::Waiting
+            && e.def.after.iter().any(|name| {
+                self.entries
+                    .iter()
+                    .find(|d| &d.def.name == name)
+                    .is_none_or(|d| d.run.is_none() && d.idle != Idle::Waiting)
+            })
     }
 
     /// Reaps every exited child; each exit goes to the service whose

@@ -91,6 +91,7 @@ impl Host {
                     then: Then::Nothing,
                     stop_asked: false,
                     retired: Vec::new(),
+                    prepared: None,
                 });
                 if autostart {
                     let (tx, rx) = oneshot::channel();

@@ -312,6 +312,7 @@ impl Host {
                 then: Then::Nothing,
                 stop_asked: false,
                 retired: Vec::new(),
+                prepared: None,
             });
             if let Some(h) = sh.handover {
                 let at = host.entries.len() - 1;
