@@ -67,6 +67,19 @@ pub fn start_service(
     Ok((cfg, adopt))
 }
 
+/// [`start_service`] with its listeners already bound (`listeners`, in
+/// the order of its `listen`): a service that `baton update` restarts.
+pub fn start_service_bound(
+    args: RunArgs,
+    nofile: crate::sys::limits::Nofile,
+    listeners: Vec<BoundListener>,
+) -> Result<RunConfig, StartupError> {
+    let mut cfg = RunConfig::from_args(args, nofile)?;
+    cfg.listeners = listeners;
+    size_proxy(&mut cfg)?;
+    Ok(cfg)
+}
+
 /// The proxy's connection cap, from the descriptor limit.
 fn size_proxy(cfg: &mut RunConfig) -> Result<(), StartupError> {
     if let Some(p) = &mut cfg.proxy {

@@ -741,3 +741,57 @@ fn an_instance_of_several_services_is_upgraded_in_place_under_load() {
     assert_eq!(status_of(&b, "api")["upgrades"], 3);
     assert_eq!(serving_pid(&b, "worker"), pids[2]);
 }
+
+#[test]
+fn a_restart_that_cannot_start_leaves_the_service_serving_and_keeps_its_sockets() {
+    let port = free_port();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = busy.local_addr().expect("addr").port();
+    let file = |extra: &str| {
+        format!(
+            "command = [{:?}, \"demo-app\"]\nlisten = [\"localhost:{port}\"{extra}]\n",
+            exe()
+        )
+    };
+    let (top, dir) = services_dir(&[("api.toml", &file(""))]);
+    let b = start(&dir);
+    wait_running(&b, &["api"]);
+    let first = serving_pid(&b, "api");
+    let load = Load::start(port, 4, 1_000_000, Duration::from_secs(60));
+    wait_until("the load meets api", LONG, || load.has_seen(first));
+    // Changes a reload cannot carry, that cannot start: refused before
+    // anything stops.
+    let log = top.path().join("api.log");
+    let bad = [
+        format!("{}log-file = \"/nonexistent/dir/api.log\"\n", file("")),
+        format!(
+            "{}log-file = {log:?}\n",
+            file(&format!(", \"127.0.0.1:{busy}\""))
+        ),
+        format!("{}watch = \"/nonexistent\"\n", file("")),
+    ];
+    for text in &bad {
+        std::fs::write(dir.join("api.toml"), text).expect("write");
+        let out = b.ctl(&["update"]);
+        assert_eq!(out.code, Some(1), "{text}: {out:?}");
+        assert!(out.stderr.contains("left as it was"), "{out:?}");
+        assert_eq!(serving_pid(&b, "api"), first, "untouched");
+    }
+    // One that can: a graceful restart on the same sockets (a host name's
+    // too), nothing refused.
+    std::fs::write(
+        dir.join("api.toml"),
+        format!("{}log-file = {log:?}\n", file("")),
+    )
+    .expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    assert!(out.stdout.contains("api: restarted:"), "{out:?}");
+    let second = serving_pid(&b, "api");
+    assert_ne!(second, first);
+    wait_until("the load meets the restarted api", LONG, || {
+        load.has_seen(second)
+    });
+    let (ok, failures, _) = load.finish();
+    assert_no_failures(ok, &failures);
+}

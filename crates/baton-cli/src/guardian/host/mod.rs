@@ -45,9 +45,9 @@ enum Then {
     Nothing,
     /// Its file was removed (`update`).
     Remove,
-    /// Start it again with these settings (`update`: a change a reload
-    /// cannot carry).
-    Start(Box<ServiceDef>),
+    /// Start it again with these settings and listeners (`update`: a
+    /// change a reload cannot carry).
+    Start(Box<ServiceDef>, Vec<crate::config::BoundListener>),
 }
 
 /// One service of the instance.
@@ -293,7 +293,7 @@ fn fresh(
     for def in &read.services {
         let first = def.autostart && def.after.is_empty();
         if first {
-            prepared.push(Some(host.prepare(def, Vec::new())?));
+            prepared.push(Some(host.prepare(def)?));
         } else {
             prepared.push(None);
         }
@@ -346,20 +346,14 @@ impl Host {
         args
     }
 
-    /// Checks `def` and binds its listeners (`kept`: those it had before
-    /// a restart, used again).
+    /// Checks `def` and binds its listeners (or takes them from the
+    /// keeper of a baton that died).
     fn prepare(
         &self,
         def: &ServiceDef,
-        kept: Vec<crate::config::BoundListener>,
     ) -> Result<(crate::config::RunConfig, super::orphans::Left), StartupError> {
-        let inherited = baton::Listeners::from_fds(
-            kept.into_iter()
-                .filter(|l| l.tcp.is_some())
-                .filter(|l| def.args.listen.iter().any(|s| s.addr.is_bound_at(&l.local)))
-                .filter_map(|l| Some((l.fd.try_clone().ok()?, l.name.clone()))),
-        );
-        crate::startup::start_service(self.args(def), self.nofile, inherited).map_err(|e| {
+        let none = baton::Listeners::default();
+        crate::startup::start_service(self.args(def), self.nofile, none).map_err(|e| {
             StartupError::Invalid(format!("{} ({}): {e}", def.name, def.file.display()))
         })
     }
@@ -393,7 +387,7 @@ impl Host {
     /// Starts entry `i` now; says why not.
     fn start(&mut self, i: usize) -> Result<(), String> {
         let def = self.entries[i].def.clone();
-        let (cfg, left) = self.prepare(&def, Vec::new()).map_err(|e| e.to_string())?;
+        let (cfg, left) = self.prepare(&def).map_err(|e| e.to_string())?;
         self.begin(i, cfg, left).map_err(|e| format!("{e:#}"))
     }
 
@@ -407,7 +401,7 @@ impl Host {
                     s.with(|g| g.publish());
                     s.dirty = false;
                 }
-                let restarting = matches!(e.then, Then::Start(_));
+                let restarting = matches!(e.then, Then::Start(..));
                 if s.g.policy.serving().is_some() && !s.g.policy.is_stopping() && !restarting {
                     for w in e.start_waiters.drain(..) {
                         let _ = w.send(Response::Started {
@@ -480,13 +474,18 @@ impl Host {
         };
         info!(service = %e.def.name, code, "service stopped");
         match std::mem::replace(&mut e.then, Then::Nothing) {
-            Then::Start(def) => {
+            Then::Start(def, carried) => {
                 e.def = *def;
                 let def = e.def.clone();
-                let started = self
-                    .prepare(&def, listeners)
-                    .map_err(|e| e.to_string())
-                    .and_then(|(cfg, left)| self.begin(i, cfg, left).map_err(|e| format!("{e:#}")));
+                // Its old listeners go; the new set is already bound.
+                drop(listeners);
+                let started =
+                    crate::startup::start_service_bound(self.args(&def), self.nofile, carried)
+                        .map_err(|e| e.to_string())
+                        .and_then(|cfg| {
+                            self.begin(i, cfg, super::orphans::Left::default())
+                                .map_err(|e| format!("{e:#}"))
+                        });
                 if let Err(why) = started {
                     warn!(service = %def.name, "not started again: {why}");
                     self.fail_waiters(i, &why);

@@ -111,6 +111,15 @@ impl Host {
             let e = &mut self.entries[i];
             match (kind, e.run.as_mut()) {
                 (Change::None, _) => e.def = def,
+                (_, None) if e.def.autostart && matches!(e.idle, Idle::Failed(..)) => {
+                    // It failed to start: with its file changed, it tries
+                    // again.
+                    e.def = def;
+                    e.idle = Idle::Waiting;
+                    let (tx, rx) = oneshot::channel();
+                    e.start_waiters.push(tx);
+                    pending.push(Pending::Wait(name, "started", rx));
+                }
                 (_, None) => {
                     e.def = def;
                     pending.push(Pending::Done(done(
@@ -160,13 +169,31 @@ impl Host {
                         }
                     }
                 }
-                (Change::Restart, Some(s)) => {
-                    e.stop_asked = true;
-                    s.with(|g| g.stop("update"));
-                    e.then = Then::Start(Box::new(def));
-                    let (tx, rx) = oneshot::channel();
-                    e.start_waiters.push(tx);
-                    pending.push(Pending::Wait(name, "restarted", rx));
+                (Change::Restart, Some(_)) => {
+                    // Checked, and its new listeners bound, before the old
+                    // one stops: a change that cannot start leaves the
+                    // service as it was.
+                    let new = crate::config::RunConfig::from_args(self.args(&def), self.nofile);
+                    let e = &mut self.entries[i];
+                    let Some(s) = e.run.as_mut() else { continue };
+                    let listeners = new
+                        .map_err(|e| e.to_string())
+                        .and_then(|cfg| carried(&cfg.listen, &mut s.g.cfg));
+                    match listeners {
+                        Err(why) => pending.push(Pending::Done(failed(
+                            &name,
+                            "restarted",
+                            format!("{why}; the service is left as it was"),
+                        ))),
+                        Ok(listeners) => {
+                            e.stop_asked = true;
+                            s.with(|g| g.stop("update"));
+                            e.then = Then::Start(Box::new(def), listeners);
+                            let (tx, rx) = oneshot::channel();
+                            e.start_waiters.push(tx);
+                            pending.push(Pending::Wait(name, "restarted", rx));
+                        }
+                    }
                 }
             }
         }
@@ -186,6 +213,40 @@ impl Host {
             send_report(reply, changes);
         });
     }
+}
+
+/// The listeners a service restarted with `listen` starts with: those it
+/// has that are still named (the same sockets, so nothing is refused
+/// while it restarts; their socket files go with them), the others bound
+/// now.
+fn carried(
+    listen: &[crate::spec::ListenSpec],
+    cfg: &mut crate::config::RunConfig,
+) -> Result<Vec<crate::config::BoundListener>, String> {
+    let copies = cfg
+        .listeners
+        .iter()
+        .map(|l| {
+            Ok(crate::config::BoundListener {
+                name: l.name.clone(),
+                fd: l.fd.try_clone()?,
+                local: l.local.clone(),
+                server_starter_key: l.server_starter_key.clone(),
+                tcp: l.tcp,
+                broken_reported: false,
+                unix_path: None,
+            })
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    let (mut listeners, _) =
+        crate::startup::rebind(listen, &cfg.listen, copies).map_err(|(e, _)| e.to_string())?;
+    for l in &mut listeners {
+        if let Some(old) = cfg.listeners.iter_mut().find(|o| o.local == l.local) {
+            l.unix_path = old.unix_path.take();
+        }
+    }
+    Ok(listeners)
 }
 
 /// One part of an `update`, done or under way.
