@@ -129,6 +129,8 @@ struct Queue {
     lines: VecDeque<Vec<u8>>,
     bytes: usize,
     dropped: u64,
+    /// Every sink is gone: the writer ends once it has written the rest.
+    closed: bool,
 }
 
 impl Queue {
@@ -143,10 +145,27 @@ impl Queue {
     }
 }
 
-/// Lines on their way to the log file, written by a thread of its own.
+/// Lines on their way to the log file, written by a thread of its own
+/// (which ends, and closes the file, with the last copy of the sink).
 #[derive(Debug, Clone)]
 pub struct LogSink {
+    inner: Arc<Inner>,
+}
+
+/// The queue a sink's copies share.
+#[derive(Debug)]
+struct Inner {
     queue: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let (lock, ready) = &*self.queue;
+        if let Ok(mut q) = lock.lock() {
+            q.closed = true;
+            ready.notify_one();
+        }
+    }
 }
 
 impl LogSink {
@@ -165,6 +184,9 @@ impl LogSink {
                     let (lines, dropped) = {
                         let Ok(mut q) = lock.lock() else { return };
                         while q.lines.is_empty() && q.dropped == 0 {
+                            if q.closed {
+                                return;
+                            }
                             q = match ready.wait(q) {
                                 Ok(q) => q,
                                 Err(_) => return,
@@ -184,13 +206,15 @@ impl LogSink {
                     }
                 }
             })?;
-        Ok(LogSink { queue })
+        Ok(LogSink {
+            inner: Arc::new(Inner { queue }),
+        })
     }
 
     /// Queues `line` for the file, never waiting: past [`MAX_QUEUED`]
     /// bytes it is dropped and counted.
     pub fn push(&self, line: Vec<u8>) {
-        let (lock, ready) = &*self.queue;
+        let (lock, ready) = &*self.inner.queue;
         if let Ok(mut q) = lock.lock() {
             q.offer(line);
             ready.notify_one();
@@ -212,6 +236,31 @@ mod tests {
 
     fn read(path: PathBuf) -> String {
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_writer_ends_with_the_last_sink_after_writing_what_was_queued() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spec = spec(dir.path(), 1 << 20, 1);
+        // (Whether this process holds the file open: the writer's end.)
+        let open = || {
+            std::fs::read_dir("/proc/self/fd").is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == spec.path))
+            })
+        };
+        let sink = LogSink::start(&spec).expect("start");
+        let copy = sink.clone();
+        sink.push(b"one\n".to_vec());
+        drop(sink);
+        copy.push(b"two\n".to_vec());
+        drop(copy);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while open() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read(spec.path.clone()), "one\ntwo\n");
+        assert!(!open(), "the writer ended and closed the file");
     }
 
     #[test]
