@@ -369,8 +369,8 @@ pub enum Change {
 /// without a proxy the listeners); the rest (the proxy and its settings,
 /// the log file, watch) takes a restart.
 pub fn change(old: &ServiceDef, new: &ServiceDef) -> Change {
-    let same = format!("{:?}", old.args) == format!("{:?}", new.args);
-    if same && old.after == new.after && old.autostart == new.autostart {
+    // (`after` and `autostart` say when it starts, not how it runs.)
+    if format!("{:?}", old.args) == format!("{:?}", new.args) {
         return Change::None;
     }
     let sockets = old.args.proxy.is_none() && new.args.proxy.is_none();
@@ -515,6 +515,10 @@ mod tests {
     fn odd_names_bad_files_and_circles_are_refused() {
         let e = err(&[("a b.toml", APP)]);
         assert!(e.contains("invalid name \"a b\""), "{e}");
+        let e = err(&[("-x.toml", APP)]);
+        assert!(e.contains("invalid name \"-x\""), "{e}");
+        let e = err(&[("caf\u{e9}.toml", APP)]);
+        assert!(e.contains("ASCII letters"), "{e}");
         let e = err(&[("api.toml", "command = [\"/bin/true\"]\nstop-timeout = \n")]);
         assert!(e.contains("api.toml:2:"), "{e}");
         let e = err(&[
@@ -591,6 +595,10 @@ mod tests {
         let d = dir(&[("a.toml", APP)]);
         let one = load(d.path(), &RunArgs::default()).expect("loads").services;
         let mut two = one[0].clone();
+        assert_eq!(change(&one[0], &two), Change::None);
+        // When it starts is not how it runs.
+        two.after = vec!["db".into()];
+        two.autostart = false;
         assert_eq!(change(&one[0], &two), Change::None);
         two.text.push_str("# a comment\n");
         assert_eq!(change(&one[0], &two), Change::None);

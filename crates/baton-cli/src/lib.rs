@@ -28,6 +28,20 @@ use error::ControlError;
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(
+        cli.command,
+        Command::Reload(_)
+            | Command::Rollback(_)
+            | Command::Status(_)
+            | Command::Stop(_)
+            | Command::Signal(_)
+            | Command::Start(_)
+            | Command::Update(_)
+            | Command::Upgrade(_)
+    ) {
+        // Their output may go to a pipe that closes early.
+        let _ = sys::signal::default_pipe();
+    }
     match cli.command {
         Command::Run(args) => {
             // Sockets passed to baton itself (systemd socket activation):

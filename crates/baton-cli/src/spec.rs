@@ -43,6 +43,24 @@ impl ListenAddr {
             ListenAddr::Host(..) => false,
         }
     }
+
+    /// [`ListenAddr::is_bound_at`], where port 0 (any port) takes the
+    /// port `local` was given: a socket kept for this address (by a
+    /// keeper, or passed to baton) is this address's.
+    pub fn accepts(&self, local: &str) -> bool {
+        let any_port = |ip: std::net::IpAddr| {
+            local
+                .parse::<SocketAddr>()
+                .is_ok_and(|l| l.ip() == ip || (ip.is_unspecified() && l.ip().is_unspecified()))
+        };
+        match self {
+            ListenAddr::Ip(a) if a.port() == 0 => any_port(a.ip()),
+            ListenAddr::AnyHost(0) => {
+                any_port(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+            }
+            _ => self.is_bound_at(local),
+        }
+    }
 }
 
 const LISTEN_EXPECTED: &str = "expected HOST:PORT, :PORT or unix:PATH, optionally prefixed NAME=";

@@ -265,7 +265,7 @@ fn listeners(
     for spec in specs {
         let found = adopted.iter_mut().find(|slot| {
             slot.as_ref().is_some_and(|l| {
-                spec.name.as_deref() == Some(l.name.as_str()) || spec.addr.is_bound_at(&l.local)
+                spec.name.as_deref() == Some(l.name.as_str()) || spec.addr.accepts(&l.local)
             })
         });
         match found.and_then(Option::take) {

@@ -227,6 +227,12 @@ pub fn status(target: &Target<'_>, json: bool) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&status)?);
         }
         Response::Status(status) => print!("{}", describe(&status)),
+        // One service that does not run: its line, or its object.
+        Response::Services { services } if json && target.service.is_some() => {
+            if let Some(one) = services.first() {
+                println!("{}", serde_json::to_string_pretty(one)?);
+            }
+        }
         Response::Services { services } if json => {
             println!("{}", serde_json::to_string_pretty(&services)?);
         }
@@ -267,9 +273,11 @@ fn describe_services(services: &[ServiceStatus]) -> String {
                 }
                 d
             }
-            None => match s.exit_code {
-                Some(code) => format!("exit code {code}"),
-                None => String::new(),
+            None => match (&s.message, s.exit_code) {
+                (Some(why), Some(code)) => format!("{why} (code {code})"),
+                (Some(why), None) => why.clone(),
+                (None, Some(code)) => format!("code {code}"),
+                (None, None) => String::new(),
             },
         };
         let _ = writeln!(

@@ -32,7 +32,7 @@ pub fn default_path(name: &str) -> PathBuf {
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && !name.starts_with('.')
+        && !name.starts_with(['.', '-'])
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -40,7 +40,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid name {name:?}: expected 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
+            "invalid name {name:?}: expected 1 to 64 ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         ))
     }
 }

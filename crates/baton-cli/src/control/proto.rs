@@ -158,8 +158,12 @@ pub struct ServiceStatus {
     /// running, stopping, stopped, failed (its first generation never
     /// served, or it gave up), or not-started (`autostart = false`).
     pub state: String,
-    /// Its exit code, once it has stopped.
+    /// Its exit code, once it has stopped (baton's code for the service:
+    /// see `baton run`'s exit codes).
     pub exit_code: Option<u8>,
+    /// Why it failed, or what it waits for.
+    #[serde(default)]
+    pub message: Option<String>,
     /// The file it comes from.
     pub file: std::path::PathBuf,
     /// Its status while it runs.

@@ -111,10 +111,15 @@ async fn handle(
             .await
             .map_err(|_| timed_out())??;
     }
-    let parsed = serde_json::from_str::<Request>(line.trim());
-    let service = serde_json::from_str::<Addressed>(line.trim())
-        .ok()
-        .and_then(|a| a.service);
+    let addressed = serde_json::from_str::<Addressed>(line.trim());
+    // A `service` that is not a name is a bad request, not "every one".
+    let parsed = serde_json::from_str::<Request>(line.trim()).and_then(|request| {
+        addressed
+            .as_ref()
+            .map(|_| request)
+            .map_err(|e| serde::de::Error::custom(e.to_string()))
+    });
+    let service = addressed.ok().and_then(|a| a.service);
     if let Ok(request @ Request::Upgrade { .. }) = parsed {
         // The loop answers this one on the connection itself. A request
         // line is all the client sends, so nothing is left in the buffer.

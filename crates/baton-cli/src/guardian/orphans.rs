@@ -675,7 +675,7 @@ fn same_listeners(specs: &[ListenSpec], s: &State) -> Result<(), String> {
     let same = specs.len() == had.len()
         && specs
             .iter()
-            .all(|spec| had.iter().any(|local| spec.addr.is_bound_at(local)));
+            .all(|spec| had.iter().any(|local| spec.addr.accepts(local)));
     if same {
         Ok(())
     } else {

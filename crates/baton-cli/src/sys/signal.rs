@@ -34,6 +34,25 @@ pub fn ignore_hangup() -> io::Result<()> {
     }
 }
 
+/// SIGPIPE ends the process again, as it does any command-line tool
+/// (Rust ignores it by default): for the client commands, whose output
+/// may go to a pipe that closes early (`baton status --json | head -1`).
+pub fn default_pipe() -> io::Result<()> {
+    // SAFETY: `sigaction` with `SIG_DFL` installs no handler (no code of
+    // ours runs on a signal) and reads only the zeroed struct on this stack
+    // frame, whose mask is empty; it is sound at any time.
+    let rc = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGPIPE, &action, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `kill(pid, signal)`. A process that is already gone is not an error.
 pub fn send(pid: i32, signal: Signal) -> io::Result<()> {
     let (pid, raw) = convert(pid, signal)?;

@@ -101,14 +101,6 @@ fn start(dir: &Path) -> Baton {
     Baton::builder().config_dir(dir).start()
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[test]
 fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
     let metrics = free_port();
@@ -216,6 +208,21 @@ fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(pid_gone(spare));
     assert_eq!(state_of(&b, "spare"), "stopped");
+    // A service that does not run: its object, not a list.
+    let one: Value =
+        serde_json::from_str(&b.ctl(&["status", "spare", "--json"]).stdout).expect("status JSON");
+    assert_eq!(one["state"], "stopped", "{one}");
+    // Output into a pipe nobody reads any more ends the client quietly.
+    let (reader, writer) = rustix::pipe::pipe().expect("pipe");
+    drop(reader);
+    let piped = std::process::Command::new(exe())
+        .args(["status", "--json", "--control"])
+        .arg(&b.control)
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .expect("baton status");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
     let out = b.ctl(&["reload", "spare"]);
     assert_eq!(out.code, Some(1), "not running: {out:?}");
     assert!(out.stderr.contains("baton start spare"), "{out:?}");
@@ -554,11 +561,17 @@ fn the_services_example_runs_as_written() {
 
 #[test]
 fn a_killed_baton_s_services_are_adopted_by_the_next_one() {
-    // (A port of its own: a listener on port 0 is not the same one again.)
+    // One on a port of its own, one on port 0 (any port: the one it got
+    // is taken back).
     let api_file = app("").replace(":0\"", &format!(":{}\"", free_port()));
-    let (_top, dir) = services_dir(&[("api.toml", &api_file), ("worker.toml", &worker(""))]);
+    let (_top, dir) = services_dir(&[
+        ("api.toml", &api_file),
+        ("any.toml", &app("")),
+        ("worker.toml", &worker("")),
+    ]);
     let mut first = start(&dir);
-    wait_running(&first, &["api", "worker"]);
+    wait_running(&first, &["api", "any", "worker"]);
+    let (any, any_port) = (serving_pid(&first, "any"), port_of(&first, "any"));
     let (api, work, port) = (
         serving_pid(&first, "api"),
         serving_pid(&first, "worker"),
@@ -575,7 +588,14 @@ fn a_killed_baton_s_services_are_adopted_by_the_next_one() {
         .control(&first.control)
         .config_dir(&dir)
         .start();
-    wait_running(&second, &["api", "worker"]);
+    wait_running(&second, &["api", "any", "worker"]);
+    assert_eq!(
+        serving_pid(&second, "any"),
+        any,
+        "adopted, not started again"
+    );
+    assert_eq!(port_of(&second, "any"), any_port);
+    assert_eq!(get(any_port, "/", LONG).expect("served").pid, Some(any));
     assert_eq!(
         serving_pid(&second, "api"),
         api,

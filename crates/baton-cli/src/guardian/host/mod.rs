@@ -291,6 +291,7 @@ fn fresh(
     // starts: a bad one stops the start with nothing left running.
     let mut prepared = Vec::new();
     for def in &read.services {
+        host.check_paths(def)?;
         let first = def.autostart && def.after.is_empty();
         if first {
             prepared.push(Some(host.prepare(def)?));
@@ -352,10 +353,31 @@ impl Host {
         &self,
         def: &ServiceDef,
     ) -> Result<(crate::config::RunConfig, super::orphans::Left), StartupError> {
+        self.check_paths(def)?;
         let none = baton::Listeners::default();
         crate::startup::start_service(self.args(def), self.nofile, none).map_err(|e| {
             StartupError::Invalid(format!("{} ({}): {e}", def.name, def.file.display()))
         })
+    }
+
+    /// Whether the sockets named after `def` (its keeper's, beside the
+    /// control socket) fit a Unix socket's path.
+    fn check_paths(&self, def: &ServiceDef) -> Result<(), StartupError> {
+        // 107 bytes, less the temporary name it is bound under first.
+        const ROOM: usize = 107 - 24;
+        let Some(control) = self.args(def).control else {
+            return Ok(());
+        };
+        let keeper = super::state::keeper_path(&control);
+        let len = keeper.as_os_str().len();
+        if len > ROOM {
+            return Err(StartupError::Invalid(format!(
+                "{}: its keeper's socket {} would be {len} bytes, more than a Unix socket's path takes ({ROOM} here): use a shorter service name or --control path",
+                def.file.display(),
+                keeper.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Starts entry `i` with its checked settings.
@@ -376,8 +398,12 @@ impl Host {
             service: Some(&name),
             keeper: self.keeper.as_ref(),
         };
+        let adopted = left.adoption.is_some();
         let mut s = Service::new(cfg, None, &common)?;
         s.begin(left);
+        if adopted {
+            info!(service = %name, "adopted: it runs the settings it was started with; `baton reload {name}` applies its file as it is now");
+        }
         let e = &mut self.entries[i];
         e.run = Some(s);
         e.stop_asked = false;
@@ -753,10 +779,13 @@ impl Host {
         let e = &mut self.entries[i];
         match request {
             Request::Start => {
-                if e.run.is_some() {
-                    let _ = reply.send(Response::Error {
-                        message: format!("{} is already running", e.def.name),
-                    });
+                if let Some(s) = &e.run {
+                    let message = if s.g.policy.is_stopping() {
+                        format!("{} is stopping; start it once it has stopped", e.def.name)
+                    } else {
+                        format!("{} is already running", e.def.name)
+                    };
+                    let _ = reply.send(Response::Error { message });
                 } else if self.stopping.is_some() {
                     let _ = reply.send(Response::Stopping);
                 } else {
@@ -887,7 +916,7 @@ fn idle_word(idle: &Idle) -> &'static str {
 
 /// One line of `status`.
 fn describe(e: &mut Entry) -> ServiceStatus {
-    let (state, exit_code, status) = match e.run.as_mut() {
+    let (state, exit_code, message, status) = match e.run.as_mut() {
         Some(s) => {
             let state = if s.g.policy.is_stopping() {
                 "stopping"
@@ -896,20 +925,29 @@ fn describe(e: &mut Entry) -> ServiceStatus {
             } else {
                 "starting"
             };
-            (state, None, status_of(&mut s.g).map(Box::new))
+            (state, None, None, status_of(&mut s.g).map(Box::new))
         }
         None => {
-            let code = match e.idle {
-                Idle::Stopped(c) | Idle::Failed(c, _) => Some(c),
-                _ => None,
+            let (code, message) = match &e.idle {
+                Idle::Stopped(c) => (Some(*c), None),
+                Idle::Failed(c, why) => (Some(*c), Some(why.clone())),
+                Idle::Waiting if e.def.after.is_empty() => {
+                    (None, Some("about to start".to_owned()))
+                }
+                Idle::Waiting => (
+                    None,
+                    Some(format!("waits for {} to serve", e.def.after.join(", "))),
+                ),
+                Idle::NotStarted => (None, Some("autostart = false".to_owned())),
             };
-            (idle_word(&e.idle), code, None)
+            (idle_word(&e.idle), code, message, None)
         }
     };
     ServiceStatus {
         service: e.def.name.clone(),
         state: state.to_owned(),
         exit_code,
+        message,
         file: e.def.file.clone(),
         status,
     }

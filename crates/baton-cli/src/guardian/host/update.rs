@@ -33,6 +33,37 @@ impl Host {
         };
         info!(dir = %self.dir.display(), "update: reading the directory again");
         let mut pending = Vec::new();
+        // The instance's own keys are read at start only: a change is
+        // named, not applied.
+        let i = &read.instance;
+        let name = i.name.clone().unwrap_or_default();
+        let control = i
+            .control
+            .clone()
+            .unwrap_or_else(|| crate::control::default_path(&name));
+        let now = (
+            name,
+            control,
+            i.orphans.unwrap_or_default(),
+            i.metrics.is_some(),
+            i.proxy_threads,
+            i.max_connections,
+        );
+        let before = (
+            self.name.clone(),
+            self.control_path.clone(),
+            self.instance.orphans.unwrap_or_default(),
+            self.metrics.is_some(),
+            self.instance.proxy_threads,
+            self.instance.max_connections,
+        );
+        if now != before {
+            pending.push(Pending::Done(failed(
+                config_dir::INSTANCE_FILE,
+                "skipped",
+                "the instance's keys changed: they apply when baton starts again".to_owned(),
+            )));
+        }
         let skipped: Vec<String> = read
             .skipped
             .iter()
@@ -271,7 +302,7 @@ impl Pending {
                 Ok(Response::Stopped { code }) => done(
                     &name,
                     action,
-                    &format!("its file is gone: stopped gracefully (exit code {code})"),
+                    &format!("its file is gone: stopped (exit code {code})"),
                 ),
                 Ok(Response::Error { message }) => failed(&name, action, message),
                 Ok(other) => failed(&name, action, format!("{other:?}")),
