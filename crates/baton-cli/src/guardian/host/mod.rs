@@ -306,6 +306,7 @@ fn fresh(
         pid = std::process::id(),
         "control"
     );
+    host.left_behind(&read.services);
     for (def, ready) in read.services.into_iter().zip(prepared) {
         let idle = if def.autostart {
             Idle::Waiting
@@ -358,6 +359,42 @@ impl Host {
         crate::startup::start_service(self.args(def), self.nofile, none).map_err(|e| {
             StartupError::Invalid(format!("{} ({}): {e}", def.name, def.file.display()))
         })
+    }
+
+    /// Services of a baton that died here whose files are gone: their
+    /// keepers (and maybe their processes) are named, since nothing here
+    /// will adopt them.
+    fn left_behind(&self, services: &[ServiceDef]) {
+        let stem = self
+            .control_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(dir) = self.control_path.parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(service) = name
+                .strip_prefix(&format!("{stem}@"))
+                .and_then(|rest| rest.strip_suffix(".keeper.sock"))
+            else {
+                continue;
+            };
+            if services.iter().any(|d| d.name == service) {
+                continue;
+            }
+            if super::keeper::alive(&entry.path()).is_some() {
+                warn!(
+                    service,
+                    keeper = %entry.path().display(),
+                    "a service of a baton that died here has no file in the directory any more: nothing adopts it, and its processes, if any, run unsupervised (put its file back and run `baton update`, or stop them)"
+                );
+            }
+        }
     }
 
     /// Whether the sockets named after `def` (its keeper's, beside the
