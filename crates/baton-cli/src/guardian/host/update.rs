@@ -4,7 +4,8 @@
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::{Change, Entry, Host, Idle, Note, Then, plain, reconfigure};
+use super::calls::{plain, reconfigure};
+use super::{Change, Entry, Host, Idle, Note, Then};
 use crate::config_dir::{self, ServiceDef};
 use crate::control::proto::{Request, Response, ServiceChange};
 use crate::guardian::Waiter;
