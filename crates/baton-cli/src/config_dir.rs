@@ -352,6 +352,35 @@ fn order(defs: Vec<ServiceDef>) -> Result<Vec<ServiceDef>, String> {
     Ok(out)
 }
 
+/// The directory, locked for one baton: a second `baton run
+/// --config-dir` on it (with another control socket) is refused rather
+/// than running every service twice. The lock goes with the last
+/// descriptor of it (an upgrade hands it over).
+pub fn lock(dir: &Path) -> Result<std::os::fd::OwnedFd, StartupError> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        StartupError::Invalid(format!(
+            "--config-dir {}: {}",
+            dir.display(),
+            std::io::Error::from(e)
+        ))
+    })?;
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(StartupError::Invalid(format!(
+            "--config-dir {}: another baton runs the services of this directory (stop it first, or use `baton update` to apply changes)",
+            dir.display()
+        ))),
+        // A file system without locks: nothing to guard with.
+        Err(_) => Ok(fd),
+    }
+}
+
 /// How the settings of a service changed, for `update`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -588,6 +617,16 @@ mod tests {
             "{:?}",
             read.skipped
         );
+    }
+
+    #[test]
+    fn one_baton_holds_a_directory() {
+        let d = dir(&[("a.toml", APP)]);
+        let first = lock(d.path()).expect("locked");
+        let e = lock(d.path()).expect_err("held").to_string();
+        assert!(e.contains("another baton runs the services"), "{e}");
+        drop(first);
+        assert!(lock(d.path()).is_ok());
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub struct Instance {
     pub systemd_ready: bool,
     /// This upgrade's number (see [`Handover::nonce`]).
     pub nonce: u64,
+    /// The directory's lock.
+    pub lock_fd: RawFd,
     /// The instance's `orphans`, as given.
     pub orphans: Option<crate::spec::Orphans>,
     /// Its `proxy-threads`.

@@ -133,6 +133,23 @@ fn the_services_of_a_directory_start_in_order_and_are_named_by_every_command() {
     let names: Vec<&str> = all.iter().filter_map(|s| s["service"].as_str()).collect();
     assert_eq!(names, ["api", "a-web", "spare", "worker"], "{all:?}");
     assert_eq!(state_of(&b, "spare"), "not-started");
+    // A second baton on the same directory is refused.
+    let other = b.dir.path().join("other.sock");
+    let out = run(
+        &[
+            "run".into(),
+            "--control".into(),
+            other.into_os_string(),
+            "--config-dir".into(),
+            dir.clone().into_os_string(),
+        ],
+        LONG,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("another baton runs the services"),
+        "{out:?}"
+    );
     // One keeper process holds for every service.
     let keepers: std::collections::HashSet<u64> = ["api", "a-web", "worker"]
         .iter()

@@ -114,6 +114,8 @@ struct Host {
     instance: RunArgs,
     /// The path baton was started from (the default for `baton upgrade`).
     exe: PathBuf,
+    /// The directory's lock (see [`config_dir::lock`]).
+    lock: std::os::fd::OwnedFd,
 }
 
 /// How the instance starts.
@@ -245,6 +247,7 @@ fn fresh(
     control_tx: mpsc::UnboundedSender<ControlRequest>,
     notes_tx: mpsc::UnboundedSender<Note>,
 ) -> anyhow::Result<(Host, Option<tokio::task::JoinHandle<()>>)> {
+    let lock = config_dir::lock(&dir)?;
     let nofile = sys::limits::raise_nofile();
     let name = read.instance.name.clone().unwrap_or_default();
     let control_path = read
@@ -283,6 +286,7 @@ fn fresh(
         exec_pending: false,
         instance: read.instance.clone(),
         exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+        lock,
     };
     if read.instance.orphans.unwrap_or_default() == crate::spec::Orphans::Keep {
         host.keeper = start_keeper();

@@ -179,7 +179,7 @@ impl Host {
         reply: Option<(std::os::fd::RawFd, Instant)>,
         nonce: u64,
     ) -> Result<(Instance, Vec<BorrowedFd<'_>>), String> {
-        let mut fds = vec![self.control.listener.as_fd()];
+        let mut fds = vec![self.control.listener.as_fd(), self.lock.as_fd()];
         let metrics_fd = self.metrics.as_ref().map(|m| {
             fds.push(m.as_fd());
             m.as_raw_fd()
@@ -225,6 +225,7 @@ impl Host {
             reply_fd: reply.map(|r| r.0),
             systemd_ready: self.systemd.is_ready(),
             nonce,
+            lock_fd: self.lock.as_raw_fd(),
             orphans: self.instance.orphans,
             proxy_threads: self.instance.proxy_threads,
             max_connections: self.instance.max_connections,
@@ -247,6 +248,7 @@ impl Host {
             take(i.control_fd).context("the control socket")?,
         );
         let control = Control::serve(listener, control_tx)?;
+        let lock = take(i.lock_fd).context("the directory's lock")?;
         let metrics = i
             .metrics_fd
             .map(|fd| take(fd).map(std::net::TcpListener::from))
@@ -292,6 +294,7 @@ impl Host {
             exec_pending: false,
             instance,
             exe: i.exe.clone(),
+            lock,
         };
         let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
         for sh in i.services {
