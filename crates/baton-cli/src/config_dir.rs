@@ -303,7 +303,7 @@ fn port_or_path(a: &ListenAddr) -> String {
 /// Whether two listeners would take the same address: the same Unix path,
 /// or the same TCP port unless both are distinct IP addresses (a host name
 /// may resolve to either, and a wildcard takes them all).
-fn overlap(x: &ListenSpec, y: &ListenSpec) -> bool {
+pub fn overlap(x: &ListenSpec, y: &ListenSpec) -> bool {
     use ListenAddr::{AnyHost, Host, Ip, Unix};
     let port = |a: &ListenAddr| match a {
         AnyHost(p) | Host(_, p) => Some(*p),

@@ -831,4 +831,34 @@ fn a_restart_that_cannot_start_leaves_the_service_serving_and_keeps_its_sockets(
     });
     let (ok, failures, _) = load.finish();
     assert_no_failures(ok, &failures);
+    // Its port moved to another service in one update: the new one
+    // starts once the old one has let the port go.
+    std::fs::remove_file(dir.join("api.toml")).expect("rm");
+    std::fs::write(dir.join("next.toml"), file("")).expect("write");
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    assert!(out.stdout.contains("next: started"), "{out:?}");
+    assert_eq!(
+        get(port, "/", LONG).expect("served").pid,
+        Some(serving_pid(&b, "next"))
+    );
+    // One update at a time: another while one is under way is refused.
+    std::fs::write(
+        dir.join("next.toml"),
+        file("").replace("\"demo-app\"", "\"demo-app\", \"--startup\", \"2s\""),
+    )
+    .expect("write");
+    let control = b.control.clone();
+    let first = std::thread::spawn(move || {
+        run(&["update".into(), "--control".into(), control.into()], LONG)
+    });
+    wait_until("the reload is under way", LONG, || {
+        status_of(&b, "next")["starting"].as_u64().is_some()
+    });
+    let out = b.ctl(&["update"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("an update is under way"), "{out:?}");
+    let out = first.join().expect("first update");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("next: reloaded"), "{out:?}");
 }

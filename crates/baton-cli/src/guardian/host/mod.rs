@@ -82,6 +82,8 @@ enum Note {
     },
     /// What an upgrade waited for has finished (or not in time).
     Quiesced(bool),
+    /// An update has been carried out.
+    Updated,
 }
 
 /// The instance.
@@ -116,6 +118,8 @@ struct Host {
     exe: PathBuf,
     /// The directory's lock (see [`config_dir::lock`]).
     lock: std::os::fd::OwnedFd,
+    /// An update is under way (another waits for it to finish).
+    updating: bool,
 }
 
 /// How the instance starts.
@@ -287,6 +291,7 @@ fn fresh(
         instance: read.instance.clone(),
         exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
         lock,
+        updating: false,
     };
     if read.instance.orphans.unwrap_or_default() == crate::spec::Orphans::Keep {
         host.keeper = start_keeper();
@@ -622,8 +627,24 @@ impl Host {
                         .is_some_and(|s| s.g.policy.serving().is_some())
             })
         };
+        // A listener still held by a service that is going (removed, or
+        // restarted) is waited for.
+        let held = |e: &Entry| {
+            self.entries.iter().any(|o| {
+                o.run.is_some()
+                    && !matches!(o.then, Then::Nothing)
+                    && o.def
+                        .args
+                        .listen
+                        .iter()
+                        .any(|x| e.def.args.listen.iter().any(|y| config_dir::overlap(x, y)))
+            })
+        };
         self.entries.iter().position(|e| {
-            e.run.is_none() && e.idle == Idle::Waiting && e.def.after.iter().all(serving)
+            e.run.is_none()
+                && e.idle == Idle::Waiting
+                && e.def.after.iter().all(serving)
+                && !held(e)
         })
     }
 
@@ -739,6 +760,10 @@ impl Host {
             Note::Settled { service, ok, old } => (service, ok, old),
             Note::Quiesced(finished) => {
                 self.upgrade_quiesced(finished);
+                return;
+            }
+            Note::Updated => {
+                self.updating = false;
                 return;
             }
         };

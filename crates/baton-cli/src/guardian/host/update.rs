@@ -24,6 +24,16 @@ impl Host {
             }
             return;
         }
+        if self.updating {
+            let why = "an update is under way; run it again once it has finished";
+            warn!("update refused: {why}");
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::Error {
+                    message: why.to_owned(),
+                });
+            }
+            return;
+        }
         let read = match config_dir::reread(&self.dir, &self.cli) {
             Ok(read) => read,
             Err(e) => {
@@ -237,11 +247,13 @@ impl Host {
                 .unwrap_or(usize::MAX)
         });
         let notes = self.notes.clone();
+        self.updating = true;
         tokio::spawn(async move {
             let mut changes = Vec::new();
             for p in pending {
                 changes.push(p.outcome(&notes).await);
             }
+            let _ = notes.send(Note::Updated);
             send_report(reply, changes);
         });
     }

@@ -295,6 +295,7 @@ impl Host {
             instance,
             exe: i.exe.clone(),
             lock,
+            updating: false,
         };
         let metrics_task = running::serve_metrics(host.metrics.as_ref(), &host.board)?;
         for sh in i.services {
