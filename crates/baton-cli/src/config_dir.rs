@@ -327,7 +327,7 @@ fn order(defs: Vec<ServiceDef>) -> Result<Vec<ServiceDef>, String> {
     for d in left.values() {
         if let Some(missing) = d.after.iter().find(|a| !left.contains_key(*a)) {
             return Err(format!(
-                "{}: after: no service named {missing:?} in the directory",
+                "{}: after: no service named {missing:?} in the directory (add its file, or take it out of after)",
                 d.file.display()
             ));
         }
@@ -343,7 +343,7 @@ fn order(defs: Vec<ServiceDef>) -> Result<Vec<ServiceDef>, String> {
             None => {
                 let names: Vec<&str> = left.keys().map(String::as_str).collect();
                 return Err(format!(
-                    "after: the services {} wait for each other in a circle",
+                    "after: the services {} wait for each other in a circle (take one out of another's after)",
                     names.join(", ")
                 ));
             }

@@ -199,10 +199,7 @@ pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> 
             .handshake(io)
             .await
             .map_err(failed)?;
-        tokio::spawn(async move {
-            let _ticket = ticket;
-            let _ = conn.await;
-        });
+        drive(conn, ticket);
         Ok(Sender::H2(sender))
     } else {
         let io = TokioIo::new(QuickAck(io.into_inner(), false));
@@ -211,12 +208,21 @@ pub async fn open(addr: SocketAddr, h2c: bool, ticket: baton::serve::Ticket) -> 
             .handshake(io)
             .await
             .map_err(failed)?;
-        tokio::spawn(async move {
-            let _ticket = ticket;
-            let _ = conn.await;
-        });
+        drive(conn, ticket);
         Ok(Sender::H1(sender))
     }
+}
+
+/// Drives a connection to the app on this thread until it ends, holding
+/// `ticket` (its place under the connection cap) until then.
+fn drive<C>(conn: C, ticket: baton::serve::Ticket)
+where
+    C: std::future::Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _ticket = ticket;
+        let _ = conn.await;
+    });
 }
 
 /// A connection to an HTTP/1.1 app that acknowledges at once what

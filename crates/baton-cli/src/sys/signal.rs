@@ -19,32 +19,26 @@ fn convert(pid: i32, signal: Signal) -> io::Result<(Pid, RawSignal)> {
 /// Ignores SIGHUP from now on (the descriptor keeper, which must outlive
 /// its baton and any terminal).
 pub fn ignore_hangup() -> io::Result<()> {
-    // SAFETY: `sigaction` with `SIG_IGN` installs no handler (no code of
-    // ours runs on a signal) and reads only the zeroed struct on this stack
-    // frame, whose mask is empty; it is sound at any time.
-    let rc = unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = libc::SIG_IGN;
-        libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut())
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_disposition(libc::SIGHUP, libc::SIG_IGN)
 }
 
 /// SIGPIPE ends the process again, as it does any command-line tool
 /// (Rust ignores it by default): for the client commands, whose output
 /// may go to a pipe that closes early (`baton status --json | head -1`).
 pub fn default_pipe() -> io::Result<()> {
-    // SAFETY: `sigaction` with `SIG_DFL` installs no handler (no code of
-    // ours runs on a signal) and reads only the zeroed struct on this stack
-    // frame, whose mask is empty; it is sound at any time.
+    set_disposition(libc::SIGPIPE, libc::SIG_DFL)
+}
+
+/// Sets `signal`'s disposition to `SIG_IGN` or `SIG_DFL` (never a handler).
+fn set_disposition(signal: libc::c_int, disposition: libc::sighandler_t) -> io::Result<()> {
+    // SAFETY: `sigaction` with `SIG_IGN` or `SIG_DFL` (the only values
+    // passed here) installs no handler (no code of ours runs on a signal)
+    // and reads only the zeroed struct on this stack frame, whose mask is
+    // empty; it is sound at any time.
     let rc = unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGPIPE, &action, std::ptr::null_mut())
+        action.sa_sigaction = disposition;
+        libc::sigaction(signal, &action, std::ptr::null_mut())
     };
     if rc == 0 {
         Ok(())

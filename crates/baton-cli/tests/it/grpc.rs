@@ -195,12 +195,7 @@ fn grpc_a_release_that_answers_unavailable_is_judged_by_grpc_status_and_reverted
     let running = GrpcLoad::start(&load, b.port(), 0, dir.path());
     running.wait_all_met(b.gen_pid(1));
     std::fs::write(flags.path(), "-fail unavailable").expect("flags");
-    let (code, json) = b.reload_json();
-    assert_eq!(code, Some(1), "{json}\n{}", b.dump());
-    assert_eq!(json["reason"]["kind"], "reverted", "{json}");
-    assert_eq!(json["reason"]["cause"], "error_rate", "{json}");
-    let status = b.status_json();
-    assert_eq!(status["serving"], 1, "{status}");
+    let (json, _) = b.reload_reverted_for_errors();
     let report = running.finish();
     // Only what generation 2 answered during its short probation failed.
     assert!(

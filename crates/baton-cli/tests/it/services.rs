@@ -97,6 +97,19 @@ fn port_of(b: &Baton, name: &str) -> u16 {
         .expect("a port")
 }
 
+/// `times` reloads of `name`, each once `load` has met its serving
+/// generation.
+fn reload_under(b: &Baton, name: &str, load: &Load, times: usize) {
+    for _ in 0..times {
+        let before = serving_pid(b, name);
+        wait_until("the load meets the serving generation", LONG, || {
+            load.has_seen(before)
+        });
+        let out = b.ctl(&["reload", name]);
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
+    }
+}
+
 fn start(dir: &Path) -> Baton {
     Baton::builder().config_dir(dir).start()
 }
@@ -283,14 +296,7 @@ fn a_reload_of_one_service_under_load_fails_nothing_and_touches_no_other() {
     wait_running(&b, &["api", "web", "worker"]);
     let (web, work) = (serving_pid(&b, "web"), serving_pid(&b, "worker"));
     let load = Load::start(port_of(&b, "api"), 4, 100_000, Duration::from_secs(60));
-    for _ in 0..3 {
-        let before = serving_pid(&b, "api");
-        wait_until("the load meets the serving generation", LONG, || {
-            load.has_seen(before)
-        });
-        let out = b.ctl(&["reload", "api"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-    }
+    reload_under(&b, "api", &load, 3);
     let last = serving_pid(&b, "api");
     wait_until("the load meets the last generation", LONG, || {
         load.has_seen(last)
@@ -550,14 +556,7 @@ fn the_services_example_runs_as_written() {
     }
     let (web, worker) = (serving_pid(&b, "web"), serving_pid(&b, "worker"));
     let load = Load::start(port_of(&b, "api"), 4, 100_000, Duration::from_secs(60));
-    for _ in 0..2 {
-        let before = serving_pid(&b, "api");
-        wait_until("the load meets the serving generation", LONG, || {
-            load.has_seen(before)
-        });
-        let out = b.ctl(&["reload", "api"]);
-        assert_eq!(out.code, Some(0), "{out:?}\n{}", b.dump());
-    }
+    reload_under(&b, "api", &load, 2);
     let (ok, failures, _) = load.finish();
     assert_no_failures(ok, &failures);
     assert_eq!(

@@ -493,6 +493,19 @@ impl Baton {
         (out.code, json)
     }
 
+    /// `baton reload --json`, which the bake's judge must revert for its
+    /// error rate, generation 1 serving on; returns its answer and the
+    /// status after.
+    pub fn reload_reverted_for_errors(&self) -> (serde_json::Value, serde_json::Value) {
+        let (code, json) = self.reload_json();
+        assert_eq!(code, Some(1), "{json}\n{}", self.dump());
+        assert_eq!(json["reason"]["kind"], "reverted", "{json}");
+        assert_eq!(json["reason"]["cause"], "error_rate", "{json}");
+        let status = self.status_json();
+        assert_eq!(status["serving"], 1, "{status}");
+        (json, status)
+    }
+
     /// `baton status --json`, parsed.
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);
